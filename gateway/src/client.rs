@@ -1,0 +1,536 @@
+//! `ShardClient`: one multiplexed TCP connection to one shard.
+//!
+//! The shard protocol (`proto/protos/shardpb/shard.proto`) frames every
+//! message as a 4-byte little-endian length followed by a prost-encoded
+//! `ShardRequest` (to the shard) or `ShardResponse` (from it). Requests carry
+//! an id unique on their connection and responses echo it; responses may come
+//! back in any order. So one connection carries any number of requests at
+//! once, and a shard core never has to juggle many sockets per gateway.
+//!
+//! Structure of a live connection ([`Conn`]):
+//!
+//! ```text
+//!   callers ──frames──▶ mpsc ──▶ writer task ──▶ socket ──▶ shard
+//!   callers ◀─oneshot── pending map (id → sender) ◀── reader task ◀── socket
+//! ```
+//!
+//! - A caller takes a fresh id, registers a oneshot in the pending map, and
+//!   queues its encoded frame. The writer task coalesces whatever is queued
+//!   into one `write_all` (batching under load without delaying a lone
+//!   request).
+//! - The reader task decodes each response and completes the waiter with the
+//!   same id; a response with an unknown id (its caller timed out) is
+//!   dropped.
+//! - When either task fails (EOF, I/O error, garbage frame) the connection is
+//!   *closed*: the pending map is drained (every waiter sees
+//!   [`GatewayError::ConnectionLost`]: the request may or may not have been
+//!   applied) and no new request is admitted. The next call connects anew.
+//!
+//! Invariants:
+//! - a request is either registered before its frame is queued, or never
+//!   sent; so a response can never arrive for an id nobody registered, except
+//!   for callers that gave up after [`ClientConfig::request_timeout`];
+//! - [`GatewayError::ConnectFailed`] means the request was certainly not
+//!   sent (safe to retry anything); `ConnectionLost` and `Timeout` mean the
+//!   outcome is unknown;
+//! - a shard's error answer (`ShardError`) is returned as the matching
+//!   [`GatewayError`] variant, never as a successful body.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use metastore_proto::shardpb::{shard_request, shard_response, ShardRequest, ShardResponse};
+use prost::Message;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+use crate::error::{GatewayError, Result};
+
+/// Largest frame accepted from a shard. Anything bigger is treated as a
+/// corrupt stream (the connection is dropped).
+pub const MAX_FRAME_BYTES: usize = 1 << 30;
+
+/// Writer batches stop growing at this size.
+const MAX_BATCH_BYTES: usize = 1 << 20;
+
+/// Timeouts of a shard client.
+#[derive(Clone, Debug)]
+pub struct ClientConfig {
+    /// How long to wait for a TCP connection.
+    pub connect_timeout: Duration,
+    /// How long to wait for a response once the request is queued.
+    pub request_timeout: Duration,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        ClientConfig {
+            connect_timeout: Duration::from_secs(2),
+            request_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A cheap-to-clone handle on the connection to one shard.
+#[derive(Clone)]
+pub struct ShardClient {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    shard: u32,
+    addr: String,
+    config: ClientConfig,
+    next_id: AtomicU64,
+    /// The live connection, if any (checked on every call; held briefly).
+    current: Mutex<Option<Arc<Conn>>>,
+    /// Serialises reconnects so a burst of callers opens one socket.
+    connecting: tokio::sync::Mutex<()>,
+}
+
+/// Waiters of one connection.
+#[derive(Default)]
+struct Pending {
+    waiters: HashMap<u64, oneshot::Sender<ShardResponse>>,
+    closed: bool,
+}
+
+impl Pending {
+    /// Closes the connection's bookkeeping: drops every waiter (they see a
+    /// lost connection) and refuses new ones.
+    fn close(&mut self) {
+        self.closed = true;
+        self.waiters.clear();
+    }
+}
+
+/// One live TCP connection and its two tasks.
+struct Conn {
+    frames: mpsc::UnboundedSender<Bytes>,
+    pending: Arc<Mutex<Pending>>,
+    reader: JoinHandle<()>,
+    writer: JoinHandle<()>,
+}
+
+impl Conn {
+    fn is_closed(&self) -> bool {
+        self.pending.lock().unwrap().closed || self.frames.is_closed()
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        self.reader.abort();
+        self.writer.abort();
+        self.pending.lock().unwrap().close();
+    }
+}
+
+impl ShardClient {
+    /// A client for shard `shard` at `addr`. Connects lazily, on first use.
+    pub fn new(shard: u32, addr: impl Into<String>, config: ClientConfig) -> ShardClient {
+        ShardClient {
+            inner: Arc::new(Inner {
+                shard,
+                addr: addr.into(),
+                config,
+                next_id: AtomicU64::new(1),
+                current: Mutex::new(None),
+                connecting: tokio::sync::Mutex::new(()),
+            }),
+        }
+    }
+
+    pub fn shard(&self) -> u32 {
+        self.inner.shard
+    }
+
+    pub fn addr(&self) -> &str {
+        &self.inner.addr
+    }
+
+    /// Sends one request and waits for its response body. A `ShardError`
+    /// answer comes back as `Err` (see [`GatewayError::from_shard`]).
+    pub async fn call(&self, body: shard_request::Body) -> Result<shard_response::Body> {
+        let shard = self.inner.shard;
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let frame = encode_frame(&ShardRequest {
+            id,
+            body: Some(body),
+        })
+        .freeze();
+        // A connection that turns out closed before our frame was queued
+        // costs nothing: try a fresh one, once.
+        let mut attempts = 0;
+        let (conn, rx) = loop {
+            attempts += 1;
+            let conn = self.connection().await?;
+            let (tx, rx) = oneshot::channel();
+            {
+                let mut p = conn.pending.lock().unwrap();
+                if !p.closed {
+                    p.waiters.insert(id, tx);
+                }
+            }
+            if !conn.is_closed() && conn.frames.send(frame.clone()).is_ok() {
+                break (conn, rx);
+            }
+            conn.pending.lock().unwrap().waiters.remove(&id);
+            if attempts >= 2 {
+                return Err(GatewayError::ConnectFailed {
+                    shard,
+                    addr: self.inner.addr.clone(),
+                    reason: "connection closed".into(),
+                });
+            }
+        };
+        let resp = match tokio::time::timeout(self.inner.config.request_timeout, rx).await {
+            Ok(Ok(resp)) => resp,
+            Ok(Err(_)) => return Err(GatewayError::ConnectionLost { shard }),
+            Err(_) => {
+                conn.pending.lock().unwrap().waiters.remove(&id);
+                return Err(GatewayError::Timeout { shard });
+            }
+        };
+        match resp.body {
+            Some(shard_response::Body::Error(e)) => Err(GatewayError::from_shard(e)),
+            Some(body) => Ok(body),
+            None => Err(GatewayError::Protocol(format!(
+                "shard {shard} sent an empty response"
+            ))),
+        }
+    }
+
+    /// The live connection, connecting if there is none.
+    async fn connection(&self) -> Result<Arc<Conn>> {
+        if let Some(c) = self.live() {
+            return Ok(c);
+        }
+        let _guard = self.inner.connecting.lock().await;
+        if let Some(c) = self.live() {
+            return Ok(c);
+        }
+        let conn = Arc::new(self.connect().await?);
+        *self.inner.current.lock().unwrap() = Some(conn.clone());
+        Ok(conn)
+    }
+
+    fn live(&self) -> Option<Arc<Conn>> {
+        let cur = self.inner.current.lock().unwrap();
+        cur.as_ref().filter(|c| !c.is_closed()).cloned()
+    }
+
+    async fn connect(&self) -> Result<Conn> {
+        let inner = &self.inner;
+        let failed = |reason: String| GatewayError::ConnectFailed {
+            shard: inner.shard,
+            addr: inner.addr.clone(),
+            reason,
+        };
+        let stream = tokio::time::timeout(
+            inner.config.connect_timeout,
+            TcpStream::connect(inner.addr.as_str()),
+        )
+        .await
+        .map_err(|_| failed("connect timed out".into()))?
+        .map_err(|e| failed(e.to_string()))?;
+        let _ = stream.set_nodelay(true);
+        tracing::debug!(shard = inner.shard, addr = %inner.addr, "connected to shard");
+        let (read_half, write_half) = stream.into_split();
+        let pending = Arc::new(Mutex::new(Pending::default()));
+        let (frames, rx) = mpsc::unbounded_channel();
+        let writer = tokio::spawn(write_loop(inner.shard, write_half, rx, pending.clone()));
+        let reader = tokio::spawn(read_loop(inner.shard, read_half, pending.clone()));
+        Ok(Conn {
+            frames,
+            pending,
+            reader,
+            writer,
+        })
+    }
+}
+
+/// Encodes `msg` as one frame: 4-byte little-endian length, then the bytes.
+pub fn encode_frame<M: Message>(msg: &M) -> BytesMut {
+    let len = msg.encoded_len();
+    let mut buf = BytesMut::with_capacity(4 + len);
+    buf.put_u32_le(len as u32);
+    msg.encode(&mut buf).expect("BytesMut grows as needed");
+    buf
+}
+
+/// Reads one frame's payload; `Ok(None)` on a clean EOF between frames.
+pub async fn read_frame<R: tokio::io::AsyncRead + Unpin>(
+    r: &mut R,
+) -> std::io::Result<Option<Vec<u8>>> {
+    let mut len = [0u8; 4];
+    match r.read_exact(&mut len).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let len = u32::from_le_bytes(len) as usize;
+    if len > MAX_FRAME_BYTES {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("frame of {len} bytes exceeds the limit"),
+        ));
+    }
+    let mut buf = vec![0u8; len];
+    r.read_exact(&mut buf).await?;
+    Ok(Some(buf))
+}
+
+async fn write_loop(
+    shard: u32,
+    mut sock: tokio::net::tcp::OwnedWriteHalf,
+    mut rx: mpsc::UnboundedReceiver<Bytes>,
+    pending: Arc<Mutex<Pending>>,
+) {
+    let mut batch = BytesMut::new();
+    while let Some(first) = rx.recv().await {
+        batch.clear();
+        batch.extend_from_slice(&first);
+        while batch.len() < MAX_BATCH_BYTES {
+            match rx.try_recv() {
+                Ok(more) => batch.extend_from_slice(&more),
+                Err(_) => break,
+            }
+        }
+        if let Err(e) = sock.write_all(&batch).await {
+            tracing::warn!(shard, error = %e, "writing to shard failed; closing connection");
+            break;
+        }
+    }
+    pending.lock().unwrap().close();
+}
+
+async fn read_loop(shard: u32, sock: tokio::net::tcp::OwnedReadHalf, pending: Arc<Mutex<Pending>>) {
+    let mut sock = BufReader::with_capacity(64 * 1024, sock);
+    loop {
+        let frame = match read_frame(&mut sock).await {
+            Ok(Some(f)) => f,
+            Ok(None) => {
+                tracing::debug!(shard, "shard closed the connection");
+                break;
+            }
+            Err(e) => {
+                tracing::warn!(shard, error = %e, "reading from shard failed; closing connection");
+                break;
+            }
+        };
+        let resp = match ShardResponse::decode(frame.as_slice()) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(shard, error = %e, "undecodable frame from shard; closing connection");
+                break;
+            }
+        };
+        let waiter = pending.lock().unwrap().waiters.remove(&resp.id);
+        match waiter {
+            Some(tx) => {
+                let _ = tx.send(resp);
+            }
+            None => tracing::debug!(shard, id = resp.id, "response for an abandoned request"),
+        }
+    }
+    pending.lock().unwrap().close();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use metastore_proto::etcdserverpb::{
+        PutRequest, PutResponse, RangeRequest, RangeResponse, ResponseHeader,
+    };
+    use metastore_proto::shardpb::{
+        shard_error, CurrentRevisionRequest, CurrentRevisionResponse, ShardError,
+    };
+    use tokio::net::TcpListener;
+
+    /// A fake shard: answers every request on every accepted connection.
+    /// Ranges are answered in reverse arrival order per batch of two to
+    /// prove out-of-order delivery works; a put of key "drop" closes the
+    /// connection without answering; "slow" is never answered.
+    async fn fake_shard() -> (String, JoinHandle<()>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let task = tokio::spawn(async move {
+            loop {
+                let (sock, _) = listener.accept().await.unwrap();
+                tokio::spawn(async move {
+                    let (r, mut w) = sock.into_split();
+                    let mut r = BufReader::new(r);
+                    let mut held: Option<ShardResponse> = None;
+                    while let Ok(Some(frame)) = read_frame(&mut r).await {
+                        let req = ShardRequest::decode(frame.as_slice()).unwrap();
+                        let body = match req.body.unwrap() {
+                            shard_request::Body::CurrentRevision(_) => {
+                                shard_response::Body::CurrentRevision(CurrentRevisionResponse {
+                                    revision: 42,
+                                    raft_term: 3,
+                                })
+                            }
+                            shard_request::Body::Put(p) if p.key == b"drop" => return,
+                            shard_request::Body::Put(p) if p.key == b"slow" => continue,
+                            shard_request::Body::Put(p) if p.key == b"bad" => {
+                                shard_response::Body::Error(ShardError {
+                                    code: shard_error::Code::Compacted as i32,
+                                    message: "compacted".into(),
+                                })
+                            }
+                            shard_request::Body::Put(_) => shard_response::Body::Put(PutResponse {
+                                header: Some(ResponseHeader {
+                                    revision: 7,
+                                    ..Default::default()
+                                }),
+                                prev_kv: None,
+                            }),
+                            shard_request::Body::Range(rr) => {
+                                let resp = ShardResponse {
+                                    id: req.id,
+                                    body: Some(shard_response::Body::Range(RangeResponse {
+                                        count: rr.limit,
+                                        ..Default::default()
+                                    })),
+                                };
+                                match held.take() {
+                                    None => {
+                                        held = Some(resp);
+                                        continue;
+                                    }
+                                    Some(first) => {
+                                        w.write_all(&encode_frame(&resp)).await.unwrap();
+                                        w.write_all(&encode_frame(&first)).await.unwrap();
+                                        continue;
+                                    }
+                                }
+                            }
+                            other => panic!("unexpected {other:?}"),
+                        };
+                        let resp = ShardResponse {
+                            id: req.id,
+                            body: Some(body),
+                        };
+                        w.write_all(&encode_frame(&resp)).await.unwrap();
+                    }
+                });
+            }
+        });
+        (addr, task)
+    }
+
+    fn cfg() -> ClientConfig {
+        ClientConfig {
+            connect_timeout: Duration::from_secs(1),
+            request_timeout: Duration::from_millis(300),
+        }
+    }
+
+    fn put(key: &str) -> shard_request::Body {
+        shard_request::Body::Put(PutRequest {
+            key: key.into(),
+            ..Default::default()
+        })
+    }
+
+    #[tokio::test]
+    async fn frames_round_trip_and_multiplex_out_of_order() {
+        let (addr, server) = fake_shard().await;
+        let c = ShardClient::new(0, addr, cfg());
+        match c
+            .call(shard_request::Body::CurrentRevision(
+                CurrentRevisionRequest {},
+            ))
+            .await
+            .unwrap()
+        {
+            shard_response::Body::CurrentRevision(r) => {
+                assert_eq!((r.revision, r.raft_term), (42, 3))
+            }
+            other => panic!("{other:?}"),
+        }
+        // Two ranges in flight at once; the fake answers them swapped.
+        let range = |limit| {
+            shard_request::Body::Range(RangeRequest {
+                key: b"a".to_vec(),
+                limit,
+                ..Default::default()
+            })
+        };
+        let (a, b) = tokio::join!(c.call(range(1)), c.call(range(2)));
+        let count = |r: Result<shard_response::Body>| match r.unwrap() {
+            shard_response::Body::Range(r) => r.count,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!((count(a), count(b)), (1, 2));
+        // Many concurrent requests on one connection.
+        let calls: Vec<_> = (0..200).map(|i| c.call(put(&format!("k{i}")))).collect();
+        for r in futures::future::join_all(calls).await {
+            assert!(matches!(r.unwrap(), shard_response::Body::Put(_)));
+        }
+        server.abort();
+    }
+
+    #[tokio::test]
+    async fn shard_errors_timeouts_and_reconnects() {
+        let (addr, server) = fake_shard().await;
+        let c = ShardClient::new(3, addr, cfg());
+        assert_eq!(
+            c.call(put("bad")).await.unwrap_err(),
+            GatewayError::Compacted
+        );
+        assert_eq!(
+            c.call(put("slow")).await.unwrap_err(),
+            GatewayError::Timeout { shard: 3 }
+        );
+        // The connection still works after a timeout.
+        assert!(c.call(put("x")).await.is_ok());
+        // The shard hangs up mid-request: outcome unknown.
+        assert_eq!(
+            c.call(put("drop")).await.unwrap_err(),
+            GatewayError::ConnectionLost { shard: 3 }
+        );
+        // The next call reconnects transparently.
+        assert!(c.call(put("y")).await.is_ok());
+        server.abort();
+    }
+
+    #[tokio::test]
+    async fn unreachable_shard_is_connect_failed() {
+        // Bind then drop to get a port nobody listens on.
+        let addr = {
+            let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            l.local_addr().unwrap().to_string()
+        };
+        let c = ShardClient::new(1, addr, cfg());
+        let e = c.call(put("x")).await.unwrap_err();
+        assert!(
+            matches!(e, GatewayError::ConnectFailed { shard: 1, .. }),
+            "{e:?}"
+        );
+        assert!(e.is_retryable());
+    }
+
+    #[tokio::test]
+    async fn frame_encoding_is_length_prefixed_little_endian() {
+        let msg = ShardRequest {
+            id: 5,
+            body: Some(shard_request::Body::CurrentRevision(
+                CurrentRevisionRequest {},
+            )),
+        };
+        let f = encode_frame(&msg);
+        let len = u32::from_le_bytes(f[..4].try_into().unwrap()) as usize;
+        assert_eq!(len, f.len() - 4);
+        assert_eq!(ShardRequest::decode(&f[4..]).unwrap(), msg);
+        let mut r = &f[..];
+        assert_eq!(read_frame(&mut r).await.unwrap().unwrap(), f[4..].to_vec());
+        assert_eq!(read_frame(&mut r).await.unwrap(), None);
+    }
+}

@@ -1,0 +1,864 @@
+//! The Txn coordinator: etcd transactions over hash-placed shards.
+//!
+//! A txn's *touched shards* are the owners of every key (or range) it may
+//! compare, read or write in any branch (`metastore_proto::txn::touched_ranges`
+//! routed through the `ShardRouter`). Three cases:
+//!
+//! 1. **One shard — fast path.** The `TxnRequest` goes to that shard, which
+//!    evaluates, applies and assigns the revision itself. (A txn touching no
+//!    key at all goes to shard 0.)
+//! 2. **Several shards, read-only** (`!may_write`: no branch holds a Put or
+//!    DeleteRange). A snapshot read: take `R` = the oracle's current
+//!    revision; `TxnEvaluate(txn, R)` on every touched shard; combine the
+//!    per-shard compare outcomes (`combine_outcomes`) and compute the path
+//!    (`path`); `TxnRead(txn, R, path)` on every touched shard; merge
+//!    ([`crate::merge::merge_txn`]). Header revision = `R`. No locks, no
+//!    writes, so any failure may simply be retried.
+//! 3. **Several shards, may write — two-phase commit.** One *attempt*:
+//!    - `txn_id` = 16 random bytes; primary = the lowest touched shard;
+//!    - **prepare** on every touched shard in parallel (each evaluates the
+//!      compares on its keys, locks them, records a durable intent);
+//!    - if any prepare failed: **abort** on every shard that prepared or
+//!      whose answer was lost, then the attempt fails. CONFLICT (a lock held
+//!      by another txn), an unreachable shard or a lost answer make the
+//!      attempt retryable; a definitive refusal (e.g. invalid argument) is
+//!      returned to the client;
+//!    - combine outcomes → path;
+//!    - **commit the primary** with `revision = 0`: the primary takes `R`
+//!      from the oracle and durably records the decision. This is the
+//!      commit point. If the primary answers TXN_ABORTED (it resolved the
+//!      txn as aborted, e.g. we were too slow), nothing was written: abort
+//!      the others and retry with a new attempt. Any other failure from
+//!      here on leaves the outcome unknown: the commit is retried (the same
+//!      `txn_id`, so a shard must answer a repeated Commit idempotently)
+//!      and, when the budget is spent, the client gets "request timed out"
+//!      — never a new attempt, which could apply the txn twice;
+//!    - **commit every other participant** with `revision = R`, in
+//!      parallel, each retried until it succeeds or the budget is spent
+//!      (the decision is durable at the primary; a participant left
+//!      behind resolves itself by asking the primary). If one could not be
+//!      reached, its part of the answer is missing, so the client gets
+//!      "request timed out" although the txn is committed — the same
+//!      uncertainty etcd reports on a timeout;
+//!    - merge the shards' answers; header revision = `R`.
+//!
+//!    Attempts are retried with jittered backoff within the retry budget
+//!    ([`crate::backend::RetryPolicy`]); two txns that lock each other's
+//!    keys both abort and retry at random offsets.
+//!
+//! The decision logic — which shards to abort, whether an attempt may be
+//! retried, the path — lives in pure functions ([`phase_one`],
+//! [`decide_path`], [`touched_shards`]) tested without I/O; the async
+//! driver is tested against in-memory fake shards.
+
+use std::collections::BTreeSet;
+
+use futures::future::{join_all, try_join_all};
+use metastore_proto::etcdserverpb::{TxnRequest, TxnResponse};
+use metastore_proto::router::ShardRouter;
+use metastore_proto::shardpb::{
+    AbortRequest, CommitRequest, CommitResponse, CompareOutcome, PrepareRequest, PrepareResponse,
+    TxnEvaluateRequest, TxnReadRequest,
+};
+use metastore_proto::txn::{self as mtxn, MAX_TXN_OPS};
+
+use crate::backend::Backend;
+use crate::error::{GatewayError, Result};
+use crate::kv::check_txn;
+use crate::merge::{merge_txn, shard_txn_request};
+use crate::shards;
+
+/// The shards a txn may touch, ascending.
+pub fn touched_shards(txn: &TxnRequest, router: &ShardRouter) -> Vec<u32> {
+    let mut set = BTreeSet::new();
+    for (key, end) in mtxn::touched_ranges(txn) {
+        set.extend(router.shards_for_range(key, end));
+        if set.len() == router.shard_count() as usize {
+            break;
+        }
+    }
+    set.into_iter().collect()
+}
+
+/// Combines the shards' compare outcomes (each in canonical order) and
+/// walks the txn to its path. Every shard must report one outcome per
+/// canonical compare.
+pub fn decide_path(txn: &TxnRequest, per_shard: &[Vec<CompareOutcome>]) -> Result<Vec<bool>> {
+    let n = mtxn::compare_count(txn);
+    if let Some(bad) = per_shard.iter().find(|o| o.len() != n) {
+        return Err(GatewayError::Protocol(format!(
+            "a shard reported {} compare outcomes, the txn has {n}",
+            bad.len()
+        )));
+    }
+    let results = if per_shard.is_empty() {
+        vec![false; n]
+    } else {
+        mtxn::combine_outcomes(per_shard)
+    };
+    Ok(mtxn::path(txn, &results))
+}
+
+/// What phase one (prepare) came to.
+#[derive(Debug, PartialEq)]
+pub enum PhaseOne {
+    /// Every shard prepared: their outcomes, in `shards` order.
+    Prepared(Vec<Vec<CompareOutcome>>),
+    /// The attempt failed: abort `abort` (shards that prepared or whose
+    /// answer was lost), then fail with `error` (retryable or not).
+    Failed {
+        abort: Vec<u32>,
+        error: GatewayError,
+    },
+}
+
+/// Decides phase one from the prepare results (`results[i]` is from
+/// `shards[i]`).
+///
+/// The reported error is the first definitive refusal if there is one (the
+/// client must see it), else the first retryable one. A lost answer is
+/// reported as retryable: once its shard is sent an abort, a fresh attempt
+/// is safe because the old `txn_id` can never be committed (only the
+/// coordinator commits, and it will not).
+pub fn phase_one(shards: &[u32], results: Vec<Result<PrepareResponse>>) -> PhaseOne {
+    let mut outcomes = Vec::with_capacity(shards.len());
+    let mut abort = Vec::new();
+    let mut retryable: Option<GatewayError> = None;
+    let mut definitive: Option<GatewayError> = None;
+    for (&shard, r) in shards.iter().zip(results) {
+        match r {
+            Ok(p) => {
+                abort.push(shard);
+                outcomes.push(p.outcomes);
+            }
+            Err(e) if e.is_ambiguous() => {
+                abort.push(shard);
+                retryable.get_or_insert(GatewayError::ShardUnavailable(e.to_string()));
+            }
+            Err(e) if e.is_retryable() => {
+                retryable.get_or_insert(e);
+            }
+            Err(e) => {
+                definitive.get_or_insert(e);
+            }
+        }
+    }
+    match definitive.or(retryable) {
+        None => PhaseOne::Prepared(outcomes),
+        Some(error) => PhaseOne::Failed { abort, error },
+    }
+}
+
+impl Backend {
+    /// etcd's Txn (see the module docs).
+    pub async fn txn(&self, req: TxnRequest) -> Result<TxnResponse> {
+        check_txn(&req, MAX_TXN_OPS)?;
+        let shards = touched_shards(&req, &self.router);
+        match shards.as_slice() {
+            [] => self.single_shard_txn(req, 0).await,
+            [one] => self.single_shard_txn(req, *one).await,
+            _ if !mtxn::may_write(&req) => self.read_only_txn(&req, &shards).await,
+            _ => self.write_txn(&req, &shards).await,
+        }
+    }
+
+    async fn single_shard_txn(&self, req: TxnRequest, shard: u32) -> Result<TxnResponse> {
+        let mut resp = self
+            .retry(|| shards::txn(self.t(), shard, req.clone()))
+            .await?;
+        resp.header = self.fix_header(resp.header);
+        Ok(resp)
+    }
+
+    async fn read_only_txn(&self, req: &TxnRequest, shards: &[u32]) -> Result<TxnResponse> {
+        let sreq = shard_txn_request(req).into_owned();
+        let (rev, term) = self.current_revision().await?;
+        let evals = try_join_all(shards.iter().map(|&s| {
+            let r = TxnEvaluateRequest {
+                txn: Some(sreq.clone()),
+                revision: rev,
+            };
+            self.retry(move || shards::txn_evaluate(self.t(), s, r.clone()))
+        }))
+        .await?;
+        let outcomes: Vec<_> = evals.into_iter().map(|e| e.outcomes).collect();
+        let path = decide_path(req, &outcomes)?;
+        let reads = try_join_all(shards.iter().map(|&s| {
+            let r = TxnReadRequest {
+                txn: Some(sreq.clone()),
+                revision: rev,
+                path: path.clone(),
+            };
+            self.retry(move || shards::txn_read(self.t(), s, r.clone()))
+        }))
+        .await?;
+        let parts = shards
+            .iter()
+            .zip(reads)
+            .map(|(&s, r)| (s, r.txn.unwrap_or_default()))
+            .collect();
+        let mut resp = merge_txn(req, &path, &self.router, parts)?;
+        let merged_term = resp.header.map(|h| h.raft_term).unwrap_or(0);
+        resp.header = Some(self.header(rev, term.max(merged_term)));
+        Ok(resp)
+    }
+
+    async fn write_txn(&self, req: &TxnRequest, shards: &[u32]) -> Result<TxnResponse> {
+        let sreq = shard_txn_request(req).into_owned();
+        let mut backoff = self.retry.backoff();
+        loop {
+            match self.two_phase_commit(req, &sreq, shards).await {
+                Err(e) if e.is_retryable() => {
+                    tracing::debug!(error = %e, "cross-shard txn attempt failed; retrying");
+                    if !backoff.wait().await {
+                        return Err(GatewayError::RetriesExhausted(Box::new(e)));
+                    }
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// One 2PC attempt. Returns a retryable error only when nothing was
+    /// (or ever will be) committed under this attempt's `txn_id`.
+    async fn two_phase_commit(
+        &self,
+        req: &TxnRequest,
+        sreq: &TxnRequest,
+        shards: &[u32],
+    ) -> Result<TxnResponse> {
+        let txn_id: Vec<u8> = rand::random::<[u8; 16]>().to_vec();
+        let primary = shards[0];
+
+        // Phase one: prepare everywhere.
+        let prepared = join_all(shards.iter().map(|&s| {
+            shards::prepare(
+                self.t(),
+                s,
+                PrepareRequest {
+                    txn_id: txn_id.clone(),
+                    primary,
+                    participants: shards.to_vec(),
+                    txn: Some(sreq.clone()),
+                },
+            )
+        }))
+        .await;
+        let outcomes = match phase_one(shards, prepared) {
+            PhaseOne::Prepared(o) => o,
+            PhaseOne::Failed { abort, error } => {
+                self.abort_all(&txn_id, &abort).await;
+                return Err(error);
+            }
+        };
+        let path = match decide_path(req, &outcomes) {
+            Ok(p) => p,
+            Err(e) => {
+                self.abort_all(&txn_id, shards).await;
+                return Err(e);
+            }
+        };
+
+        // Phase two: the primary decides.
+        let primary_commit = match self.commit_primary(&txn_id, &path, primary).await {
+            Ok(c) => c,
+            Err(GatewayError::TxnAborted(msg)) => {
+                self.abort_all(&txn_id, &shards[1..]).await;
+                return Err(GatewayError::TxnAborted(msg));
+            }
+            Err(e) => return Err(e),
+        };
+        let rev = if primary_commit.revision > 0 {
+            primary_commit.revision
+        } else {
+            primary_commit
+                .txn
+                .as_ref()
+                .and_then(|t| t.header)
+                .map(|h| h.revision)
+                .unwrap_or(0)
+        };
+        if rev <= 0 {
+            return Err(GatewayError::RetriesExhausted(Box::new(
+                GatewayError::Protocol("the primary committed without a revision".into()),
+            )));
+        }
+
+        // Phase two: everyone else applies the decision.
+        let others = &shards[1..];
+        let commits = join_all(
+            others
+                .iter()
+                .map(|&s| self.commit_participant(&txn_id, &path, rev, s)),
+        )
+        .await;
+        let mut parts = vec![(primary, primary_commit.txn.unwrap_or_default())];
+        let mut missing = None;
+        for (&s, c) in others.iter().zip(commits) {
+            match c {
+                Ok(c) => parts.push((s, c.txn.unwrap_or_default())),
+                Err(e) => {
+                    tracing::warn!(
+                        shard = s,
+                        revision = rev,
+                        error = %e,
+                        "committed txn could not be applied on a participant; it will resolve via the primary"
+                    );
+                    missing.get_or_insert(e);
+                }
+            }
+        }
+        if let Some(e) = missing {
+            return Err(GatewayError::RetriesExhausted(Box::new(e)));
+        }
+        let mut resp = merge_txn(req, &path, &self.router, parts)?;
+        let term = resp.header.map(|h| h.raft_term).unwrap_or(0);
+        resp.header = Some(self.header(rev, term));
+        Ok(resp)
+    }
+
+    /// Commits at the primary (revision 0: the primary picks it). Retries
+    /// errors that leave the decision open; `TxnAborted` comes back as is;
+    /// anything else means the outcome is unknown.
+    async fn commit_primary(
+        &self,
+        txn_id: &[u8],
+        path: &[bool],
+        primary: u32,
+    ) -> Result<CommitResponse> {
+        let mut backoff = self.retry.backoff();
+        loop {
+            let r = shards::commit(
+                self.t(),
+                primary,
+                CommitRequest {
+                    txn_id: txn_id.to_vec(),
+                    path: path.to_vec(),
+                    revision: 0,
+                },
+            )
+            .await;
+            match r {
+                Ok(c) => return Ok(c),
+                Err(e @ GatewayError::TxnAborted(_)) => return Err(e),
+                Err(e) if e.is_retryable() || e.is_ambiguous() => {
+                    if !backoff.wait().await {
+                        return Err(GatewayError::RetriesExhausted(Box::new(e)));
+                    }
+                }
+                Err(e) => return Err(GatewayError::RetriesExhausted(Box::new(e))),
+            }
+        }
+    }
+
+    /// Applies the primary's decision on one participant, retrying.
+    async fn commit_participant(
+        &self,
+        txn_id: &[u8],
+        path: &[bool],
+        revision: i64,
+        shard: u32,
+    ) -> Result<CommitResponse> {
+        let mut backoff = self.retry.backoff();
+        loop {
+            let r = shards::commit(
+                self.t(),
+                shard,
+                CommitRequest {
+                    txn_id: txn_id.to_vec(),
+                    path: path.to_vec(),
+                    revision,
+                },
+            )
+            .await;
+            match r {
+                Ok(c) => return Ok(c),
+                // A participant cannot abort what the primary committed;
+                // retrying would not change its answer.
+                Err(e @ GatewayError::TxnAborted(_)) => return Err(e),
+                Err(e) if e.is_retryable() || e.is_ambiguous() => {
+                    if !backoff.wait().await {
+                        return Err(e);
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Best-effort abort of `txn_id` on `shards`, in parallel. A shard we
+    /// cannot reach resolves the intent itself (its primary never commits).
+    async fn abort_all(&self, txn_id: &[u8], shards: &[u32]) {
+        let results = join_all(shards.iter().map(|&s| {
+            shards::abort(
+                self.t(),
+                s,
+                AbortRequest {
+                    txn_id: txn_id.to_vec(),
+                },
+            )
+        }))
+        .await;
+        for (s, r) in shards.iter().zip(results) {
+            if let Err(e) = r {
+                tracing::debug!(shard = s, error = %e, "abort failed; the shard will resolve the intent");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{backend, FakeShards};
+    use metastore_proto::etcdserverpb::{
+        compare, request_op, response_op, Compare, PutRequest, PutResponse, RangeRequest,
+        RangeResponse, RequestOp, ResponseHeader, ResponseOp,
+    };
+    use metastore_proto::mvccpb::KeyValue;
+    use metastore_proto::shardpb::{
+        shard_request::Body as Req, shard_response::Body as Resp, AbortResponse,
+        CurrentRevisionResponse, TxnEvaluateResponse, TxnReadResponse,
+    };
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    fn key_on(router: &ShardRouter, shard: u32) -> String {
+        (0..1000)
+            .map(|i| format!("key{i}"))
+            .find(|k| router.shard_of(k.as_bytes()) == shard)
+            .unwrap()
+    }
+
+    fn put(k: &str) -> RequestOp {
+        RequestOp {
+            request: Some(request_op::Request::RequestPut(PutRequest {
+                key: k.into(),
+                value: b"v".to_vec(),
+                ..Default::default()
+            })),
+        }
+    }
+    fn get(k: &str) -> RequestOp {
+        RequestOp {
+            request: Some(request_op::Request::RequestRange(RangeRequest {
+                key: k.into(),
+                ..Default::default()
+            })),
+        }
+    }
+    fn cmp_version(k: &str, v: i64) -> Compare {
+        Compare {
+            key: k.into(),
+            target: compare::CompareTarget::Version as i32,
+            result: compare::CompareResult::Equal as i32,
+            target_union: Some(compare::TargetUnion::Version(v)),
+            ..Default::default()
+        }
+    }
+    fn outcome(matched: bool, all_true: bool) -> CompareOutcome {
+        CompareOutcome {
+            matched,
+            all_true,
+            zero_result: false,
+        }
+    }
+    fn put_resp() -> ResponseOp {
+        ResponseOp {
+            response: Some(response_op::Response::ResponsePut(PutResponse::default())),
+        }
+    }
+
+    #[test]
+    fn touched_shards_cover_every_key_and_range() {
+        let r = ShardRouter::new(4);
+        let (a, b) = (key_on(&r, 1), key_on(&r, 3));
+        let t = TxnRequest {
+            compare: vec![cmp_version(&a, 0)],
+            success: vec![put(&b)],
+            failure: vec![],
+        };
+        assert_eq!(touched_shards(&t, &r), vec![1, 3]);
+        let t = TxnRequest {
+            compare: vec![],
+            success: vec![],
+            failure: vec![RequestOp {
+                request: Some(request_op::Request::RequestRange(RangeRequest {
+                    key: b"a".to_vec(),
+                    range_end: b"b".to_vec(),
+                    ..Default::default()
+                })),
+            }],
+        };
+        assert_eq!(touched_shards(&t, &r), vec![0, 1, 2, 3]);
+        assert!(touched_shards(&TxnRequest::default(), &r).is_empty());
+    }
+
+    #[test]
+    fn phase_one_decisions() {
+        let ok = || {
+            Ok(PrepareResponse {
+                outcomes: vec![outcome(true, true)],
+            })
+        };
+        assert_eq!(
+            phase_one(&[0, 1], vec![ok(), ok()]),
+            PhaseOne::Prepared(vec![vec![outcome(true, true)], vec![outcome(true, true)]])
+        );
+        // A conflict: abort the shard that prepared; retryable.
+        match phase_one(&[0, 2], vec![ok(), Err(GatewayError::Conflict("k".into()))]) {
+            PhaseOne::Failed { abort, error } => {
+                assert_eq!(abort, vec![0]);
+                assert!(error.is_retryable());
+            }
+            other => panic!("{other:?}"),
+        }
+        // A lost answer: abort it too; retryable.
+        match phase_one(&[0, 2], vec![Err(GatewayError::Timeout { shard: 0 }), ok()]) {
+            PhaseOne::Failed { abort, error } => {
+                assert_eq!(abort, vec![0, 2]);
+                assert!(error.is_retryable());
+            }
+            other => panic!("{other:?}"),
+        }
+        // A definitive refusal wins over retryable errors.
+        let refused = GatewayError::InvalidArgument("etcdserver: requested lease not found".into());
+        match phase_one(
+            &[0, 1, 2],
+            vec![
+                Err(GatewayError::Conflict("x".into())),
+                Err(refused.clone()),
+                ok(),
+            ],
+        ) {
+            PhaseOne::Failed { abort, error } => {
+                assert_eq!(abort, vec![2]);
+                assert_eq!(error, refused);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn decide_path_checks_outcome_counts() {
+        let t = TxnRequest {
+            compare: vec![cmp_version("a", 0), cmp_version("b", 0)],
+            success: vec![],
+            failure: vec![],
+        };
+        let both = vec![
+            vec![outcome(true, true), outcome(false, false)],
+            vec![outcome(false, false), outcome(true, true)],
+        ];
+        assert_eq!(decide_path(&t, &both).unwrap(), vec![true]);
+        let one_false = vec![
+            vec![outcome(true, false), outcome(false, false)],
+            vec![outcome(false, false), outcome(true, true)],
+        ];
+        assert_eq!(decide_path(&t, &one_false).unwrap(), vec![false]);
+        assert!(decide_path(&t, &[vec![outcome(true, true)]]).is_err());
+    }
+
+    #[tokio::test]
+    async fn single_shard_txn_takes_the_fast_path() {
+        let fake = FakeShards::new(2, |_, req| match req {
+            Req::Txn(_) => Ok(Resp::Txn(TxnResponse {
+                header: Some(ResponseHeader {
+                    revision: 4,
+                    ..Default::default()
+                }),
+                succeeded: true,
+                responses: vec![put_resp()],
+            })),
+            other => panic!("unexpected {other:?}"),
+        });
+        let b = backend(fake.clone());
+        let k = key_on(&b.router, 1);
+        let resp = b
+            .txn(TxnRequest {
+                compare: vec![cmp_version(&k, 0)],
+                success: vec![put(&k)],
+                failure: vec![],
+            })
+            .await
+            .unwrap();
+        assert_eq!(resp.header.unwrap().revision, 4);
+        let calls = fake.calls();
+        assert_eq!(calls.len(), 1);
+        assert_eq!(calls[0].0, 1);
+    }
+
+    #[tokio::test]
+    async fn read_only_txn_evaluates_and_reads_at_one_snapshot() {
+        let fake = FakeShards::new(2, |shard, req| match req {
+            Req::CurrentRevision(_) => Ok(Resp::CurrentRevision(CurrentRevisionResponse {
+                revision: 30,
+                raft_term: 1,
+            })),
+            Req::TxnEvaluate(e) => {
+                assert_eq!(e.revision, 30);
+                // Compare 0 is on shard 0's key, compare 1 on shard 1's;
+                // shard 1's key fails.
+                let o = if shard == 0 {
+                    vec![outcome(true, true), outcome(false, false)]
+                } else {
+                    vec![outcome(false, false), outcome(true, false)]
+                };
+                Ok(Resp::TxnEvaluate(TxnEvaluateResponse { outcomes: o }))
+            }
+            Req::TxnRead(r) => {
+                assert_eq!(r.revision, 30);
+                assert_eq!(r.path, vec![false]);
+                let kvs = vec![KeyValue {
+                    key: format!("s{shard}").into_bytes(),
+                    ..Default::default()
+                }];
+                Ok(Resp::TxnRead(TxnReadResponse {
+                    txn: Some(TxnResponse {
+                        header: None,
+                        succeeded: false,
+                        responses: vec![ResponseOp {
+                            response: Some(response_op::Response::ResponseRange(RangeResponse {
+                                header: None,
+                                count: 1,
+                                more: false,
+                                kvs,
+                            })),
+                        }],
+                    }),
+                }))
+            }
+            other => panic!("unexpected {other:?}"),
+        });
+        let b = backend(fake.clone());
+        let (k0, k1) = (key_on(&b.router, 0), key_on(&b.router, 1));
+        let resp = b
+            .txn(TxnRequest {
+                compare: vec![cmp_version(&k0, 0), cmp_version(&k1, 0)],
+                success: vec![get(&k0)],
+                failure: vec![RequestOp {
+                    request: Some(request_op::Request::RequestRange(RangeRequest {
+                        key: b"s".to_vec(),
+                        range_end: b"t".to_vec(),
+                        ..Default::default()
+                    })),
+                }],
+            })
+            .await
+            .unwrap();
+        assert!(!resp.succeeded);
+        assert_eq!(resp.header.unwrap().revision, 30);
+        match &resp.responses[0].response {
+            Some(response_op::Response::ResponseRange(r)) => {
+                assert_eq!(r.count, 2);
+                assert_eq!(r.kvs[0].key, b"s0");
+                assert_eq!(r.kvs[1].key, b"s1");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(!fake
+            .calls()
+            .iter()
+            .any(|(_, r)| matches!(r, Req::Prepare(_) | Req::Commit(_))));
+    }
+
+    /// A scripted 2PC shard set over 2 shards. `conflicts` prepares on
+    /// shard 1 answer CONFLICT first; `primary_aborts` primary commits
+    /// answer TXN_ABORTED first.
+    fn two_pc_fake(conflicts: usize, primary_aborts: usize) -> FakeShards {
+        let conflicts = Arc::new(AtomicUsize::new(conflicts));
+        let aborts = Arc::new(AtomicUsize::new(primary_aborts));
+        FakeShards::new(2, move |shard, req| match req {
+            Req::Prepare(p) => {
+                assert_eq!(p.primary, 0);
+                assert_eq!(p.participants, vec![0, 1]);
+                assert_eq!(p.txn_id.len(), 16);
+                if shard == 1
+                    && conflicts
+                        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                        .is_ok()
+                {
+                    return Err(GatewayError::Conflict("locked".into()));
+                }
+                Ok(Resp::Prepare(PrepareResponse {
+                    outcomes: vec![outcome(shard == 0, true)],
+                }))
+            }
+            Req::Commit(c) => {
+                assert_eq!(c.path, vec![true]);
+                if shard == 0 {
+                    assert_eq!(c.revision, 0, "the primary picks the revision");
+                    if aborts
+                        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                        .is_ok()
+                    {
+                        return Err(GatewayError::TxnAborted("resolved".into()));
+                    }
+                } else {
+                    assert_eq!(c.revision, 77);
+                }
+                Ok(Resp::Commit(CommitResponse {
+                    txn: Some(TxnResponse {
+                        header: Some(ResponseHeader {
+                            revision: 77,
+                            raft_term: 5,
+                            ..Default::default()
+                        }),
+                        succeeded: true,
+                        responses: vec![
+                            ResponseOp {
+                                response: Some(response_op::Response::ResponsePut(PutResponse {
+                                    header: None,
+                                    prev_kv: (shard == 0).then(|| KeyValue {
+                                        value: b"old".to_vec(),
+                                        ..Default::default()
+                                    }),
+                                })),
+                            },
+                            put_resp(),
+                        ],
+                    }),
+                    revision: 77,
+                }))
+            }
+            Req::Abort(_) => Ok(Resp::Abort(AbortResponse {})),
+            other => panic!("unexpected {other:?}"),
+        })
+    }
+
+    fn two_shard_write(b: &Backend) -> TxnRequest {
+        let (k0, k1) = (key_on(&b.router, 0), key_on(&b.router, 1));
+        TxnRequest {
+            compare: vec![cmp_version(&k0, 1)],
+            success: vec![put(&k0), put(&k1)],
+            failure: vec![],
+        }
+    }
+
+    fn kinds(fake: &FakeShards) -> Vec<(u32, &'static str)> {
+        fake.calls()
+            .into_iter()
+            .map(|(s, r)| {
+                let k = match r {
+                    Req::Prepare(_) => "prepare",
+                    Req::Commit(_) => "commit",
+                    Req::Abort(_) => "abort",
+                    _ => "other",
+                };
+                (s, k)
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn two_phase_commit_primary_first_then_participants() {
+        let fake = two_pc_fake(0, 0);
+        let b = backend(fake.clone());
+        let resp = b.txn(two_shard_write(&b)).await.unwrap();
+        assert!(resp.succeeded);
+        let h = resp.header.unwrap();
+        assert_eq!((h.revision, h.raft_term), (77, 5));
+        assert_eq!(h.member_id, crate::testing::MEMBER);
+        match &resp.responses[0].response {
+            Some(response_op::Response::ResponsePut(p)) => {
+                assert_eq!(p.prev_kv.as_ref().unwrap().value, b"old")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            kinds(&fake),
+            vec![(0, "prepare"), (1, "prepare"), (0, "commit"), (1, "commit")]
+        );
+    }
+
+    #[tokio::test]
+    async fn conflict_aborts_the_prepared_and_retries_with_a_new_id() {
+        let fake = two_pc_fake(2, 0);
+        let b = backend(fake.clone());
+        let resp = b.txn(two_shard_write(&b)).await.unwrap();
+        assert_eq!(resp.header.unwrap().revision, 77);
+        assert_eq!(
+            kinds(&fake),
+            vec![
+                (0, "prepare"),
+                (1, "prepare"),
+                (0, "abort"),
+                (0, "prepare"),
+                (1, "prepare"),
+                (0, "abort"),
+                (0, "prepare"),
+                (1, "prepare"),
+                (0, "commit"),
+                (1, "commit"),
+            ]
+        );
+        let ids: BTreeSet<Vec<u8>> = fake
+            .calls()
+            .into_iter()
+            .filter_map(|(_, r)| match r {
+                Req::Prepare(p) => Some(p.txn_id),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(ids.len(), 3, "every attempt has its own txn id");
+    }
+
+    #[tokio::test]
+    async fn primary_abort_restarts_the_transaction() {
+        let fake = two_pc_fake(0, 1);
+        let b = backend(fake.clone());
+        b.txn(two_shard_write(&b)).await.unwrap();
+        assert_eq!(
+            kinds(&fake),
+            vec![
+                (0, "prepare"),
+                (1, "prepare"),
+                (0, "commit"),
+                (1, "abort"),
+                (0, "prepare"),
+                (1, "prepare"),
+                (0, "commit"),
+                (1, "commit"),
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn endless_conflicts_time_out() {
+        let fake = two_pc_fake(usize::MAX, 0);
+        let mut b = backend(fake);
+        b.retry.budget = std::time::Duration::from_millis(50);
+        let e = b.txn(two_shard_write(&b)).await.unwrap_err();
+        assert_eq!(e.to_status().code(), tonic::Code::Unavailable);
+        assert_eq!(e.to_status().message(), "etcdserver: request timed out");
+    }
+
+    #[tokio::test]
+    async fn lost_primary_commit_is_never_retried_as_a_new_attempt() {
+        // Phase one passes; every commit times out (outcome unknown).
+        let fake = FakeShards::new(2, |shard, r| match r {
+            Req::Prepare(_) => Ok(Resp::Prepare(PrepareResponse {
+                outcomes: vec![outcome(shard == 0, true)],
+            })),
+            Req::Commit(_) => Err(GatewayError::Timeout { shard }),
+            Req::Abort(_) => Ok(Resp::Abort(AbortResponse {})),
+            other => panic!("unexpected {other:?}"),
+        });
+        let mut b = backend(fake.clone());
+        b.retry.budget = std::time::Duration::from_millis(50);
+        let e = b.txn(two_shard_write(&b)).await.unwrap_err();
+        assert!(matches!(e, GatewayError::RetriesExhausted(_)), "{e:?}");
+        assert_eq!(e.to_status().code(), tonic::Code::Unavailable);
+        let k = kinds(&fake);
+        assert_eq!(
+            k.iter().filter(|(_, k)| *k == "prepare").count(),
+            2,
+            "only one attempt once the commit was sent"
+        );
+        assert!(
+            !k.iter().any(|(_, k)| *k == "abort"),
+            "a maybe-committed txn is never aborted"
+        );
+        assert!(k.iter().all(|(s, k)| *k != "commit" || *s == 0));
+    }
+}

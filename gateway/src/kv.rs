@@ -1,0 +1,478 @@
+//! The KV API (Range, Put, DeleteRange, Compact) over hash-placed shards.
+//! Txn lives in [`crate::coordinator`].
+//!
+//! # Routing
+//!
+//! - A single key (empty `range_end`) lives on exactly one shard
+//!   (`ShardRouter::shard_of`); the request is forwarded there unchanged and
+//!   the shard's answer is returned with our identity in the header.
+//! - A key range may hold keys of every shard.
+//!   * Range: the gateway fixes one snapshot revision `R` (the client's, or
+//!     the revision oracle's current revision when the client asked for 0),
+//!     sends the request with `revision = R` to every shard, and merges the
+//!     answers ([`crate::merge::merge_range`]). Because every shard reads at
+//!     the same `R` and a shard waits until it has resolved `R`, the merged
+//!     answer is exactly the writes with revision ≤ R. The header revision
+//!     is `R` when the client asked for 0 (so "list, then watch from
+//!     header.revision + 1" misses nothing), otherwise the newest revision
+//!     the shards reported, like etcd's "current revision" header.
+//!   * DeleteRange: one revision for the whole range means one write across
+//!     shards: it runs as the cross-shard txn `{success: [delete_range]}`
+//!     and the txn's single answer is unwrapped. With one shard it is
+//!     forwarded.
+//! - Compact goes to every shard (each compacts its own history at the
+//!   same revision).
+//!
+//! # Checks before any shard is asked
+//!
+//! etcd's API-level checks run here so bad input gets etcd's errors and
+//! never reaches a shard: empty keys, `ignore_value`/`ignore_lease` with a
+//! value/lease, invalid sort options, txn limits and duplicate keys
+//! (`metastore_proto::txn::validate`, applied recursively to each op's own
+//! checks), and the request size limit (`--max-request-bytes`).
+
+use futures::future::try_join_all;
+use metastore_proto::etcdserverpb::{
+    range_request::{SortOrder, SortTarget},
+    request_op, response_op, CompactionRequest, CompactionResponse, DeleteRangeRequest,
+    DeleteRangeResponse, PutRequest, PutResponse, RangeRequest, RangeResponse, RequestOp,
+    TxnRequest,
+};
+use metastore_proto::shardpb::CompactRequest;
+
+use crate::backend::Backend;
+use crate::error::{GatewayError, Result};
+use crate::merge;
+use crate::shards;
+
+/// Refuses a request whose encoding exceeds `max_bytes` (etcd's
+/// `--max-request-bytes`).
+pub fn check_size<M: prost::Message>(req: &M, max_bytes: usize) -> Result<()> {
+    if req.encoded_len() > max_bytes {
+        Err(GatewayError::RequestTooLarge)
+    } else {
+        Ok(())
+    }
+}
+
+/// etcd's `checkRangeRequest`.
+pub fn check_range(req: &RangeRequest) -> Result<()> {
+    if req.key.is_empty() {
+        return Err(GatewayError::KeyNotProvided);
+    }
+    if SortOrder::try_from(req.sort_order).is_err()
+        || SortTarget::try_from(req.sort_target).is_err()
+    {
+        return Err(GatewayError::InvalidSortOption);
+    }
+    Ok(())
+}
+
+/// etcd's `checkPutRequest`.
+pub fn check_put(req: &PutRequest) -> Result<()> {
+    if req.key.is_empty() {
+        return Err(GatewayError::KeyNotProvided);
+    }
+    if req.ignore_value && !req.value.is_empty() {
+        return Err(GatewayError::ValueProvided);
+    }
+    if req.ignore_lease && req.lease != 0 {
+        return Err(GatewayError::LeaseProvided);
+    }
+    Ok(())
+}
+
+/// etcd's `checkDeleteRequest`.
+pub fn check_delete(req: &DeleteRangeRequest) -> Result<()> {
+    if req.key.is_empty() {
+        return Err(GatewayError::KeyNotProvided);
+    }
+    Ok(())
+}
+
+/// etcd's `checkTxnRequest` + `checkIntervals`, and every op's own checks.
+pub fn check_txn(req: &TxnRequest, max_ops: usize) -> Result<()> {
+    metastore_proto::txn::validate(req, max_ops)?;
+    check_txn_ops(req)
+}
+
+fn check_txn_ops(req: &TxnRequest) -> Result<()> {
+    for op in req.success.iter().chain(req.failure.iter()) {
+        check_op(op)?;
+    }
+    Ok(())
+}
+
+fn check_op(op: &RequestOp) -> Result<()> {
+    match &op.request {
+        Some(request_op::Request::RequestRange(r)) => check_range(r),
+        Some(request_op::Request::RequestPut(p)) => check_put(p),
+        Some(request_op::Request::RequestDeleteRange(d)) => check_delete(d),
+        Some(request_op::Request::RequestTxn(t)) => check_txn_ops(t),
+        None => Ok(()),
+    }
+}
+
+impl Backend {
+    /// etcd's Range (see the module docs).
+    pub async fn range(&self, mut req: RangeRequest) -> Result<RangeResponse> {
+        check_range(&req)?;
+        if req.revision < 0 {
+            req.revision = 0;
+        }
+        let shards = self.router.shards_for_range(&req.key, &req.range_end);
+        if shards.len() == 1 {
+            let shard = shards[0];
+            let mut resp = self
+                .retry(|| shards::range(self.t(), shard, req.clone()))
+                .await?;
+            resp.header = self.fix_header(resp.header);
+            return Ok(resp);
+        }
+        let snapshot = req.revision == 0;
+        let (rev, term) = if snapshot {
+            self.current_revision().await?
+        } else {
+            (req.revision, 0)
+        };
+        let mut shard_req = merge::shard_range_request(&req).into_owned();
+        shard_req.revision = rev;
+        let parts = try_join_all(shards.iter().map(|&s| {
+            let r = shard_req.clone();
+            self.retry(move || shards::range(self.t(), s, r.clone()))
+        }))
+        .await?;
+        let mut resp = merge::merge_range(&req, parts);
+        let h = resp.header.unwrap_or_default();
+        let revision = if snapshot { rev } else { h.revision };
+        resp.header = Some(self.header(revision, h.raft_term.max(term)));
+        Ok(resp)
+    }
+
+    /// etcd's Put: forwarded to the key's owner, retried while the key is
+    /// locked by a cross-shard txn.
+    pub async fn put(&self, req: PutRequest) -> Result<PutResponse> {
+        check_put(&req)?;
+        let shard = self.router.shard_of(&req.key);
+        let mut resp = self
+            .retry(|| shards::put(self.t(), shard, req.clone()))
+            .await?;
+        resp.header = self.fix_header(resp.header);
+        Ok(resp)
+    }
+
+    /// etcd's DeleteRange (see the module docs).
+    pub async fn delete_range(&self, req: DeleteRangeRequest) -> Result<DeleteRangeResponse> {
+        check_delete(&req)?;
+        let shards = self.router.shards_for_range(&req.key, &req.range_end);
+        if shards.len() == 1 {
+            let shard = shards[0];
+            let mut resp = self
+                .retry(|| shards::delete_range(self.t(), shard, req.clone()))
+                .await?;
+            resp.header = self.fix_header(resp.header);
+            return Ok(resp);
+        }
+        let txn = TxnRequest {
+            compare: vec![],
+            success: vec![RequestOp {
+                request: Some(request_op::Request::RequestDeleteRange(req)),
+            }],
+            failure: vec![],
+        };
+        let resp = self.txn(txn).await?;
+        let header = resp.header;
+        match resp.responses.into_iter().next().and_then(|r| r.response) {
+            Some(response_op::Response::ResponseDeleteRange(mut d)) => {
+                d.header = header;
+                Ok(d)
+            }
+            _ => Err(GatewayError::Protocol(
+                "a delete txn answered without its delete".into(),
+            )),
+        }
+    }
+
+    /// etcd's Compact: every shard compacts at the same revision.
+    ///
+    /// Outcome rules: any error other than compacted/future wins (so a
+    /// client retries); else any FUTURE_REVISION → future revision; else if
+    /// *every* shard said COMPACTED → compacted; a mix of successes and
+    /// COMPACTED (a retry after a partial failure) counts as success, since
+    /// every shard is now compacted at the revision.
+    pub async fn compact(&self, req: CompactionRequest) -> Result<CompactionResponse> {
+        let results = futures::future::join_all(self.all_shards().into_iter().map(|s| {
+            self.retry(move || {
+                shards::compact(
+                    self.t(),
+                    s,
+                    CompactRequest {
+                        revision: req.revision,
+                    },
+                )
+            })
+        }))
+        .await;
+        compact_outcome(results.into_iter().map(|r| r.map(|_| ())).collect())?;
+        let (rev, term) = self.current_revision().await?;
+        Ok(CompactionResponse {
+            header: Some(self.header(rev, term)),
+        })
+    }
+}
+
+/// Combines the shards' compaction results (rules on [`Backend::compact`]).
+pub fn compact_outcome(results: Vec<Result<()>>) -> Result<()> {
+    let mut compacted = 0;
+    let mut future = false;
+    let n = results.len();
+    for r in results {
+        match r {
+            Ok(()) => {}
+            Err(GatewayError::Compacted) => compacted += 1,
+            Err(GatewayError::FutureRevision) => future = true,
+            Err(e) => return Err(e),
+        }
+    }
+    if future {
+        Err(GatewayError::FutureRevision)
+    } else if compacted == n && n > 0 {
+        Err(GatewayError::Compacted)
+    } else {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{backend, FakeShards};
+    use metastore_proto::etcdserverpb::ResponseHeader;
+    use metastore_proto::mvccpb::KeyValue;
+    use metastore_proto::shardpb::{
+        shard_request::Body as Req, shard_response::Body as Resp, CompactResponse,
+        CurrentRevisionResponse,
+    };
+
+    #[test]
+    fn request_checks_match_etcd() {
+        assert_eq!(
+            check_put(&PutRequest::default()),
+            Err(GatewayError::KeyNotProvided)
+        );
+        assert_eq!(
+            check_put(&PutRequest {
+                key: b"k".to_vec(),
+                value: b"v".to_vec(),
+                ignore_value: true,
+                ..Default::default()
+            }),
+            Err(GatewayError::ValueProvided)
+        );
+        assert_eq!(
+            check_put(&PutRequest {
+                key: b"k".to_vec(),
+                lease: 5,
+                ignore_lease: true,
+                ..Default::default()
+            }),
+            Err(GatewayError::LeaseProvided)
+        );
+        assert_eq!(
+            check_range(&RangeRequest {
+                key: b"k".to_vec(),
+                sort_order: 9,
+                ..Default::default()
+            }),
+            Err(GatewayError::InvalidSortOption)
+        );
+        assert_eq!(
+            check_delete(&DeleteRangeRequest::default()),
+            Err(GatewayError::KeyNotProvided)
+        );
+        // Op checks apply inside (nested) txns.
+        let bad = TxnRequest {
+            compare: vec![],
+            success: vec![RequestOp {
+                request: Some(request_op::Request::RequestTxn(TxnRequest {
+                    compare: vec![],
+                    success: vec![RequestOp {
+                        request: Some(request_op::Request::RequestPut(PutRequest {
+                            key: b"k".to_vec(),
+                            value: b"v".to_vec(),
+                            ignore_value: true,
+                            ..Default::default()
+                        })),
+                    }],
+                    failure: vec![],
+                })),
+            }],
+            failure: vec![],
+        };
+        assert_eq!(check_txn(&bad, 128), Err(GatewayError::ValueProvided));
+        let big = PutRequest {
+            key: b"k".to_vec(),
+            value: vec![0; 2000],
+            ..Default::default()
+        };
+        assert_eq!(check_size(&big, 1000), Err(GatewayError::RequestTooLarge));
+        assert_eq!(check_size(&big, 1 << 20), Ok(()));
+    }
+
+    #[test]
+    fn compact_outcomes() {
+        use GatewayError::*;
+        assert_eq!(compact_outcome(vec![Ok(()), Ok(())]), Ok(()));
+        assert_eq!(
+            compact_outcome(vec![Err(Compacted), Err(Compacted)]),
+            Err(Compacted)
+        );
+        assert_eq!(compact_outcome(vec![Ok(()), Err(Compacted)]), Ok(()));
+        assert_eq!(
+            compact_outcome(vec![Err(Compacted), Err(FutureRevision)]),
+            Err(FutureRevision)
+        );
+        assert_eq!(
+            compact_outcome(vec![Err(FutureRevision), Err(Timeout { shard: 1 })]),
+            Err(Timeout { shard: 1 })
+        );
+    }
+
+    fn kv(key: &str) -> KeyValue {
+        KeyValue {
+            key: key.into(),
+            value: b"v".to_vec(),
+            create_revision: 1,
+            mod_revision: 1,
+            version: 1,
+            lease: 0,
+        }
+    }
+
+    #[tokio::test]
+    async fn range_scatters_at_one_snapshot_revision() {
+        let fake = FakeShards::new(2, |shard, req| match req {
+            Req::CurrentRevision(_) => Ok(Resp::CurrentRevision(CurrentRevisionResponse {
+                revision: 50,
+                raft_term: 2,
+            })),
+            Req::Range(r) => {
+                assert_eq!(r.revision, 50, "every shard reads at the snapshot");
+                Ok(Resp::Range(RangeResponse {
+                    header: Some(ResponseHeader {
+                        revision: 60 + shard as i64,
+                        raft_term: 1,
+                        ..Default::default()
+                    }),
+                    kvs: vec![kv(&format!("k{shard}"))],
+                    more: false,
+                    count: 1,
+                }))
+            }
+            other => panic!("unexpected {other:?}"),
+        });
+        let b = backend(fake.clone());
+        let resp = b
+            .range(RangeRequest {
+                key: b"a".to_vec(),
+                range_end: b"z".to_vec(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(resp.count, 2);
+        let h = resp.header.unwrap();
+        assert_eq!(h.revision, 50, "snapshot revision in the header");
+        assert_eq!(h.raft_term, 2);
+        assert_eq!(
+            (h.cluster_id, h.member_id),
+            (crate::testing::CLUSTER, crate::testing::MEMBER)
+        );
+
+        // An explicit revision is used as is; the header is the newest
+        // revision the shards report.
+        let resp = b
+            .range(RangeRequest {
+                key: b"a".to_vec(),
+                range_end: b"z".to_vec(),
+                revision: 50,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(resp.header.unwrap().revision, 61);
+    }
+
+    #[tokio::test]
+    async fn put_retries_conflicts_then_succeeds() {
+        let fake = FakeShards::new(2, |_, req| match req {
+            Req::Put(_) => Ok(Resp::Put(PutResponse {
+                header: Some(ResponseHeader {
+                    revision: 9,
+                    ..Default::default()
+                }),
+                prev_kv: None,
+            })),
+            other => panic!("unexpected {other:?}"),
+        });
+        fake.fail_next(3, GatewayError::Conflict("locked".into()));
+        let b = backend(fake.clone());
+        let resp = b
+            .put(PutRequest {
+                key: b"k".to_vec(),
+                value: b"v".to_vec(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(resp.header.unwrap().revision, 9);
+        assert_eq!(fake.calls().len(), 4);
+    }
+
+    #[tokio::test]
+    async fn put_gives_up_after_the_budget() {
+        let fake = FakeShards::new(1, |_, _| Err(GatewayError::Conflict("locked".into())));
+        let mut b = backend(fake);
+        b.retry.budget = std::time::Duration::from_millis(30);
+        let e = b
+            .put(PutRequest {
+                key: b"k".to_vec(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert!(matches!(e, GatewayError::RetriesExhausted(_)));
+        assert_eq!(e.to_status().message(), crate::error::MSG_TIMEOUT);
+    }
+
+    #[tokio::test]
+    async fn compact_goes_to_every_shard() {
+        let fake = FakeShards::new(3, |_, req| match req {
+            Req::Compact(c) => {
+                assert_eq!(c.revision, 5);
+                Ok(Resp::Compact(CompactResponse {}))
+            }
+            Req::CurrentRevision(_) => Ok(Resp::CurrentRevision(CurrentRevisionResponse {
+                revision: 8,
+                raft_term: 1,
+            })),
+            other => panic!("unexpected {other:?}"),
+        });
+        let b = backend(fake.clone());
+        let resp = b
+            .compact(CompactionRequest {
+                revision: 5,
+                physical: false,
+            })
+            .await
+            .unwrap();
+        assert_eq!(resp.header.unwrap().revision, 8);
+        let compacts: Vec<u32> = fake
+            .calls()
+            .into_iter()
+            .filter(|(_, r)| matches!(r, Req::Compact(_)))
+            .map(|(s, _)| s)
+            .collect();
+        assert_eq!(compacts.len(), 3);
+    }
+}

@@ -1,0 +1,40 @@
+//! MetaStore gateway: the etcd v3 gRPC API over tonic, routing each call to
+//! the shards of a metastore-server and merging their answers.
+//!
+//! Module map (each module's own docs state its invariants):
+//!
+//! - [`client`]: `ShardClient`, one multiplexed, length-prefixed prost
+//!   connection per shard (reconnects, timeouts);
+//! - [`shards`]: the [`shards::Transport`] seam, topology discovery, typed
+//!   shard calls;
+//! - [`backend`]: shared state, retry/backoff policy, response headers;
+//! - [`kv`]: Range / Put / DeleteRange / Compact routing and etcd's request
+//!   checks;
+//! - [`coordinator`]: Txn — single-shard fast path, cross-shard snapshot
+//!   reads, two-phase commit;
+//! - [`merge`]: pure merge rules for per-shard answers;
+//! - [`service`]: the tonic services (the only place errors become
+//!   `Status`, via [`error`]);
+//! - [`server`]: start-up (discover, bind, ready line) and serving.
+
+/// tonic service traits generated from etcd's `rpc.proto` by `build.rs`;
+/// messages are `metastore_proto::etcdserverpb`.
+pub mod etcdserverpb {
+    tonic::include_proto!("etcdserverpb");
+}
+
+pub mod backend;
+pub mod client;
+pub mod coordinator;
+pub mod error;
+pub mod kv;
+pub mod merge;
+pub mod server;
+pub mod service;
+pub mod shards;
+
+#[cfg(test)]
+mod testing;
+
+pub use error::GatewayError;
+pub use server::{ready_line, Config, Gateway};

@@ -1,0 +1,128 @@
+//! `metastore-gateway`: serves the etcd v3 API for a metastore-server.
+//!
+//! Logs go to stderr (`RUST_LOG`, default `info`); stdout carries exactly
+//! one line, `metastore-gateway ready on <addr>`, once the API is served.
+
+use std::io::Write;
+use std::time::Duration;
+
+use clap::Parser;
+use metastore_gateway::client::ClientConfig;
+use metastore_gateway::server::DEFAULT_MAX_REQUEST_BYTES;
+use metastore_gateway::{ready_line, Config, Gateway};
+
+/// How long a graceful shutdown may take before the process exits anyway.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "metastore-gateway",
+    version,
+    about = "etcd v3 API gateway for MetaStore"
+)]
+struct Args {
+    /// Address to serve the etcd gRPC API on (port 0 picks a free port).
+    #[arg(long, default_value = "127.0.0.1:2379")]
+    listen: String,
+    /// Any shard address of the metastore-server (HOST:PORT).
+    #[arg(long, default_value = "127.0.0.1:23790")]
+    server: String,
+    /// Client URL advertised by MemberList [default: http://<bound listen addr>].
+    #[arg(long)]
+    advertise_client_url: Option<String>,
+    /// Largest request accepted, in bytes (etcd's --max-request-bytes).
+    #[arg(long, default_value_t = DEFAULT_MAX_REQUEST_BYTES)]
+    max_request_bytes: usize,
+    /// Seconds to keep trying to reach the server at start-up.
+    #[arg(long, default_value_t = 30)]
+    connect_wait_secs: u64,
+    /// Per-request timeout towards a shard, in milliseconds.
+    #[arg(long, default_value_t = 10_000)]
+    shard_timeout_ms: u64,
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("shutting down");
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let args = Args::parse();
+    let config = Config {
+        listen: args.listen,
+        server: args.server,
+        advertise_client_url: args.advertise_client_url,
+        max_request_bytes: args.max_request_bytes,
+        connect_wait: Duration::from_secs(args.connect_wait_secs),
+        client: ClientConfig {
+            request_timeout: Duration::from_millis(args.shard_timeout_ms),
+            ..ClientConfig::default()
+        },
+    };
+    let gateway = match Gateway::start(config).await {
+        Ok(g) => g,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("metastore-gateway: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    {
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "{}", ready_line(gateway.local_addr()));
+        let _ = out.flush();
+    }
+    tracing::info!(addr = %gateway.local_addr(), url = %gateway.client_url(), "serving the etcd API");
+    // Graceful shutdown lets in-flight calls finish, but long-lived streams
+    // could hold it forever: after the signal, give it a grace period.
+    let stopping = std::sync::Arc::new(tokio::sync::Notify::new());
+    let signal = {
+        let stopping = stopping.clone();
+        async move {
+            shutdown_signal().await;
+            stopping.notify_one();
+        }
+    };
+    let result = tokio::select! {
+        r = gateway.serve(signal) => r,
+        _ = async {
+            stopping.notified().await;
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        } => {
+            tracing::warn!("connections still open after {SHUTDOWN_GRACE:?}; exiting");
+            Ok(())
+        }
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("serving failed: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,865 @@
+//! Pure functions that merge per-shard answers into one etcd answer.
+//!
+//! Keys are hash-placed, so any key range may hold keys of every shard. A
+//! range read is scattered to all shards *at one revision* and gathered
+//! here. Nothing in this module does I/O; everything is deterministic and
+//! unit-tested.
+//!
+//! # Range merge ([`merge_range`])
+//!
+//! Each shard answers the same `RangeRequest` over the keys it owns, with
+//! etcd's own rules already applied to its part: revision filters,
+//! `keys_only`, `count_only`, its own sort, and truncation to `limit` (plus
+//! its own `more`). The merge:
+//!
+//! 1. concatenates the shards' kvs and orders them like etcd: the effective
+//!    order is the request's, except that a non-KEY sort target with order
+//!    NONE sorts ASCEND (etcd does the same), and NONE/KEY is key order. The
+//!    kvs are first put in key order, then *stably* sorted by the target, so
+//!    ties come out in key order;
+//! 2. `count` = the sum of the shards' counts (shards own disjoint keys);
+//! 3. truncates to `limit` (when > 0); `more` = truncated here, or any
+//!    shard reported `more`. This is exact: a shard that had more than
+//!    `limit` keys implies the union has more than `limit`, and since every
+//!    shard returned its own first `limit` keys in the same order, the first
+//!    `limit` of the union are among them;
+//! 4. `keys_only` strips values *after* sorting (a VALUE sort needs them:
+//!    the gateway asks shards for values in that case, see
+//!    [`shard_range_request`]).
+//!
+//! The header is the first shard's, with `revision` and `raft_term` the
+//! maximum over shards; callers overwrite what they know better (the
+//! snapshot revision, the cluster/member ids).
+//!
+//! # Txn merge ([`merge_txn`])
+//!
+//! In a cross-shard txn every shard answers *every* op on the taken path,
+//! positionally aligned with the request: ops on keys it does not own get an
+//! empty response of the right kind. The merge walks the request along the
+//! path (`metastore_proto::txn::path` order: a node's own bit, then its
+//! nested txns in op order) and merges position by position:
+//!
+//! - `succeeded` is the node's path bit;
+//! - Range: as above, with that op's `RangeRequest`;
+//! - Put: the owning shard's response (`router.shard_of(key)`), which is
+//!   the only one that can carry a `prev_kv`;
+//! - DeleteRange: `deleted` summed, `prev_kvs` merged in key order;
+//! - nested Txn: recurse with the nested request and the next path bits.
+//!
+//! A shard answer that does not line up (wrong length, wrong kind) is a
+//! protocol error, never silently dropped.
+
+use metastore_proto::etcdserverpb::{
+    range_request::{SortOrder, SortTarget},
+    request_op, response_op, DeleteRangeResponse, PutResponse, RangeRequest, RangeResponse,
+    RequestOp, ResponseHeader, ResponseOp, TxnRequest, TxnResponse,
+};
+use metastore_proto::mvccpb::KeyValue;
+use metastore_proto::router::ShardRouter;
+use std::borrow::Cow;
+use std::cmp::Ordering;
+
+use crate::error::{GatewayError, Result};
+
+/// The (target, order) etcd actually sorts by for `req`; order NONE means
+/// key order (the natural order of a range).
+pub fn effective_sort(req: &RangeRequest) -> (SortTarget, SortOrder) {
+    let target = SortTarget::try_from(req.sort_target).unwrap_or(SortTarget::Key);
+    let order = SortOrder::try_from(req.sort_order).unwrap_or(SortOrder::None);
+    if target != SortTarget::Key && order == SortOrder::None {
+        (target, SortOrder::Ascend)
+    } else {
+        (target, order)
+    }
+}
+
+fn cmp_target(a: &KeyValue, b: &KeyValue, target: SortTarget) -> Ordering {
+    match target {
+        SortTarget::Key => a.key.cmp(&b.key),
+        SortTarget::Version => a.version.cmp(&b.version),
+        SortTarget::Create => a.create_revision.cmp(&b.create_revision),
+        SortTarget::Mod => a.mod_revision.cmp(&b.mod_revision),
+        SortTarget::Value => a.value.cmp(&b.value),
+    }
+}
+
+/// Orders `kvs` as etcd would answer `req`.
+pub fn sort_kvs(kvs: &mut [KeyValue], req: &RangeRequest) {
+    let (target, order) = effective_sort(req);
+    kvs.sort_by(|a, b| a.key.cmp(&b.key));
+    match (target, order) {
+        (_, SortOrder::None) | (SortTarget::Key, SortOrder::Ascend) => {}
+        (SortTarget::Key, SortOrder::Descend) => kvs.reverse(),
+        (t, SortOrder::Ascend) => kvs.sort_by(|a, b| cmp_target(a, b, t)),
+        (t, SortOrder::Descend) => kvs.sort_by(|a, b| cmp_target(b, a, t)),
+    }
+}
+
+/// Whether the shards must be asked for values the client did not ask for:
+/// `keys_only` with a VALUE sort (the merge sorts by value, then strips).
+pub fn needs_values_for_sort(req: &RangeRequest) -> bool {
+    let (target, order) = effective_sort(req);
+    req.keys_only && target == SortTarget::Value && order != SortOrder::None
+}
+
+/// The range request to send to each shard for a scatter of `req`.
+pub fn shard_range_request(req: &RangeRequest) -> Cow<'_, RangeRequest> {
+    if needs_values_for_sort(req) {
+        Cow::Owned(RangeRequest {
+            keys_only: false,
+            ..req.clone()
+        })
+    } else {
+        Cow::Borrowed(req)
+    }
+}
+
+/// The txn request to send to shards for a cross-shard txn: like
+/// [`shard_range_request`] for every range op in the tree. Compares and
+/// writes are untouched.
+pub fn shard_txn_request(txn: &TxnRequest) -> Cow<'_, TxnRequest> {
+    fn needs(txn: &TxnRequest) -> bool {
+        txn.success
+            .iter()
+            .chain(txn.failure.iter())
+            .any(|op| match &op.request {
+                Some(request_op::Request::RequestRange(r)) => needs_values_for_sort(r),
+                Some(request_op::Request::RequestTxn(t)) => needs(t),
+                _ => false,
+            })
+    }
+    fn rewrite_ops(ops: &[RequestOp]) -> Vec<RequestOp> {
+        ops.iter()
+            .map(|op| match &op.request {
+                Some(request_op::Request::RequestRange(r)) => RequestOp {
+                    request: Some(request_op::Request::RequestRange(
+                        shard_range_request(r).into_owned(),
+                    )),
+                },
+                Some(request_op::Request::RequestTxn(t)) => RequestOp {
+                    request: Some(request_op::Request::RequestTxn(rewrite(t))),
+                },
+                _ => op.clone(),
+            })
+            .collect()
+    }
+    fn rewrite(txn: &TxnRequest) -> TxnRequest {
+        TxnRequest {
+            compare: txn.compare.clone(),
+            success: rewrite_ops(&txn.success),
+            failure: rewrite_ops(&txn.failure),
+        }
+    }
+    if needs(txn) {
+        Cow::Owned(rewrite(txn))
+    } else {
+        Cow::Borrowed(txn)
+    }
+}
+
+/// The first header, with the maximum revision and raft term of all.
+pub fn merge_headers<'a>(
+    headers: impl IntoIterator<Item = Option<&'a ResponseHeader>>,
+) -> Option<ResponseHeader> {
+    let mut out: Option<ResponseHeader> = None;
+    for h in headers.into_iter().flatten() {
+        match &mut out {
+            None => out = Some(*h),
+            Some(o) => {
+                o.revision = o.revision.max(h.revision);
+                o.raft_term = o.raft_term.max(h.raft_term);
+            }
+        }
+    }
+    out
+}
+
+/// Merges the shards' answers to one `RangeRequest` (see the module docs).
+pub fn merge_range(req: &RangeRequest, parts: Vec<RangeResponse>) -> RangeResponse {
+    let header = merge_headers(parts.iter().map(|p| p.header.as_ref()));
+    let mut count = 0;
+    let mut more = false;
+    let mut kvs = Vec::with_capacity(parts.iter().map(|p| p.kvs.len()).sum());
+    for p in parts {
+        count += p.count;
+        more |= p.more;
+        kvs.extend(p.kvs);
+    }
+    sort_kvs(&mut kvs, req);
+    if req.limit > 0 && kvs.len() > req.limit as usize {
+        kvs.truncate(req.limit as usize);
+        more = true;
+    }
+    if req.keys_only {
+        for kv in &mut kvs {
+            kv.value.clear();
+        }
+    }
+    if req.count_only {
+        kvs.clear();
+    }
+    RangeResponse {
+        header,
+        kvs,
+        more,
+        count,
+    }
+}
+
+/// Merges the shards' answers to one DeleteRange: counts summed, previous
+/// kvs in key order.
+pub fn merge_delete(parts: Vec<DeleteRangeResponse>) -> DeleteRangeResponse {
+    let header = merge_headers(parts.iter().map(|p| p.header.as_ref()));
+    let mut deleted = 0;
+    let mut prev_kvs = Vec::new();
+    for p in parts {
+        deleted += p.deleted;
+        prev_kvs.extend(p.prev_kvs);
+    }
+    prev_kvs.sort_by(|a, b| a.key.cmp(&b.key));
+    DeleteRangeResponse {
+        header,
+        deleted,
+        prev_kvs,
+    }
+}
+
+/// Picks the owner's answer to a Put (falling back to whichever carries a
+/// `prev_kv`, then the first).
+pub fn merge_put(key: &[u8], router: &ShardRouter, parts: Vec<(u32, PutResponse)>) -> PutResponse {
+    let owner = router.shard_of(key);
+    let idx = parts
+        .iter()
+        .position(|(s, _)| *s == owner)
+        .or_else(|| parts.iter().position(|(_, p)| p.prev_kv.is_some()))
+        .unwrap_or(0);
+    parts
+        .into_iter()
+        .nth(idx)
+        .map(|(_, p)| p)
+        .unwrap_or_default()
+}
+
+/// Merges the shards' answers to one cross-shard txn taken along `path`
+/// (see the module docs). `parts` pairs each answer with its shard id.
+pub fn merge_txn(
+    req: &TxnRequest,
+    path: &[bool],
+    router: &ShardRouter,
+    parts: Vec<(u32, TxnResponse)>,
+) -> Result<TxnResponse> {
+    if parts.is_empty() {
+        return Err(GatewayError::Protocol("no shard answered the txn".into()));
+    }
+    let mut pos = 0;
+    let out = merge_txn_node(req, path, &mut pos, router, parts)?;
+    if pos != path.len() {
+        return Err(GatewayError::Protocol(format!(
+            "txn path has {} entries, the request used {pos}",
+            path.len()
+        )));
+    }
+    Ok(out)
+}
+
+fn merge_txn_node(
+    req: &TxnRequest,
+    path: &[bool],
+    pos: &mut usize,
+    router: &ShardRouter,
+    parts: Vec<(u32, TxnResponse)>,
+) -> Result<TxnResponse> {
+    let succeeded = *path
+        .get(*pos)
+        .ok_or_else(|| GatewayError::Protocol("txn path too short".into()))?;
+    *pos += 1;
+    let branch = if succeeded {
+        &req.success
+    } else {
+        &req.failure
+    };
+    for (shard, p) in &parts {
+        if p.responses.len() != branch.len() {
+            return Err(GatewayError::Protocol(format!(
+                "shard {shard} answered {} txn ops, expected {}",
+                p.responses.len(),
+                branch.len()
+            )));
+        }
+    }
+    let header = merge_headers(parts.iter().map(|(_, p)| p.header.as_ref()));
+    // Column-major: for op i, every shard's i-th response.
+    let mut columns: Vec<Vec<(u32, Option<response_op::Response>)>> = (0..branch.len())
+        .map(|_| Vec::with_capacity(parts.len()))
+        .collect();
+    for (shard, p) in parts {
+        for (i, r) in p.responses.into_iter().enumerate() {
+            columns[i].push((shard, r.response));
+        }
+    }
+    let mut responses = Vec::with_capacity(branch.len());
+    for (op, column) in branch.iter().zip(columns) {
+        let merged = merge_op(op, path, pos, router, column)?;
+        responses.push(ResponseOp { response: merged });
+    }
+    Ok(TxnResponse {
+        header,
+        succeeded,
+        responses,
+    })
+}
+
+fn mismatch(shard: u32, wanted: &str) -> GatewayError {
+    GatewayError::Protocol(format!(
+        "shard {shard} answered a txn op with the wrong kind (wanted {wanted})"
+    ))
+}
+
+fn merge_op(
+    op: &RequestOp,
+    path: &[bool],
+    pos: &mut usize,
+    router: &ShardRouter,
+    column: Vec<(u32, Option<response_op::Response>)>,
+) -> Result<Option<response_op::Response>> {
+    use response_op::Response as R;
+    Ok(match &op.request {
+        Some(request_op::Request::RequestRange(r)) => {
+            let mut v = Vec::with_capacity(column.len());
+            for (s, resp) in column {
+                match resp {
+                    Some(R::ResponseRange(x)) => v.push(x),
+                    _ => return Err(mismatch(s, "range")),
+                }
+            }
+            Some(R::ResponseRange(merge_range(r, v)))
+        }
+        Some(request_op::Request::RequestPut(p)) => {
+            let mut v = Vec::with_capacity(column.len());
+            for (s, resp) in column {
+                match resp {
+                    Some(R::ResponsePut(x)) => v.push((s, x)),
+                    _ => return Err(mismatch(s, "put")),
+                }
+            }
+            Some(R::ResponsePut(merge_put(&p.key, router, v)))
+        }
+        Some(request_op::Request::RequestDeleteRange(_)) => {
+            let mut v = Vec::with_capacity(column.len());
+            for (s, resp) in column {
+                match resp {
+                    Some(R::ResponseDeleteRange(x)) => v.push(x),
+                    _ => return Err(mismatch(s, "delete_range")),
+                }
+            }
+            Some(R::ResponseDeleteRange(merge_delete(v)))
+        }
+        Some(request_op::Request::RequestTxn(nested)) => {
+            let mut v = Vec::with_capacity(column.len());
+            for (s, resp) in column {
+                match resp {
+                    Some(R::ResponseTxn(x)) => v.push((s, x)),
+                    _ => return Err(mismatch(s, "txn")),
+                }
+            }
+            Some(R::ResponseTxn(merge_txn_node(
+                nested, path, pos, router, v,
+            )?))
+        }
+        // An empty op gets an empty answer, as in etcd.
+        None => None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use metastore_proto::etcdserverpb::{DeleteRangeRequest, PutRequest};
+
+    fn kv(key: &str, value: &str, create: i64, modr: i64, version: i64) -> KeyValue {
+        KeyValue {
+            key: key.into(),
+            value: value.into(),
+            create_revision: create,
+            mod_revision: modr,
+            version,
+            lease: 0,
+        }
+    }
+
+    fn part(kvs: Vec<KeyValue>, count: i64, more: bool, rev: i64) -> RangeResponse {
+        RangeResponse {
+            header: Some(ResponseHeader {
+                revision: rev,
+                raft_term: rev as u64,
+                ..Default::default()
+            }),
+            kvs,
+            more,
+            count,
+        }
+    }
+
+    fn keys(r: &RangeResponse) -> Vec<String> {
+        r.kvs
+            .iter()
+            .map(|k| String::from_utf8(k.key.clone()).unwrap())
+            .collect()
+    }
+
+    /// Two shards' worth of keys:
+    /// key  value create mod version
+    /// a    z     1      9   3
+    /// b    y     2      8   1
+    /// c    x     3      7   2
+    /// d    w     4      6   4
+    fn shard_parts() -> Vec<RangeResponse> {
+        vec![
+            part(
+                vec![kv("a", "z", 1, 9, 3), kv("d", "w", 4, 6, 4)],
+                2,
+                false,
+                10,
+            ),
+            part(
+                vec![kv("b", "y", 2, 8, 1), kv("c", "x", 3, 7, 2)],
+                2,
+                false,
+                12,
+            ),
+        ]
+    }
+
+    fn req(target: SortTarget, order: SortOrder) -> RangeRequest {
+        RangeRequest {
+            key: b"a".to_vec(),
+            range_end: b"z".to_vec(),
+            sort_target: target as i32,
+            sort_order: order as i32,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn range_merge_every_sort_target_and_order() {
+        use SortOrder::*;
+        use SortTarget::*;
+        let cases = [
+            (Key, None, "abcd"),
+            (Key, Ascend, "abcd"),
+            (Key, Descend, "dcba"),
+            // Non-key target with NONE sorts ascending, like etcd.
+            (Version, None, "bcad"),
+            (Version, Ascend, "bcad"),
+            (Version, Descend, "dacb"),
+            (Create, None, "abcd"),
+            (Create, Ascend, "abcd"),
+            (Create, Descend, "dcba"),
+            (Mod, None, "dcba"),
+            (Mod, Ascend, "dcba"),
+            (Mod, Descend, "abcd"),
+            (Value, None, "dcba"),
+            (Value, Ascend, "dcba"),
+            (Value, Descend, "abcd"),
+        ];
+        for (target, order, want) in cases {
+            let r = merge_range(&req(target, order), shard_parts());
+            assert_eq!(keys(&r).concat(), want, "{target:?} {order:?}");
+            assert_eq!(r.count, 4);
+            assert!(!r.more);
+            let h = r.header.unwrap();
+            assert_eq!((h.revision, h.raft_term), (12, 12));
+        }
+    }
+
+    #[test]
+    fn range_merge_ties_keep_key_order() {
+        let parts = vec![
+            part(vec![kv("c", "v", 1, 5, 1)], 1, false, 1),
+            part(
+                vec![kv("a", "v", 1, 5, 1), kv("b", "v", 1, 4, 1)],
+                2,
+                false,
+                1,
+            ),
+        ];
+        let r = merge_range(&req(SortTarget::Mod, SortOrder::Descend), parts);
+        assert_eq!(keys(&r).concat(), "acb");
+    }
+
+    #[test]
+    fn range_merge_limit_more_and_count() {
+        // Each shard already truncated to limit=1 and said more.
+        let mut rq = req(SortTarget::Key, SortOrder::None);
+        rq.limit = 1;
+        let parts = vec![
+            part(vec![kv("b", "", 1, 1, 1)], 5, true, 3),
+            part(vec![kv("a", "", 1, 1, 1)], 1, false, 3),
+        ];
+        let r = merge_range(&rq, parts);
+        assert_eq!(keys(&r), vec!["a"]);
+        assert!(r.more);
+        assert_eq!(r.count, 6);
+
+        // Truncation in the merge alone sets more.
+        rq.limit = 3;
+        let r = merge_range(&rq, shard_parts());
+        assert_eq!(keys(&r).concat(), "abc");
+        assert!(r.more);
+        assert_eq!(r.count, 4);
+
+        // Exactly limit keys: no more.
+        rq.limit = 4;
+        let r = merge_range(&rq, shard_parts());
+        assert_eq!(keys(&r).concat(), "abcd");
+        assert!(!r.more);
+
+        // limit with a sort: the top-k across shards.
+        let mut rq = req(SortTarget::Mod, SortOrder::Descend);
+        rq.limit = 2;
+        let r = merge_range(&rq, shard_parts());
+        assert_eq!(keys(&r).concat(), "ab");
+        assert!(r.more);
+    }
+
+    #[test]
+    fn range_merge_count_only_and_keys_only() {
+        let mut rq = req(SortTarget::Key, SortOrder::None);
+        rq.count_only = true;
+        let parts = vec![part(vec![], 3, false, 1), part(vec![], 4, false, 2)];
+        let r = merge_range(&rq, parts);
+        assert!(r.kvs.is_empty());
+        assert_eq!(r.count, 7);
+        assert!(!r.more);
+
+        // keys_only with a value sort: shards are asked for values, the
+        // merge sorts by them and strips them.
+        let mut rq = req(SortTarget::Value, SortOrder::Ascend);
+        rq.keys_only = true;
+        assert!(needs_values_for_sort(&rq));
+        assert!(!shard_range_request(&rq).keys_only);
+        let r = merge_range(&rq, shard_parts());
+        assert_eq!(keys(&r).concat(), "dcba");
+        assert!(r.kvs.iter().all(|k| k.value.is_empty()));
+        // Without a value sort the request goes out unchanged.
+        let mut rq = req(SortTarget::Key, SortOrder::None);
+        rq.keys_only = true;
+        assert!(matches!(shard_range_request(&rq), Cow::Borrowed(_)));
+    }
+
+    #[test]
+    fn range_merge_of_empty_shards() {
+        let rq = req(SortTarget::Key, SortOrder::None);
+        let r = merge_range(
+            &rq,
+            vec![part(vec![], 0, false, 4), part(vec![], 0, false, 5)],
+        );
+        assert!(r.kvs.is_empty());
+        assert_eq!(r.count, 0);
+        assert_eq!(r.header.unwrap().revision, 5);
+    }
+
+    #[test]
+    fn delete_merge_sums_and_orders() {
+        let d = merge_delete(vec![
+            DeleteRangeResponse {
+                header: None,
+                deleted: 2,
+                prev_kvs: vec![kv("b", "", 1, 1, 1), kv("d", "", 1, 1, 1)],
+            },
+            DeleteRangeResponse {
+                header: None,
+                deleted: 1,
+                prev_kvs: vec![kv("a", "", 1, 1, 1)],
+            },
+        ]);
+        assert_eq!(d.deleted, 3);
+        let ks: Vec<_> = d.prev_kvs.iter().map(|k| k.key.clone()).collect();
+        assert_eq!(ks, vec![b"a".to_vec(), b"b".to_vec(), b"d".to_vec()]);
+    }
+
+    // ---- txn merge ----
+
+    fn op_range(key: &str, end: &str) -> RequestOp {
+        RequestOp {
+            request: Some(request_op::Request::RequestRange(RangeRequest {
+                key: key.into(),
+                range_end: end.into(),
+                ..Default::default()
+            })),
+        }
+    }
+    fn op_put(key: &str) -> RequestOp {
+        RequestOp {
+            request: Some(request_op::Request::RequestPut(PutRequest {
+                key: key.into(),
+                prev_kv: true,
+                ..Default::default()
+            })),
+        }
+    }
+    fn op_del(key: &str, end: &str) -> RequestOp {
+        RequestOp {
+            request: Some(request_op::Request::RequestDeleteRange(
+                DeleteRangeRequest {
+                    key: key.into(),
+                    range_end: end.into(),
+                    prev_kv: true,
+                },
+            )),
+        }
+    }
+    fn op_txn(t: TxnRequest) -> RequestOp {
+        RequestOp {
+            request: Some(request_op::Request::RequestTxn(t)),
+        }
+    }
+    fn r_range(kvs: Vec<KeyValue>) -> ResponseOp {
+        let n = kvs.len() as i64;
+        ResponseOp {
+            response: Some(response_op::Response::ResponseRange(RangeResponse {
+                header: None,
+                kvs,
+                more: false,
+                count: n,
+            })),
+        }
+    }
+    fn r_put(prev: Option<KeyValue>) -> ResponseOp {
+        ResponseOp {
+            response: Some(response_op::Response::ResponsePut(PutResponse {
+                header: None,
+                prev_kv: prev,
+            })),
+        }
+    }
+    fn r_del(prev: Vec<KeyValue>) -> ResponseOp {
+        ResponseOp {
+            response: Some(response_op::Response::ResponseDeleteRange(
+                DeleteRangeResponse {
+                    header: None,
+                    deleted: prev.len() as i64,
+                    prev_kvs: prev,
+                },
+            )),
+        }
+    }
+    fn r_txn(succeeded: bool, responses: Vec<ResponseOp>) -> ResponseOp {
+        ResponseOp {
+            response: Some(response_op::Response::ResponseTxn(TxnResponse {
+                header: None,
+                succeeded,
+                responses,
+            })),
+        }
+    }
+    fn txn_resp(succeeded: bool, rev: i64, responses: Vec<ResponseOp>) -> TxnResponse {
+        TxnResponse {
+            header: Some(ResponseHeader {
+                revision: rev,
+                ..Default::default()
+            }),
+            succeeded,
+            responses,
+        }
+    }
+
+    /// Two keys, one per shard of a 2-shard router.
+    fn keys_on_two_shards(router: &ShardRouter) -> (String, String) {
+        let mut k0 = None;
+        let mut k1 = None;
+        for i in 0..100 {
+            let k = format!("k{i}");
+            match router.shard_of(k.as_bytes()) {
+                0 if k0.is_none() => k0 = Some(k),
+                1 if k1.is_none() => k1 = Some(k),
+                _ => {}
+            }
+        }
+        (k0.unwrap(), k1.unwrap())
+    }
+
+    #[test]
+    fn txn_merge_flat_and_nested() {
+        let router = ShardRouter::new(2);
+        let (k0, k1) = keys_on_two_shards(&router);
+        // success: [range a..z, put k0, put k1, delete a..z,
+        //           nested{ success: [range a..z], failure: [put k1] }]
+        let nested = TxnRequest {
+            compare: vec![],
+            success: vec![op_range("a", "z")],
+            failure: vec![op_put(&k1)],
+        };
+        let req = TxnRequest {
+            compare: vec![],
+            success: vec![
+                op_range("a", "z"),
+                op_put(&k0),
+                op_put(&k1),
+                op_del("a", "z"),
+                op_txn(nested),
+            ],
+            failure: vec![],
+        };
+        // Path: outer true, nested false.
+        let path = vec![true, false];
+        let s0 = txn_resp(
+            true,
+            20,
+            vec![
+                r_range(vec![kv(&k0, "v0", 1, 1, 1)]),
+                r_put(Some(kv(&k0, "old0", 1, 1, 1))),
+                r_put(None),
+                r_del(vec![kv("x0", "", 1, 1, 1)]),
+                r_txn(false, vec![r_put(None)]),
+            ],
+        );
+        let s1 = txn_resp(
+            true,
+            20,
+            vec![
+                r_range(vec![kv(&k1, "v1", 1, 1, 1)]),
+                r_put(None),
+                r_put(Some(kv(&k1, "old1", 1, 1, 1))),
+                r_del(vec![kv("b1", "", 1, 1, 1)]),
+                r_txn(false, vec![r_put(Some(kv(&k1, "prev-nested", 1, 1, 1)))]),
+            ],
+        );
+        let m = merge_txn(&req, &path, &router, vec![(0, s0), (1, s1)]).unwrap();
+        assert!(m.succeeded);
+        assert_eq!(m.header.unwrap().revision, 20);
+        assert_eq!(m.responses.len(), 5);
+        use response_op::Response as R;
+        match &m.responses[0].response {
+            Some(R::ResponseRange(r)) => {
+                assert_eq!(r.count, 2);
+                let mut want = vec![k0.clone(), k1.clone()];
+                want.sort();
+                assert_eq!(keys(r), want);
+            }
+            other => panic!("{other:?}"),
+        }
+        match &m.responses[1].response {
+            Some(R::ResponsePut(p)) => assert_eq!(p.prev_kv.as_ref().unwrap().value, b"old0"),
+            other => panic!("{other:?}"),
+        }
+        match &m.responses[2].response {
+            Some(R::ResponsePut(p)) => assert_eq!(p.prev_kv.as_ref().unwrap().value, b"old1"),
+            other => panic!("{other:?}"),
+        }
+        match &m.responses[3].response {
+            Some(R::ResponseDeleteRange(d)) => {
+                assert_eq!(d.deleted, 2);
+                assert_eq!(d.prev_kvs[0].key, b"b1");
+                assert_eq!(d.prev_kvs[1].key, b"x0");
+            }
+            other => panic!("{other:?}"),
+        }
+        match &m.responses[4].response {
+            Some(R::ResponseTxn(t)) => {
+                assert!(!t.succeeded);
+                match &t.responses[0].response {
+                    Some(R::ResponsePut(p)) => {
+                        assert_eq!(p.prev_kv.as_ref().unwrap().value, b"prev-nested")
+                    }
+                    other => panic!("{other:?}"),
+                }
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn txn_merge_failure_branch() {
+        let router = ShardRouter::new(2);
+        let req = TxnRequest {
+            compare: vec![],
+            success: vec![op_put("x")],
+            failure: vec![op_range("a", "z")],
+        };
+        let parts = vec![
+            (
+                0,
+                txn_resp(false, 5, vec![r_range(vec![kv("b", "", 1, 1, 1)])]),
+            ),
+            (
+                1,
+                txn_resp(false, 5, vec![r_range(vec![kv("a", "", 1, 1, 1)])]),
+            ),
+        ];
+        let m = merge_txn(&req, &[false], &router, parts).unwrap();
+        assert!(!m.succeeded);
+        match &m.responses[0].response {
+            Some(response_op::Response::ResponseRange(r)) => assert_eq!(keys(r).concat(), "ab"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn txn_merge_rejects_misaligned_answers() {
+        let router = ShardRouter::new(2);
+        let req = TxnRequest {
+            compare: vec![],
+            success: vec![op_range("a", "z")],
+            failure: vec![],
+        };
+        // Wrong length.
+        let parts = vec![
+            (0, txn_resp(true, 1, vec![])),
+            (1, txn_resp(true, 1, vec![r_range(vec![])])),
+        ];
+        assert!(matches!(
+            merge_txn(&req, &[true], &router, parts),
+            Err(GatewayError::Protocol(_))
+        ));
+        // Wrong kind.
+        let parts = vec![
+            (0, txn_resp(true, 1, vec![r_put(None)])),
+            (1, txn_resp(true, 1, vec![r_range(vec![])])),
+        ];
+        assert!(matches!(
+            merge_txn(&req, &[true], &router, parts),
+            Err(GatewayError::Protocol(_))
+        ));
+        // Path too long for the request.
+        let parts = vec![(0, txn_resp(true, 1, vec![r_range(vec![])]))];
+        assert!(merge_txn(&req, &[true, true], &router, parts).is_err());
+    }
+
+    #[test]
+    fn shard_txn_request_rewrites_value_sorted_keys_only_ranges() {
+        let mut r = RangeRequest {
+            key: b"a".to_vec(),
+            range_end: b"z".to_vec(),
+            keys_only: true,
+            sort_target: SortTarget::Value as i32,
+            ..Default::default()
+        };
+        let plain = TxnRequest {
+            compare: vec![],
+            success: vec![op_range("a", "z")],
+            failure: vec![],
+        };
+        assert!(matches!(shard_txn_request(&plain), Cow::Borrowed(_)));
+        let t = TxnRequest {
+            compare: vec![],
+            success: vec![op_txn(TxnRequest {
+                compare: vec![],
+                success: vec![RequestOp {
+                    request: Some(request_op::Request::RequestRange(r.clone())),
+                }],
+                failure: vec![],
+            })],
+            failure: vec![],
+        };
+        let out = shard_txn_request(&t).into_owned();
+        let Some(request_op::Request::RequestTxn(n)) = &out.success[0].request else {
+            panic!()
+        };
+        let Some(request_op::Request::RequestRange(got)) = &n.success[0].request else {
+            panic!()
+        };
+        r.keys_only = false;
+        assert_eq!(got, &r);
+    }
+}

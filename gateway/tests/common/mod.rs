@@ -1,0 +1,528 @@
+//! End-to-end test harness: runs the real `metastore-server` and
+//! `metastore-gateway` binaries as child processes over a temporary data
+//! directory and hands tests an etcd endpoint.
+//!
+//! Every behavioural test is written once with [`both_engines!`] and runs on
+//! both storage engines (`<name>::memory` and `<name>::rocksdb`), each under
+//! a hard timeout. Waiting is done on events (a child's ready line, a child's
+//! exit), never with sleeps.
+
+#![allow(dead_code)]
+
+use std::fs::{File, OpenOptions};
+use std::future::Future;
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tempfile::TempDir;
+use tokio::sync::oneshot;
+
+/// How long a child may take to print its ready line.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a child may take to exit after SIGTERM.
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(30);
+/// Hard limit for one test body (the node is already up when it starts).
+pub const TEST_TIMEOUT: Duration = Duration::from_secs(120);
+/// Shards per test node: two, so that keys really are spread over shards.
+pub const SHARDS: usize = 2;
+
+/// Storage engine of the shard server.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Engine {
+    Memory,
+    RocksDb,
+}
+
+impl Engine {
+    pub fn flag(self) -> &'static str {
+        match self {
+            Engine::Memory => "memory",
+            Engine::RocksDb => "rocksdb",
+        }
+    }
+
+    /// Whether acknowledged data survives a restart of the processes.
+    pub fn is_durable(self) -> bool {
+        matches!(self, Engine::RocksDb)
+    }
+}
+
+/// Generates one `#[tokio::test]` per engine for an async test body that
+/// takes a freshly started [`TestNode`]:
+///
+/// ```ignore
+/// both_engines!(async fn put_then_get(node: TestNode) { ... });
+/// ```
+///
+/// expands to a module `put_then_get` with tests `memory` and `rocksdb`
+/// (so `cargo test put_then_get::memory` runs one of them). Each test is
+/// bounded by [`TEST_TIMEOUT`]; on failure or timeout the children's logs
+/// are printed.
+macro_rules! both_engines {
+    ($(#[$meta:meta])* async fn $name:ident(mut $node:ident : TestNode) $body:block) => {
+        both_engines!(@emit $name, [$(#[$meta])*], (mut $node), $body);
+    };
+    ($(#[$meta:meta])* async fn $name:ident($node:ident : TestNode) $body:block) => {
+        both_engines!(@emit $name, [$(#[$meta])*], ($node), $body);
+    };
+    (@emit $name:ident, [$($meta:tt)*], ($($param:tt)*), $body:block) => {
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+
+            $($meta)*
+            async fn body($($param)*: crate::common::TestNode) $body
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn memory() {
+                crate::common::run_test(crate::common::Engine::Memory, body).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn rocksdb() {
+                crate::common::run_test(crate::common::Engine::RocksDb, body).await;
+            }
+        }
+    };
+}
+
+/// Starts a node on `engine`, runs `body` on it under [`TEST_TIMEOUT`], and
+/// prints the children's logs if the body times out (a panicking body
+/// prints them from `TestNode::drop`).
+pub async fn run_test<F, Fut>(engine: Engine, body: F)
+where
+    F: FnOnce(TestNode) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let node = TestNode::start(engine).await;
+    let logs = node.logs();
+    if tokio::time::timeout(TEST_TIMEOUT, body(node)).await.is_err() {
+        logs.dump();
+        panic!(
+            "test timed out after {:?} on engine {}",
+            TEST_TIMEOUT,
+            engine.flag()
+        );
+    }
+}
+
+/// The log files of a node's children (they live in the node's temp dir,
+/// which this handle keeps alive).
+#[derive(Clone)]
+pub struct Logs {
+    dir: Arc<TempDir>,
+}
+
+impl Logs {
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// The tail of one log file (last `max` bytes).
+    pub fn tail(&self, name: &str, max: u64) -> String {
+        read_tail(&self.path(name), max)
+    }
+
+    /// Prints the tail of every child's stderr and stdout to the test's
+    /// stderr.
+    pub fn dump(&self) {
+        for name in [
+            "server.stderr.log",
+            "server.stdout.log",
+            "gateway.stderr.log",
+            "gateway.stdout.log",
+        ] {
+            eprintln!(
+                "===== {name} (tail) =====\n{}\n===== end of {name} =====",
+                self.tail(name, 16 * 1024)
+            );
+        }
+    }
+}
+
+fn read_tail(path: &Path, max: u64) -> String {
+    let Ok(mut f) = File::open(path) else {
+        return format!("<no file {}>", path.display());
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    if len > max {
+        let _ = f.seek(SeekFrom::Start(len - max));
+    }
+    let mut buf = Vec::new();
+    let _ = f.read_to_end(&mut buf);
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+/// One MetaStore node: a shard server (`--shards 2`, every shard on an
+/// ephemeral port) and a gateway in front of it, over a private temporary
+/// data directory.
+pub struct TestNode {
+    engine: Engine,
+    dir: Arc<TempDir>,
+    server: Option<Child>,
+    gateway: Option<Child>,
+    server_addrs: Vec<String>,
+    endpoint: String,
+    generation: u32,
+}
+
+impl TestNode {
+    /// Starts server and gateway and waits for both ready lines.
+    pub async fn start(engine: Engine) -> TestNode {
+        let dir = Arc::new(
+            tempfile::Builder::new()
+                .prefix("metastore-test-")
+                .tempdir()
+                .expect("create temp dir"),
+        );
+        std::fs::create_dir_all(dir.path().join("data")).expect("create data dir");
+        let mut node = TestNode {
+            engine,
+            dir,
+            server: None,
+            gateway: None,
+            server_addrs: Vec::new(),
+            endpoint: String::new(),
+            generation: 0,
+        };
+        node.spawn_all().await;
+        node
+    }
+
+    pub fn engine(&self) -> Engine {
+        self.engine
+    }
+
+    /// The gateway's client address, `127.0.0.1:PORT` (changes on restart).
+    pub fn endpoint(&self) -> String {
+        self.endpoint.clone()
+    }
+
+    /// The gateway's client URL, `http://127.0.0.1:PORT`, as etcdctl and
+    /// MemberList spell it.
+    pub fn client_url(&self) -> String {
+        format!("http://{}", self.endpoint)
+    }
+
+    /// Addresses of the shard server's shards, from its ready line.
+    pub fn server_addrs(&self) -> &[String] {
+        &self.server_addrs
+    }
+
+    /// The data directory passed to the server.
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub fn logs(&self) -> Logs {
+        Logs {
+            dir: self.dir.clone(),
+        }
+    }
+
+    /// A new etcd client connected to the gateway.
+    pub async fn client(&self) -> etcd_client::Client {
+        let opts = etcd_client::ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(10))
+            .with_timeout(Duration::from_secs(60));
+        match etcd_client::Client::connect([self.endpoint()], Some(opts)).await {
+            Ok(c) => c,
+            Err(e) => {
+                self.logs().dump();
+                panic!("connect to gateway at {}: {e}", self.endpoint);
+            }
+        }
+    }
+
+    /// Stops both processes with SIGTERM (gateway first), asserts that each
+    /// exits cleanly, and starts them again over the same data directory.
+    /// Ports are ephemeral, so the endpoint changes: make new clients.
+    pub async fn restart(&mut self) {
+        self.stop().await;
+        self.spawn_all().await;
+    }
+
+    /// Stops both processes with SIGTERM and asserts a clean exit.
+    pub async fn stop(&mut self) {
+        if let Some(gw) = self.gateway.take() {
+            let status = self.terminate(gw, "gateway").await;
+            self.assert_clean_exit("gateway", status);
+        }
+        if let Some(srv) = self.server.take() {
+            let status = self.terminate(srv, "server").await;
+            self.assert_clean_exit("server", status);
+        }
+    }
+
+    fn assert_clean_exit(&self, what: &str, status: ExitStatus) {
+        if !status.success() {
+            self.logs().dump();
+            panic!("{what} did not exit cleanly on SIGTERM: {status}");
+        }
+    }
+
+    async fn terminate(&self, child: Child, what: &str) -> ExitStatus {
+        let pid = child.id();
+        send_signal(pid, "TERM");
+        let mut child = child;
+        let waiter = tokio::task::spawn_blocking(move || {
+            let status = child.wait();
+            (child, status)
+        });
+        match tokio::time::timeout(STOP_TIMEOUT, waiter).await {
+            Ok(joined) => {
+                let (_child, status) = joined.expect("wait task");
+                status.unwrap_or_else(|e| panic!("wait for {what}: {e}"))
+            }
+            Err(_) => {
+                send_signal(pid, "KILL");
+                self.logs().dump();
+                panic!("{what} (pid {pid}) did not exit within {STOP_TIMEOUT:?} of SIGTERM");
+            }
+        }
+    }
+
+    async fn spawn_all(&mut self) {
+        self.generation += 1;
+        let gen = self.generation;
+        let bin_dir = bin_dir();
+
+        // Shard server.
+        let server_bin = bin_dir.join("metastore-server");
+        assert!(
+            server_bin.exists(),
+            "{} not found: build every binary first (cargo build --workspace --bins)",
+            server_bin.display()
+        );
+        let mut cmd = Command::new(&server_bin);
+        cmd.arg("--engine")
+            .arg(self.engine.flag())
+            .arg("--data-dir")
+            .arg(self.data_dir())
+            .arg("--shards")
+            .arg(SHARDS.to_string())
+            .arg("--host")
+            .arg("127.0.0.1")
+            .arg("--port")
+            .arg("0");
+        let (server, line) = self
+            .spawn_until_ready(cmd, "server", gen, "metastore-server ready:")
+            .await;
+        self.server = Some(server);
+        let addrs = parse_server_ready(&line);
+        assert_eq!(
+            addrs.len(),
+            SHARDS,
+            "server ready line should list {SHARDS} shard addresses: {line:?}"
+        );
+        self.server_addrs = addrs;
+
+        // Gateway in front of it.
+        let gateway_bin = PathBuf::from(env!("CARGO_BIN_EXE_metastore-gateway"));
+        let mut cmd = Command::new(&gateway_bin);
+        cmd.arg("--listen")
+            .arg("127.0.0.1:0")
+            .arg("--server")
+            .arg(&self.server_addrs[0]);
+        let (gateway, line) = self
+            .spawn_until_ready(cmd, "gateway", gen, "metastore-gateway ready on ")
+            .await;
+        self.gateway = Some(gateway);
+        let endpoint = line
+            .trim()
+            .strip_prefix("metastore-gateway ready on ")
+            .unwrap_or_else(|| panic!("bad gateway ready line {line:?}"))
+            .trim()
+            .to_string();
+        assert!(
+            endpoint.parse::<std::net::SocketAddr>().is_ok(),
+            "gateway ready line should end with HOST:PORT: {line:?}"
+        );
+        self.endpoint = endpoint;
+    }
+
+    /// Spawns `cmd` with stderr appended to `<what>.stderr.log` and stdout
+    /// copied to `<what>.stdout.log`, and waits for the first stdout line
+    /// starting with `ready_prefix`.
+    async fn spawn_until_ready(
+        &mut self,
+        mut cmd: Command,
+        what: &'static str,
+        gen: u32,
+        ready_prefix: &'static str,
+    ) -> (Child, String) {
+        let logs = self.logs();
+        let stderr_path = logs.path(&format!("{what}.stderr.log"));
+        let stdout_path = logs.path(&format!("{what}.stdout.log"));
+        let mut stderr_file = append(&stderr_path);
+        writeln!(stderr_file, "----- start #{gen}: {cmd:?} -----").ok();
+        let mut stdout_file = append(&stdout_path);
+        writeln!(stdout_file, "----- start #{gen} -----").ok();
+
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(stderr_file))
+            .env("RUST_BACKTRACE", "1");
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {what} ({cmd:?}): {e}"));
+        let stdout = child.stdout.take().expect("piped stdout");
+
+        // Copy stdout to the log (so the child never blocks on a full pipe)
+        // and report the ready line, or EOF, once.
+        let (tx, rx) = oneshot::channel::<Option<String>>();
+        std::thread::Builder::new()
+            .name(format!("{what}-stdout"))
+            .spawn(move || {
+                let mut tx = Some(tx);
+                for line in BufReader::new(stdout).lines() {
+                    let Ok(line) = line else { break };
+                    writeln!(stdout_file, "{line}").ok();
+                    if line.starts_with(ready_prefix) {
+                        if let Some(tx) = tx.take() {
+                            let _ = tx.send(Some(line));
+                        }
+                    }
+                }
+                if let Some(tx) = tx.take() {
+                    let _ = tx.send(None);
+                }
+            })
+            .expect("spawn stdout reader");
+
+        let failure = match tokio::time::timeout(READY_TIMEOUT, rx).await {
+            Ok(Ok(Some(line))) => return (child, line),
+            Ok(_) => format!("{what} closed stdout (exited?) before printing {ready_prefix:?}"),
+            Err(_) => format!("{what} printed no {ready_prefix:?} line within {READY_TIMEOUT:?}"),
+        };
+        let _ = child.kill();
+        let status = child.wait();
+        panic!(
+            "{failure}; exit: {status:?}\n--- {what} stderr ---\n{}\n--- {what} stdout ---\n{}",
+            logs.tail(&format!("{what}.stderr.log"), 16 * 1024),
+            logs.tail(&format!("{what}.stdout.log"), 4 * 1024),
+        );
+    }
+}
+
+impl Drop for TestNode {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.logs().dump();
+        }
+        for child in [self.gateway.take(), self.server.take()].into_iter().flatten() {
+            let mut child = child;
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Directory holding the workspace's binaries (the gateway's, and the
+/// server's next to it).
+pub fn bin_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_metastore-gateway"))
+        .parent()
+        .expect("binary has a parent dir")
+        .to_path_buf()
+}
+
+fn append(path: &Path) -> File {
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .unwrap_or_else(|e| panic!("open {}: {e}", path.display()))
+}
+
+fn send_signal(pid: u32, sig: &str) {
+    let status = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status();
+    if let Err(e) = status {
+        panic!("kill -{sig} {pid}: {e}");
+    }
+}
+
+/// Parses `metastore-server ready: shards=N addrs=A,B` into its addresses.
+fn parse_server_ready(line: &str) -> Vec<String> {
+    let mut shards = None;
+    let mut addrs = Vec::new();
+    for word in line.split_whitespace() {
+        if let Some(n) = word.strip_prefix("shards=") {
+            shards = n.parse::<usize>().ok();
+        } else if let Some(list) = word.strip_prefix("addrs=") {
+            addrs = list
+                .split(',')
+                .filter(|s| !s.is_empty())
+                .map(str::to_string)
+                .collect();
+        }
+    }
+    assert_eq!(shards, Some(addrs.len()), "bad server ready line {line:?}");
+    for a in &addrs {
+        assert!(
+            a.parse::<std::net::SocketAddr>().is_ok(),
+            "bad shard address {a:?} in {line:?}"
+        );
+    }
+    addrs
+}
+
+// ---------------------------------------------------------------------------
+// Helpers shared by the test files.
+// ---------------------------------------------------------------------------
+
+/// The gRPC status of a failed call (panics on a transport/other error).
+pub fn grpc_status(err: etcd_client::Error) -> tonic::Status {
+    match err {
+        etcd_client::Error::GRpcStatus(s) => s,
+        other => panic!("expected a gRPC status error, got {other:?}"),
+    }
+}
+
+/// Asserts that `res` failed with exactly this gRPC code and message.
+#[track_caller]
+pub fn assert_grpc_error<T: std::fmt::Debug>(
+    res: Result<T, etcd_client::Error>,
+    code: tonic::Code,
+    message: &str,
+) {
+    let status = match res {
+        Ok(v) => panic!("expected error {code:?} {message:?}, got success {v:?}"),
+        Err(e) => grpc_status(e),
+    };
+    assert_eq!(
+        (status.code(), status.message()),
+        (code, message),
+        "unexpected error status {status:?}"
+    );
+}
+
+/// Response header revision of a response that must carry a header.
+pub fn rev_of(header: Option<&etcd_client::ResponseHeader>) -> i64 {
+    header.expect("response has a header").revision()
+}
+
+/// Asserts the node still serves after an error: a put and a linearizable
+/// get of a fresh key round-trip.
+pub async fn assert_serving(client: &mut etcd_client::Client, tag: &str) {
+    let key = format!("__serving/{tag}");
+    let put = client
+        .put(key.as_str(), tag, None)
+        .await
+        .unwrap_or_else(|e| panic!("put after {tag}: {e}"));
+    let rev = rev_of(put.header());
+    let get = client
+        .get(key.as_str(), None)
+        .await
+        .unwrap_or_else(|e| panic!("get after {tag}: {e}"));
+    assert_eq!(get.kvs().len(), 1, "key written after {tag} not found");
+    assert_eq!(get.kvs()[0].value(), tag.as_bytes());
+    assert_eq!(get.kvs()[0].mod_revision(), rev);
+    assert!(rev_of(get.header()) >= rev);
+}

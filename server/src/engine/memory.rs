@@ -1,0 +1,134 @@
+//! The in-memory engine: a `BTreeMap` behind a `RefCell`.
+//!
+//! It exists for speed and for deployments that rely on raft replication
+//! alone: nothing is ever written to disk, so a restarted node starts empty
+//! and catches up from its peers. `sync` is therefore meaningless and
+//! ignored.
+//!
+//! Invariants:
+//! * The map is only borrowed mutably inside [`Engine::write`], which cannot
+//!   fail half-way, so a batch is applied entirely (atomicity for free on
+//!   one thread).
+//! * `size` is always the sum of `key.len() + value.len()` over the map; it
+//!   is maintained incrementally so `size_bytes` is O(1).
+//! * Scans hold a shared borrow for their whole duration: a scan callback
+//!   that writes to this engine panics (documented on the trait).
+
+use std::cell::{Cell, RefCell};
+use std::collections::BTreeMap;
+use std::ops::Bound;
+
+use super::{BatchOp, Engine, EngineError, EngineKind, WriteBatch};
+
+#[derive(Debug, Default)]
+pub struct MemoryEngine {
+    map: RefCell<BTreeMap<Vec<u8>, Vec<u8>>>,
+    size: Cell<u64>,
+}
+
+impl MemoryEngine {
+    pub fn new() -> MemoryEngine {
+        MemoryEngine::default()
+    }
+
+    /// The std range bounds for `[start, end)`, or None if the range is
+    /// empty (BTreeMap::range panics on inverted bounds).
+    fn bounds<'a>(start: &'a [u8], end: &'a [u8]) -> Option<(Bound<&'a [u8]>, Bound<&'a [u8]>)> {
+        if end.is_empty() {
+            Some((Bound::Included(start), Bound::Unbounded))
+        } else if start < end {
+            Some((Bound::Included(start), Bound::Excluded(end)))
+        } else {
+            None
+        }
+    }
+}
+
+impl Engine for MemoryEngine {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, EngineError> {
+        Ok(self.map.borrow().get(key).cloned())
+    }
+
+    fn scan(
+        &self,
+        start: &[u8],
+        end: &[u8],
+        f: &mut dyn FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<(), EngineError> {
+        let Some(bounds) = Self::bounds(start, end) else {
+            return Ok(());
+        };
+        let map = self.map.borrow();
+        for (k, v) in map.range::<[u8], _>(bounds) {
+            if !f(k, v) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn scan_rev(
+        &self,
+        start: &[u8],
+        end: &[u8],
+        f: &mut dyn FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<(), EngineError> {
+        let Some(bounds) = Self::bounds(start, end) else {
+            return Ok(());
+        };
+        let map = self.map.borrow();
+        for (k, v) in map.range::<[u8], _>(bounds).rev() {
+            if !f(k, v) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn write(&self, batch: WriteBatch, _sync: bool) -> Result<(), EngineError> {
+        let mut map = self.map.borrow_mut();
+        let mut size = self.size.get();
+        for op in batch.ops {
+            match op {
+                BatchOp::Put(k, v) => {
+                    size += (k.len() + v.len()) as u64;
+                    if let Some(old) = map.insert(k.clone(), v) {
+                        size -= (k.len() + old.len()) as u64;
+                    }
+                }
+                BatchOp::Delete(k) => {
+                    if let Some(old) = map.remove(&k) {
+                        size -= (k.len() + old.len()) as u64;
+                    }
+                }
+                BatchOp::DeleteRange(start, end) => {
+                    if Self::bounds(&start, &end).is_none() {
+                        continue;
+                    }
+                    // Detach the tail at `start`, drop its head up to `end`,
+                    // and put the rest back: O(log n + removed).
+                    let mut tail = map.split_off(start.as_slice());
+                    let mut rest = if end.is_empty() {
+                        BTreeMap::new()
+                    } else {
+                        tail.split_off(end.as_slice())
+                    };
+                    for (k, v) in &tail {
+                        size -= (k.len() + v.len()) as u64;
+                    }
+                    map.append(&mut rest);
+                }
+            }
+        }
+        self.size.set(size);
+        Ok(())
+    }
+
+    fn size_bytes(&self) -> u64 {
+        self.size.get()
+    }
+
+    fn kind(&self) -> EngineKind {
+        EngineKind::Memory
+    }
+}

@@ -1,0 +1,192 @@
+//! `metastore-server`: starts one shard per core and serves the internal
+//! shard protocol on one port per shard.
+//!
+//! Startup is two-phase so no revision is ever handed out twice: every
+//! shard first opens its engine and replays its raft log, reporting the
+//! largest revision it holds; only when the oracle sits above all of them do
+//! the shards bind their ports and start serving. The line
+//! `metastore-server ready: shards=N addrs=A,B,...` on stdout says all
+//! shards are serving.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::{mpsc, Arc, Barrier};
+
+use clap::Parser;
+use glommio::{LocalExecutorBuilder, Placement};
+use metastore_proto::router::{fnv1a64, ShardRouter};
+use metastore_server::engine::{self, EngineKind};
+use metastore_server::oracle::RevisionOracle;
+use metastore_server::shard::{Shard, Topology};
+
+#[derive(Parser, Debug)]
+#[command(name = "metastore-server", about = "MetaStore shard server (one shard per core)")]
+struct Args {
+    /// Storage engine: memory (RAM only, nothing survives a restart) or
+    /// rocksdb (durable: fsync before acknowledging).
+    #[arg(long, default_value = "rocksdb")]
+    engine: String,
+    /// Directory for shard data (rocksdb) and the revision oracle's ceiling.
+    #[arg(long, default_value = "./data")]
+    data_dir: PathBuf,
+    /// Number of shards (default: one per core). Fixed once data exists.
+    #[arg(long)]
+    shards: Option<u32>,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// Shard i listens on port + i; 0 picks a free port for every shard.
+    #[arg(long, default_value_t = 23790)]
+    port: u16,
+    /// Name of this member (reported by MemberList).
+    #[arg(long, default_value = "default")]
+    name: String,
+}
+
+fn main() {
+    let args = Args::parse();
+    if let Err(e) = run(args) {
+        eprintln!("metastore-server: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
+    let kind: EngineKind = args.engine.parse()?;
+    let cores = core_affinity::get_core_ids().unwrap_or_default();
+    let core_count = cores.len().max(1);
+    std::fs::create_dir_all(&args.data_dir)?;
+    let shards = resolve_shard_count(&args, kind, core_count as u32)?;
+    let router = ShardRouter::new(shards);
+    let oracle = Arc::new(match kind {
+        EngineKind::Memory => RevisionOracle::in_memory(),
+        EngineKind::RocksDb => RevisionOracle::open(&args.data_dir.join("oracle"))?,
+    });
+    let member_id = fnv1a64(format!("member/{}", args.name).as_bytes()) | 1;
+    let topology = Arc::new(Topology {
+        shard_count: shards,
+        addrs: Default::default(),
+        cluster_id: fnv1a64(format!("cluster/{member_id}").as_bytes()) | 1,
+        member_id,
+        member_name: args.name.clone(),
+        engine: kind.to_string(),
+    });
+
+    let opened = Arc::new(Barrier::new(shards as usize + 1));
+    let serving = Arc::new(Barrier::new(shards as usize + 1));
+    let (report_tx, report_rx) = mpsc::channel::<Result<(u32, i64), String>>();
+    let (addr_tx, addr_rx) = mpsc::channel::<Result<(u32, String), String>>();
+    let mut handles = Vec::new();
+    for id in 0..shards {
+        let core = cores.get(id as usize % core_count).map(|c| c.id).unwrap_or(0);
+        let dir = args.data_dir.join(format!("shard-{id}"));
+        let (oracle, topology) = (oracle.clone(), topology.clone());
+        let (opened, serving) = (opened.clone(), serving.clone());
+        let (report_tx, addr_tx) = (report_tx.clone(), addr_tx.clone());
+        let bind = format!(
+            "{}:{}",
+            args.host,
+            if args.port == 0 { 0 } else { args.port + id as u16 }
+        );
+        let handle = LocalExecutorBuilder::new(Placement::Fixed(core))
+            .name(&format!("shard-{id}"))
+            .io_memory(1 << 20)
+            .spawn(move || async move {
+                let opened_shard = engine::open(kind, &dir)
+                    .map_err(|e| e.to_string())
+                    .and_then(|engine| {
+                        Shard::open(id, router, engine, oracle, topology).map_err(|e| e.to_string())
+                    });
+                let shard = match opened_shard {
+                    Ok((shard, max_rev)) => {
+                        let _ = report_tx.send(Ok((id, max_rev)));
+                        shard
+                    }
+                    Err(e) => {
+                        let _ = report_tx.send(Err(format!("shard {id}: {e}")));
+                        return;
+                    }
+                };
+                opened.wait();
+                shard.start();
+                let listener = match glommio::net::TcpListener::bind(&bind) {
+                    Ok(l) => l,
+                    Err(e) => {
+                        let _ = addr_tx.send(Err(format!("shard {id}: bind {bind}: {e}")));
+                        return;
+                    }
+                };
+                let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or(bind);
+                let _ = addr_tx.send(Ok((id, addr)));
+                serving.wait();
+                glommio::spawn_local(shard.clone().run_raft()).detach();
+                metastore_server::net::serve(shard, listener).await;
+            })?;
+        handles.push(handle);
+    }
+    drop(report_tx);
+    drop(addr_tx);
+    for _ in 0..shards {
+        let (_, max_rev) = report_rx.recv()??;
+        oracle.observe(max_rev);
+    }
+    opened.wait();
+    let mut addrs = vec![String::new(); shards as usize];
+    for _ in 0..shards {
+        let (id, addr) = addr_rx.recv()??;
+        addrs[id as usize] = addr;
+    }
+    let _ = topology.addrs.set(addrs.clone());
+    serving.wait();
+    println!(
+        "metastore-server ready: shards={shards} engine={kind} addrs={}",
+        addrs.join(",")
+    );
+    std::io::stdout().flush()?;
+
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+    ])?;
+    if let Some(sig) = signals.forever().next() {
+        eprintln!("metastore-server: signal {sig}, stopping");
+    }
+    // Everything acknowledged is already in a synced raft log; nothing to
+    // flush. Exit without unwinding the executors.
+    std::process::exit(0);
+}
+
+/// The shard count: given, or stored with existing data, or one per core.
+/// A data directory keeps its shard count forever (keys are placed by it).
+fn resolve_shard_count(
+    args: &Args,
+    kind: EngineKind,
+    cores: u32,
+) -> Result<u32, Box<dyn std::error::Error>> {
+    let meta = args.data_dir.join("shards");
+    let stored: Option<u32> = match kind {
+        EngineKind::RocksDb => std::fs::read_to_string(&meta)
+            .ok()
+            .and_then(|s| s.trim().parse().ok()),
+        EngineKind::Memory => None,
+    };
+    let shards = match (stored, args.shards) {
+        (Some(s), Some(want)) if s != want => {
+            return Err(format!(
+                "{} holds data for {s} shards; --shards {want} would misplace keys",
+                args.data_dir.display()
+            )
+            .into())
+        }
+        (Some(s), _) => s,
+        (None, Some(want)) => want,
+        (None, None) => cores,
+    };
+    if shards == 0 {
+        return Err("--shards must be at least 1".into());
+    }
+    if kind == EngineKind::RocksDb {
+        std::fs::write(&meta, format!("{shards}\n"))?;
+    }
+    Ok(shards)
+}

@@ -1,0 +1,1142 @@
+//! etcd's multi-version key/value store, for the keys of one shard.
+//!
+//! Every change to a key is kept as a new *version*, addressed by the
+//! revision of the write that made it, so the store can answer "what did the
+//! keyspace look like at revision R" until R is compacted away. This is
+//! etcd's `mvcc` package rebuilt on the shared [`Engine`]:
+//!
+//! * **Version records** (the source of truth) live in the engine under the
+//!   `v` namespace, keyed by revision (`codec` documents the layout). A put
+//!   writes the full `KeyValue`; a delete writes a tombstone.
+//! * **The key index** ([`key_index`]) maps each key to its list of
+//!   revisions, so a read at R finds the right version with one binary
+//!   search and one engine read. It is rebuilt by scanning the `v` records
+//!   in revision order on [`Mvcc::open`].
+//! * **Meta** (`m` namespace) holds the compacted revision and the current
+//!   revision (the latter because compaction may delete the newest records,
+//!   e.g. when the last write was a delete).
+//!
+//! # Revisions
+//!
+//! Revisions are chosen *before* a write is proposed to raft, globally across
+//! shards; this shard applies writes in raft order and sees an increasing but
+//! sparse sequence (5, 9, 12...). Every change made through one
+//! [`MvccWrite`] gets the same main revision, and a sub-revision (its
+//! position within the write) orders changes inside it, exactly like etcd's
+//! `revision{main, sub}`.
+//!
+//! Writes normally arrive in revision order, but not always: a cross-shard
+//! txn commits on a participant at the revision its primary chose, and an
+//! unrelated single-shard write with a higher revision may have been applied
+//! there first (the txn's keys were locked by its intent, so none of *them*
+//! moved). The store therefore requires monotonic revisions *per key*, not
+//! per shard: a write at `rev` reads the state at `rev` (plus its own
+//! changes), may change a key only if that key has no version at or above
+//! `rev` (else [`MvccError::StaleRevision`], nothing changed), and when `rev`
+//! is not above the current revision its sub-revisions continue after any
+//! records already stored at `rev`, so version records never collide.
+//!
+//! # Invariants
+//!
+//! * Per key, versions are strictly increasing by revision; a tombstone ends
+//!   the key's generation and the next put starts a new one (version 1,
+//!   create revision = that put's revision).
+//! * `compacted <= current`. Reads at `rev < compacted` fail with
+//!   [`MvccError::Compacted`]; a read at exactly `compacted` works.
+//! * A write that changes nothing (e.g. a delete of missing keys, a
+//!   read-only txn) consumes no revision: `finish` returns an empty batch
+//!   and `current_revision` stays.
+//! * Nothing becomes visible to readers of [`Mvcc`] until
+//!   [`MvccWrite::finish`]; until then the changes live in the write's
+//!   overlay (which its own reads see, as an etcd txn sees its own writes).
+//!   A dropped `MvccWrite` leaves no trace, and a [`MvccWrite::txn`] that
+//!   fails half-way is rolled back out of the overlay.
+//! * The store never writes to the engine itself: `finish` and `compact`
+//!   return a [`WriteBatch`] that the caller must write (atomically with its
+//!   own metadata, e.g. the raft applied index) *before the next read*,
+//!   because the index already points at the records in it.
+//! * Only keys in the `v` and `m` namespaces are used.
+//!
+//! # Shards
+//!
+//! One shard owns part of the keyspace. Reads, compares and multi-key
+//! operations take an `owns` predicate and ignore every key it rejects, so
+//! the gateway can merge per-shard answers: ranges, counts and deletions are
+//! per-shard partial results, compares report a [`CompareOutcome`] that
+//! `metastore_proto::txn::combine_outcomes` merges, and txn ops on keys this
+//! shard does not own get empty responses of the right kind.
+
+mod codec;
+pub mod key_index;
+#[cfg(test)]
+mod tests;
+
+use std::cmp::Ordering;
+use std::collections::BTreeMap;
+use std::rc::Rc;
+
+use metastore_proto::etcdserverpb::{
+    compare, range_request, request_op, response_op, Compare, DeleteRangeRequest,
+    DeleteRangeResponse, PutRequest, PutResponse, RangeRequest, RangeResponse, RequestOp,
+    ResponseOp, TxnRequest, TxnResponse,
+};
+use metastore_proto::mvccpb::{event::EventType, Event, KeyValue};
+use metastore_proto::shardpb::CompareOutcome;
+
+use crate::engine::{keyspace, Engine, EngineError, WriteBatch};
+use key_index::{Entry, KeyHistory, KeyIndex, Revision};
+
+/// A revision (etcd's main revision).
+pub type Rev = i64;
+
+/// The key filter of a shard: true for keys this shard owns.
+pub type Owns<'a> = &'a dyn Fn(&[u8]) -> bool;
+
+/// Errors of the MVCC store. Messages follow etcd's where etcd has one.
+#[derive(Debug, thiserror::Error)]
+pub enum MvccError {
+    /// The revision asked for is below the compacted revision.
+    #[error("mvcc: required revision has been compacted")]
+    Compacted,
+    /// The revision asked for has not happened yet (on this shard).
+    #[error("mvcc: required revision is a future revision")]
+    FutureRevision,
+    /// A put with `ignore_value`/`ignore_lease` of a key that does not exist.
+    #[error("etcdserver: key not found")]
+    KeyNotFound,
+    /// A write at `rev` of a key that already has a version at revision
+    /// `latest >= rev` (or a write at a revision <= 0).
+    #[error("mvcc: write revision {rev} is not above the key's revision {latest}")]
+    StaleRevision { rev: Rev, latest: Rev },
+    /// A request the store cannot apply as asked (e.g. a write inside a
+    /// read-only txn, or a txn path that does not fit the txn).
+    #[error("mvcc: invalid request: {0}")]
+    InvalidRequest(String),
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    /// The engine holds something the store did not write.
+    #[error("mvcc: corrupt store: {0}")]
+    Corrupt(String),
+}
+
+/// A key range in etcd's terms.
+#[derive(Debug, Clone, Copy)]
+enum KeyRange<'a> {
+    /// `range_end` empty: just `key`.
+    Single(&'a [u8]),
+    /// `[start, end)`; `None` = every key `>= start` (`range_end` "\0").
+    Span(&'a [u8], Option<&'a [u8]>),
+}
+
+impl<'a> KeyRange<'a> {
+    fn new(key: &'a [u8], range_end: &'a [u8]) -> KeyRange<'a> {
+        if range_end.is_empty() {
+            KeyRange::Single(key)
+        } else if range_end == [0] {
+            KeyRange::Span(key, None)
+        } else {
+            KeyRange::Span(key, Some(range_end))
+        }
+    }
+
+    fn contains(&self, k: &[u8]) -> bool {
+        match *self {
+            KeyRange::Single(key) => k == key,
+            KeyRange::Span(start, end) => k >= start && end.is_none_or(|e| k < e),
+        }
+    }
+}
+
+/// Where a candidate version's full record is.
+#[derive(Debug, Clone, Copy)]
+enum Source<'a> {
+    /// In the engine, at this revision.
+    Stored(Revision),
+    /// In the overlay of the current write.
+    Pending(&'a KeyValue),
+}
+
+/// A live version found by a read, with the metadata the index knows, so
+/// that filters and most sorts need no engine read.
+#[derive(Debug, Clone, Copy)]
+struct Candidate<'a> {
+    key: &'a [u8],
+    create: Rev,
+    modr: Rev,
+    version: i64,
+    source: Source<'a>,
+}
+
+impl<'a> Candidate<'a> {
+    fn stored(key: &'a [u8], e: &Entry) -> Candidate<'a> {
+        Candidate {
+            key,
+            create: e.create,
+            modr: e.rev.main,
+            version: e.version,
+            source: Source::Stored(e.rev),
+        }
+    }
+
+    fn pending(kv: &'a KeyValue) -> Candidate<'a> {
+        Candidate {
+            key: &kv.key,
+            create: kv.create_revision,
+            modr: kv.mod_revision,
+            version: kv.version,
+            source: Source::Pending(kv),
+        }
+    }
+}
+
+/// The multi-version store of one shard.
+pub struct Mvcc {
+    engine: Rc<dyn Engine>,
+    index: KeyIndex,
+    current: Rev,
+    compacted: Rev,
+}
+
+impl std::fmt::Debug for Mvcc {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mvcc")
+            .field("engine", &self.engine.kind())
+            .field("keys", &self.index.len())
+            .field("current", &self.current)
+            .field("compacted", &self.compacted)
+            .finish()
+    }
+}
+
+impl Mvcc {
+    /// Opens the store over `engine`, rebuilding the key index from the
+    /// version records and reading the meta revisions.
+    pub fn open(engine: Rc<dyn Engine>) -> Result<Mvcc, MvccError> {
+        let compacted = match engine.get(&codec::meta_compact_key())? {
+            Some(v) => codec::decode_rev_value(&v)?,
+            None => 0,
+        };
+        let mut current = match engine.get(&codec::meta_current_key())? {
+            Some(v) => codec::decode_rev_value(&v)?,
+            None => 0,
+        };
+        let mut index = KeyIndex::new();
+        let mut failure = None;
+        let (start, end) = keyspace::bounds(keyspace::MVCC_VERSION);
+        engine.scan(&start, &end, &mut |k, v| {
+            let decoded = codec::decode_version_key(k)
+                .and_then(|rev| codec::decode_record(v).map(|(t, kv)| (rev, t, kv)));
+            match decoded {
+                Ok((rev, tombstone, kv)) => {
+                    let entry = Entry {
+                        rev,
+                        create: if tombstone { 0 } else { kv.create_revision },
+                        version: if tombstone { 0 } else { kv.version },
+                        tombstone,
+                    };
+                    index.push(&kv.key, entry);
+                    current = current.max(rev.main);
+                    true
+                }
+                Err(e) => {
+                    failure = Some(e);
+                    false
+                }
+            }
+        })?;
+        if let Some(e) = failure {
+            return Err(e);
+        }
+        Ok(Mvcc {
+            engine,
+            index,
+            current: current.max(compacted),
+            compacted,
+        })
+    }
+
+    /// The highest revision that changed anything on this shard (or the
+    /// floor set by [`Mvcc::set_current_revision`]); 0 initially.
+    pub fn current_revision(&self) -> Rev {
+        self.current
+    }
+
+    pub fn compacted_revision(&self) -> Rev {
+        self.compacted
+    }
+
+    /// Raises the current revision to `rev` (no-op if not higher) without
+    /// changing any key, e.g. so a compaction at a global revision this
+    /// shard has not written at is not refused as a future revision.
+    /// Returns the meta update for the caller to persist.
+    pub fn set_current_revision(&mut self, rev: Rev) -> WriteBatch {
+        let mut batch = WriteBatch::new();
+        if rev > self.current {
+            self.current = rev;
+            batch.put(codec::meta_current_key(), codec::encode_rev_value(rev));
+        }
+        batch
+    }
+
+    /// The number of keys with any history (live or not) in the index.
+    pub fn key_count(&self) -> usize {
+        self.index.len()
+    }
+
+    /// The engine this store reads from.
+    pub fn engine(&self) -> &Rc<dyn Engine> {
+        &self.engine
+    }
+
+    fn check_read_rev(&self, rev: Rev) -> Result<Rev, MvccError> {
+        if rev <= 0 {
+            return Ok(Rev::MAX);
+        }
+        if rev < self.compacted {
+            return Err(MvccError::Compacted);
+        }
+        Ok(rev)
+    }
+
+    /// Reads the full version record at `rev` of `key`.
+    fn fetch(&self, key: &[u8], rev: Revision) -> Result<KeyValue, MvccError> {
+        let bytes = self.engine.get(&codec::version_key(rev))?.ok_or_else(|| {
+            MvccError::Corrupt(format!(
+                "missing version record {}.{} of key {key:?}",
+                rev.main, rev.sub
+            ))
+        })?;
+        let (tombstone, kv) = codec::decode_record(&bytes)?;
+        if tombstone || kv.key != key {
+            return Err(MvccError::Corrupt(format!(
+                "version record {}.{} does not hold key {key:?}",
+                rev.main, rev.sub
+            )));
+        }
+        Ok(kv)
+    }
+
+    fn materialize(&self, c: &Candidate<'_>) -> Result<KeyValue, MvccError> {
+        match c.source {
+            Source::Stored(rev) => self.fetch(c.key, rev),
+            Source::Pending(kv) => Ok(kv.clone()),
+        }
+    }
+
+    /// Every live, owned key of `range` at `rev`, in key order.
+    fn candidates_at<'a>(
+        &'a self,
+        range: KeyRange<'_>,
+        rev: Rev,
+        owns: Owns<'_>,
+    ) -> Vec<Candidate<'a>> {
+        let mut out = Vec::new();
+        match range {
+            KeyRange::Single(key) => {
+                if let Some((k, h)) = self.index.get_key_value(key) {
+                    if owns(k) {
+                        if let Some(e) = h.live_at(rev) {
+                            out.push(Candidate::stored(k, e));
+                        }
+                    }
+                }
+            }
+            KeyRange::Span(start, end) => self.index.range(start, end, &mut |k, h| {
+                if owns(k) {
+                    if let Some(e) = h.live_at(rev) {
+                        out.push(Candidate::stored(k, e));
+                    }
+                }
+                true
+            }),
+        }
+        out
+    }
+
+    /// etcd's Range for the keys this shard owns, at revision `rev` (the
+    /// caller resolves `req.revision`; `rev <= 0` reads the latest state).
+    /// `rev` below the compacted revision fails with `Compacted`; future
+    /// revisions are the caller's to refuse. `header` is left `None`.
+    pub fn range(
+        &self,
+        req: &RangeRequest,
+        rev: Rev,
+        owns: Owns<'_>,
+    ) -> Result<RangeResponse, MvccError> {
+        let rev = self.check_read_rev(rev)?;
+        let cands = self.candidates_at(KeyRange::new(&req.key, &req.range_end), rev, owns);
+        build_range(self, req, cands)
+    }
+
+    /// The live value of `key` at `rev` (`rev <= 0` = latest), ignoring
+    /// ownership. A convenience over [`Mvcc::range`].
+    pub fn get(&self, key: &[u8], rev: Rev) -> Result<Option<KeyValue>, MvccError> {
+        let rev = self.check_read_rev(rev)?;
+        self.get_unchecked(key, rev)
+    }
+
+    /// [`Mvcc::get`] without the compaction check (a write reads the keys
+    /// it changes even below the compacted revision: their newest version is
+    /// never compacted away).
+    fn get_unchecked(&self, key: &[u8], rev: Rev) -> Result<Option<KeyValue>, MvccError> {
+        match self
+            .index
+            .get_key_value(key)
+            .and_then(|(k, h)| h.live_at(rev).map(|e| (k, e)))
+        {
+            Some((k, e)) => Ok(Some(self.fetch(k, e.rev)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Calls `f` with every live key/value at the latest revision whose key
+    /// is in `[start, end)` (etcd range-end conventions: empty `end` = the
+    /// single key, "\0" = to the end), in key order, until it returns false.
+    /// Useful to rebuild derived state such as lease attachments.
+    pub fn for_each_live(
+        &self,
+        start: &[u8],
+        end: &[u8],
+        f: &mut dyn FnMut(KeyValue) -> bool,
+    ) -> Result<(), MvccError> {
+        for c in self.candidates_at(KeyRange::new(start, end), Rev::MAX, &|_| true) {
+            if !f(self.materialize(&c)?) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Evaluates every compare of the txn tree, in
+    /// `metastore_proto::txn::canonical_compares` order, at `rev` (`<= 0` =
+    /// latest) over the keys this shard owns.
+    pub fn evaluate_compares(
+        &self,
+        txn: &TxnRequest,
+        rev: Rev,
+        owns: Owns<'_>,
+    ) -> Result<Vec<CompareOutcome>, MvccError> {
+        let rev = self.check_read_rev(rev)?;
+        metastore_proto::txn::canonical_compares(txn)
+            .into_iter()
+            .map(|c| {
+                let cands = self.candidates_at(KeyRange::new(&c.key, &c.range_end), rev, owns);
+                compare_outcome(self, c, &cands)
+            })
+            .collect()
+    }
+
+    /// Applies a read-only txn along `path` at `rev` (`<= 0` = latest): the
+    /// cross-shard read path. A Range op's own `revision` wins over `rev`
+    /// when set, as in etcd. A write op on the path is refused.
+    pub fn txn_read(
+        &self,
+        txn: &TxnRequest,
+        path: &[bool],
+        rev: Rev,
+        owns: Owns<'_>,
+    ) -> Result<TxnResponse, MvccError> {
+        let mut apply = |op: &RequestOp| -> Result<response_op::Response, MvccError> {
+            match &op.request {
+                Some(request_op::Request::RequestRange(r)) => {
+                    let at = if r.revision > 0 { r.revision } else { rev };
+                    Ok(response_op::Response::ResponseRange(
+                        self.range(r, at, owns)?,
+                    ))
+                }
+                _ => Err(MvccError::InvalidRequest(
+                    "write operation in a read-only txn".into(),
+                )),
+            }
+        };
+        walk_txn(txn, path, &mut apply).map(|(resp, _)| resp)
+    }
+
+    /// Begins the write at revision `rev`. See [`MvccWrite`]. `rev` is
+    /// normally above [`Mvcc::current_revision`]; a lower one is accepted as
+    /// long as every key it changes has no version at or above `rev` (see
+    /// the module docs), and it reads the state at `rev`.
+    pub fn write(&mut self, rev: Rev) -> MvccWrite<'_> {
+        // Below the current revision, records at `rev` may already exist
+        // (another part of the same revision): continue their sub-revisions.
+        let sub_base = if rev <= self.current && rev > 0 {
+            self.next_sub(rev)
+        } else {
+            Ok(0)
+        };
+        let (sub_base, broken) = match sub_base {
+            Ok(s) => (s, None),
+            Err(e) => (0, Some(e)),
+        };
+        MvccWrite {
+            mvcc: self,
+            rev,
+            sub_base,
+            broken,
+            changes: Vec::new(),
+            latest: BTreeMap::new(),
+        }
+    }
+
+    /// The first free sub-revision of revision `rev` in the engine.
+    fn next_sub(&self, rev: Rev) -> Result<i64, MvccError> {
+        let start = codec::version_key(Revision { main: rev, sub: 0 });
+        let end = codec::version_key(Revision {
+            main: rev + 1,
+            sub: 0,
+        });
+        let mut last = None;
+        self.engine.scan_rev(&start, &end, &mut |k, _| {
+            last = Some(k.to_vec());
+            false
+        })?;
+        match last {
+            Some(k) => Ok(codec::decode_version_key(&k)?.sub + 1),
+            None => Ok(0),
+        }
+    }
+
+    /// Compacts history at `rev` (etcd semantics): per key, keeps the newest
+    /// version `<= rev` unless it is a tombstone, drops everything older.
+    /// Afterwards reads below `rev` fail with `Compacted`. Returns the engine
+    /// deletions and the meta update for the caller to write.
+    pub fn compact(&mut self, rev: Rev) -> Result<WriteBatch, MvccError> {
+        if rev > self.current {
+            return Err(MvccError::FutureRevision);
+        }
+        if rev <= self.compacted {
+            return Err(MvccError::Compacted);
+        }
+        let mut batch = WriteBatch::new();
+        self.index.compact(rev, &mut |_, r| {
+            batch.delete(codec::version_key(r));
+        });
+        self.compacted = rev;
+        batch.put(codec::meta_compact_key(), codec::encode_rev_value(rev));
+        Ok(batch)
+    }
+
+    /// Replays history: calls `f` with every event (a put or a delete) of
+    /// revision `>= from`, in revision order, until it returns false. Each
+    /// event carries its `prev_kv` when the previous version is still
+    /// present. `from` below the compacted revision fails with `Compacted`
+    /// (etcd answers such a watch with its compact revision).
+    pub fn history(&self, from: Rev, f: &mut dyn FnMut(Event) -> bool) -> Result<(), MvccError> {
+        if from < self.compacted {
+            return Err(MvccError::Compacted);
+        }
+        let start = codec::version_key(Revision {
+            main: from.max(0),
+            sub: 0,
+        });
+        let (_, end) = keyspace::bounds(keyspace::MVCC_VERSION);
+        let mut records = Vec::new();
+        let mut failure = None;
+        // Decode in batches so `f` (which may be slow) does not run while
+        // the engine is being iterated.
+        let mut next = start;
+        loop {
+            records.clear();
+            self.engine.scan(&next, &end, &mut |k, v| {
+                match codec::decode_version_key(k)
+                    .and_then(|rev| codec::decode_record(v).map(|(t, kv)| (rev, t, kv)))
+                {
+                    Ok(r) => records.push(r),
+                    Err(e) => {
+                        failure = Some(e);
+                        return false;
+                    }
+                }
+                records.len() < 256
+            })?;
+            if let Some(e) = failure.take() {
+                return Err(e);
+            }
+            let Some(&(last, _, _)) = records.last() else {
+                return Ok(());
+            };
+            let full = records.len() == 256;
+            for (rev, tombstone, kv) in records.drain(..) {
+                let prev_kv = match self
+                    .index
+                    .get_key_value(&kv.key)
+                    .and_then(|(k, h)| h.live_before(rev).map(|e| (k, e)))
+                {
+                    Some((k, e)) => Some(self.fetch(k, e.rev)?),
+                    None => None,
+                };
+                let event = Event {
+                    r#type: if tombstone {
+                        EventType::Delete
+                    } else {
+                        EventType::Put
+                    } as i32,
+                    kv: Some(kv),
+                    prev_kv,
+                };
+                if !f(event) {
+                    return Ok(());
+                }
+            }
+            if !full {
+                return Ok(());
+            }
+            next = codec::version_key(Revision {
+                main: last.main,
+                sub: last.sub + 1,
+            });
+        }
+    }
+}
+
+/// Convenience for the single-shard fast path: evaluates the txn's compares
+/// at `rev` on this shard alone and returns etcd's compare path.
+pub fn compute_path(
+    mvcc: &Mvcc,
+    txn: &TxnRequest,
+    rev: Rev,
+    owns: Owns<'_>,
+) -> Result<Vec<bool>, MvccError> {
+    let outcomes = mvcc.evaluate_compares(txn, rev, owns)?;
+    let results = metastore_proto::txn::combine_outcomes(&[outcomes]);
+    Ok(metastore_proto::txn::path(txn, &results))
+}
+
+/// One change in a write's overlay.
+#[derive(Debug, Clone)]
+struct Change {
+    /// The new version (for a tombstone: key and mod revision only).
+    kv: KeyValue,
+    tombstone: bool,
+    /// The live version this change replaced, if any.
+    prev: Option<KeyValue>,
+}
+
+/// One write revision in progress (see [`Mvcc::write`]). Changes are kept in
+/// an overlay, visible to this write's own reads, until [`MvccWrite::finish`].
+pub struct MvccWrite<'a> {
+    mvcc: &'a mut Mvcc,
+    rev: Rev,
+    /// The sub-revision of the first change (non-zero only when records of
+    /// `rev` already exist).
+    sub_base: i64,
+    /// An engine error met in `Mvcc::write`, reported by the first change.
+    broken: Option<MvccError>,
+    /// In sub-revision order (sub = sub_base + position).
+    changes: Vec<Change>,
+    /// Key → position of its newest change in `changes`.
+    latest: BTreeMap<Vec<u8>, usize>,
+}
+
+impl MvccWrite<'_> {
+    /// The revision of this write.
+    pub fn revision(&self) -> Rev {
+        self.rev
+    }
+
+    /// Nothing changed (yet).
+    pub fn is_empty(&self) -> bool {
+        self.changes.is_empty()
+    }
+
+    /// Whether this write may change `key`: the write is sound and the key
+    /// has no stored version at or above this write's revision.
+    fn check_writable(&mut self, key: &[u8]) -> Result<(), MvccError> {
+        if let Some(e) = self.broken.take() {
+            return Err(e);
+        }
+        if self.rev <= 0 {
+            return Err(MvccError::StaleRevision {
+                rev: self.rev,
+                latest: 0,
+            });
+        }
+        if self.latest.contains_key(key) {
+            return Ok(());
+        }
+        match self.mvcc.index.get(key).and_then(|h| h.entries.last()) {
+            Some(e) if e.rev.main >= self.rev => Err(MvccError::StaleRevision {
+                rev: self.rev,
+                latest: e.rev.main,
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// The live version of `key` as this write sees it.
+    fn get_latest(&self, key: &[u8]) -> Result<Option<KeyValue>, MvccError> {
+        if let Some(&i) = self.latest.get(key) {
+            let c = &self.changes[i];
+            return Ok((!c.tombstone).then(|| c.kv.clone()));
+        }
+        self.mvcc.get_unchecked(key, self.rev)
+    }
+
+    fn push_change(&mut self, change: Change) {
+        self.latest
+            .insert(change.kv.key.clone(), self.changes.len());
+        self.changes.push(change);
+    }
+
+    /// Drops every change from position `len` on (rollback of a failed txn).
+    fn truncate(&mut self, len: usize) {
+        if len >= self.changes.len() {
+            return;
+        }
+        self.changes.truncate(len);
+        self.latest.clear();
+        for (i, c) in self.changes.iter().enumerate() {
+            self.latest.insert(c.kv.key.clone(), i);
+        }
+    }
+
+    /// Every live, owned key of `range` as this write sees it, in key order.
+    fn candidates(&self, range: KeyRange<'_>, owns: Owns<'_>) -> Vec<Candidate<'_>> {
+        // Stored versions of keys this write has not touched.
+        let mut histories: Vec<(&[u8], &KeyHistory)> = Vec::new();
+        match range {
+            KeyRange::Single(key) => histories.extend(self.mvcc.index.get_key_value(key)),
+            KeyRange::Span(start, end) => self.mvcc.index.range(start, end, &mut |k, h| {
+                histories.push((k, h));
+                true
+            }),
+        }
+        let mut cands: Vec<Candidate<'_>> = histories
+            .into_iter()
+            .filter(|(k, _)| owns(k) && !self.latest.contains_key(*k))
+            .filter_map(|(k, h)| h.live_at(self.rev).map(|e| Candidate::stored(k, e)))
+            .collect();
+        let stored_count = cands.len();
+        for (k, &i) in &self.latest {
+            let c = &self.changes[i];
+            if !c.tombstone && range.contains(k) && owns(k) {
+                cands.push(Candidate::pending(&c.kv));
+            }
+        }
+        if stored_count > 0 && cands.len() > stored_count {
+            cands.sort_by(|a, b| a.key.cmp(b.key));
+        }
+        cands
+    }
+
+    /// etcd's Put at this write's revision. The caller checks ownership.
+    /// `ignore_value`/`ignore_lease` on a missing key fail with
+    /// `KeyNotFound`, changing nothing.
+    pub fn put(&mut self, req: &PutRequest) -> Result<PutResponse, MvccError> {
+        self.check_writable(&req.key)?;
+        let prev = self.get_latest(&req.key)?;
+        if (req.ignore_value || req.ignore_lease) && prev.is_none() {
+            return Err(MvccError::KeyNotFound);
+        }
+        let value = match (&prev, req.ignore_value) {
+            (Some(p), true) => p.value.clone(),
+            _ => req.value.clone(),
+        };
+        let lease = match (&prev, req.ignore_lease) {
+            (Some(p), true) => p.lease,
+            _ => req.lease,
+        };
+        let (create_revision, version) = match &prev {
+            Some(p) => (p.create_revision, p.version + 1),
+            None => (self.rev, 1),
+        };
+        let kv = KeyValue {
+            key: req.key.clone(),
+            value,
+            create_revision,
+            mod_revision: self.rev,
+            version,
+            lease,
+        };
+        let prev_kv = if req.prev_kv { prev.clone() } else { None };
+        self.push_change(Change {
+            kv,
+            tombstone: false,
+            prev,
+        });
+        Ok(PutResponse {
+            header: None,
+            prev_kv,
+        })
+    }
+
+    /// etcd's DeleteRange over the owned keys at this write's revision.
+    /// Deleting nothing changes nothing (and consumes no revision).
+    pub fn delete_range(
+        &mut self,
+        req: &DeleteRangeRequest,
+        owns: Owns<'_>,
+    ) -> Result<DeleteRangeResponse, MvccError> {
+        let range = KeyRange::new(&req.key, &req.range_end);
+        let prevs = {
+            let cands = self.candidates(range, owns);
+            cands
+                .iter()
+                .map(|c| self.mvcc.materialize(c))
+                .collect::<Result<Vec<_>, _>>()?
+        };
+        for prev in &prevs {
+            self.check_writable(&prev.key)?;
+        }
+        for prev in &prevs {
+            self.push_change(Change {
+                kv: KeyValue {
+                    key: prev.key.clone(),
+                    mod_revision: self.rev,
+                    ..Default::default()
+                },
+                tombstone: true,
+                prev: Some(prev.clone()),
+            });
+        }
+        Ok(DeleteRangeResponse {
+            header: None,
+            deleted: prevs.len() as i64,
+            prev_kvs: if req.prev_kv { prevs } else { Vec::new() },
+        })
+    }
+
+    /// etcd's Range as seen by this write: at its revision, including its
+    /// own earlier changes. A `req.revision` below this write's revision
+    /// reads that (committed) revision instead, as etcd does inside a txn;
+    /// above it is a future revision.
+    pub fn range(&self, req: &RangeRequest, owns: Owns<'_>) -> Result<RangeResponse, MvccError> {
+        if req.revision > self.rev {
+            return Err(MvccError::FutureRevision);
+        }
+        if req.revision > 0 && req.revision < self.rev {
+            return self.mvcc.range(req, req.revision, owns);
+        }
+        let cands = self.candidates(KeyRange::new(&req.key, &req.range_end), owns);
+        build_range(self.mvcc, req, cands)
+    }
+
+    /// Applies the txn's ops along `path` (etcd's compare path, see
+    /// `metastore_proto::txn::path`). Ops on keys this shard does not own
+    /// produce empty responses of the right kind. Nested txns produce
+    /// `ResponseTxn` with their own `succeeded` and responses. On error
+    /// every change of this txn is rolled back (earlier changes of the
+    /// same write stay).
+    pub fn txn(
+        &mut self,
+        txn: &TxnRequest,
+        path: &[bool],
+        owns: Owns<'_>,
+    ) -> Result<TxnResponse, MvccError> {
+        let mark = self.changes.len();
+        let mut apply = |op: &RequestOp| -> Result<response_op::Response, MvccError> {
+            use response_op::Response as R;
+            Ok(match &op.request {
+                Some(request_op::Request::RequestRange(r)) => {
+                    R::ResponseRange(self.range(r, owns)?)
+                }
+                Some(request_op::Request::RequestPut(p)) => {
+                    if owns(&p.key) {
+                        R::ResponsePut(self.put(p)?)
+                    } else {
+                        R::ResponsePut(PutResponse::default())
+                    }
+                }
+                Some(request_op::Request::RequestDeleteRange(d)) => {
+                    R::ResponseDeleteRange(self.delete_range(d, owns)?)
+                }
+                Some(request_op::Request::RequestTxn(_)) | None => {
+                    return Err(MvccError::InvalidRequest("empty request op".into()))
+                }
+            })
+        };
+        match walk_txn(txn, path, &mut apply) {
+            Ok((resp, _)) => Ok(resp),
+            Err(e) => {
+                self.truncate(mark);
+                Err(e)
+            }
+        }
+    }
+
+    /// Finishes the revision: the engine batch (version records and the
+    /// current-revision meta), with the changes now visible in the index.
+    /// If nothing changed the batch is empty and nothing moves.
+    pub fn finish(self) -> WriteBatch {
+        self.finish_with_events().0
+    }
+
+    /// [`MvccWrite::finish`], also returning the write's events in
+    /// sub-revision order (each with its `prev_kv` when the key existed), as
+    /// a watch delivers them.
+    pub fn finish_with_events(self) -> (WriteBatch, Vec<Event>) {
+        let mut batch = WriteBatch::new();
+        let mut events = Vec::with_capacity(self.changes.len());
+        if self.changes.is_empty() {
+            return (batch, events);
+        }
+        let MvccWrite {
+            mvcc,
+            rev,
+            sub_base,
+            changes,
+            ..
+        } = self;
+        for (sub, c) in changes.into_iter().enumerate() {
+            let r = Revision {
+                main: rev,
+                sub: sub_base + sub as i64,
+            };
+            batch.put(
+                codec::version_key(r),
+                codec::encode_record(&c.kv, c.tombstone),
+            );
+            mvcc.index.push(
+                &c.kv.key,
+                Entry {
+                    rev: r,
+                    create: if c.tombstone { 0 } else { c.kv.create_revision },
+                    version: if c.tombstone { 0 } else { c.kv.version },
+                    tombstone: c.tombstone,
+                },
+            );
+            events.push(Event {
+                r#type: if c.tombstone {
+                    EventType::Delete
+                } else {
+                    EventType::Put
+                } as i32,
+                kv: Some(c.kv),
+                prev_kv: c.prev,
+            });
+        }
+        mvcc.current = mvcc.current.max(rev);
+        batch.put(
+            codec::meta_current_key(),
+            codec::encode_rev_value(mvcc.current),
+        );
+        (batch, events)
+    }
+}
+
+/// Walks a txn along `path`, answering each leaf op with `apply` and each
+/// nested txn with its own `TxnResponse`. Returns the response and how many
+/// path entries it consumed.
+fn walk_txn(
+    txn: &TxnRequest,
+    path: &[bool],
+    apply: &mut dyn FnMut(&RequestOp) -> Result<response_op::Response, MvccError>,
+) -> Result<(TxnResponse, usize), MvccError> {
+    let succeeded = *path
+        .first()
+        .ok_or_else(|| MvccError::InvalidRequest("txn path is shorter than the txn".into()))?;
+    let mut used = 1;
+    let ops = if succeeded {
+        &txn.success
+    } else {
+        &txn.failure
+    };
+    let mut responses = Vec::with_capacity(ops.len());
+    for op in ops {
+        let response = match &op.request {
+            Some(request_op::Request::RequestTxn(nested)) => {
+                let (resp, n) = walk_txn(nested, &path[used..], apply)?;
+                used += n;
+                response_op::Response::ResponseTxn(resp)
+            }
+            _ => apply(op)?,
+        };
+        responses.push(ResponseOp {
+            response: Some(response),
+        });
+    }
+    Ok((
+        TxnResponse {
+            header: None,
+            succeeded,
+            responses,
+        },
+        used,
+    ))
+}
+
+/// etcd's Range post-processing (v3.5 `applierV3backend.Range`) over the
+/// live, owned keys of the range in key order.
+fn build_range(
+    mvcc: &Mvcc,
+    req: &RangeRequest,
+    mut cands: Vec<Candidate<'_>>,
+) -> Result<RangeResponse, MvccError> {
+    use range_request::{SortOrder, SortTarget};
+    let count = cands.len() as i64;
+    if req.count_only {
+        return Ok(RangeResponse {
+            header: None,
+            kvs: Vec::new(),
+            more: false,
+            count,
+        });
+    }
+    let order = SortOrder::try_from(req.sort_order).unwrap_or(SortOrder::None);
+    let target = SortTarget::try_from(req.sort_target).unwrap_or(SortTarget::Key);
+    let filtered = req.min_mod_revision != 0
+        || req.max_mod_revision != 0
+        || req.min_create_revision != 0
+        || req.max_create_revision != 0;
+    // etcd fetches everything when sorting or filtering (decided on the
+    // *requested* order), otherwise limit + 1 keys to learn `more`.
+    if order == SortOrder::None && !filtered && req.limit > 0 {
+        cands.truncate(req.limit.saturating_add(1) as usize);
+    }
+    cands.retain(|c| {
+        !(req.max_mod_revision != 0 && c.modr > req.max_mod_revision
+            || req.min_mod_revision != 0 && c.modr < req.min_mod_revision
+            || req.max_create_revision != 0 && c.create > req.max_create_revision
+            || req.min_create_revision != 0 && c.create < req.min_create_revision)
+    });
+    // A non-KEY target with no order sorts ascending (results are already
+    // in ascending key order otherwise).
+    let order = if target != SortTarget::Key && order == SortOrder::None {
+        SortOrder::Ascend
+    } else {
+        order
+    };
+    let directed = |o: Ordering| {
+        if order == SortOrder::Descend {
+            o.reverse()
+        } else {
+            o
+        }
+    };
+    let mut kvs: Vec<KeyValue>;
+    let mut more = false;
+    if target == SortTarget::Value && order != SortOrder::None {
+        kvs = cands
+            .iter()
+            .map(|c| mvcc.materialize(c))
+            .collect::<Result<_, _>>()?;
+        kvs.sort_by(|a, b| directed(a.value.cmp(&b.value)));
+        if req.limit > 0 && kvs.len() > req.limit as usize {
+            kvs.truncate(req.limit as usize);
+            more = true;
+        }
+    } else {
+        if order != SortOrder::None {
+            fn key_of<'a>(c: &Candidate<'a>, target: SortTarget) -> (i64, &'a [u8]) {
+                match target {
+                    SortTarget::Version => (c.version, &[]),
+                    SortTarget::Create => (c.create, &[]),
+                    SortTarget::Mod => (c.modr, &[]),
+                    _ => (0, c.key),
+                }
+            }
+            // Stable: ties stay in ascending key order.
+            cands.sort_by(|a, b| directed(key_of(a, target).cmp(&key_of(b, target))));
+        }
+        if req.limit > 0 && cands.len() > req.limit as usize {
+            cands.truncate(req.limit as usize);
+            more = true;
+        }
+        kvs = cands
+            .iter()
+            .map(|c| mvcc.materialize(c))
+            .collect::<Result<_, _>>()?;
+    }
+    if req.keys_only {
+        for kv in &mut kvs {
+            kv.value = Vec::new();
+        }
+    }
+    Ok(RangeResponse {
+        header: None,
+        kvs,
+        more,
+        count,
+    })
+}
+
+/// One compare's outcome over the live, owned keys it covers.
+fn compare_outcome(
+    mvcc: &Mvcc,
+    c: &Compare,
+    cands: &[Candidate<'_>],
+) -> Result<CompareOutcome, MvccError> {
+    let target = compare::CompareTarget::try_from(c.target).ok();
+    let needs_record = matches!(
+        target,
+        Some(compare::CompareTarget::Value) | Some(compare::CompareTarget::Lease)
+    );
+    let mut all_true = true;
+    for cand in cands {
+        let kv = if needs_record {
+            mvcc.materialize(cand)?
+        } else {
+            KeyValue {
+                key: cand.key.to_vec(),
+                create_revision: cand.create,
+                mod_revision: cand.modr,
+                version: cand.version,
+                ..Default::default()
+            }
+        };
+        if !compare_kv(c, &kv) {
+            all_true = false;
+            break;
+        }
+    }
+    Ok(CompareOutcome {
+        matched: !cands.is_empty(),
+        all_true,
+        // etcd: a value compare against missing keys always fails; any other
+        // target compares against a zero KeyValue.
+        zero_result: target != Some(compare::CompareTarget::Value)
+            && compare_kv(c, &KeyValue::default()),
+    })
+}
+
+/// etcd's `compareKV`: a target value of the wrong union variant counts as
+/// zero (or empty); an unknown result is true.
+fn compare_kv(c: &Compare, kv: &KeyValue) -> bool {
+    use compare::{CompareResult, CompareTarget, TargetUnion};
+    let int = |want: Option<i64>, have: i64| have.cmp(&want.unwrap_or(0));
+    let ord = match CompareTarget::try_from(c.target) {
+        Ok(CompareTarget::Value) => {
+            let want: &[u8] = match &c.target_union {
+                Some(TargetUnion::Value(v)) => v,
+                _ => &[],
+            };
+            kv.value.as_slice().cmp(want)
+        }
+        Ok(CompareTarget::Create) => int(
+            match c.target_union {
+                Some(TargetUnion::CreateRevision(r)) => Some(r),
+                _ => None,
+            },
+            kv.create_revision,
+        ),
+        Ok(CompareTarget::Mod) => int(
+            match c.target_union {
+                Some(TargetUnion::ModRevision(r)) => Some(r),
+                _ => None,
+            },
+            kv.mod_revision,
+        ),
+        Ok(CompareTarget::Version) => int(
+            match c.target_union {
+                Some(TargetUnion::Version(v)) => Some(v),
+                _ => None,
+            },
+            kv.version,
+        ),
+        Ok(CompareTarget::Lease) => int(
+            match c.target_union {
+                Some(TargetUnion::Lease(l)) => Some(l),
+                _ => None,
+            },
+            kv.lease,
+        ),
+        Err(_) => Ordering::Equal,
+    };
+    match CompareResult::try_from(c.result) {
+        Ok(CompareResult::Equal) => ord == Ordering::Equal,
+        Ok(CompareResult::NotEqual) => ord != Ordering::Equal,
+        Ok(CompareResult::Greater) => ord == Ordering::Greater,
+        Ok(CompareResult::Less) => ord == Ordering::Less,
+        Err(_) => true,
+    }
+}

@@ -1,0 +1,314 @@
+//! `RaftLog`: raft-rs's `Storage` over a shard's engine.
+//!
+//! raft-rs does no I/O itself: it asks its `Storage` for log entries and
+//! the persisted hard state, and the shard loop ([`crate::shard`]) persists
+//! what each `Ready` hands it. This module is that storage, kept in the same
+//! engine as the shard's data so one engine write can carry both.
+//!
+//! Layout (prefix bytes from [`crate::engine::keyspace`]):
+//! - `L` + index (8 bytes, big endian) → an `eraftpb::Entry`;
+//! - `H` + `hs` → `HardState`, `H` + `cs` → `ConfState`,
+//!   `H` + `trunc` → index and term of the last entry dropped by log
+//!   truncation (raft needs the term of the entry before the first).
+//!
+//! Invariants: entries present are exactly `first_index()..=last_index()`;
+//! appending at index i first removes every entry >= i (a new leader's log
+//! wins); `append` and `set_hard_state` only add to a batch — nothing is
+//! durable until the shard loop writes that batch with sync, which it does
+//! before it applies or acknowledges anything in it.
+
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
+
+use protobuf::Message as _;
+use raft::eraftpb::{ConfState, Entry, HardState, Snapshot};
+use raft::{GetEntriesContext, RaftState, Storage, StorageError};
+
+use crate::engine::{keyspace, Engine, WriteBatch};
+
+const HARD_STATE: &[u8] = b"Hhs";
+const CONF_STATE: &[u8] = b"Hcs";
+const TRUNCATED: &[u8] = b"Htrunc";
+
+fn entry_key(index: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(9);
+    k.push(keyspace::RAFT_LOG);
+    k.extend_from_slice(&index.to_be_bytes());
+    k
+}
+
+fn other(e: impl std::fmt::Display) -> raft::Error {
+    raft::Error::Store(StorageError::Other(e.to_string().into()))
+}
+
+/// A shard's raft log and hard state, stored in its engine.
+pub struct RaftLog {
+    engine: Rc<dyn Engine>,
+    hard_state: RefCell<HardState>,
+    conf_state: RefCell<ConfState>,
+    /// Index and term of the entry just before the first one kept.
+    truncated: Cell<(u64, u64)>,
+    last: Cell<u64>,
+}
+
+impl RaftLog {
+    /// Loads the log from `engine`.
+    pub fn open(engine: Rc<dyn Engine>) -> raft::Result<Self> {
+        let mut hard_state = HardState::default();
+        if let Some(b) = engine.get(HARD_STATE).map_err(other)? {
+            hard_state.merge_from_bytes(&b).map_err(other)?;
+        }
+        let mut conf_state = ConfState::default();
+        if let Some(b) = engine.get(CONF_STATE).map_err(other)? {
+            conf_state.merge_from_bytes(&b).map_err(other)?;
+        }
+        let truncated = match engine.get(TRUNCATED).map_err(other)? {
+            Some(b) if b.len() == 16 => (
+                u64::from_be_bytes(b[..8].try_into().unwrap()),
+                u64::from_be_bytes(b[8..].try_into().unwrap()),
+            ),
+            _ => (0, 0),
+        };
+        let mut last = truncated.0;
+        engine
+            .scan_rev(&entry_key(0), &entry_key(u64::MAX), &mut |k, _| {
+                last = u64::from_be_bytes(k[1..9].try_into().unwrap());
+                false
+            })
+            .map_err(other)?;
+        Ok(RaftLog {
+            engine,
+            hard_state: RefCell::new(hard_state),
+            conf_state: RefCell::new(conf_state),
+            truncated: Cell::new(truncated),
+            last: Cell::new(last),
+        })
+    }
+
+    /// Makes `voters` the configuration of a log that has none yet (first
+    /// start). Durable immediately.
+    pub fn bootstrap(&self, voters: &[u64]) -> raft::Result<()> {
+        if !self.conf_state.borrow().voters.is_empty() {
+            return Ok(());
+        }
+        let cs = ConfState {
+            voters: voters.to_vec(),
+            ..Default::default()
+        };
+        let mut batch = WriteBatch::default();
+        batch.put(CONF_STATE.to_vec(), cs.write_to_bytes().map_err(other)?);
+        self.engine.write(batch, true).map_err(other)?;
+        *self.conf_state.borrow_mut() = cs;
+        Ok(())
+    }
+
+    /// Adds `entries` to `batch`, replacing any existing entries from the
+    /// first one's index on.
+    pub fn append(&self, entries: &[Entry], batch: &mut WriteBatch) -> raft::Result<()> {
+        let Some(first) = entries.first() else {
+            return Ok(());
+        };
+        if first.index <= self.last.get() {
+            batch.delete_range(entry_key(first.index), entry_key(self.last.get() + 1));
+        }
+        for e in entries {
+            batch.put(entry_key(e.index), e.write_to_bytes().map_err(other)?);
+        }
+        self.last.set(entries.last().unwrap().index);
+        Ok(())
+    }
+
+    /// Adds the hard state to `batch`.
+    pub fn set_hard_state(&self, hs: &HardState, batch: &mut WriteBatch) -> raft::Result<()> {
+        batch.put(HARD_STATE.to_vec(), hs.write_to_bytes().map_err(other)?);
+        *self.hard_state.borrow_mut() = hs.clone();
+        Ok(())
+    }
+
+    /// Sets the commit index of the hard state (from a `LightReady`).
+    pub fn set_commit(&self, commit: u64, batch: &mut WriteBatch) -> raft::Result<()> {
+        let mut hs = self.hard_state.borrow().clone();
+        hs.commit = commit;
+        self.set_hard_state(&hs, batch)
+    }
+
+    /// Drops entries before `index` (all applied and no longer needed).
+    pub fn truncate_before(&self, index: u64, batch: &mut WriteBatch) -> raft::Result<()> {
+        let (trunc, _) = self.truncated.get();
+        if index <= trunc + 1 || index > self.last.get() {
+            return Ok(());
+        }
+        let term = self.term(index - 1)?;
+        batch.delete_range(entry_key(trunc + 1), entry_key(index));
+        let mut v = (index - 1).to_be_bytes().to_vec();
+        v.extend_from_slice(&term.to_be_bytes());
+        batch.put(TRUNCATED.to_vec(), v);
+        self.truncated.set((index - 1, term));
+        Ok(())
+    }
+
+    fn entry(&self, index: u64) -> raft::Result<Entry> {
+        let b = self
+            .engine
+            .get(&entry_key(index))
+            .map_err(other)?
+            .ok_or(raft::Error::Store(StorageError::Unavailable))?;
+        let mut e = Entry::default();
+        e.merge_from_bytes(&b).map_err(other)?;
+        Ok(e)
+    }
+}
+
+impl Storage for RaftLog {
+    fn initial_state(&self) -> raft::Result<RaftState> {
+        Ok(RaftState {
+            hard_state: self.hard_state.borrow().clone(),
+            conf_state: self.conf_state.borrow().clone(),
+        })
+    }
+
+    fn entries(
+        &self,
+        low: u64,
+        high: u64,
+        max_size: impl Into<Option<u64>>,
+        _context: GetEntriesContext,
+    ) -> raft::Result<Vec<Entry>> {
+        if low <= self.truncated.get().0 {
+            return Err(raft::Error::Store(StorageError::Compacted));
+        }
+        if high > self.last.get() + 1 {
+            return Err(raft::Error::Store(StorageError::Unavailable));
+        }
+        let max_size = max_size.into();
+        let mut out = Vec::new();
+        let mut size = 0u64;
+        let mut err = None;
+        self.engine
+            .scan(&entry_key(low), &entry_key(high), &mut |_, v| {
+                let mut e = Entry::default();
+                if let Err(x) = e.merge_from_bytes(v) {
+                    err = Some(other(x));
+                    return false;
+                }
+                size += v.len() as u64;
+                let over = matches!(max_size, Some(m) if size > m && !out.is_empty());
+                if over {
+                    return false;
+                }
+                out.push(e);
+                true
+            })
+            .map_err(other)?;
+        if let Some(e) = err {
+            return Err(e);
+        }
+        Ok(out)
+    }
+
+    fn term(&self, idx: u64) -> raft::Result<u64> {
+        let (trunc, trunc_term) = self.truncated.get();
+        if idx == trunc {
+            return Ok(trunc_term);
+        }
+        if idx < trunc {
+            return Err(raft::Error::Store(StorageError::Compacted));
+        }
+        if idx > self.last.get() {
+            return Err(raft::Error::Store(StorageError::Unavailable));
+        }
+        Ok(self.entry(idx)?.term)
+    }
+
+    fn first_index(&self) -> raft::Result<u64> {
+        Ok(self.truncated.get().0 + 1)
+    }
+
+    fn last_index(&self) -> raft::Result<u64> {
+        Ok(self.last.get())
+    }
+
+    fn snapshot(&self, _request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+        // One voter per group today: no follower ever needs a snapshot.
+        Err(raft::Error::Store(
+            StorageError::SnapshotTemporarilyUnavailable,
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::{open, EngineKind};
+
+    fn entry(index: u64, term: u64) -> Entry {
+        Entry {
+            index,
+            term,
+            data: vec![index as u8].into(),
+            ..Default::default()
+        }
+    }
+
+    fn engines() -> Vec<(Rc<dyn Engine>, tempfile::TempDir)> {
+        [EngineKind::Memory, EngineKind::RocksDb]
+            .into_iter()
+            .map(|k| {
+                let dir = tempfile::tempdir().unwrap();
+                (open(k, dir.path()).unwrap(), dir)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn append_overwrite_truncate_on_both_engines() {
+        for (engine, _dir) in engines() {
+            let log = RaftLog::open(engine.clone()).unwrap();
+            assert_eq!(log.first_index().unwrap(), 1);
+            assert_eq!(log.last_index().unwrap(), 0);
+            let mut b = WriteBatch::default();
+            log.append(&[entry(1, 1), entry(2, 1), entry(3, 1)], &mut b).unwrap();
+            engine.write(b, true).unwrap();
+            // A new leader overwrites from index 2.
+            let mut b = WriteBatch::default();
+            log.append(&[entry(2, 2)], &mut b).unwrap();
+            engine.write(b, true).unwrap();
+            assert_eq!(log.last_index().unwrap(), 2);
+            assert_eq!(log.term(2).unwrap(), 2);
+            let got = log.entries(1, 3, None, GetEntriesContext::empty(false)).unwrap();
+            assert_eq!(got.iter().map(|e| e.term).collect::<Vec<_>>(), vec![1, 2]);
+            let mut b = WriteBatch::default();
+            log.truncate_before(2, &mut b).unwrap();
+            engine.write(b, true).unwrap();
+            assert_eq!(log.first_index().unwrap(), 2);
+            assert_eq!(log.term(1).unwrap(), 1);
+            assert!(log.entries(1, 2, None, GetEntriesContext::empty(false)).is_err());
+        }
+    }
+
+    #[test]
+    fn state_survives_reopen_on_rocksdb() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let engine = open(EngineKind::RocksDb, dir.path()).unwrap();
+            let log = RaftLog::open(engine.clone()).unwrap();
+            log.bootstrap(&[1]).unwrap();
+            let mut b = WriteBatch::default();
+            log.append(&[entry(1, 1), entry(2, 1)], &mut b).unwrap();
+            let hs = HardState {
+                term: 1,
+                vote: 1,
+                commit: 2,
+                ..Default::default()
+            };
+            log.set_hard_state(&hs, &mut b).unwrap();
+            engine.write(b, true).unwrap();
+        }
+        let engine = open(EngineKind::RocksDb, dir.path()).unwrap();
+        let log = RaftLog::open(engine).unwrap();
+        let st = log.initial_state().unwrap();
+        assert_eq!(st.hard_state.commit, 2);
+        assert_eq!(st.conf_state.voters, vec![1]);
+        assert_eq!(log.last_index().unwrap(), 2);
+    }
+}

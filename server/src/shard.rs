@@ -1,0 +1,707 @@
+//! `Shard`: one core's raft group, state machine and request handling.
+//!
+//! A shard lives on one glommio executor and is shared by that executor's
+//! tasks through an `Rc` (no locks: one thread). It owns a raft-rs
+//! `RawNode` over a [`RaftLog`], the [`ShardState`] it applies committed
+//! entries to, and the bookkeeping that turns the shared
+//! [`RevisionOracle`] into this shard's *resolved watermark*.
+//!
+//! The write path: a request takes a revision from the oracle (except
+//! prepares, aborts, compactions and participant commits, whose revision is
+//! given or not needed), is queued as a [`RaftCommand`] and waits. The raft
+//! task drains the queue into `propose`, handles `Ready`: persists new
+//! entries and hard state in one engine write with sync (group commit: every
+//! proposal queued meanwhile shares that fsync), then applies committed
+//! entries through `ShardState::apply` and answers their waiters. raft-rs
+//! does no I/O; this loop owns it, and a 100 ms tick drives raft's timers and
+//! re-checks everything a lost wake-up could have left waiting.
+//!
+//! Resolved watermark: `resolved() = min(oracle.current(), every revision
+//! this shard allocated and has not applied yet − 1, the floor of every
+//! prepared cross-shard txn)`. A txn's floor is the oracle's value when its
+//! prepare applied; its commit revision is allocated later, so it is above
+//! the floor. Hence no write on this shard will ever get a revision <=
+//! `resolved()`, and a read at revision R waits until `resolved() >= R` to
+//! see exactly the writes <= R — the consistent cross-shard snapshot. The
+//! value only grows, and an idle shard's watermark is the oracle's current
+//! value at once.
+
+use std::cell::{Cell, RefCell};
+use std::collections::{BTreeMap, HashMap};
+use std::rc::Rc;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use futures::channel::{mpsc, oneshot};
+use futures::StreamExt;
+use metastore_proto::etcdserverpb::{
+    request_op, response_op, RangeRequest, RangeResponse, ResponseHeader, ResponseOp, TxnRequest,
+    TxnResponse,
+};
+use metastore_proto::router::ShardRouter;
+use metastore_proto::shardpb::{
+    raft_command::Op, shard_error::Code, shard_request, shard_response::Body, AbortRequest,
+    CommitRequest, CompactRequest, CurrentRevisionResponse, RaftCommand, ResolveRequest,
+    ResolveResponse, ShardError, ShardRequest, StatusResponse, TopologyResponse,
+    TxnEvaluateResponse, TxnReadResponse,
+};
+use metastore_proto::txn;
+use prost::Message;
+use raft::eraftpb::EntryType;
+use raft::{Config, RawNode, Storage};
+
+use crate::engine::{Engine, WriteBatch};
+use crate::mvcc::Mvcc;
+use crate::oracle::RevisionOracle;
+use crate::raftlog::RaftLog;
+use crate::state::{mvcc_error, ShardState, StateError, TxnId};
+
+/// How often raft ticks and waiting work is re-checked.
+pub const TICK: Duration = Duration::from_millis(100);
+/// A prepared txn older than this is resolved by the shard itself (the
+/// coordinator is presumed gone).
+pub const INTENT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Applied raft entries kept before the log is truncated.
+pub const LOG_KEEP: u64 = 10_000;
+
+/// What every shard of the process knows about the others.
+pub struct Topology {
+    pub shard_count: u32,
+    /// `host:port` of each shard, set once all have bound.
+    pub addrs: OnceLock<Vec<String>>,
+    pub cluster_id: u64,
+    pub member_id: u64,
+    pub member_name: String,
+    pub engine: String,
+}
+
+/// Errors that stop a shard.
+#[derive(Debug, thiserror::Error)]
+pub enum ShardFailure {
+    #[error("state: {0}")]
+    State(#[from] StateError),
+    #[error("raft: {0}")]
+    Raft(#[from] raft::Error),
+}
+
+/// One shard; see the module essay.
+pub struct Shard {
+    id: u32,
+    router: ShardRouter,
+    oracle: Arc<RevisionOracle>,
+    topology: Arc<Topology>,
+    durable: bool,
+    node: RefCell<RawNode<RaftLog>>,
+    state: RefCell<ShardState>,
+    queue: RefCell<Vec<RaftCommand>>,
+    waiters: RefCell<HashMap<u64, oneshot::Sender<Body>>>,
+    next_proposal: Cell<u64>,
+    /// Revisions allocated by this shard and not yet applied → proposal id.
+    inflight: RefCell<BTreeMap<i64, u64>>,
+    /// Floor revision and prepare time of each prepared txn.
+    floors: RefCell<HashMap<TxnId, (i64, Instant)>>,
+    read_waiters: RefCell<Vec<(i64, oneshot::Sender<()>)>>,
+    resolving: RefCell<std::collections::HashSet<TxnId>>,
+    wake: mpsc::UnboundedSender<()>,
+    wake_rx: RefCell<Option<mpsc::UnboundedReceiver<()>>>,
+}
+
+fn error(code: Code, message: impl Into<String>) -> Body {
+    Body::Error(ShardError {
+        code: code as i32,
+        message: message.into(),
+    })
+}
+
+fn slog_logger() -> slog::Logger {
+    slog::Logger::root(slog::Discard, slog::o!())
+}
+
+impl Shard {
+    /// Opens shard `id` over `engine`, replaying its log. Returns the shard
+    /// and the largest revision found in its log or data (the oracle must
+    /// start above it).
+    pub fn open(
+        id: u32,
+        router: ShardRouter,
+        engine: Rc<dyn Engine>,
+        oracle: Arc<RevisionOracle>,
+        topology: Arc<Topology>,
+    ) -> Result<(Rc<Shard>, i64), ShardFailure> {
+        let durable = matches!(engine.kind(), crate::engine::EngineKind::RocksDb);
+        let log = RaftLog::open(engine.clone())?;
+        log.bootstrap(&[1])?;
+        let mut state = ShardState::open(id, router, engine.clone())?;
+        // Re-apply committed entries the state has not seen (the state's
+        // writes are not synced; the log's are).
+        let commit = log.initial_state()?.hard_state.commit;
+        let mut max_rev = state.mvcc().current_revision();
+        let last = log.last_index()?;
+        let from = state.applied_index() + 1;
+        if from <= last {
+            let entries = log.entries(from, last + 1, None, raft::GetEntriesContext::empty(false))?;
+            for e in entries {
+                let cmd = decode_entry(&e);
+                if let Some(cmd) = &cmd {
+                    max_rev = max_rev.max(cmd.revision);
+                }
+                if e.index <= commit {
+                    match cmd {
+                        Some(cmd) => {
+                            state.apply(e.index, &cmd)?;
+                        }
+                        None => state.apply_noop(e.index)?,
+                    }
+                }
+            }
+        }
+        let applied = state.applied_index();
+        let config = Config {
+            id: 1,
+            election_tick: 10,
+            heartbeat_tick: 3,
+            applied,
+            max_size_per_msg: 1 << 20,
+            max_inflight_msgs: 256,
+            ..Default::default()
+        };
+        config.validate()?;
+        let mut node = RawNode::new(&config, log, &slog_logger())?;
+        // One voter: campaigning makes it leader at once.
+        node.campaign()?;
+        let (wake, wake_rx) = mpsc::unbounded();
+        let shard = Rc::new(Shard {
+            id,
+            router,
+            oracle,
+            topology,
+            durable,
+            node: RefCell::new(node),
+            state: RefCell::new(state),
+            queue: RefCell::new(Vec::new()),
+            waiters: RefCell::new(HashMap::new()),
+            next_proposal: Cell::new(1),
+            inflight: RefCell::new(BTreeMap::new()),
+            floors: RefCell::new(HashMap::new()),
+            read_waiters: RefCell::new(Vec::new()),
+            resolving: RefCell::new(Default::default()),
+            wake,
+            wake_rx: RefCell::new(Some(wake_rx)),
+        });
+        Ok((shard, max_rev))
+    }
+
+    /// Called once the oracle has been set above every shard's revisions:
+    /// gives txns prepared before a restart their floor.
+    pub fn start(&self) {
+        let now = self.oracle.current();
+        let ids: Vec<TxnId> = self.state.borrow().intents().keys().cloned().collect();
+        let mut floors = self.floors.borrow_mut();
+        for id in ids {
+            floors.insert(id, (now, Instant::now()));
+        }
+    }
+
+    pub fn id(&self) -> u32 {
+        self.id
+    }
+
+    fn owns_fn(&self) -> impl Fn(&[u8]) -> bool {
+        let (shard, router) = (self.id, self.router);
+        move |k: &[u8]| router.owns(shard, k)
+    }
+
+    fn term(&self) -> u64 {
+        self.node.borrow().raft.term
+    }
+
+    /// This shard's resolved watermark (see the module essay).
+    pub fn resolved(&self) -> i64 {
+        let mut r = self.oracle.current();
+        if let Some((rev, _)) = self.inflight.borrow().iter().next() {
+            r = r.min(rev - 1);
+        }
+        for (floor, _) in self.floors.borrow().values() {
+            r = r.min(*floor);
+        }
+        r
+    }
+
+    async fn wait_resolved(&self, rev: i64) {
+        while self.resolved() < rev {
+            let (tx, rx) = oneshot::channel();
+            self.read_waiters.borrow_mut().push((rev, tx));
+            // Woken after applies; the tick re-checks in case of a miss.
+            let _ = rx.await;
+        }
+    }
+
+    fn notify_readers(&self) {
+        let resolved = self.resolved();
+        let mut waiters = self.read_waiters.borrow_mut();
+        let mut i = 0;
+        while i < waiters.len() {
+            if waiters[i].0 <= resolved || waiters[i].1.is_canceled() {
+                let (_, tx) = waiters.swap_remove(i);
+                let _ = tx.send(());
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    /// Queues `op` for raft at `revision` (`None`: allocate one now) and
+    /// waits for it to be applied.
+    async fn propose(&self, op: Op, revision: Option<i64>) -> Body {
+        let (rev, allocated) = match revision {
+            Some(r) => (r, false),
+            None => (self.oracle.allocate(), true),
+        };
+        let id = self.next_proposal.get();
+        self.next_proposal.set(id + 1);
+        if allocated {
+            self.inflight.borrow_mut().insert(rev, id);
+        }
+        let (tx, rx) = oneshot::channel();
+        self.waiters.borrow_mut().insert(id, tx);
+        self.queue.borrow_mut().push(RaftCommand {
+            revision: rev,
+            proposal_id: id,
+            op: Some(op),
+        });
+        let _ = self.wake.unbounded_send(());
+        rx.await
+            .unwrap_or_else(|_| error(Code::Unavailable, "shard stopped"))
+    }
+
+    /// The raft task: runs until the process ends.
+    pub async fn run_raft(self: Rc<Self>) {
+        let mut wake_rx = self.wake_rx.borrow_mut().take().expect("raft task started twice");
+        let mut next_tick = Instant::now() + TICK;
+        loop {
+            let now = Instant::now();
+            if now >= next_tick {
+                self.node.borrow_mut().tick();
+                next_tick = now + TICK;
+                self.on_tick();
+            } else {
+                let sleep = glommio::timer::sleep(next_tick - now);
+                futures::pin_mut!(sleep);
+                let _ = futures::future::select(wake_rx.next(), sleep).await;
+                // Let other tasks queue more proposals: one fsync for all.
+                futures_lite_yield().await;
+            }
+            while wake_rx.try_recv().is_ok() {}
+            if let Err(e) = self.drive() {
+                eprintln!("shard {}: fatal: {e}", self.id);
+                std::process::exit(1);
+            }
+        }
+    }
+
+    fn drive(&self) -> Result<(), ShardFailure> {
+        let queued: Vec<RaftCommand> = std::mem::take(&mut *self.queue.borrow_mut());
+        for cmd in queued {
+            let res = self
+                .node
+                .borrow_mut()
+                .propose(vec![], cmd.encode_to_vec());
+            if let Err(e) = res {
+                self.finish_proposal(&cmd, error(Code::NotLeader, format!("propose: {e}")));
+            }
+        }
+        loop {
+            let mut node = self.node.borrow_mut();
+            if !node.has_ready() {
+                break;
+            }
+            let mut rd = node.ready();
+            let committed = rd.take_committed_entries();
+            let mut batch = WriteBatch::default();
+            node.store().append(rd.entries(), &mut batch)?;
+            if let Some(hs) = rd.hs() {
+                node.store().set_hard_state(hs, &mut batch)?;
+            }
+            let engine = self.state.borrow().engine().clone();
+            if !batch.ops.is_empty() {
+                engine
+                    .write(batch, self.durable)
+                    .map_err(StateError::from)?;
+            }
+            let mut light = node.advance(rd);
+            if let Some(commit) = light.commit_index() {
+                let mut b = WriteBatch::default();
+                node.store().set_commit(commit, &mut b)?;
+                engine.write(b, false).map_err(StateError::from)?;
+            }
+            let more = light.take_committed_entries();
+            drop(node);
+            self.apply_entries(committed)?;
+            self.apply_entries(more)?;
+            self.node.borrow_mut().advance_apply();
+        }
+        self.notify_readers();
+        Ok(())
+    }
+
+    fn apply_entries(&self, entries: Vec<raft::eraftpb::Entry>) -> Result<(), ShardFailure> {
+        for e in entries {
+            let cmd = if e.get_entry_type() == EntryType::EntryNormal {
+                decode_entry(&e)
+            } else {
+                None
+            };
+            let Some(cmd) = cmd else {
+                self.state.borrow_mut().apply_noop(e.index)?;
+                continue;
+            };
+            let body = self.state.borrow_mut().apply(e.index, &cmd)?;
+            match &cmd.op {
+                Some(Op::Prepare(p)) if !matches!(body, Body::Error(_)) => {
+                    self.floors
+                        .borrow_mut()
+                        .entry(p.txn_id.clone())
+                        .or_insert((self.oracle.current(), Instant::now()));
+                }
+                Some(Op::Commit(CommitRequest { txn_id, .. }))
+                | Some(Op::Abort(AbortRequest { txn_id })) => {
+                    if !self.state.borrow().intents().contains_key(txn_id) {
+                        self.floors.borrow_mut().remove(txn_id);
+                    }
+                }
+                _ => {}
+            }
+            self.finish_proposal(&cmd, body);
+        }
+        Ok(())
+    }
+
+    fn finish_proposal(&self, cmd: &RaftCommand, body: Body) {
+        {
+            let mut inflight = self.inflight.borrow_mut();
+            if inflight.get(&cmd.revision) == Some(&cmd.proposal_id) {
+                inflight.remove(&cmd.revision);
+            }
+        }
+        if let Some(tx) = self.waiters.borrow_mut().remove(&cmd.proposal_id) {
+            let body = match body {
+                Body::Put(mut r) => {
+                    r.header = self.header(r.header);
+                    Body::Put(r)
+                }
+                Body::DeleteRange(mut r) => {
+                    r.header = self.header(r.header);
+                    Body::DeleteRange(r)
+                }
+                Body::Txn(mut r) => {
+                    r.header = self.header(r.header);
+                    Body::Txn(r)
+                }
+                other => other,
+            };
+            let _ = tx.send(body);
+        }
+    }
+
+    fn header(&self, h: Option<ResponseHeader>) -> Option<ResponseHeader> {
+        let mut h = h.unwrap_or_default();
+        if h.revision == 0 {
+            h.revision = self.oracle.current();
+        }
+        h.raft_term = self.term();
+        h.cluster_id = self.topology.cluster_id;
+        h.member_id = self.topology.member_id;
+        Some(h)
+    }
+
+    /// Periodic work: wake readers, truncate the log, resolve stale txns.
+    fn on_tick(self: &Rc<Self>) {
+        self.notify_readers();
+        let applied = self.state.borrow().applied_index();
+        if applied > LOG_KEEP && applied % 1000 < 50 {
+            let node = self.node.borrow();
+            let mut b = WriteBatch::default();
+            if node.store().truncate_before(applied - LOG_KEEP, &mut b).is_ok() && !b.ops.is_empty() {
+                let _ = self.state.borrow().engine().write(b, false);
+            }
+        }
+        let stale: Vec<(TxnId, u32)> = {
+            let floors = self.floors.borrow();
+            let state = self.state.borrow();
+            state
+                .intents()
+                .iter()
+                .filter(|(id, _)| {
+                    floors
+                        .get(*id)
+                        .map(|(_, t)| t.elapsed() > INTENT_TIMEOUT)
+                        .unwrap_or(false)
+                })
+                .map(|(id, p)| (id.clone(), p.primary))
+                .collect()
+        };
+        for (id, primary) in stale {
+            if !self.resolving.borrow_mut().insert(id.clone()) {
+                continue;
+            }
+            let shard = self.clone();
+            glommio::spawn_local(async move {
+                shard.resolve_stale(id.clone(), primary).await;
+                shard.resolving.borrow_mut().remove(&id);
+            })
+            .detach();
+        }
+    }
+
+    /// Settles a txn whose coordinator went silent: the primary aborts it
+    /// unless decided; a participant asks the primary and follows it.
+    async fn resolve_stale(self: &Rc<Self>, id: TxnId, primary: u32) {
+        let decision = if primary == self.id {
+            self.resolve(&id).await
+        } else {
+            let Some(addr) = self.topology.addrs.get().and_then(|a| a.get(primary as usize).cloned())
+            else {
+                return;
+            };
+            let req = ShardRequest {
+                id: 1,
+                body: Some(shard_request::Body::Resolve(ResolveRequest { txn_id: id.clone() })),
+            };
+            match crate::net::call(&addr, &req).await {
+                Ok(resp) => match resp.body {
+                    Some(Body::Resolve(r)) => r,
+                    _ => return,
+                },
+                Err(_) => return,
+            }
+        };
+        if decision.committed {
+            self.propose(
+                Op::Commit(CommitRequest {
+                    txn_id: id,
+                    path: decision.path,
+                    revision: decision.revision,
+                }),
+                Some(decision.revision),
+            )
+            .await;
+        } else {
+            self.propose(Op::Abort(AbortRequest { txn_id: id }), Some(0)).await;
+        }
+    }
+
+    /// The primary's answer for `id`: its decision, deciding abort first if
+    /// there is none yet.
+    async fn resolve(&self, id: &[u8]) -> ResolveResponse {
+        let known = |s: &Self| {
+            s.state.borrow().decision(id).map(|d| ResolveResponse {
+                committed: d.committed,
+                revision: d.revision,
+                path: d.path.clone(),
+            })
+        };
+        if let Some(r) = known(self) {
+            return r;
+        }
+        self.propose(Op::Abort(AbortRequest { txn_id: id.to_vec() }), Some(0))
+            .await;
+        known(self).unwrap_or_default()
+    }
+
+    /// Answers one request of the shard protocol.
+    pub async fn handle(self: &Rc<Self>, req: shard_request::Body) -> Body {
+        use shard_request::Body as R;
+        match req {
+            R::Topology(_) => Body::Topology(TopologyResponse {
+                shard_count: self.topology.shard_count,
+                shard_id: self.id,
+                shard_addrs: self.topology.addrs.get().cloned().unwrap_or_default(),
+                cluster_id: self.topology.cluster_id,
+                member_id: self.topology.member_id,
+                engine: self.topology.engine.clone(),
+                member_name: self.topology.member_name.clone(),
+            }),
+            R::CurrentRevision(_) => Body::CurrentRevision(CurrentRevisionResponse {
+                revision: self.oracle.current(),
+                raft_term: self.term(),
+            }),
+            R::Range(r) => self.range(r).await,
+            R::Put(p) => {
+                if !self.router.owns(self.id, &p.key) {
+                    return error(Code::InvalidArgument, "key belongs to another shard");
+                }
+                self.propose(Op::Put(p), None).await
+            }
+            R::DeleteRange(d) => {
+                if self.router.shard_count() > 1
+                    && (!d.range_end.is_empty() || !self.router.owns(self.id, &d.key))
+                {
+                    return error(Code::InvalidArgument, "delete spans other shards");
+                }
+                self.propose(Op::DeleteRange(d), None).await
+            }
+            R::Txn(t) => {
+                if !self.state.borrow().owns_all(&t) {
+                    return error(Code::InvalidArgument, "txn touches keys of other shards");
+                }
+                self.propose(Op::Txn(t), None).await
+            }
+            R::TxnEvaluate(e) => {
+                let t = e.txn.unwrap_or_default();
+                match self.read_at(e.revision).await {
+                    Err(b) => b,
+                    Ok(rev) => {
+                        let owns = self.owns_fn();
+                        match self.state.borrow().mvcc().evaluate_compares(&t, rev, &owns) {
+                            Ok(outcomes) => Body::TxnEvaluate(TxnEvaluateResponse { outcomes }),
+                            Err(e) => mvcc_error(e).unwrap_or_else(internal),
+                        }
+                    }
+                }
+            }
+            R::TxnRead(r) => {
+                let t = r.txn.unwrap_or_default();
+                if txn::may_write(&t) {
+                    return error(Code::InvalidArgument, "txn_read carries writes");
+                }
+                match self.read_at(r.revision).await {
+                    Err(b) => b,
+                    Ok(rev) => {
+                        let owns = self.owns_fn();
+                        let state = self.state.borrow();
+                        match read_txn(state.mvcc(), &t, &r.path, rev, &owns) {
+                            Ok((mut resp, _)) => {
+                                resp.header = self.header(None);
+                                Body::TxnRead(TxnReadResponse { txn: Some(resp) })
+                            }
+                            Err(e) => mvcc_error(e).unwrap_or_else(internal),
+                        }
+                    }
+                }
+            }
+            R::Prepare(p) => self.propose(Op::Prepare(p), Some(0)).await,
+            R::Commit(c) => {
+                let revision = if c.revision == 0 { None } else { Some(c.revision) };
+                self.propose(Op::Commit(c), revision).await
+            }
+            R::Abort(a) => self.propose(Op::Abort(a), Some(0)).await,
+            R::Resolve(r) => Body::Resolve(self.resolve(&r.txn_id).await),
+            R::Compact(CompactRequest { revision }) => {
+                if revision > self.oracle.current() {
+                    return error(
+                        Code::FutureRevision,
+                        "etcdserver: mvcc: required revision is a future revision",
+                    );
+                }
+                self.propose(Op::Compact(CompactRequest { revision }), Some(0))
+                    .await
+            }
+            R::Status(_) => {
+                let node = self.node.borrow();
+                let state = self.state.borrow();
+                Body::Status(StatusResponse {
+                    raft_index: node.store().last_index().unwrap_or(0),
+                    raft_term: node.raft.term,
+                    raft_applied_index: state.applied_index(),
+                    db_size: state.engine().size_bytes() as i64,
+                    leader: self.topology.member_id,
+                    revision: self.oracle.current(),
+                    compact_revision: state.mvcc().compacted_revision(),
+                })
+            }
+        }
+    }
+
+    /// Maps a requested read revision (0 = current) to the revision to read
+    /// at, after checking it and waiting until it is resolved here.
+    async fn read_at(&self, requested: i64) -> Result<i64, Body> {
+        let current = self.oracle.current();
+        let rev = if requested <= 0 { current } else { requested };
+        if rev > current {
+            return Err(error(
+                Code::FutureRevision,
+                "etcdserver: mvcc: required revision is a future revision",
+            ));
+        }
+        self.wait_resolved(rev).await;
+        Ok(rev.max(1))
+    }
+
+    async fn range(&self, r: RangeRequest) -> Body {
+        let requested = r.revision;
+        let rev = match self.read_at(requested).await {
+            Ok(rev) => rev,
+            Err(b) => return b,
+        };
+        let owns = self.owns_fn();
+        let result = self.state.borrow().mvcc().range(&r, rev, &owns);
+        match result {
+            Ok(mut resp) => {
+                // Revision 0 reads report their snapshot revision; explicit
+                // ones the current revision, as etcd does.
+                let header_rev = if requested <= 0 { rev } else { self.oracle.current() };
+                resp.header = self.header(Some(ResponseHeader {
+                    revision: header_rev,
+                    ..Default::default()
+                }));
+                Body::Range(resp)
+            }
+            Err(e) => mvcc_error(e).unwrap_or_else(internal),
+        }
+    }
+}
+
+fn internal(e: StateError) -> Body {
+    error(Code::Internal, e.to_string())
+}
+
+async fn futures_lite_yield() {
+    glommio::yield_if_needed().await;
+}
+
+fn decode_entry(e: &raft::eraftpb::Entry) -> Option<RaftCommand> {
+    if e.data.is_empty() {
+        return None;
+    }
+    RaftCommand::decode(&e.data[..]).ok()
+}
+
+/// Executes the read-only ops of `t` along `path` at `rev` over owned keys;
+/// returns the response and how many path entries it used.
+pub fn read_txn(
+    mvcc: &Mvcc,
+    t: &TxnRequest,
+    path: &[bool],
+    rev: i64,
+    owns: &dyn Fn(&[u8]) -> bool,
+) -> Result<(TxnResponse, usize), crate::mvcc::MvccError> {
+    let ok = *path.first().unwrap_or(&false);
+    let mut used = 1;
+    let ops = if ok { &t.success } else { &t.failure };
+    let mut responses = Vec::with_capacity(ops.len());
+    for op in ops {
+        let resp = match &op.request {
+            Some(request_op::Request::RequestRange(r)) => {
+                let rr: RangeResponse = mvcc.range(r, rev, owns)?;
+                response_op::Response::ResponseRange(rr)
+            }
+            Some(request_op::Request::RequestTxn(nested)) => {
+                let (nr, n) = read_txn(mvcc, nested, &path[used..], rev, owns)?;
+                used += n;
+                response_op::Response::ResponseTxn(nr)
+            }
+            _ => continue,
+        };
+        responses.push(ResponseOp {
+            response: Some(resp),
+        });
+    }
+    Ok((
+        TxnResponse {
+            header: None,
+            succeeded: ok,
+            responses,
+        },
+        used,
+    ))
+}

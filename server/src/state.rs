@@ -1,0 +1,831 @@
+//! `ShardState`: the replicated state machine of one shard.
+//!
+//! Every committed raft entry is one [`RaftCommand`] and is applied here, in
+//! log order, by [`ShardState::apply`] — the single apply path that every
+//! engine shares. It does no I/O of its own beyond writing one engine batch
+//! per entry (data, intents, decisions and the applied index together, so a
+//! crash leaves either all of an entry or none of it; the raft log, synced
+//! before apply, replays what was lost). Given the same entries it produces
+//! the same state and the same answers on every replica and every replay.
+//!
+//! Besides the MVCC data, the state holds the shard's side of cross-shard
+//! transactions (two-phase commit over the shards' raft groups):
+//! - an *intent* per prepared transaction: the whole txn, the primary and
+//!   the participants, persisted under `I` + txn id;
+//! - *locks* derived from intents: every key or key range the txn may
+//!   compare, read or write on this shard. A single-shard write or another
+//!   prepare touching a locked key is refused with `CONFLICT` (nothing
+//!   applied; the gateway retries), so the compares a prepare evaluated stay
+//!   true until its commit;
+//! - on the primary, the *decision* (committed at revision R along a path,
+//!   or aborted), persisted under `D` + txn id. A commit at the primary is
+//!   the commit point; a participant that never hears the outcome asks the
+//!   primary (see `crate::shard`).
+//!
+//! Invariants:
+//! - a prepared txn's keys change only by its own commit or abort;
+//! - a txn is committed on the primary at most once, and never after it was
+//!   aborted there (and vice versa);
+//! - a commit on a participant uses the primary's revision, so all shards
+//!   record the txn's changes at one revision. That revision may be below
+//!   revisions this shard applied meanwhile to *other* keys; per key,
+//!   revisions still only grow (the key was locked).
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::rc::Rc;
+
+use metastore_proto::etcdserverpb::{
+    DeleteRangeRequest, PutRequest, ResponseHeader, TxnRequest, TxnResponse,
+};
+use metastore_proto::router::ShardRouter;
+use metastore_proto::shardpb::{
+    raft_command::Op, shard_error::Code, shard_response::Body, AbortResponse, CommitRequest,
+    CommitResponse, CompactResponse, Decision, Intent, PrepareRequest, PrepareResponse,
+    RaftCommand, ShardError,
+};
+use metastore_proto::txn;
+use prost::Message;
+
+use crate::engine::{keyspace, Engine, WriteBatch};
+use crate::mvcc::{Mvcc, MvccError};
+
+/// How many primary decisions are kept. A participant needs its txn's
+/// decision only until it has committed (seconds); older ones are dropped
+/// oldest first, in log order, so every replica drops the same ones.
+pub const MAX_DECISIONS: usize = 100_000;
+
+const APPLIED_KEY: &[u8] = b"Sapplied";
+
+/// A cross-shard transaction's id (16 random bytes chosen by the gateway).
+pub type TxnId = Vec<u8>;
+
+/// Errors that stop the shard (the engine failed or data is corrupt).
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("mvcc: {0}")]
+    Mvcc(#[from] MvccError),
+    #[error("engine: {0}")]
+    Engine(#[from] crate::engine::EngineError),
+    #[error("corrupt state: {0}")]
+    Corrupt(String),
+}
+
+/// A key (`end` empty) or a key range `[start, end)`; `end == [0]` means
+/// every key from `start` on, as in etcd.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Span {
+    start: Vec<u8>,
+    end: Vec<u8>,
+}
+
+impl Span {
+    fn new(start: &[u8], end: &[u8]) -> Self {
+        Span {
+            start: start.to_vec(),
+            end: end.to_vec(),
+        }
+    }
+    /// The exclusive upper bound, `None` for unbounded.
+    fn upper(&self) -> Option<Vec<u8>> {
+        if self.end.is_empty() {
+            let mut k = self.start.clone();
+            k.push(0);
+            Some(k)
+        } else if self.end == [0] {
+            None
+        } else {
+            Some(self.end.clone())
+        }
+    }
+    fn overlaps(&self, other: &Span) -> bool {
+        let below = |a: &Span, b: &Span| match a.upper() {
+            Some(u) => u <= b.start,
+            None => false,
+        };
+        !(below(self, other) || below(other, self))
+    }
+}
+
+/// Locks held by prepared transactions on this shard.
+#[derive(Default)]
+struct LockTable {
+    held: Vec<(Span, TxnId)>,
+}
+
+impl LockTable {
+    fn conflicts(&self, span: &Span, except: Option<&[u8]>) -> bool {
+        self.held
+            .iter()
+            .any(|(s, id)| Some(id.as_slice()) != except && s.overlaps(span))
+    }
+    fn add(&mut self, spans: Vec<Span>, id: &[u8]) {
+        for s in spans {
+            self.held.push((s, id.to_vec()));
+        }
+    }
+    fn release(&mut self, id: &[u8]) {
+        self.held.retain(|(_, t)| t.as_slice() != id);
+    }
+}
+
+/// The shard's applied state: MVCC data plus cross-shard txn bookkeeping.
+pub struct ShardState {
+    shard: u32,
+    router: ShardRouter,
+    engine: Rc<dyn Engine>,
+    mvcc: Mvcc,
+    applied_index: u64,
+    intents: BTreeMap<TxnId, PrepareRequest>,
+    decisions: HashMap<TxnId, Decision>,
+    decision_order: VecDeque<TxnId>,
+    locks: LockTable,
+}
+
+fn error(code: Code, message: impl Into<String>) -> Body {
+    Body::Error(ShardError {
+        code: code as i32,
+        message: message.into(),
+    })
+}
+
+fn conflict() -> Body {
+    error(
+        Code::Conflict,
+        "key locked by a prepared cross-shard transaction",
+    )
+}
+
+/// The shard protocol error for an MVCC error, or `Err` if the shard must
+/// stop.
+pub fn mvcc_error(e: MvccError) -> Result<Body, StateError> {
+    Ok(match e {
+        MvccError::Compacted => error(
+            Code::Compacted,
+            "etcdserver: mvcc: required revision has been compacted",
+        ),
+        MvccError::FutureRevision => error(
+            Code::FutureRevision,
+            "etcdserver: mvcc: required revision is a future revision",
+        ),
+        MvccError::KeyNotFound => error(Code::InvalidArgument, "etcdserver: key not found"),
+        other => return Err(other.into()),
+    })
+}
+
+impl ShardState {
+    /// Loads the state of shard `shard` (of `router`'s shards) from `engine`.
+    pub fn open(shard: u32, router: ShardRouter, engine: Rc<dyn Engine>) -> Result<Self, StateError> {
+        let mvcc = Mvcc::open(engine.clone())?;
+        let applied_index = match engine.get(APPLIED_KEY)? {
+            Some(b) if b.len() == 8 => u64::from_be_bytes(b.as_slice().try_into().unwrap()),
+            Some(_) => return Err(StateError::Corrupt("applied index".into())),
+            None => 0,
+        };
+        let mut state = ShardState {
+            shard,
+            router,
+            engine: engine.clone(),
+            mvcc,
+            applied_index,
+            intents: BTreeMap::new(),
+            decisions: HashMap::new(),
+            decision_order: VecDeque::new(),
+            locks: LockTable::default(),
+        };
+        let mut intents = Vec::new();
+        engine.scan(&[keyspace::SHARD_INTENT], &[keyspace::SHARD_INTENT + 1], &mut |k, v| {
+            intents.push((k[1..].to_vec(), v.to_vec()));
+            true
+        })?;
+        for (id, v) in intents {
+            let intent = Intent::decode(v.as_slice()).map_err(|e| StateError::Corrupt(e.to_string()))?;
+            let prep = intent.prepare.unwrap_or_default();
+            let spans = state.spans_of(prep.txn.as_ref().unwrap_or(&TxnRequest::default()));
+            state.locks.add(spans, &id);
+            state.intents.insert(id, prep);
+        }
+        let mut decisions = Vec::new();
+        engine.scan(&[keyspace::SHARD_DECISION], &[keyspace::SHARD_DECISION + 1], &mut |k, v| {
+            decisions.push((k[1..].to_vec(), v.to_vec()));
+            true
+        })?;
+        for (id, v) in decisions {
+            let d = Decision::decode(v.as_slice()).map_err(|e| StateError::Corrupt(e.to_string()))?;
+            state.decision_order.push_back(id.clone());
+            state.decisions.insert(id, d);
+        }
+        Ok(state)
+    }
+
+    pub fn shard(&self) -> u32 {
+        self.shard
+    }
+    pub fn router(&self) -> ShardRouter {
+        self.router
+    }
+    pub fn mvcc(&self) -> &Mvcc {
+        &self.mvcc
+    }
+    pub fn engine(&self) -> &Rc<dyn Engine> {
+        &self.engine
+    }
+    pub fn applied_index(&self) -> u64 {
+        self.applied_index
+    }
+    /// Prepared, undecided transactions on this shard.
+    pub fn intents(&self) -> &BTreeMap<TxnId, PrepareRequest> {
+        &self.intents
+    }
+    /// The primary's decision for `id`, if it has one.
+    pub fn decision(&self, id: &[u8]) -> Option<&Decision> {
+        self.decisions.get(id)
+    }
+
+    /// Whether this shard owns `key`.
+    pub fn owns(&self, key: &[u8]) -> bool {
+        self.router.owns(self.shard, key)
+    }
+
+    /// The spans of `txn` that concern this shard: owned single keys and
+    /// every range.
+    fn spans_of(&self, t: &TxnRequest) -> Vec<Span> {
+        txn::touched_ranges(t)
+            .into_iter()
+            .filter(|(k, e)| !e.is_empty() || self.owns(k))
+            .map(|(k, e)| Span::new(k, e))
+            .collect()
+    }
+
+    fn locked(&self, spans: &[Span], except: Option<&[u8]>) -> bool {
+        spans.iter().any(|s| self.locks.conflicts(s, except))
+    }
+
+    /// Whether every key `txn` touches is owned by this shard (the
+    /// single-shard fast path may only carry such txns).
+    pub fn owns_all(&self, t: &TxnRequest) -> bool {
+        self.router.shard_count() == 1
+            || txn::touched_ranges(t)
+                .iter()
+                .all(|(k, e)| e.is_empty() && self.owns(k))
+    }
+
+    /// Applies the committed entry `index` carrying `cmd`; returns the
+    /// answer for whoever proposed it.
+    pub fn apply(&mut self, index: u64, cmd: &RaftCommand) -> Result<Body, StateError> {
+        let mut batch = WriteBatch::default();
+        let body = self.apply_op(cmd, &mut batch)?;
+        batch.put(APPLIED_KEY.to_vec(), index.to_be_bytes().to_vec());
+        self.engine.write(batch, false)?;
+        self.applied_index = index;
+        Ok(body)
+    }
+
+    /// Records that `index` was applied without a command (raft's empty
+    /// entries, configuration changes).
+    pub fn apply_noop(&mut self, index: u64) -> Result<(), StateError> {
+        let mut batch = WriteBatch::default();
+        batch.put(APPLIED_KEY.to_vec(), index.to_be_bytes().to_vec());
+        self.engine.write(batch, false)?;
+        self.applied_index = index;
+        Ok(())
+    }
+
+    fn header(rev: i64) -> Option<ResponseHeader> {
+        Some(ResponseHeader {
+            revision: rev,
+            ..Default::default()
+        })
+    }
+
+    fn apply_op(&mut self, cmd: &RaftCommand, batch: &mut WriteBatch) -> Result<Body, StateError> {
+        let rev = cmd.revision;
+        let Some(op) = &cmd.op else {
+            return Ok(error(Code::InvalidArgument, "empty command"));
+        };
+        match op {
+            Op::Put(req) => self.apply_put(req, rev, batch),
+            Op::DeleteRange(req) => self.apply_delete(req, rev, batch),
+            Op::Txn(req) => self.apply_txn(req, rev, batch),
+            Op::Prepare(req) => self.apply_prepare(req, batch),
+            Op::Commit(req) => self.apply_commit(req, rev, batch),
+            Op::Abort(req) => Ok(self.apply_abort(&req.txn_id, batch)),
+            Op::Compact(req) => match self.mvcc.compact(req.revision) {
+                Ok(b) => {
+                    batch.extend(b);
+                    Ok(Body::Compact(CompactResponse {}))
+                }
+                Err(e) => mvcc_error(e),
+            },
+        }
+    }
+
+    fn apply_put(&mut self, req: &PutRequest, rev: i64, batch: &mut WriteBatch) -> Result<Body, StateError> {
+        if self.locked(&[Span::new(&req.key, &[])], None) {
+            return Ok(conflict());
+        }
+        let mut w = self.mvcc.write(rev);
+        match w.put(req) {
+            Ok(mut resp) => {
+                batch.extend(w.finish());
+                resp.header = Self::header(rev);
+                Ok(Body::Put(resp))
+            }
+            Err(e) => mvcc_error(e),
+        }
+    }
+
+    fn apply_delete(
+        &mut self,
+        req: &DeleteRangeRequest,
+        rev: i64,
+        batch: &mut WriteBatch,
+    ) -> Result<Body, StateError> {
+        if self.locked(&[Span::new(&req.key, &req.range_end)], None) {
+            return Ok(conflict());
+        }
+        let (shard, router) = (self.shard, self.router);
+        let owns = move |k: &[u8]| router.owns(shard, k);
+        let mut w = self.mvcc.write(rev);
+        match w.delete_range(req, &owns) {
+            Ok(mut resp) => {
+                batch.extend(w.finish());
+                resp.header = Self::header(rev);
+                Ok(Body::DeleteRange(resp))
+            }
+            Err(e) => mvcc_error(e),
+        }
+    }
+
+    /// The path of `t` evaluated against this shard's latest state.
+    fn local_path(&self, t: &TxnRequest) -> Result<Result<Vec<bool>, Body>, StateError> {
+        let (shard, router) = (self.shard, self.router);
+        let owns = move |k: &[u8]| router.owns(shard, k);
+        match self
+            .mvcc
+            .evaluate_compares(t, self.mvcc.current_revision().max(1), &owns)
+        {
+            Ok(outcomes) => Ok(Ok(txn::path(t, &txn::combine_outcomes(&[outcomes])))),
+            Err(e) => Ok(Err(mvcc_error(e)?)),
+        }
+    }
+
+    fn apply_txn(&mut self, t: &TxnRequest, rev: i64, batch: &mut WriteBatch) -> Result<Body, StateError> {
+        if !self.owns_all(t) {
+            return Ok(error(
+                Code::InvalidArgument,
+                "txn touches keys of other shards",
+            ));
+        }
+        if self.locked(&self.spans_of(t), None) {
+            return Ok(conflict());
+        }
+        let path = match self.local_path(t)? {
+            Ok(p) => p,
+            Err(body) => return Ok(body),
+        };
+        let (shard, router) = (self.shard, self.router);
+        let owns = move |k: &[u8]| router.owns(shard, k);
+        let mut w = self.mvcc.write(rev);
+        match w.txn(t, &path, &owns) {
+            Ok(mut resp) => {
+                batch.extend(w.finish());
+                resp.header = Self::header(rev);
+                Ok(Body::Txn(resp))
+            }
+            Err(e) => mvcc_error(e),
+        }
+    }
+
+    fn apply_prepare(&mut self, req: &PrepareRequest, batch: &mut WriteBatch) -> Result<Body, StateError> {
+        let id = req.txn_id.clone();
+        if let Some(d) = self.decisions.get(&id) {
+            if !d.committed {
+                return Ok(error(Code::TxnAborted, "transaction was aborted"));
+            }
+        }
+        let t = req.txn.clone().unwrap_or_default();
+        let (shard, router) = (self.shard, self.router);
+        let owns = move |k: &[u8]| router.owns(shard, k);
+        if !self.intents.contains_key(&id) {
+            let spans = self.spans_of(&t);
+            if self.locked(&spans, Some(&id)) {
+                return Ok(conflict());
+            }
+            self.locks.add(spans, &id);
+            self.intents.insert(id.clone(), req.clone());
+            let mut key = vec![keyspace::SHARD_INTENT];
+            key.extend_from_slice(&id);
+            let intent = Intent {
+                prepare: Some(req.clone()),
+            };
+            batch.put(key, intent.encode_to_vec());
+        }
+        match self
+            .mvcc
+            .evaluate_compares(&t, self.mvcc.current_revision().max(1), &owns)
+        {
+            Ok(outcomes) => Ok(Body::Prepare(PrepareResponse { outcomes })),
+            Err(e) => mvcc_error(e),
+        }
+    }
+
+    fn apply_commit(&mut self, req: &CommitRequest, rev: i64, batch: &mut WriteBatch) -> Result<Body, StateError> {
+        let id = &req.txn_id;
+        let Some(prep) = self.intents.get(id).cloned() else {
+            // Already resolved here: answer idempotently.
+            return Ok(match self.decisions.get(id) {
+                Some(d) if d.committed => Body::Commit(CommitResponse {
+                    txn: Some(TxnResponse::default()),
+                    revision: d.revision,
+                }),
+                Some(_) => error(Code::TxnAborted, "transaction was aborted"),
+                None if req.revision != 0 => Body::Commit(CommitResponse {
+                    txn: Some(TxnResponse::default()),
+                    revision: req.revision,
+                }),
+                None => error(Code::TxnAborted, "transaction is not prepared"),
+            });
+        };
+        let primary = prep.primary == self.shard;
+        let rev = if primary { rev } else { req.revision };
+        if rev <= 0 {
+            return Ok(error(Code::InvalidArgument, "commit without a revision"));
+        }
+        let t = prep.txn.clone().unwrap_or_default();
+        let (shard, router) = (self.shard, self.router);
+        let owns = move |k: &[u8]| router.owns(shard, k);
+        let mut w = self.mvcc.write(rev);
+        let resp = match w.txn(&t, &req.path, &owns) {
+            Ok(r) => r,
+            Err(e) => return mvcc_error(e),
+        };
+        batch.extend(w.finish());
+        self.forget_intent(id, batch);
+        if primary {
+            self.record_decision(
+                id,
+                Decision {
+                    committed: true,
+                    revision: rev,
+                    path: req.path.clone(),
+                },
+                batch,
+            );
+        }
+        Ok(Body::Commit(CommitResponse {
+            txn: Some(TxnResponse {
+                header: Self::header(rev),
+                ..resp
+            }),
+            revision: rev,
+        }))
+    }
+
+    fn apply_abort(&mut self, id: &[u8], batch: &mut WriteBatch) -> Body {
+        if let Some(d) = self.decisions.get(id) {
+            if d.committed {
+                return error(Code::InvalidArgument, "transaction already committed");
+            }
+            return Body::Abort(AbortResponse {});
+        }
+        let was_primary = self
+            .intents
+            .get(id)
+            .map(|p| p.primary == self.shard)
+            .unwrap_or(true);
+        self.forget_intent(id, batch);
+        if was_primary {
+            // Recorded so that a late prepare or commit of this txn is
+            // refused here.
+            self.record_decision(id, Decision::default(), batch);
+        }
+        Body::Abort(AbortResponse {})
+    }
+
+    fn forget_intent(&mut self, id: &[u8], batch: &mut WriteBatch) {
+        if self.intents.remove(id).is_some() {
+            self.locks.release(id);
+            let mut key = vec![keyspace::SHARD_INTENT];
+            key.extend_from_slice(id);
+            batch.delete(key);
+        }
+    }
+
+    fn record_decision(&mut self, id: &[u8], d: Decision, batch: &mut WriteBatch) {
+        let mut key = vec![keyspace::SHARD_DECISION];
+        key.extend_from_slice(id);
+        batch.put(key, d.encode_to_vec());
+        if self.decisions.insert(id.to_vec(), d).is_none() {
+            self.decision_order.push_back(id.to_vec());
+        }
+        while self.decision_order.len() > MAX_DECISIONS {
+            let old = self.decision_order.pop_front().unwrap();
+            self.decisions.remove(&old);
+            let mut key = vec![keyspace::SHARD_DECISION];
+            key.extend_from_slice(&old);
+            batch.delete(key);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Scripted two-phase-commit scenarios: two shards' state machines
+    //! driven entry by entry, no raft and no network, on both engines,
+    //! including "crashes" (reopening a state from its engine) between
+    //! steps.
+    use super::*;
+    use crate::engine::{open, EngineKind};
+    use metastore_proto::etcdserverpb::{
+        compare, request_op, Compare, PutRequest, RangeRequest, RequestOp,
+    };
+    use metastore_proto::shardpb::{AbortRequest, CommitRequest, PrepareRequest};
+
+    struct Cluster {
+        router: ShardRouter,
+        engines: Vec<Rc<dyn Engine>>,
+        states: Vec<ShardState>,
+        index: u64,
+        _dirs: Vec<tempfile::TempDir>,
+    }
+
+    impl Cluster {
+        fn new(kind: EngineKind) -> Self {
+            let router = ShardRouter::new(2);
+            let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+            let engines: Vec<Rc<dyn Engine>> =
+                dirs.iter().map(|d| open(kind, d.path()).unwrap()).collect();
+            let states = (0..2)
+                .map(|i| ShardState::open(i, router, engines[i as usize].clone()).unwrap())
+                .collect();
+            Cluster {
+                router,
+                engines,
+                states,
+                index: 0,
+                _dirs: dirs,
+            }
+        }
+        /// Drops the in-memory state and reloads it from the engine, as a
+        /// restart does once the log has been replayed.
+        fn crash(&mut self) {
+            self.states = (0..2)
+                .map(|i| ShardState::open(i, self.router, self.engines[i as usize].clone()).unwrap())
+                .collect();
+        }
+        fn apply(&mut self, shard: usize, revision: i64, op: Op) -> Body {
+            self.index += 1;
+            let cmd = RaftCommand {
+                revision,
+                proposal_id: 0,
+                op: Some(op),
+            };
+            self.states[shard].apply(self.index, &cmd).unwrap()
+        }
+        /// A key owned by `shard`.
+        fn key(&self, shard: u32, tag: &str) -> Vec<u8> {
+            (0..)
+                .map(|i| format!("{tag}{i}").into_bytes())
+                .find(|k| self.router.shard_of(k) == shard)
+                .unwrap()
+        }
+        fn get(&self, key: &[u8], rev: i64) -> Option<Vec<u8>> {
+            let s = &self.states[self.router.shard_of(key) as usize];
+            let router = self.router;
+            let id = s.shard();
+            let r = s
+                .mvcc()
+                .range(
+                    &RangeRequest {
+                        key: key.to_vec(),
+                        ..Default::default()
+                    },
+                    rev,
+                    &move |k: &[u8]| router.owns(id, k),
+                )
+                .unwrap();
+            r.kvs.first().map(|kv| kv.value.clone())
+        }
+    }
+
+    fn put(key: &[u8], value: &str) -> RequestOp {
+        RequestOp {
+            request: Some(request_op::Request::RequestPut(PutRequest {
+                key: key.to_vec(),
+                value: value.into(),
+                ..Default::default()
+            })),
+        }
+    }
+
+    fn version_is(key: &[u8], v: i64) -> Compare {
+        Compare {
+            key: key.to_vec(),
+            target: compare::CompareTarget::Version as i32,
+            result: compare::CompareResult::Equal as i32,
+            target_union: Some(compare::TargetUnion::Version(v)),
+            ..Default::default()
+        }
+    }
+
+    fn two_key_txn(a: &[u8], b: &[u8]) -> TxnRequest {
+        TxnRequest {
+            compare: vec![version_is(a, 0), version_is(b, 0)],
+            success: vec![put(a, "A"), put(b, "B")],
+            failure: vec![],
+        }
+    }
+
+    fn prepare(id: &[u8], t: &TxnRequest) -> Op {
+        Op::Prepare(PrepareRequest {
+            txn_id: id.to_vec(),
+            primary: 0,
+            participants: vec![0, 1],
+            txn: Some(t.clone()),
+        })
+    }
+
+    fn commit(id: &[u8], path: Vec<bool>, revision: i64) -> Op {
+        Op::Commit(CommitRequest {
+            txn_id: id.to_vec(),
+            path,
+            revision,
+        })
+    }
+
+    fn outcomes(b: Body) -> Vec<metastore_proto::shardpb::CompareOutcome> {
+        match b {
+            Body::Prepare(p) => p.outcomes,
+            other => panic!("expected prepare response, got {other:?}"),
+        }
+    }
+
+    fn is_code(b: &Body, code: Code) -> bool {
+        matches!(b, Body::Error(e) if e.code == code as i32)
+    }
+
+    fn each_engine(f: impl Fn(EngineKind)) {
+        f(EngineKind::Memory);
+        f(EngineKind::RocksDb);
+    }
+
+    #[test]
+    fn commit_applies_on_both_shards_at_one_revision() {
+        each_engine(|kind| {
+            let mut c = Cluster::new(kind);
+            let (a, b) = (c.key(0, "a"), c.key(1, "b"));
+            let t = two_key_txn(&a, &b);
+            let o0 = outcomes(c.apply(0, 0, prepare(b"t1", &t)));
+            let o1 = outcomes(c.apply(1, 0, prepare(b"t1", &t)));
+            let path = txn::path(&t, &txn::combine_outcomes(&[o0, o1]));
+            assert_eq!(path, vec![true]);
+            match c.apply(0, 10, commit(b"t1", path.clone(), 0)) {
+                Body::Commit(r) => assert_eq!(r.revision, 10),
+                other => panic!("{other:?}"),
+            }
+            assert!(c.states[0].decision(b"t1").unwrap().committed);
+            c.apply(1, 0, commit(b"t1", path, 10));
+            assert_eq!(c.get(&a, 10), Some(b"A".to_vec()));
+            assert_eq!(c.get(&b, 10), Some(b"B".to_vec()));
+            assert_eq!(c.get(&b, 9), None);
+            assert!(c.states[0].intents().is_empty() && c.states[1].intents().is_empty());
+        });
+    }
+
+    #[test]
+    fn prepared_keys_refuse_other_writers_until_resolved() {
+        each_engine(|kind| {
+            let mut c = Cluster::new(kind);
+            let (a, b) = (c.key(0, "a"), c.key(1, "b"));
+            let t = two_key_txn(&a, &b);
+            c.apply(0, 0, prepare(b"t1", &t));
+            c.apply(1, 0, prepare(b"t1", &t));
+            // A single-shard put to a locked key is refused, nothing applied.
+            let put_a = Op::Put(PutRequest {
+                key: a.clone(),
+                value: b"x".to_vec(),
+                ..Default::default()
+            });
+            assert!(is_code(&c.apply(0, 5, put_a.clone()), Code::Conflict));
+            assert_eq!(c.get(&a, 5), None);
+            // So is another txn's prepare over the same key.
+            assert!(is_code(&c.apply(1, 0, prepare(b"t2", &t)), Code::Conflict));
+            // Abort releases the locks; the put then goes through.
+            c.apply(0, 0, Op::Abort(AbortRequest { txn_id: b"t1".to_vec() }));
+            c.apply(1, 0, Op::Abort(AbortRequest { txn_id: b"t1".to_vec() }));
+            assert!(matches!(c.apply(0, 6, put_a), Body::Put(_)));
+            assert_eq!(c.get(&a, 6), Some(b"x".to_vec()));
+            // The aborted txn can no longer commit at its primary, nor
+            // prepare again there.
+            assert!(is_code(&c.apply(0, 7, commit(b"t1", vec![true], 0)), Code::TxnAborted));
+            assert!(is_code(&c.apply(0, 0, prepare(b"t1", &t)), Code::TxnAborted));
+        });
+    }
+
+    #[test]
+    fn compares_are_combined_across_shards() {
+        each_engine(|kind| {
+            let mut c = Cluster::new(kind);
+            let (a, b) = (c.key(0, "a"), c.key(1, "b"));
+            // b exists already: its version-is-0 compare fails → failure
+            // branch (empty) on both shards.
+            c.apply(
+                1,
+                3,
+                Op::Put(PutRequest {
+                    key: b.clone(),
+                    value: b"old".to_vec(),
+                    ..Default::default()
+                }),
+            );
+            let t = two_key_txn(&a, &b);
+            let o0 = outcomes(c.apply(0, 0, prepare(b"t1", &t)));
+            let o1 = outcomes(c.apply(1, 0, prepare(b"t1", &t)));
+            let path = txn::path(&t, &txn::combine_outcomes(&[o0, o1]));
+            assert_eq!(path, vec![false]);
+            c.apply(0, 8, commit(b"t1", path.clone(), 0));
+            c.apply(1, 0, commit(b"t1", path, 8));
+            assert_eq!(c.get(&a, 8), None);
+            assert_eq!(c.get(&b, 8), Some(b"old".to_vec()));
+        });
+    }
+
+    #[test]
+    fn crash_between_primary_commit_and_participant_commit() {
+        // Durable state only: the rocksdb engine.
+        let mut c = Cluster::new(EngineKind::RocksDb);
+        let (a, b) = (c.key(0, "a"), c.key(1, "b"));
+        let t = two_key_txn(&a, &b);
+        c.apply(0, 0, prepare(b"t1", &t));
+        c.apply(1, 0, prepare(b"t1", &t));
+        c.apply(0, 12, commit(b"t1", vec![true], 0));
+        // Coordinator and server die here.
+        c.crash();
+        // After restart the participant still holds its intent and lock...
+        assert!(c.states[1].intents().contains_key(b"t1".as_slice()));
+        let put_b = Op::Put(PutRequest {
+            key: b.clone(),
+            value: b"x".to_vec(),
+            ..Default::default()
+        });
+        assert!(is_code(&c.apply(1, 13, put_b), Code::Conflict));
+        // ...and the primary still knows the decision, which the
+        // participant's resolution follows.
+        let d = c.states[0].decision(b"t1").unwrap().clone();
+        assert!(d.committed);
+        assert_eq!(d.revision, 12);
+        c.apply(1, 0, commit(b"t1", d.path, d.revision));
+        assert_eq!(c.get(&a, 12), Some(b"A".to_vec()));
+        assert_eq!(c.get(&b, 12), Some(b"B".to_vec()));
+    }
+
+    #[test]
+    fn crash_before_decision_aborts_everywhere() {
+        let mut c = Cluster::new(EngineKind::RocksDb);
+        let (a, b) = (c.key(0, "a"), c.key(1, "b"));
+        let t = two_key_txn(&a, &b);
+        c.apply(0, 0, prepare(b"t1", &t));
+        c.apply(1, 0, prepare(b"t1", &t));
+        c.crash();
+        // The primary resolves its stale intent: abort (no decision yet).
+        assert!(c.states[0].decision(b"t1").is_none());
+        c.apply(0, 0, Op::Abort(AbortRequest { txn_id: b"t1".to_vec() }));
+        assert!(!c.states[0].decision(b"t1").unwrap().committed);
+        // The participant asks and follows; a late commit from the
+        // coordinator is refused at the primary.
+        c.apply(1, 0, Op::Abort(AbortRequest { txn_id: b"t1".to_vec() }));
+        assert!(is_code(&c.apply(0, 20, commit(b"t1", vec![true], 0)), Code::TxnAborted));
+        assert_eq!(c.get(&a, 20), None);
+        assert_eq!(c.get(&b, 20), None);
+        assert!(c.states[1].intents().is_empty());
+    }
+
+    #[test]
+    fn participant_commit_below_its_current_revision() {
+        each_engine(|kind| {
+            let mut c = Cluster::new(kind);
+            let (a, b) = (c.key(0, "a"), c.key(1, "b"));
+            let other = c.key(1, "other");
+            let t = two_key_txn(&a, &b);
+            c.apply(0, 0, prepare(b"t1", &t));
+            c.apply(1, 0, prepare(b"t1", &t));
+            c.apply(0, 30, commit(b"t1", vec![true], 0));
+            // Shard 1 applies an unrelated write at a higher revision
+            // before the txn's commit reaches it.
+            c.apply(
+                1,
+                31,
+                Op::Put(PutRequest {
+                    key: other.clone(),
+                    value: b"o".to_vec(),
+                    ..Default::default()
+                }),
+            );
+            c.apply(1, 0, commit(b"t1", vec![true], 30));
+            assert_eq!(c.get(&b, 30), Some(b"B".to_vec()));
+            assert_eq!(c.get(&other, 30), None);
+            assert_eq!(c.get(&other, 31), Some(b"o".to_vec()));
+            assert_eq!(c.get(&b, 31), Some(b"B".to_vec()));
+        });
+    }
+}
