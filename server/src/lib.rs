@@ -14,3 +14,4 @@ pub mod oracle;
 pub mod raftlog;
 pub mod shard;
 pub mod state;
+pub mod watch;

@@ -7,16 +7,21 @@
 //! watermark) never holds up the others; responses go back through one
 //! writer task that coalesces whatever is ready into one socket write.
 
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::rc::Rc;
 
 use futures::channel::mpsc;
 use futures::io::{AsyncReadExt, AsyncWriteExt};
 use futures::StreamExt;
 use glommio::net::{TcpListener, TcpStream};
-use metastore_proto::shardpb::{shard_error::Code, shard_response::Body, ShardError, ShardRequest, ShardResponse};
+use metastore_proto::shardpb::{
+    shard_error::Code, shard_request, shard_response::Body, ShardError, ShardRequest,
+    ShardResponse, WatchEventsResponse,
+};
 use prost::Message;
 
-use crate::shard::Shard;
+use crate::shard::{Shard, SubscriptionHandle};
 
 /// Frames larger than this are refused (the gateway limits requests to a
 /// few MiB; this only guards against garbage).
@@ -76,15 +81,66 @@ async fn connection(shard: Rc<Shard>, stream: TcpStream) -> std::io::Result<()> 
             }
         }
     });
+    let subs: Rc<RefCell<HashMap<u64, Rc<SubscriptionHandle>>>> = Default::default();
     loop {
         let bytes = match read_frame(&mut reader).await {
             Ok(b) => b,
             Err(_) => break,
         };
+        let decoded = ShardRequest::decode(bytes.as_slice());
+        // Watch control messages are per connection and answered by the
+        // subscription's stream, not by a response.
+        if let Ok(req) = &decoded {
+            let handle_of = |id: u64| subs.borrow().get(&id).cloned();
+            match &req.body {
+                Some(shard_request::Body::WatchAck(a)) => {
+                    if let Some(h) = handle_of(a.subscription_id) {
+                        h.acked.set(h.acked.get().max(a.seq));
+                        h.wake();
+                    }
+                    continue;
+                }
+                Some(shard_request::Body::WatchProgress(p)) => {
+                    if let Some(h) = handle_of(p.subscription_id) {
+                        h.progress
+                            .set(Some(h.progress.get().map_or(p.revision, |r| r.max(p.revision))));
+                        h.wake();
+                    }
+                    continue;
+                }
+                Some(shard_request::Body::WatchCancel(c)) => {
+                    if let Some(h) = subs.borrow_mut().remove(&c.subscription_id) {
+                        h.cancelled.set(true);
+                        h.wake();
+                    }
+                    continue;
+                }
+                Some(shard_request::Body::WatchSubscribe(w)) => {
+                    let handle = Rc::new(SubscriptionHandle::default());
+                    subs.borrow_mut().insert(req.id, handle.clone());
+                    let (id, w, tx, shard, subs) =
+                        (req.id, w.clone(), tx.clone(), shard.clone(), subs.clone());
+                    glommio::spawn_local(async move {
+                        let send = |f: WatchEventsResponse| {
+                            tx.unbounded_send(frame(&ShardResponse {
+                                id,
+                                body: Some(Body::WatchEvents(f)),
+                            }))
+                            .is_ok()
+                        };
+                        shard.run_subscription(w, handle, &send).await;
+                        subs.borrow_mut().remove(&id);
+                    })
+                    .detach();
+                    continue;
+                }
+                _ => {}
+            }
+        }
         let tx = tx.clone();
         let shard = shard.clone();
         glommio::spawn_local(async move {
-            let resp = match ShardRequest::decode(bytes.as_slice()) {
+            let resp = match decoded {
                 Ok(req) => {
                     let body = match req.body {
                         Some(body) => shard.handle(body).await,
@@ -109,6 +165,10 @@ async fn connection(shard: Rc<Shard>, stream: TcpStream) -> std::io::Result<()> 
             let _ = tx.unbounded_send(frame(&resp));
         })
         .detach();
+    }
+    for (_, h) in subs.borrow_mut().drain() {
+        h.cancelled.set(true);
+        h.wake();
     }
     drop(tx);
     writer_task.await;

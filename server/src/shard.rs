@@ -34,16 +34,13 @@ use std::time::{Duration, Instant};
 
 use futures::channel::{mpsc, oneshot};
 use futures::StreamExt;
-use metastore_proto::etcdserverpb::{
-    request_op, response_op, RangeRequest, RangeResponse, ResponseHeader, ResponseOp, TxnRequest,
-    TxnResponse,
-};
+use metastore_proto::etcdserverpb::{RangeRequest, ResponseHeader};
 use metastore_proto::router::ShardRouter;
 use metastore_proto::shardpb::{
     raft_command::Op, shard_error::Code, shard_request, shard_response::Body, AbortRequest,
     CommitRequest, CompactRequest, CurrentRevisionResponse, RaftCommand, ResolveRequest,
     ResolveResponse, ShardError, ShardRequest, StatusResponse, TopologyResponse,
-    TxnEvaluateResponse, TxnReadResponse,
+    TxnEvaluateResponse, TxnReadResponse, WatchEventsResponse, WatchSubscribeRequest,
 };
 use metastore_proto::txn;
 use prost::Message;
@@ -51,10 +48,10 @@ use raft::eraftpb::EntryType;
 use raft::{Config, RawNode, Storage};
 
 use crate::engine::{Engine, WriteBatch};
-use crate::mvcc::Mvcc;
 use crate::oracle::RevisionOracle;
 use crate::raftlog::RaftLog;
 use crate::state::{mvcc_error, ShardState, StateError, TxnId};
+use crate::watch::{Poll, Subscription, WatchRing, RING_BATCHES, RING_BYTES};
 
 /// How often raft ticks and waiting work is re-checked.
 pub const TICK: Duration = Duration::from_millis(100);
@@ -104,6 +101,29 @@ pub struct Shard {
     resolving: RefCell<std::collections::HashSet<TxnId>>,
     wake: mpsc::UnboundedSender<()>,
     wake_rx: RefCell<Option<mpsc::UnboundedReceiver<()>>>,
+    /// Every applied event, for watch subscriptions.
+    ring: RefCell<WatchRing>,
+    /// Subscriptions waiting for new events or a moved watermark.
+    watch_waiters: RefCell<Vec<oneshot::Sender<()>>>,
+}
+
+/// The connection's handle on one subscription: acks, progress requests
+/// and cancellation arrive here from the connection's reader.
+#[derive(Default)]
+pub struct SubscriptionHandle {
+    pub acked: Cell<u64>,
+    pub progress: Cell<Option<i64>>,
+    pub cancelled: Cell<bool>,
+    waker: RefCell<Option<oneshot::Sender<()>>>,
+}
+
+impl SubscriptionHandle {
+    /// Wakes the subscription's task if it is waiting.
+    pub fn wake(&self) {
+        if let Some(tx) = self.waker.borrow_mut().take() {
+            let _ = tx.send(());
+        }
+    }
 }
 
 fn error(code: Code, message: impl Into<String>) -> Body {
@@ -148,7 +168,8 @@ impl Shard {
                 if e.index <= commit {
                     match cmd {
                         Some(cmd) => {
-                            state.apply(e.index, &cmd)?;
+                            // Events before startup are served from history.
+                            let _ = state.apply(e.index, &cmd)?;
                         }
                         None => state.apply_noop(e.index)?,
                     }
@@ -187,6 +208,8 @@ impl Shard {
             resolving: RefCell::new(Default::default()),
             wake,
             wake_rx: RefCell::new(Some(wake_rx)),
+            ring: RefCell::new(WatchRing::new(max_rev, RING_BATCHES, RING_BYTES)),
+            watch_waiters: RefCell::new(Vec::new()),
         });
         Ok((shard, max_rev))
     }
@@ -341,7 +364,69 @@ impl Shard {
             self.node.borrow_mut().advance_apply();
         }
         self.notify_readers();
+        self.notify_watchers();
         Ok(())
+    }
+
+    fn notify_watchers(&self) {
+        for tx in self.watch_waiters.borrow_mut().drain(..) {
+            let _ = tx.send(());
+        }
+    }
+
+    /// Streams one watch subscription (see `crate::watch`) to `send` until
+    /// it is cancelled, compacted away, or the connection goes.
+    pub async fn run_subscription(
+        self: Rc<Self>,
+        req: WatchSubscribeRequest,
+        handle: Rc<SubscriptionHandle>,
+        send: &dyn Fn(WatchEventsResponse) -> bool,
+    ) {
+        let mut sub = Subscription::new(
+            req.key,
+            req.range_end,
+            req.start_revision,
+            req.prev_kv,
+            u64::from(req.window),
+            self.oracle.current(),
+            &self.ring.borrow(),
+        );
+        loop {
+            if handle.cancelled.get() {
+                return;
+            }
+            sub.ack(handle.acked.get());
+            if let Some(rev) = handle.progress.take() {
+                sub.want_progress(rev);
+            }
+            let poll = {
+                let ring = self.ring.borrow();
+                let state = self.state.borrow();
+                sub.poll(&ring, state.mvcc(), self.resolved(), Instant::now())
+            };
+            match poll {
+                Poll::Frame(f) => {
+                    if !send(f) {
+                        return;
+                    }
+                    glommio::yield_if_needed().await;
+                }
+                Poll::Compacted(f) => {
+                    send(f);
+                    return;
+                }
+                Poll::Idle => {
+                    let (tx, rx) = oneshot::channel();
+                    let (tx2, rx2) = oneshot::channel();
+                    self.watch_waiters.borrow_mut().push(tx);
+                    *handle.waker.borrow_mut() = Some(tx2);
+                    let sleep = glommio::timer::sleep(crate::watch::HEARTBEAT);
+                    futures::pin_mut!(sleep);
+                    let woken = futures::future::select(rx, rx2);
+                    let _ = futures::future::select(woken, sleep).await;
+                }
+            }
+        }
     }
 
     fn apply_entries(&self, entries: Vec<raft::eraftpb::Entry>) -> Result<(), ShardFailure> {
@@ -355,7 +440,10 @@ impl Shard {
                 self.state.borrow_mut().apply_noop(e.index)?;
                 continue;
             };
-            let body = self.state.borrow_mut().apply(e.index, &cmd)?;
+            let (body, events) = self.state.borrow_mut().apply(e.index, &cmd)?;
+            if !events.is_empty() {
+                self.ring.borrow_mut().push(events);
+            }
             match &cmd.op {
                 Some(Op::Prepare(p)) if !matches!(body, Body::Error(_)) => {
                     self.floors
@@ -417,6 +505,7 @@ impl Shard {
     /// Periodic work: wake readers, truncate the log, resolve stale txns.
     fn on_tick(self: &Rc<Self>) {
         self.notify_readers();
+        self.notify_watchers();
         let applied = self.state.borrow().applied_index();
         if applied > LOG_KEEP && applied % 1000 < 50 {
             let node = self.node.borrow();
@@ -569,8 +658,8 @@ impl Shard {
                     Ok(rev) => {
                         let owns = self.owns_fn();
                         let state = self.state.borrow();
-                        match read_txn(state.mvcc(), &t, &r.path, rev, &owns) {
-                            Ok((mut resp, _)) => {
+                        match state.mvcc().txn_read(&t, &r.path, rev, &owns) {
+                            Ok(mut resp) => {
                                 resp.header = self.header(None);
                                 Body::TxnRead(TxnReadResponse { txn: Some(resp) })
                             }
@@ -595,6 +684,9 @@ impl Shard {
                 }
                 self.propose(Op::Compact(CompactRequest { revision }), Some(0))
                     .await
+            }
+            R::WatchSubscribe(_) | R::WatchAck(_) | R::WatchProgress(_) | R::WatchCancel(_) => {
+                error(Code::InvalidArgument, "watch requests are handled per connection")
             }
             R::Status(_) => {
                 let node = self.node.borrow();
@@ -664,44 +756,4 @@ fn decode_entry(e: &raft::eraftpb::Entry) -> Option<RaftCommand> {
         return None;
     }
     RaftCommand::decode(&e.data[..]).ok()
-}
-
-/// Executes the read-only ops of `t` along `path` at `rev` over owned keys;
-/// returns the response and how many path entries it used.
-pub fn read_txn(
-    mvcc: &Mvcc,
-    t: &TxnRequest,
-    path: &[bool],
-    rev: i64,
-    owns: &dyn Fn(&[u8]) -> bool,
-) -> Result<(TxnResponse, usize), crate::mvcc::MvccError> {
-    let ok = *path.first().unwrap_or(&false);
-    let mut used = 1;
-    let ops = if ok { &t.success } else { &t.failure };
-    let mut responses = Vec::with_capacity(ops.len());
-    for op in ops {
-        let resp = match &op.request {
-            Some(request_op::Request::RequestRange(r)) => {
-                let rr: RangeResponse = mvcc.range(r, rev, owns)?;
-                response_op::Response::ResponseRange(rr)
-            }
-            Some(request_op::Request::RequestTxn(nested)) => {
-                let (nr, n) = read_txn(mvcc, nested, &path[used..], rev, owns)?;
-                used += n;
-                response_op::Response::ResponseTxn(nr)
-            }
-            _ => continue,
-        };
-        responses.push(ResponseOp {
-            response: Some(resp),
-        });
-    }
-    Ok((
-        TxnResponse {
-            header: None,
-            succeeded: ok,
-            responses,
-        },
-        used,
-    ))
 }

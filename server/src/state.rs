@@ -34,6 +34,7 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::rc::Rc;
 
+use metastore_proto::mvccpb::Event;
 use metastore_proto::etcdserverpb::{
     DeleteRangeRequest, PutRequest, ResponseHeader, TxnRequest, TxnResponse,
 };
@@ -139,6 +140,8 @@ pub struct ShardState {
     decisions: HashMap<TxnId, Decision>,
     decision_order: VecDeque<TxnId>,
     locks: LockTable,
+    /// Events of the entry being applied (handed to the watch ring).
+    events: Vec<Event>,
 }
 
 fn error(code: Code, message: impl Into<String>) -> Body {
@@ -168,6 +171,10 @@ pub fn mvcc_error(e: MvccError) -> Result<Body, StateError> {
             "etcdserver: mvcc: required revision is a future revision",
         ),
         MvccError::KeyNotFound => error(Code::InvalidArgument, "etcdserver: key not found"),
+        MvccError::InvalidRequest(m) => error(Code::InvalidArgument, m),
+        // Refused without changing anything (a key already has a newer
+        // version); the shard keeps serving.
+        e @ MvccError::StaleRevision { .. } => error(Code::Internal, e.to_string()),
         other => return Err(other.into()),
     })
 }
@@ -191,6 +198,7 @@ impl ShardState {
             decisions: HashMap::new(),
             decision_order: VecDeque::new(),
             locks: LockTable::default(),
+            events: Vec::new(),
         };
         let mut intents = Vec::new();
         engine.scan(&[keyspace::SHARD_INTENT], &[keyspace::SHARD_INTENT + 1], &mut |k, v| {
@@ -270,14 +278,25 @@ impl ShardState {
     }
 
     /// Applies the committed entry `index` carrying `cmd`; returns the
-    /// answer for whoever proposed it.
-    pub fn apply(&mut self, index: u64, cmd: &RaftCommand) -> Result<Body, StateError> {
+    /// answer for whoever proposed it and the events it produced (all of
+    /// one revision, in order, each with its `prev_kv`) — the one source of
+    /// watch events, whatever the engine.
+    pub fn apply(&mut self, index: u64, cmd: &RaftCommand) -> Result<(Body, Vec<Event>), StateError> {
         let mut batch = WriteBatch::default();
+        self.events.clear();
         let body = self.apply_op(cmd, &mut batch)?;
         batch.put(APPLIED_KEY.to_vec(), index.to_be_bytes().to_vec());
         self.engine.write(batch, false)?;
         self.applied_index = index;
-        Ok(body)
+        Ok((body, std::mem::take(&mut self.events)))
+    }
+
+    /// Finishes a write: its batch joins the entry's, its events are kept
+    /// for the watch ring.
+    fn finish_write(w: crate::mvcc::MvccWrite<'_>, batch: &mut WriteBatch, events: &mut Vec<Event>) {
+        let (b, ev) = w.finish_with_events();
+        batch.extend(b);
+        events.extend(ev);
     }
 
     /// Records that `index` was applied without a command (raft's empty
@@ -309,13 +328,20 @@ impl ShardState {
             Op::Prepare(req) => self.apply_prepare(req, batch),
             Op::Commit(req) => self.apply_commit(req, rev, batch),
             Op::Abort(req) => Ok(self.apply_abort(&req.txn_id, batch)),
-            Op::Compact(req) => match self.mvcc.compact(req.revision) {
+            Op::Compact(req) => {
+                // The revision is global: this shard may not have seen a
+                // write that recent, yet must refuse reads below it.
+                if req.revision > self.mvcc.current_revision() {
+                    batch.extend(self.mvcc.set_current_revision(req.revision));
+                }
+                match self.mvcc.compact(req.revision) {
                 Ok(b) => {
                     batch.extend(b);
                     Ok(Body::Compact(CompactResponse {}))
                 }
                 Err(e) => mvcc_error(e),
-            },
+            }
+            }
         }
     }
 
@@ -326,7 +352,7 @@ impl ShardState {
         let mut w = self.mvcc.write(rev);
         match w.put(req) {
             Ok(mut resp) => {
-                batch.extend(w.finish());
+                Self::finish_write(w, batch, &mut self.events);
                 resp.header = Self::header(rev);
                 Ok(Body::Put(resp))
             }
@@ -348,7 +374,7 @@ impl ShardState {
         let mut w = self.mvcc.write(rev);
         match w.delete_range(req, &owns) {
             Ok(mut resp) => {
-                batch.extend(w.finish());
+                Self::finish_write(w, batch, &mut self.events);
                 resp.header = Self::header(rev);
                 Ok(Body::DeleteRange(resp))
             }
@@ -388,7 +414,7 @@ impl ShardState {
         let mut w = self.mvcc.write(rev);
         match w.txn(t, &path, &owns) {
             Ok(mut resp) => {
-                batch.extend(w.finish());
+                Self::finish_write(w, batch, &mut self.events);
                 resp.header = Self::header(rev);
                 Ok(Body::Txn(resp))
             }
@@ -459,7 +485,7 @@ impl ShardState {
             Ok(r) => r,
             Err(e) => return mvcc_error(e),
         };
-        batch.extend(w.finish());
+        Self::finish_write(w, batch, &mut self.events);
         self.forget_intent(id, batch);
         if primary {
             self.record_decision(
@@ -580,7 +606,7 @@ mod tests {
                 proposal_id: 0,
                 op: Some(op),
             };
-            self.states[shard].apply(self.index, &cmd).unwrap()
+            self.states[shard].apply(self.index, &cmd).unwrap().0
         }
         /// A key owned by `shard`.
         fn key(&self, shard: u32, tag: &str) -> Vec<u8> {

@@ -20,6 +20,9 @@ use std::ops::Bound;
 
 use super::{BatchOp, Engine, EngineError, EngineKind, WriteBatch};
 
+/// `[start, end)` as std range bounds.
+type SliceBounds<'a> = (Bound<&'a [u8]>, Bound<&'a [u8]>);
+
 #[derive(Debug, Default)]
 pub struct MemoryEngine {
     map: RefCell<BTreeMap<Vec<u8>, Vec<u8>>>,
@@ -33,7 +36,7 @@ impl MemoryEngine {
 
     /// The std range bounds for `[start, end)`, or None if the range is
     /// empty (BTreeMap::range panics on inverted bounds).
-    fn bounds<'a>(start: &'a [u8], end: &'a [u8]) -> Option<(Bound<&'a [u8]>, Bound<&'a [u8]>)> {
+    fn bounds<'a>(start: &'a [u8], end: &'a [u8]) -> Option<SliceBounds<'a>> {
         if end.is_empty() {
             Some((Bound::Included(start), Bound::Unbounded))
         } else if start < end {

@@ -457,6 +457,31 @@ mod tests {
     }
 
     #[test]
+    fn open_ended_delete_range_covers_keys_put_in_the_same_batch() {
+        for (kind, e, _dir) in engines() {
+            e.write(sample(), false).unwrap();
+            let mut b = WriteBatch::new();
+            b.put(b"\xff\xff\xff", b"new")
+                .put(b"0", b"zero")
+                .delete_range(b"c", b"")
+                .put(b"d", b"after");
+            e.write(b, false).unwrap();
+            assert_eq!(
+                keys(&collect(&*e, b"", b"")),
+                vec![
+                    b"\x00".to_vec(),
+                    b"0".to_vec(),
+                    b"a".to_vec(),
+                    b"ab".to_vec(),
+                    b"b".to_vec(),
+                    b"d".to_vec()
+                ],
+                "{kind}"
+            );
+        }
+    }
+
+    #[test]
     fn memory_size_tracks_contents() {
         let e = memory::MemoryEngine::new();
         e.write(sample(), false).unwrap();

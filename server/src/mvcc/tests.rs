@@ -1220,7 +1220,7 @@ fn evaluate_compares_on_missing_keys_and_ranges() {
             let o = s.mvcc.evaluate_compares(&t, 0, ALL).unwrap();
             let path = compute_path(&s.mvcc, &t, 0, ALL).unwrap();
             assert_eq!(path[0], metastore_proto::txn::combine_one(&[&o[0]]));
-            o[0].clone()
+            o[0]
         };
         // Missing key: zero KeyValue, except that value compares fail.
         assert_eq!(

@@ -1,0 +1,613 @@
+//! Watch, shard side: the `WatchRing` every applied event goes into, and
+//! the `Subscription` cursor that turns ring + MVCC history into one
+//! subscriber's ordered stream.
+//!
+//! ## The ring
+//! `ShardState::apply` — the one apply path every engine shares — returns
+//! the events of each entry; the shard appends them, one [`RevisionBatch`]
+//! per revision, to its `WatchRing`. No engine has, or can forget, a
+//! notification path of its own. The ring is bounded (batches and bytes);
+//! appending evicts the oldest batches and never waits for a reader.
+//!
+//! The ring belongs to one shard's thread (thread per core): the writer (the
+//! apply path) and the readers (this shard's subscriptions) run on the same
+//! executor, so it needs neither locks nor atomics — readers are plain
+//! sequence numbers into it, and a batch (`Rc`, events with `prev_kv`
+//! stored once) is shared by every reader that sends it. A reader never
+//! blocks the writer or other readers: whoever falls behind the oldest
+//! batch is simply moved to MVCC history.
+//!
+//! ## A subscription
+//! A subscription streams the events of one key range from a start
+//! revision. Its state machine ([`Subscription::poll`]) does no I/O: given
+//! the ring, the MVCC store and the shard's resolved watermark, it yields
+//! the next frame to send, if any. Invariants:
+//! - `next_from`: every matching event with revision < `next_from` has been
+//!   sent; none with revision >= it has. `next_from - 1` is the `resolved`
+//!   reported to the gateway, and it never passes the shard's watermark, so
+//!   no event below it can still appear.
+//! - History mode reads MVCC history from `next_from` up to the watermark
+//!   (whole revisions per frame). When history has caught up and the ring
+//!   still holds every batch at or above `next_from`
+//!   (`ring.covers_from(next_from)`), it switches to ring mode.
+//! - Ring mode reads batches in append order. Append order is not always
+//!   revision order (a cross-shard commit may apply at a revision below
+//!   ones applied before it), so batches above the watermark wait in
+//!   `pending` and are released in revision order once resolved.
+//! - Falling behind the ring (its batches evicted before being read) drops
+//!   `pending` and returns to history mode at `next_from`: nothing is lost
+//!   or sent twice.
+//! - At most `window` frames are unacknowledged.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use metastore_proto::mvccpb::Event;
+use metastore_proto::shardpb::WatchEventsResponse;
+
+use crate::mvcc::{Mvcc, MvccError};
+
+/// Batches the ring keeps at most.
+pub const RING_BATCHES: usize = 16_384;
+/// Bytes of events the ring keeps at most.
+pub const RING_BYTES: usize = 64 << 20;
+/// Events read from history per frame (whole revisions, so may exceed it).
+pub const HISTORY_CHUNK: usize = 1_000;
+/// A subscription whose watermark moved sends a heartbeat this often.
+pub const HEARTBEAT: Duration = Duration::from_millis(100);
+/// Default number of unacknowledged frames.
+pub const DEFAULT_WINDOW: u64 = 64;
+
+/// The events of one revision on one shard.
+#[derive(Debug)]
+pub struct RevisionBatch {
+    pub revision: i64,
+    pub events: Vec<Event>,
+    bytes: usize,
+}
+
+/// The shard's bounded ring of applied events (see the module essay).
+pub struct WatchRing {
+    batches: VecDeque<Rc<RevisionBatch>>,
+    first_seq: u64,
+    bytes: usize,
+    max_batches: usize,
+    max_bytes: usize,
+    /// The highest revision no longer in the ring (evicted, or applied
+    /// before the ring existed).
+    max_evicted: i64,
+}
+
+fn event_revision(e: &Event) -> i64 {
+    e.kv.as_ref().map(|kv| kv.mod_revision).unwrap_or(0)
+}
+
+fn event_size(e: &Event) -> usize {
+    let kv = |k: &Option<metastore_proto::mvccpb::KeyValue>| {
+        k.as_ref().map(|kv| kv.key.len() + kv.value.len() + 48).unwrap_or(0)
+    };
+    kv(&e.kv) + kv(&e.prev_kv) + 16
+}
+
+impl WatchRing {
+    /// An empty ring; everything up to `applied_revision` is history only.
+    pub fn new(applied_revision: i64, max_batches: usize, max_bytes: usize) -> Self {
+        WatchRing {
+            batches: VecDeque::new(),
+            first_seq: 0,
+            bytes: 0,
+            max_batches: max_batches.max(1),
+            max_bytes,
+            max_evicted: applied_revision,
+        }
+    }
+
+    /// Appends the events of one applied revision.
+    pub fn push(&mut self, events: Vec<Event>) {
+        let Some(first) = events.first() else { return };
+        let revision = event_revision(first);
+        let bytes = events.iter().map(event_size).sum();
+        self.batches.push_back(Rc::new(RevisionBatch {
+            revision,
+            events,
+            bytes,
+        }));
+        self.bytes += bytes;
+        while self.batches.len() > self.max_batches
+            || (self.bytes > self.max_bytes && self.batches.len() > 1)
+        {
+            let old = self.batches.pop_front().unwrap();
+            self.bytes -= old.bytes;
+            self.max_evicted = self.max_evicted.max(old.revision);
+            self.first_seq += 1;
+        }
+    }
+
+    /// Sequence number of the oldest batch held.
+    pub fn first_seq(&self) -> u64 {
+        self.first_seq
+    }
+    /// Sequence number the next batch will get.
+    pub fn next_seq(&self) -> u64 {
+        self.first_seq + self.batches.len() as u64
+    }
+    /// The batch with sequence number `seq`, if still held.
+    pub fn get(&self, seq: u64) -> Option<&Rc<RevisionBatch>> {
+        seq.checked_sub(self.first_seq)
+            .and_then(|i| self.batches.get(i as usize))
+    }
+    /// Whether every applied batch with revision >= `rev` is in the ring.
+    pub fn covers_from(&self, rev: i64) -> bool {
+        self.max_evicted < rev
+    }
+    pub fn len(&self) -> usize {
+        self.batches.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.batches.is_empty()
+    }
+}
+
+/// Where a subscription reads next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    History,
+    Ring { seq: u64 },
+}
+
+/// What one `poll` produced.
+#[derive(Debug, PartialEq)]
+pub enum Poll {
+    /// Send this frame.
+    Frame(WatchEventsResponse),
+    /// Nothing to send until something changes.
+    Idle,
+    /// The start revision was compacted: send this frame and end.
+    Compacted(WatchEventsResponse),
+}
+
+/// One subscriber's cursor (see the module essay).
+pub struct Subscription {
+    key: Vec<u8>,
+    range_end: Vec<u8>,
+    prev_kv: bool,
+    mode: Mode,
+    next_from: i64,
+    pending: BTreeMap<i64, Vec<Event>>,
+    seq: u64,
+    acked: u64,
+    window: u64,
+    sent_resolved: i64,
+    last_frame: Option<Instant>,
+    progress_want: Option<i64>,
+}
+
+impl Subscription {
+    /// A subscription from `start_revision` (0: after `current`).
+    pub fn new(
+        key: Vec<u8>,
+        range_end: Vec<u8>,
+        start_revision: i64,
+        prev_kv: bool,
+        window: u64,
+        current: i64,
+        ring: &WatchRing,
+    ) -> Self {
+        let (mode, next_from) = if start_revision <= 0 {
+            (Mode::Ring { seq: ring.next_seq() }, current + 1)
+        } else {
+            (Mode::History, start_revision)
+        };
+        Subscription {
+            key,
+            range_end,
+            prev_kv,
+            mode,
+            next_from,
+            pending: BTreeMap::new(),
+            seq: 0,
+            acked: 0,
+            window: if window == 0 { DEFAULT_WINDOW } else { u64::from(window) },
+            sent_resolved: next_from - 1,
+            last_frame: None,
+            progress_want: None,
+        }
+    }
+
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+    /// Every matching event below this revision has been sent.
+    pub fn next_from(&self) -> i64 {
+        self.next_from
+    }
+
+    /// The gateway consumed frames up to `seq`.
+    pub fn ack(&mut self, seq: u64) {
+        self.acked = self.acked.max(seq.min(self.seq));
+    }
+
+    /// The gateway wants a frame as soon as resolved >= `revision`.
+    pub fn want_progress(&mut self, revision: i64) {
+        self.progress_want = Some(self.progress_want.map_or(revision, |w| w.max(revision)));
+    }
+
+    fn matches(&self, key: &[u8]) -> bool {
+        if self.range_end.is_empty() {
+            return key == self.key.as_slice();
+        }
+        if key < self.key.as_slice() {
+            return false;
+        }
+        self.range_end == [0] || key < self.range_end.as_slice()
+    }
+
+    fn filter(&self, e: &Event) -> Option<Event> {
+        let key = &e.kv.as_ref()?.key;
+        if !self.matches(key) {
+            return None;
+        }
+        let mut e = e.clone();
+        if !self.prev_kv {
+            e.prev_kv = None;
+        }
+        Some(e)
+    }
+
+    /// The next frame to send, given the ring, history and the shard's
+    /// resolved watermark.
+    pub fn poll(&mut self, ring: &WatchRing, mvcc: &Mvcc, resolved: i64, now: Instant) -> Poll {
+        if self.seq - self.acked >= self.window {
+            return Poll::Idle;
+        }
+        let mut events = Vec::new();
+        if let Mode::Ring { seq } = self.mode {
+            if seq < ring.first_seq() {
+                // Fell behind: what is pending is above the watermark and
+                // will be read again from history.
+                self.pending.clear();
+                self.mode = Mode::History;
+            }
+        }
+        match self.mode {
+            Mode::History => {
+                if self.next_from <= resolved {
+                    match self.read_history(mvcc, resolved, &mut events) {
+                        Ok(()) => {}
+                        Err(MvccError::Compacted) => {
+                            self.seq += 1;
+                            return Poll::Compacted(WatchEventsResponse {
+                                seq: self.seq,
+                                events: vec![],
+                                resolved: self.next_from - 1,
+                                compact_revision: mvcc.compacted_revision(),
+                            });
+                        }
+                        Err(e) => panic!("watch history read failed: {e}"),
+                    }
+                }
+                if self.next_from > resolved && ring.covers_from(self.next_from) {
+                    self.mode = Mode::Ring {
+                        seq: ring.first_seq(),
+                    };
+                }
+            }
+            Mode::Ring { .. } => {}
+        }
+        if let Mode::Ring { seq } = self.mode {
+            for s in seq..ring.next_seq() {
+                let batch = ring.get(s).expect("seq within the ring");
+                if batch.revision < self.next_from {
+                    continue;
+                }
+                let matching: Vec<Event> = batch.events.iter().filter_map(|e| self.filter(e)).collect();
+                if !matching.is_empty() {
+                    self.pending.entry(batch.revision).or_default().extend(matching);
+                }
+            }
+            self.mode = Mode::Ring {
+                seq: ring.next_seq(),
+            };
+            while let Some(entry) = self.pending.first_entry() {
+                if *entry.key() > resolved {
+                    break;
+                }
+                events.extend(entry.remove());
+            }
+            if resolved >= self.next_from {
+                self.next_from = resolved + 1;
+            }
+        }
+        let released = self.next_from - 1;
+        let heartbeat_due = released > self.sent_resolved
+            && self
+                .last_frame
+                .map_or(true, |t| now.duration_since(t) >= HEARTBEAT);
+        let progress_due = self.progress_want.is_some_and(|w| w <= released);
+        if events.is_empty() && !heartbeat_due && !progress_due {
+            return Poll::Idle;
+        }
+        if progress_due {
+            self.progress_want = None;
+        }
+        self.seq += 1;
+        self.sent_resolved = released;
+        self.last_frame = Some(now);
+        Poll::Frame(WatchEventsResponse {
+            seq: self.seq,
+            events,
+            resolved: released,
+            compact_revision: 0,
+        })
+    }
+
+    /// Appends matching history events from `next_from` on, whole
+    /// revisions, up to `resolved` and about `HISTORY_CHUNK` events.
+    fn read_history(&mut self, mvcc: &Mvcc, resolved: i64, out: &mut Vec<Event>) -> Result<(), MvccError> {
+        let mut last_rev = self.next_from - 1;
+        let mut seen = 0usize;
+        let mut complete = true;
+        let from = self.next_from;
+        mvcc.history(from, &mut |e: Event| {
+            let rev = event_revision(&e);
+            if rev > resolved {
+                return false;
+            }
+            if seen >= HISTORY_CHUNK && rev != last_rev {
+                complete = false;
+                return false;
+            }
+            seen += 1;
+            last_rev = rev;
+            if let Some(e) = self.filter(&e) {
+                out.push(e);
+            }
+            true
+        })?;
+        self.next_from = if complete { resolved + 1 } else { last_rev + 1 };
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Scripted scenarios: writes through a real MVCC store (both engines),
+    //! events into a ring, a subscription polled step by step.
+    use super::*;
+    use crate::engine::{open, EngineKind};
+    use metastore_proto::etcdserverpb::{DeleteRangeRequest, PutRequest};
+
+    struct Scene {
+        mvcc: Mvcc,
+        ring: WatchRing,
+        _dir: tempfile::TempDir,
+    }
+
+    impl Scene {
+        fn new(kind: EngineKind, ring_batches: usize) -> Scene {
+            let dir = tempfile::tempdir().unwrap();
+            let engine = open(kind, dir.path()).unwrap();
+            Scene {
+                mvcc: Mvcc::open(engine).unwrap(),
+                ring: WatchRing::new(0, ring_batches, RING_BYTES),
+                _dir: dir,
+            }
+        }
+        fn put(&mut self, rev: i64, key: &str, value: &str) {
+            let mut w = self.mvcc.write(rev);
+            w.put(&PutRequest {
+                key: key.into(),
+                value: value.into(),
+                ..Default::default()
+            })
+            .unwrap();
+            let (b, ev) = w.finish_with_events();
+            self.mvcc.engine().write(b, false).unwrap();
+            self.ring.push(ev);
+        }
+        fn delete(&mut self, rev: i64, key: &str, end: &str) {
+            let mut w = self.mvcc.write(rev);
+            w.delete_range(
+                &DeleteRangeRequest {
+                    key: key.into(),
+                    range_end: end.into(),
+                    ..Default::default()
+                },
+                &|_: &[u8]| true,
+            )
+            .unwrap();
+            let (b, ev) = w.finish_with_events();
+            self.mvcc.engine().write(b, false).unwrap();
+            self.ring.push(ev);
+        }
+        fn sub(&self, key: &str, end: &str, start: i64, current: i64) -> Subscription {
+            Subscription::new(key.into(), end.into(), start, true, 0, current, &self.ring)
+        }
+        /// Polls until idle; returns (revision, key) of every event and the
+        /// last resolved sent.
+        fn drain(&self, sub: &mut Subscription, resolved: i64) -> (Vec<(i64, String)>, i64) {
+            let mut out = Vec::new();
+            let mut last = -1;
+            let now = Instant::now();
+            for _ in 0..1000 {
+                match sub.poll(&self.ring, &self.mvcc, resolved, now) {
+                    Poll::Frame(f) => {
+                        sub.ack(f.seq);
+                        last = f.resolved;
+                        for e in f.events {
+                            let kv = e.kv.unwrap();
+                            out.push((kv.mod_revision, String::from_utf8(kv.key).unwrap()));
+                        }
+                    }
+                    Poll::Idle => return (out, last),
+                    Poll::Compacted(_) => panic!("unexpected compaction"),
+                }
+            }
+            panic!("subscription never went idle");
+        }
+    }
+
+    fn each_engine(f: impl Fn(EngineKind)) {
+        f(EngineKind::Memory);
+        f(EngineKind::RocksDb);
+    }
+
+    fn evs(v: &[(i64, &str)]) -> Vec<(i64, String)> {
+        v.iter().map(|(r, k)| (*r, k.to_string())).collect()
+    }
+
+    #[test]
+    fn live_subscription_sees_new_events_once_in_order() {
+        each_engine(|kind| {
+            let mut s = Scene::new(kind, 100);
+            s.put(1, "a", "1");
+            let mut sub = s.sub("a", "b", 0, 1);
+            s.put(3, "a", "2");
+            s.put(5, "z", "x"); // outside the range
+            s.put(7, "a", "3");
+            let (got, resolved) = s.drain(&mut sub, 7);
+            assert_eq!(got, evs(&[(3, "a"), (7, "a")]));
+            assert_eq!(resolved, 7);
+            // Nothing new: idle, no duplicates.
+            assert_eq!(s.drain(&mut sub, 7).0, vec![]);
+            assert_eq!(sub.mode(), Mode::Ring { seq: 4 });
+        });
+    }
+
+    #[test]
+    fn events_above_the_watermark_wait_and_come_out_in_revision_order() {
+        each_engine(|kind| {
+            let mut s = Scene::new(kind, 100);
+            let mut sub = s.sub("", "\0", 0, 0);
+            // Applied in this order: 5 (a commit below the watermark
+            // arrives later), then 4.
+            s.put(5, "b", "1");
+            let (got, resolved) = s.drain(&mut sub, 3);
+            assert_eq!(got, vec![]);
+            assert_eq!(resolved, 3);
+            s.put(4, "a", "1");
+            let (got, _) = s.drain(&mut sub, 5);
+            assert_eq!(got, evs(&[(4, "a"), (5, "b")]));
+        });
+    }
+
+    #[test]
+    fn replay_from_history_then_hand_off_to_the_ring() {
+        each_engine(|kind| {
+            let mut s = Scene::new(kind, 100);
+            for r in 1..=5 {
+                s.put(r, &format!("k{r}"), "v");
+            }
+            let mut sub = s.sub("k", "l", 2, 5);
+            assert_eq!(sub.mode(), Mode::History);
+            let (got, _) = s.drain(&mut sub, 5);
+            assert_eq!(got, evs(&[(2, "k2"), (3, "k3"), (4, "k4"), (5, "k5")]));
+            assert!(matches!(sub.mode(), Mode::Ring { .. }));
+            s.put(6, "k6", "v");
+            assert_eq!(s.drain(&mut sub, 6).0, evs(&[(6, "k6")]));
+        });
+    }
+
+    #[test]
+    fn a_reader_behind_the_ring_catches_up_from_history() {
+        each_engine(|kind| {
+            let mut s = Scene::new(kind, 4);
+            let mut sub = s.sub("k", "l", 0, 0);
+            s.put(1, "k1", "v");
+            assert_eq!(s.drain(&mut sub, 1).0, evs(&[(1, "k1")]));
+            // Ten more revisions while the reader sleeps: the ring (4
+            // batches) wraps past it.
+            for r in 2..=11 {
+                s.put(r, &format!("k{r}"), "v");
+            }
+            let (got, _) = s.drain(&mut sub, 11);
+            let want: Vec<(i64, String)> = (2..=11).map(|r| (r, format!("k{r}"))).collect();
+            assert_eq!(got, want);
+            assert!(matches!(sub.mode(), Mode::Ring { .. }));
+        });
+    }
+
+    #[test]
+    fn window_limits_unacknowledged_frames() {
+        each_engine(|kind| {
+            let mut s = Scene::new(kind, 100);
+            let mut sub = Subscription::new(b"k".to_vec(), b"l".to_vec(), 0, false, 1, 0, &s.ring);
+            s.put(1, "k1", "v");
+            let now = Instant::now();
+            let Poll::Frame(f) = sub.poll(&s.ring, &s.mvcc, 1, now) else {
+                panic!("expected a frame")
+            };
+            s.put(2, "k2", "v");
+            assert_eq!(sub.poll(&s.ring, &s.mvcc, 2, now), Poll::Idle);
+            sub.ack(f.seq);
+            let Poll::Frame(f2) = sub.poll(&s.ring, &s.mvcc, 2, now) else {
+                panic!("expected a frame after the ack")
+            };
+            assert_eq!(f2.events.len(), 1);
+            assert!(f2.events[0].prev_kv.is_none());
+        });
+    }
+
+    #[test]
+    fn deletes_carry_prev_kv_and_all_events_of_a_revision_travel_together() {
+        each_engine(|kind| {
+            let mut s = Scene::new(kind, 100);
+            s.put(1, "p/a", "1");
+            s.put(2, "p/b", "2");
+            let mut sub = s.sub("p/", "p0", 0, 2);
+            s.delete(3, "p/", "p0");
+            let now = Instant::now();
+            let Poll::Frame(f) = sub.poll(&s.ring, &s.mvcc, 3, now) else {
+                panic!("expected a frame")
+            };
+            assert_eq!(f.events.len(), 2);
+            assert!(f.events.iter().all(|e| e.prev_kv.is_some() && e.r#type == 1));
+        });
+    }
+
+    #[test]
+    fn compacted_start_revision_ends_the_subscription() {
+        each_engine(|kind| {
+            let mut s = Scene::new(kind, 100);
+            for r in 1..=4 {
+                s.put(r, "k", "v");
+            }
+            let b = s.mvcc.compact(3).unwrap();
+            s.mvcc.engine().write(b, false).unwrap();
+            let mut sub = s.sub("k", "", 2, 4);
+            match sub.poll(&s.ring, &s.mvcc, 4, Instant::now()) {
+                Poll::Compacted(f) => assert_eq!(f.compact_revision, 3),
+                other => panic!("expected compaction, got {other:?}"),
+            }
+        });
+    }
+
+    #[test]
+    fn heartbeats_and_progress_requests() {
+        each_engine(|kind| {
+            let s = Scene::new(kind, 100);
+            let mut sub = s.sub("k", "", 0, 5);
+            let t0 = Instant::now();
+            // The watermark moved (another shard wrote): first heartbeat at once.
+            let Poll::Frame(f) = sub.poll(&s.ring, &s.mvcc, 8, t0) else {
+                panic!("expected a heartbeat")
+            };
+            assert_eq!(f.resolved, 8);
+            sub.ack(f.seq);
+            // Moved again right after: no heartbeat before the interval...
+            assert_eq!(sub.poll(&s.ring, &s.mvcc, 9, t0), Poll::Idle);
+            // ...unless asked for.
+            sub.want_progress(9);
+            let Poll::Frame(f) = sub.poll(&s.ring, &s.mvcc, 9, t0) else {
+                panic!("expected a progress frame")
+            };
+            assert_eq!(f.resolved, 9);
+            sub.ack(f.seq);
+            assert!(matches!(
+                sub.poll(&s.ring, &s.mvcc, 10, t0 + HEARTBEAT),
+                Poll::Frame(_)
+            ));
+        });
+    }
+}
