@@ -35,6 +35,26 @@
 //!   outcome is unknown;
 //! - a shard's error answer (`ShardError`) is returned as the matching
 //!   [`GatewayError`] variant, never as a successful body.
+//!
+//! # Streams (watch subscriptions)
+//!
+//! A `WatchSubscribeRequest` is answered by many `WatchEventsResponse`
+//! frames under its id, until it is cancelled, compacted away, or the
+//! connection goes. [`ShardClient::subscribe`] registers a
+//! [`SubscriptionSink`] (a channel and a tag chosen by the caller, so one
+//! consumer can multiplex many subscriptions on one channel) in the same
+//! pending map as the one-shot waiters, then sends the request. The reader
+//! task forwards every frame for that id to the sink, in arrival order.
+//! A stream ends with exactly one `Err` ([`GatewayError::ConnectionLost`]
+//! when the connection closes, the shard's error if it answers one) or,
+//! for a compacted start, after the frame that carries `compact_revision`.
+//! The caller then knows everything it received is intact and resumes from
+//! there (see `watch::merge`).
+//!
+//! Ack, progress and cancel are one-way frames ([`Subscription`]); they go
+//! on the connection that carries the subscription, never on a later one
+//! (a subscription id means nothing on another connection). Dropping a
+//! [`Subscription`] cancels it.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -42,7 +62,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
-use metastore_proto::shardpb::{shard_request, shard_response, ShardRequest, ShardResponse};
+use metastore_proto::shardpb::{
+    shard_request, shard_response, ShardRequest, ShardResponse, WatchAckRequest,
+    WatchCancelRequest, WatchEventsResponse, WatchProgressRequest, WatchSubscribeRequest,
+};
 use prost::Message;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
@@ -93,19 +116,79 @@ struct Inner {
     connecting: tokio::sync::Mutex<()>,
 }
 
-/// Waiters of one connection.
+/// What a subscription's stream carries: a frame, or the one error that
+/// ends it.
+pub type SubscriptionEvent = std::result::Result<WatchEventsResponse, GatewayError>;
+
+/// Where the frames of one subscription go: `(tag, event)` on `tx`.
+#[derive(Clone, Debug)]
+pub struct SubscriptionSink {
+    pub tag: u64,
+    pub tx: mpsc::UnboundedSender<(u64, SubscriptionEvent)>,
+}
+
+impl SubscriptionSink {
+    fn send(&self, ev: SubscriptionEvent) {
+        let _ = self.tx.send((self.tag, ev));
+    }
+}
+
+/// Waiters and streams of one connection.
 #[derive(Default)]
 struct Pending {
     waiters: HashMap<u64, oneshot::Sender<ShardResponse>>,
+    streams: HashMap<u64, SubscriptionSink>,
     closed: bool,
+    /// Shard id, for the error streams end with.
+    shard: u32,
 }
 
 impl Pending {
     /// Closes the connection's bookkeeping: drops every waiter (they see a
-    /// lost connection) and refuses new ones.
+    /// lost connection), ends every stream with `ConnectionLost`, and
+    /// refuses new ones.
     fn close(&mut self) {
         self.closed = true;
         self.waiters.clear();
+        for (_, sink) in self.streams.drain() {
+            sink.send(Err(GatewayError::ConnectionLost { shard: self.shard }));
+        }
+    }
+
+    /// Routes one response to its waiter or stream.
+    fn dispatch(&mut self, resp: ShardResponse) {
+        if let Some(tx) = self.waiters.remove(&resp.id) {
+            let _ = tx.send(resp);
+            return;
+        }
+        let Some(sink) = self.streams.get(&resp.id) else {
+            tracing::debug!(
+                shard = self.shard,
+                id = resp.id,
+                "response for an abandoned request"
+            );
+            return;
+        };
+        match resp.body {
+            Some(shard_response::Body::WatchEvents(f)) => {
+                let last = f.compact_revision != 0;
+                sink.send(Ok(f));
+                if last {
+                    self.streams.remove(&resp.id);
+                }
+            }
+            Some(shard_response::Body::Error(e)) => {
+                sink.send(Err(GatewayError::from_shard(e)));
+                self.streams.remove(&resp.id);
+            }
+            other => {
+                sink.send(Err(GatewayError::Protocol(format!(
+                    "shard {} answered a subscription with {other:?}",
+                    self.shard
+                ))));
+                self.streams.remove(&resp.id);
+            }
+        }
     }
 }
 
@@ -206,6 +289,59 @@ impl ShardClient {
         }
     }
 
+    /// Subscribes to a stream of watch frames (see the module docs): every
+    /// frame for this subscription goes to `sink`, tagged with `sink.tag`,
+    /// until the stream ends with an error, a compacted frame, or the
+    /// returned [`Subscription`] is dropped.
+    pub async fn subscribe(
+        &self,
+        req: WatchSubscribeRequest,
+        sink: SubscriptionSink,
+    ) -> Result<Subscription> {
+        let shard = self.inner.shard;
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let frame = encode_frame(&ShardRequest {
+            id,
+            body: Some(shard_request::Body::WatchSubscribe(req)),
+        })
+        .freeze();
+        for _ in 0..2 {
+            let conn = self.connection().await?;
+            {
+                let mut p = conn.pending.lock().unwrap();
+                if p.closed {
+                    continue;
+                }
+                p.streams.insert(id, sink.clone());
+            }
+            if !conn.is_closed() && conn.frames.send(frame.clone()).is_ok() {
+                return Ok(Subscription {
+                    id,
+                    client: self.clone(),
+                    conn,
+                });
+            }
+            conn.pending.lock().unwrap().streams.remove(&id);
+        }
+        Err(GatewayError::ConnectFailed {
+            shard,
+            addr: self.inner.addr.clone(),
+            reason: "connection closed".into(),
+        })
+    }
+
+    /// Sends a one-way request on `conn` (dropped silently if it closed:
+    /// the subscription it names ended with it).
+    fn send_oneway(&self, conn: &Conn, body: shard_request::Body) {
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let frame = encode_frame(&ShardRequest {
+            id,
+            body: Some(body),
+        })
+        .freeze();
+        let _ = conn.frames.send(frame);
+    }
+
     /// The live connection, connecting if there is none.
     async fn connection(&self) -> Result<Arc<Conn>> {
         if let Some(c) = self.live() {
@@ -242,7 +378,10 @@ impl ShardClient {
         let _ = stream.set_nodelay(true);
         tracing::debug!(shard = inner.shard, addr = %inner.addr, "connected to shard");
         let (read_half, write_half) = stream.into_split();
-        let pending = Arc::new(Mutex::new(Pending::default()));
+        let pending = Arc::new(Mutex::new(Pending {
+            shard: inner.shard,
+            ..Pending::default()
+        }));
         let (frames, rx) = mpsc::unbounded_channel();
         let writer = tokio::spawn(write_loop(inner.shard, write_half, rx, pending.clone()));
         let reader = tokio::spawn(read_loop(inner.shard, read_half, pending.clone()));
@@ -331,15 +470,68 @@ async fn read_loop(shard: u32, sock: tokio::net::tcp::OwnedReadHalf, pending: Ar
                 break;
             }
         };
-        let waiter = pending.lock().unwrap().waiters.remove(&resp.id);
-        match waiter {
-            Some(tx) => {
-                let _ = tx.send(resp);
-            }
-            None => tracing::debug!(shard, id = resp.id, "response for an abandoned request"),
-        }
+        pending.lock().unwrap().dispatch(resp);
     }
     pending.lock().unwrap().close();
+}
+
+/// One live watch subscription on one connection. Dropping it cancels it.
+pub struct Subscription {
+    id: u64,
+    client: ShardClient,
+    conn: Arc<Conn>,
+}
+
+impl Subscription {
+    /// The subscribe request's id (names the subscription to the shard).
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Everything up to frame `seq` has been consumed.
+    pub fn ack(&self, seq: u64) {
+        self.client.send_oneway(
+            &self.conn,
+            shard_request::Body::WatchAck(WatchAckRequest {
+                subscription_id: self.id,
+                seq,
+            }),
+        );
+    }
+
+    /// Asks for a heartbeat once the shard has resolved `revision`.
+    pub fn progress(&self, revision: i64) {
+        self.client.send_oneway(
+            &self.conn,
+            shard_request::Body::WatchProgress(WatchProgressRequest {
+                subscription_id: self.id,
+                revision,
+            }),
+        );
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        let registered = self.conn.pending.lock().unwrap().streams.remove(&self.id);
+        if registered.is_some() && !self.conn.is_closed() {
+            self.client.send_oneway(
+                &self.conn,
+                shard_request::Body::WatchCancel(WatchCancelRequest {
+                    subscription_id: self.id,
+                }),
+            );
+        }
+    }
+}
+
+impl std::fmt::Debug for Subscription {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Subscription")
+            .field("shard", &self.client.shard())
+            .field("id", &self.id)
+            .finish()
+    }
 }
 
 #[cfg(test)]

@@ -240,6 +240,7 @@ impl Backend {
                     primary,
                     participants: shards.to_vec(),
                     txn: Some(sreq.clone()),
+                    revoke_leases: vec![],
                 },
             )
         }))

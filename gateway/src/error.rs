@@ -121,6 +121,9 @@ impl GatewayError {
             Code::NotLeader => GatewayError::NotLeader(msg),
             Code::Unavailable => GatewayError::ShardUnavailable(msg),
             Code::Internal => GatewayError::Internal(msg),
+            // Lease errors arrive from the Lease service's calls; mapped to
+            // etcd's lease errors by the lease module.
+            Code::LeaseNotFound | Code::LeaseExists => GatewayError::InvalidArgument(msg),
         }
     }
 

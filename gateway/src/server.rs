@@ -188,6 +188,219 @@ fn identity(t: &Topology) -> Identity {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::client::read_frame;
+    use crate::etcdserverpb::{
+        cluster_client::ClusterClient, kv_client::KvClient, maintenance_client::MaintenanceClient,
+        watch_client::WatchClient,
+    };
+    use metastore_proto::etcdserverpb as pb;
+    use metastore_proto::mvccpb::KeyValue;
+    use metastore_proto::shardpb::{
+        shard_request::Body as Req, shard_response::Body as Resp, ShardRequest, ShardResponse,
+    };
+    use prost::Message;
+    use std::collections::BTreeMap;
+    use std::sync::Mutex;
+    use tokio::io::AsyncWriteExt;
+
+    /// A one-shard fake metastore-server: an in-memory map, one revision
+    /// counter, enough of the protocol for Put/Range/Status.
+    async fn fake_server() -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let state = Arc::new(Mutex::new((0i64, BTreeMap::<Vec<u8>, KeyValue>::new())));
+        let my_addr = addr.clone();
+        tokio::spawn(async move {
+            loop {
+                let (sock, _) = listener.accept().await.unwrap();
+                let state = state.clone();
+                let my_addr = my_addr.clone();
+                tokio::spawn(async move {
+                    let (mut r, mut w) = sock.into_split();
+                    while let Ok(Some(f)) = read_frame(&mut r).await {
+                        let req = ShardRequest::decode(f.as_slice()).unwrap();
+                        let body = {
+                            let mut st = state.lock().unwrap();
+                            let hdr = |rev| {
+                                Some(pb::ResponseHeader {
+                                    revision: rev,
+                                    raft_term: 1,
+                                    ..Default::default()
+                                })
+                            };
+                            match req.body.unwrap() {
+                                Req::Topology(_) => {
+                                    Resp::Topology(metastore_proto::shardpb::TopologyResponse {
+                                        shard_count: 1,
+                                        shard_id: 0,
+                                        shard_addrs: vec![my_addr.clone()],
+                                        cluster_id: 7,
+                                        member_id: 9,
+                                        engine: "memory".into(),
+                                        member_name: "fake".into(),
+                                    })
+                                }
+                                Req::CurrentRevision(_) => Resp::CurrentRevision(
+                                    metastore_proto::shardpb::CurrentRevisionResponse {
+                                        revision: st.0,
+                                        raft_term: 1,
+                                    },
+                                ),
+                                Req::Put(p) => {
+                                    st.0 += 1;
+                                    let rev = st.0;
+                                    let prev = st.1.get(&p.key).cloned();
+                                    let kv = KeyValue {
+                                        key: p.key.clone(),
+                                        value: p.value,
+                                        create_revision: prev
+                                            .as_ref()
+                                            .map_or(rev, |k| k.create_revision),
+                                        mod_revision: rev,
+                                        version: prev.as_ref().map_or(1, |k| k.version + 1),
+                                        lease: 0,
+                                    };
+                                    st.1.insert(p.key, kv);
+                                    Resp::Put(pb::PutResponse {
+                                        header: hdr(rev),
+                                        prev_kv: None,
+                                    })
+                                }
+                                Req::Range(q) => {
+                                    let kvs: Vec<KeyValue> = if q.range_end.is_empty() {
+                                        st.1.get(&q.key).cloned().into_iter().collect()
+                                    } else {
+                                        st.1.range(q.key.clone()..q.range_end.clone())
+                                            .map(|(_, v)| v.clone())
+                                            .collect()
+                                    };
+                                    Resp::Range(pb::RangeResponse {
+                                        header: hdr(st.0),
+                                        count: kvs.len() as i64,
+                                        kvs,
+                                        more: false,
+                                    })
+                                }
+                                Req::Status(_) => {
+                                    Resp::Status(metastore_proto::shardpb::StatusResponse {
+                                        raft_index: 3,
+                                        raft_term: 1,
+                                        raft_applied_index: 3,
+                                        db_size: 4096,
+                                        leader: 9,
+                                        revision: st.0,
+                                        compact_revision: 0,
+                                    })
+                                }
+                                other => panic!("fake server: unexpected {other:?}"),
+                            }
+                        };
+                        let resp = ShardResponse {
+                            id: req.id,
+                            body: Some(body),
+                        };
+                        w.write_all(&crate::client::encode_frame(&resp))
+                            .await
+                            .unwrap();
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn serves_the_etcd_api_end_to_end() {
+        let server = fake_server().await;
+        let gw = Gateway::start(Config {
+            listen: "127.0.0.1:0".into(),
+            server,
+            connect_wait: Duration::from_secs(5),
+            ..Config::default()
+        })
+        .await
+        .unwrap();
+        let addr = gw.local_addr();
+        assert_ne!(addr.port(), 0);
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let serving = tokio::spawn(gw.serve(async {
+            let _ = stop_rx.await;
+        }));
+        let url = format!("http://{addr}");
+        let mut kv = KvClient::connect(url.clone()).await.unwrap();
+        let put = kv
+            .put(pb::PutRequest {
+                key: b"foo".to_vec(),
+                value: b"bar".to_vec(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let h = put.header.unwrap();
+        assert_eq!((h.cluster_id, h.member_id, h.revision), (7, 9, 1));
+        let got = kv
+            .range(pb::RangeRequest {
+                key: b"foo".to_vec(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(got.kvs[0].value, b"bar");
+        // Gateway-side checks come back with etcd's status.
+        let e = kv.put(pb::PutRequest::default()).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert_eq!(e.message(), "etcdserver: key is not provided");
+        // Between the request limit and the gRPC limit: "too large".
+        let e = kv
+            .put(pb::PutRequest {
+                key: b"big".to_vec(),
+                value: vec![0; DEFAULT_MAX_REQUEST_BYTES + 1024],
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.message(), "etcdserver: request is too large");
+
+        let st = MaintenanceClient::connect(url.clone())
+            .await
+            .unwrap()
+            .status(pb::StatusRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(st.version.starts_with("3.5"));
+        assert_eq!(st.leader, 9);
+        assert!(st.header.unwrap().revision >= 1);
+
+        let ml = ClusterClient::connect(url.clone())
+            .await
+            .unwrap()
+            .member_list(pb::MemberListRequest {
+                linearizable: false,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(ml.members[0].client_ur_ls, vec![url.clone()]);
+
+        let mut watch = WatchClient::connect(url.clone()).await.unwrap();
+        let e = watch
+            .watch(futures::stream::iter(vec![pb::WatchRequest::default()]))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unimplemented);
+
+        stop_tx.send(()).unwrap();
+        drop(kv);
+        drop(watch);
+        tokio::time::timeout(Duration::from_secs(5), serving)
+            .await
+            .expect("graceful shutdown")
+            .unwrap()
+            .unwrap();
+    }
 
     #[test]
     fn ready_line_format() {

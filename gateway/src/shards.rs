@@ -162,6 +162,7 @@ fn kind(r: &Resp) -> &'static str {
         Resp::Resolve(_) => "resolve",
         Resp::Compact(_) => "compact",
         Resp::Status(_) => "status",
+        _ => "other",
     }
 }
 

@@ -229,7 +229,10 @@ both_engines!(
         let mut by_rev: HashMap<i64, &Write> = HashMap::new();
         for w in &writes {
             if let Some(other) = by_rev.insert(w.rev, w) {
-                panic!("revision {} given to both {:?} and {:?}", w.rev, other.what, w.what);
+                panic!(
+                    "revision {} given to both {:?} and {:?}",
+                    w.rev, other.what, w.what
+                );
             }
         }
 
@@ -271,7 +274,10 @@ both_engines!(
         let mut per_key: HashMap<&str, Vec<(i64, &Write, &str)>> = HashMap::new();
         for w in &writes {
             for (k, v) in &w.puts {
-                per_key.entry(k.as_str()).or_default().push((w.rev, w, v.as_str()));
+                per_key
+                    .entry(k.as_str())
+                    .or_default()
+                    .push((w.rev, w, v.as_str()));
             }
         }
         for list in per_key.values_mut() {
@@ -288,6 +294,15 @@ both_engines!(
                     r.what,
                     r.header,
                     w.what
+                );
+            }
+            for (k, s) in &r.seen {
+                assert!(
+                    s.modr <= r.header,
+                    "{} returned {k} at mod revision {} above its header revision {}",
+                    r.what,
+                    s.modr,
+                    r.header
                 );
             }
             for k in &r.covers {
@@ -455,14 +470,22 @@ both_engines!(
             r.await.expect("reader");
         }
         for w in revs.windows(2) {
-            assert!(w[0] < w[1], "sequential txns got revisions {} then {}", w[0], w[1]);
+            assert!(
+                w[0] < w[1],
+                "sequential txns got revisions {} then {}",
+                w[0],
+                w[1]
+            );
         }
 
         // Each txn revision is a snapshot with exactly that generation.
         let mut c = node.client().await;
         for (g, rev) in revs.iter().enumerate() {
             let got = c
-                .get("iso/", Some(GetOptions::new().with_prefix().with_revision(*rev)))
+                .get(
+                    "iso/",
+                    Some(GetOptions::new().with_prefix().with_revision(*rev)),
+                )
                 .await
                 .unwrap();
             assert_eq!(got.kvs().len(), KEYS16);
@@ -501,10 +524,12 @@ both_engines!(
                     attempts += 1;
                     assert!(attempts < 20_000, "worker {id}: CAS never succeeds");
                     let got = c
-                        .txn(Txn::new().and_then([
-                            TxnOp::get("ctr/a", None),
-                            TxnOp::get("ctr/zz-b", None),
-                        ]))
+                        .txn(
+                            Txn::new().and_then([
+                                TxnOp::get("ctr/a", None),
+                                TxnOp::get("ctr/zz-b", None),
+                            ]),
+                        )
                         .await
                         .unwrap();
                     let resps = got.op_responses();
@@ -545,7 +570,11 @@ both_engines!(
         for k in ["ctr/a", "ctr/zz-b"] {
             let got = c.get(k, None).await.unwrap();
             let kv = &got.kvs()[0];
-            assert_eq!(kv.value_str().unwrap(), total.to_string(), "{k}: lost updates");
+            assert_eq!(
+                kv.value_str().unwrap(),
+                total.to_string(),
+                "{k}: lost updates"
+            );
             assert_eq!(kv.version(), total + 1, "{k}: one version per increment");
         }
     }

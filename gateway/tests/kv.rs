@@ -8,8 +8,8 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use common::{assert_grpc_error, assert_serving, grpc_status, rev_of};
 use etcd_client::{
@@ -176,10 +176,7 @@ fn as_get(r: &TxnOpResponse) -> &GetResponse {
 
 /// Current revision as seen by a linearizable read.
 async fn current_rev(c: &mut Client) -> i64 {
-    let resp = c
-        .get("__current_rev_probe", None)
-        .await
-        .expect("probe get");
+    let resp = c.get("__current_rev_probe", None).await.expect("probe get");
     rev_of(resp.header())
 }
 
@@ -214,7 +211,10 @@ both_engines!(
         let r2 = put_rev(&mut c, "foo", "baz").await;
         assert!(r2 > r1, "revision must grow: {r1} then {r2}");
         let k = get_kvs(&mut c, "foo", None).await.remove(0);
-        assert_eq!((k.value.as_str(), k.create, k.modr, k.version), ("baz", r1, r2, 2));
+        assert_eq!(
+            (k.value.as_str(), k.create, k.modr, k.version),
+            ("baz", r1, r2, 2)
+        );
 
         // A write to another key gets its own, larger revision.
         let r3 = put_rev(&mut c, "other", "x").await;
@@ -263,7 +263,10 @@ both_engines!(
             .unwrap();
         let r2 = rev_of(resp.header());
         let prev = kv(resp.prev_key().expect("prev kv"));
-        assert_eq!((prev.value.as_str(), prev.modr, prev.version), ("one", r1, 1));
+        assert_eq!(
+            (prev.value.as_str(), prev.modr, prev.version),
+            ("one", r1, 1)
+        );
 
         // prev_kv on a fresh key: none.
         let resp = c
@@ -280,7 +283,10 @@ both_engines!(
         let r3 = rev_of(resp.header());
         assert!(r3 > r2);
         let k = get_kvs(&mut c, "pk", None).await.remove(0);
-        assert_eq!((k.value.as_str(), k.create, k.modr, k.version), ("two", r1, r3, 3));
+        assert_eq!(
+            (k.value.as_str(), k.create, k.modr, k.version),
+            ("two", r1, r3, 3)
+        );
     }
 );
 
@@ -304,10 +310,7 @@ both_engines!(
         assert_eq!(got.count(), 5);
         assert!(!got.more());
         for k in got.kvs() {
-            assert_eq!(
-                k.value(),
-                format!("v-{}", k.key_str().unwrap()).as_bytes()
-            );
+            assert_eq!(k.value(), format!("v-{}", k.key_str().unwrap()).as_bytes());
         }
 
         // Explicit range end [b/1, b/4).
@@ -373,14 +376,21 @@ both_engines!(
 
         for limit in [1i64, 5, 19, 20, 21, 0] {
             let got = c
-                .get("l/", Some(GetOptions::new().with_prefix().with_limit(limit)))
+                .get(
+                    "l/",
+                    Some(GetOptions::new().with_prefix().with_limit(limit)),
+                )
                 .await
                 .unwrap();
             let n = if limit == 0 { 20 } else { limit.min(20) };
             let expect: Vec<String> = (0..n).map(|i| format!("l/{i:02}")).collect();
             assert_eq!(keys(&got), expect, "limit {limit}");
             assert_eq!(got.count(), 20, "count ignores limit ({limit})");
-            assert_eq!(got.more(), limit != 0 && limit < 20, "more with limit {limit}");
+            assert_eq!(
+                got.more(),
+                limit != 0 && limit < 20,
+                "more with limit {limit}"
+            );
         }
 
         // Limit on an explicit range and on all keys.
@@ -412,7 +422,10 @@ both_engines!(
         }
 
         let got = c
-            .get("co/", Some(GetOptions::new().with_prefix().with_count_only()))
+            .get(
+                "co/",
+                Some(GetOptions::new().with_prefix().with_count_only()),
+            )
             .await
             .unwrap();
         assert!(got.kvs().is_empty(), "count_only returns no kvs");
@@ -421,7 +434,12 @@ both_engines!(
         let got = c
             .get(
                 "co/",
-                Some(GetOptions::new().with_prefix().with_count_only().with_limit(3)),
+                Some(
+                    GetOptions::new()
+                        .with_prefix()
+                        .with_count_only()
+                        .with_limit(3),
+                ),
             )
             .await
             .unwrap();
@@ -429,7 +447,10 @@ both_engines!(
         assert_eq!(got.count(), 12);
 
         let got = c
-            .get("co/", Some(GetOptions::new().with_prefix().with_keys_only()))
+            .get(
+                "co/",
+                Some(GetOptions::new().with_prefix().with_keys_only()),
+            )
             .await
             .unwrap();
         assert_eq!(got.kvs().len(), 12);
@@ -442,10 +463,7 @@ both_engines!(
         }
 
         let got = c
-            .get(
-                "co/03",
-                Some(GetOptions::new().with_keys_only()),
-            )
+            .get("co/03", Some(GetOptions::new().with_keys_only()))
             .await
             .unwrap();
         assert_eq!(got.kvs().len(), 1);
@@ -504,7 +522,10 @@ both_engines!(
                 // etcd: order NONE with a target other than KEY sorts ascending.
                 let expect = sorted_keys(&all, target, order == SortOrder::Descend);
                 let got = c
-                    .get("s/", Some(GetOptions::new().with_prefix().with_sort(target, order)))
+                    .get(
+                        "s/",
+                        Some(GetOptions::new().with_prefix().with_sort(target, order)),
+                    )
                     .await
                     .unwrap();
                 assert_eq!(keys(&got), expect, "sort {target:?} {order:?}");
@@ -799,7 +820,10 @@ both_engines!(
         progress_rx.wait_for(|n| *n >= 10).await.unwrap();
         let mut rc = c.clone();
         let snap = rc
-            .get("pg/", Some(GetOptions::new().with_prefix().with_count_only()))
+            .get(
+                "pg/",
+                Some(GetOptions::new().with_prefix().with_count_only()),
+            )
             .await
             .unwrap();
         let rev = rev_of(snap.header());
@@ -837,7 +861,10 @@ both_engines!(
             let mut k = last.expect("a page with more=true has keys").into_bytes();
             k.push(0);
             next = k;
-            assert!(pages.len() <= 2 * N / PAGE as usize, "pagination does not end");
+            assert!(
+                pages.len() <= 2 * N / PAGE as usize,
+                "pagination does not end"
+            );
         }
 
         stop.store(true, Ordering::SeqCst);
@@ -860,7 +887,11 @@ both_engines!(
         let got: Vec<Kv> = pages.concat();
         assert_eq!(got.len(), expect.len(), "number of keys at revision {rev}");
         assert_eq!(got, expect, "paginated snapshot at revision {rev}");
-        assert_eq!(snap.count() as usize, expect.len(), "count at revision {rev}");
+        assert_eq!(
+            snap.count() as usize,
+            expect.len(),
+            "count at revision {rev}"
+        );
 
         // Each page's count is the number of keys in [start, end) at R.
         for (start, count, _more, _len) in &page_counts {
@@ -942,7 +973,11 @@ both_engines!(
         assert!(got.kvs().is_empty(), "keys visible at the delete revision");
         assert_eq!(got.count(), 0);
         assert!(get_kvs(&mut c, "dp/", prefix()).await.is_empty());
-        assert_eq!(get_kvs(&mut c, "dp0", None).await.len(), 1, "outside key kept");
+        assert_eq!(
+            get_kvs(&mut c, "dp0", None).await.len(),
+            1,
+            "outside key kept"
+        );
 
         // Re-created keys start over.
         let r2 = put_rev(&mut c, "dp/05", "again").await;
@@ -1006,21 +1041,73 @@ both_engines!(
             ("version < 2", Compare::version("t/k", Less, 2), false),
             ("version > 1", Compare::version("t/k", Greater, 1), true),
             ("version > 2", Compare::version("t/k", Greater, 2), false),
-            ("create = C", Compare::create_revision("t/k", Equal, cr), true),
-            ("create = C+1", Compare::create_revision("t/k", Equal, cr + 1), false),
-            ("create != C+1", Compare::create_revision("t/k", NotEqual, cr + 1), true),
-            ("create != C", Compare::create_revision("t/k", NotEqual, cr), false),
-            ("create < C+1", Compare::create_revision("t/k", Less, cr + 1), true),
-            ("create < C", Compare::create_revision("t/k", Less, cr), false),
-            ("create > C-1", Compare::create_revision("t/k", Greater, cr - 1), true),
-            ("create > C", Compare::create_revision("t/k", Greater, cr), false),
+            (
+                "create = C",
+                Compare::create_revision("t/k", Equal, cr),
+                true,
+            ),
+            (
+                "create = C+1",
+                Compare::create_revision("t/k", Equal, cr + 1),
+                false,
+            ),
+            (
+                "create != C+1",
+                Compare::create_revision("t/k", NotEqual, cr + 1),
+                true,
+            ),
+            (
+                "create != C",
+                Compare::create_revision("t/k", NotEqual, cr),
+                false,
+            ),
+            (
+                "create < C+1",
+                Compare::create_revision("t/k", Less, cr + 1),
+                true,
+            ),
+            (
+                "create < C",
+                Compare::create_revision("t/k", Less, cr),
+                false,
+            ),
+            (
+                "create > C-1",
+                Compare::create_revision("t/k", Greater, cr - 1),
+                true,
+            ),
+            (
+                "create > C",
+                Compare::create_revision("t/k", Greater, cr),
+                false,
+            ),
             ("mod = M", Compare::mod_revision("t/k", Equal, mr), true),
-            ("mod = M-1", Compare::mod_revision("t/k", Equal, mr - 1), false),
-            ("mod != M-1", Compare::mod_revision("t/k", NotEqual, mr - 1), true),
-            ("mod != M", Compare::mod_revision("t/k", NotEqual, mr), false),
-            ("mod < M+1", Compare::mod_revision("t/k", Less, mr + 1), true),
+            (
+                "mod = M-1",
+                Compare::mod_revision("t/k", Equal, mr - 1),
+                false,
+            ),
+            (
+                "mod != M-1",
+                Compare::mod_revision("t/k", NotEqual, mr - 1),
+                true,
+            ),
+            (
+                "mod != M",
+                Compare::mod_revision("t/k", NotEqual, mr),
+                false,
+            ),
+            (
+                "mod < M+1",
+                Compare::mod_revision("t/k", Less, mr + 1),
+                true,
+            ),
             ("mod < M", Compare::mod_revision("t/k", Less, mr), false),
-            ("mod > M-1", Compare::mod_revision("t/k", Greater, mr - 1), true),
+            (
+                "mod > M-1",
+                Compare::mod_revision("t/k", Greater, mr - 1),
+                true,
+            ),
             ("mod > M", Compare::mod_revision("t/k", Greater, mr), false),
             ("lease = 0", Compare::lease("t/k", Equal, 0), true),
             ("lease = 7", Compare::lease("t/k", Equal, 7), false),
@@ -1073,13 +1160,41 @@ both_engines!(
         // targets compare against zero.
         let cases: Vec<(&str, Vec<Compare>, bool)> = vec![
             ("no compares", vec![], true),
-            ("missing value =", vec![Compare::value("tm/no", Equal, "")], false),
-            ("missing value !=", vec![Compare::value("tm/no", NotEqual, "x")], false),
-            ("missing version = 0", vec![Compare::version("tm/no", Equal, 0)], true),
-            ("missing create = 0", vec![Compare::create_revision("tm/no", Equal, 0)], true),
-            ("missing mod = 0", vec![Compare::mod_revision("tm/no", Equal, 0)], true),
-            ("missing lease = 0", vec![Compare::lease("tm/no", Equal, 0)], true),
-            ("missing version > 0", vec![Compare::version("tm/no", Greater, 0)], false),
+            (
+                "missing value =",
+                vec![Compare::value("tm/no", Equal, "")],
+                false,
+            ),
+            (
+                "missing value !=",
+                vec![Compare::value("tm/no", NotEqual, "x")],
+                false,
+            ),
+            (
+                "missing version = 0",
+                vec![Compare::version("tm/no", Equal, 0)],
+                true,
+            ),
+            (
+                "missing create = 0",
+                vec![Compare::create_revision("tm/no", Equal, 0)],
+                true,
+            ),
+            (
+                "missing mod = 0",
+                vec![Compare::mod_revision("tm/no", Equal, 0)],
+                true,
+            ),
+            (
+                "missing lease = 0",
+                vec![Compare::lease("tm/no", Equal, 0)],
+                true,
+            ),
+            (
+                "missing version > 0",
+                vec![Compare::version("tm/no", Greater, 0)],
+                false,
+            ),
             (
                 "all hold",
                 vec![
@@ -1101,9 +1216,7 @@ both_engines!(
         for (name, cmps, expect) in cases {
             let t = txn(
                 &mut c,
-                Txn::new()
-                    .when(cmps)
-                    .and_then([TxnOp::get("tm/k", None)]),
+                Txn::new().when(cmps).and_then([TxnOp::get("tm/k", None)]),
             )
             .await;
             assert_eq!(t.succeeded(), expect, "{name}");
@@ -1148,14 +1261,30 @@ both_engines!(
         use CompareOp::*;
         let check = |cmp: Compare| Txn::new().when([cmp]);
 
-        let t = txn(&mut c, check(Compare::value("g/", Equal, "same").with_prefix())).await;
+        let t = txn(
+            &mut c,
+            check(Compare::value("g/", Equal, "same").with_prefix()),
+        )
+        .await;
         assert!(t.succeeded(), "all values equal");
-        let t = txn(&mut c, check(Compare::version("g/", Greater, 0).with_prefix())).await;
+        let t = txn(
+            &mut c,
+            check(Compare::version("g/", Greater, 0).with_prefix()),
+        )
+        .await;
         assert!(t.succeeded(), "all versions > 0");
         put_rev(&mut c, "g/5", "diff").await;
-        let t = txn(&mut c, check(Compare::value("g/", Equal, "same").with_prefix())).await;
+        let t = txn(
+            &mut c,
+            check(Compare::value("g/", Equal, "same").with_prefix()),
+        )
+        .await;
         assert!(!t.succeeded(), "g/5 differs");
-        let t = txn(&mut c, check(Compare::version("g/", Equal, 1).with_prefix())).await;
+        let t = txn(
+            &mut c,
+            check(Compare::version("g/", Equal, 1).with_prefix()),
+        )
+        .await;
         assert!(!t.succeeded(), "g/5 has version 2");
         let t = txn(
             &mut c,
@@ -1189,7 +1318,10 @@ both_engines!(
                     TxnOp::put("o/a", "10", Some(PutOptions::new().with_prev_key())),
                     TxnOp::delete("o/b", Some(DeleteOptions::new().with_prev_key())),
                     TxnOp::put("o/d", "4", None),
-                    TxnOp::get("o/", Some(GetOptions::new().with_prefix().with_count_only())),
+                    TxnOp::get(
+                        "o/",
+                        Some(GetOptions::new().with_prefix().with_count_only()),
+                    ),
                 ]),
         )
         .await;
@@ -1223,7 +1355,10 @@ both_engines!(
             .map(|k| (k.key.as_str(), k.value.as_str(), k.modr))
             .collect();
         let rc = before[2].modr;
-        assert_eq!(summary, [("o/a", "10", r), ("o/c", "3", rc), ("o/d", "4", r)]);
+        assert_eq!(
+            summary,
+            [("o/a", "10", r), ("o/c", "3", rc), ("o/d", "4", r)]
+        );
         assert_eq!(after[0].version, 2);
         assert_eq!((after[2].create, after[2].version), (r, 1));
         // The deleted key is gone as of r and present just before.
@@ -1298,7 +1433,12 @@ both_engines!(
             .collect();
         assert_eq!(
             summary,
-            [("n/a", "1"), ("n/b", "2"), ("n/c", "inner-failure"), ("n/d", "outer")]
+            [
+                ("n/a", "1"),
+                ("n/b", "2"),
+                ("n/c", "inner-failure"),
+                ("n/d", "outer")
+            ]
         );
         assert_eq!(got[2].modr, r);
         assert_eq!(got[3].modr, r);
@@ -1311,7 +1451,10 @@ both_engines!(
         // 16 keys: with hash partitioning over 2 shards they span both.
         let keys16: Vec<String> = (0..16).map(|i| format!("x/{i:02}")).collect();
         let put_all = |v: &str| -> Vec<TxnOp> {
-            keys16.iter().map(|k| TxnOp::put(k.as_str(), v, None)).collect()
+            keys16
+                .iter()
+                .map(|k| TxnOp::put(k.as_str(), v, None))
+                .collect()
         };
 
         let t = txn(&mut c, Txn::new().and_then(put_all("v1"))).await;
@@ -1320,7 +1463,10 @@ both_engines!(
         let got = get_kvs(&mut c, "x/", prefix()).await;
         assert_eq!(got.len(), 16);
         for k in &got {
-            assert_eq!((k.value.as_str(), k.create, k.modr, k.version), ("v1", r1, r1, 1));
+            assert_eq!(
+                (k.value.as_str(), k.create, k.modr, k.version),
+                ("v1", r1, r1, 1)
+            );
         }
 
         // Compares on keys of different shards, all true.
@@ -1340,7 +1486,10 @@ both_engines!(
         let r2 = rev_of(t.header());
         assert!(r2 > r1);
         for k in get_kvs(&mut c, "x/", prefix()).await {
-            assert_eq!((k.value.as_str(), k.create, k.modr, k.version), ("v2", r1, r2, 2));
+            assert_eq!(
+                (k.value.as_str(), k.create, k.modr, k.version),
+                ("v2", r1, r2, 2)
+            );
         }
 
         // One false compare: nothing of the success branch is applied; the
@@ -1406,7 +1555,10 @@ both_engines!(
                 .and_then([
                     TxnOp::get("q/", Some(GetOptions::new().with_prefix())),
                     TxnOp::get("q/5", None),
-                    TxnOp::get("q/", Some(GetOptions::new().with_prefix().with_count_only())),
+                    TxnOp::get(
+                        "q/",
+                        Some(GetOptions::new().with_prefix().with_count_only()),
+                    ),
                 ]),
         )
         .await;
@@ -1422,8 +1574,14 @@ both_engines!(
         // its header revision.
         assert_eq!(get_kvs(&mut c, "q/", prefix()).await, before);
         let next = put_rev(&mut c, "q/0", "changed").await;
-        assert!(next > h, "write after a read got revision {next} <= read's {h}");
-        assert_eq!(get_kvs(&mut c, "q/", Some(at(h).with_prefix())).await, before);
+        assert!(
+            next > h,
+            "write after a read got revision {next} <= read's {h}"
+        );
+        assert_eq!(
+            get_kvs(&mut c, "q/", Some(at(h).with_prefix())).await,
+            before
+        );
     }
 );
 
@@ -1458,7 +1616,10 @@ both_engines!(
         // At and above it: intact, on every shard.
         let got = get_kvs(&mut c, "ck", Some(at(revs[2]))).await;
         assert_eq!((got[0].value.as_str(), got[0].version), ("v3", 3));
-        assert_eq!(get_kvs(&mut c, "ck", Some(at(revs[3]))).await[0].value, "v4");
+        assert_eq!(
+            get_kvs(&mut c, "ck", Some(at(revs[3]))).await[0].value,
+            "v4"
+        );
         assert_eq!(get_kvs(&mut c, "ck", None).await[0].value, "v5");
         let got = get_kvs(&mut c, "cp/", Some(at(revs[2]).with_prefix())).await;
         assert_eq!(got.len(), 8, "live keys survive compaction");
@@ -1476,8 +1637,15 @@ both_engines!(
 
         // A later compaction moves the floor up.
         c.compact(revs[4], None).await.unwrap();
-        assert_grpc_error(c.get("ck", Some(at(revs[3]))).await, Code::OutOfRange, COMPACTED);
-        assert_eq!(get_kvs(&mut c, "ck", Some(at(revs[4]))).await[0].value, "v5");
+        assert_grpc_error(
+            c.get("ck", Some(at(revs[3]))).await,
+            Code::OutOfRange,
+            COMPACTED,
+        );
+        assert_eq!(
+            get_kvs(&mut c, "ck", Some(at(revs[4]))).await[0].value,
+            "v5"
+        );
         assert_serving(&mut c, "second-compaction").await;
     }
 );
@@ -1489,14 +1657,23 @@ both_engines!(
         put_rev(&mut c, "fr/b", "2").await;
         let now = current_rev(&mut c).await;
         let future = now + 1_000_000_000;
-        assert_grpc_error(c.get("fr/a", Some(at(future))).await, Code::OutOfRange, FUTURE_REV);
+        assert_grpc_error(
+            c.get("fr/a", Some(at(future))).await,
+            Code::OutOfRange,
+            FUTURE_REV,
+        );
         assert_grpc_error(
             c.get("fr/", Some(at(future).with_prefix())).await,
             Code::OutOfRange,
             FUTURE_REV,
         );
         // The current revision itself is readable.
-        assert_eq!(get_kvs(&mut c, "fr/", Some(at(now).with_prefix())).await.len(), 2);
+        assert_eq!(
+            get_kvs(&mut c, "fr/", Some(at(now).with_prefix()))
+                .await
+                .len(),
+            2
+        );
         assert_serving(&mut c, "future-revision").await;
     }
 );
@@ -1515,7 +1692,8 @@ both_engines!(
         assert_grpc_error(c.delete("", None).await, Code::InvalidArgument, EMPTY_KEY);
         assert_serving(&mut c, "empty-delete").await;
         assert_grpc_error(
-            c.txn(Txn::new().and_then([TxnOp::put("", "v", None)])).await,
+            c.txn(Txn::new().and_then([TxnOp::put("", "v", None)]))
+                .await,
             Code::InvalidArgument,
             EMPTY_KEY,
         );
@@ -1534,7 +1712,10 @@ both_engines!(
             Code::InvalidArgument,
             TOO_MANY_OPS,
         );
-        assert!(c.get("many/", prefix()).await.unwrap().kvs().is_empty(), "nothing written");
+        assert!(
+            c.get("many/", prefix()).await.unwrap().kvs().is_empty(),
+            "nothing written"
+        );
         assert_serving(&mut c, "too-many-ops").await;
 
         let cmps: Vec<Compare> = (0..129)
@@ -1554,7 +1735,10 @@ both_engines!(
         let mut c = node.client().await;
         put_rev(&mut c, "dup/x", "orig").await;
         let cases: Vec<Vec<TxnOp>> = vec![
-            vec![TxnOp::put("dup/k", "a", None), TxnOp::put("dup/k", "b", None)],
+            vec![
+                TxnOp::put("dup/k", "a", None),
+                TxnOp::put("dup/k", "b", None),
+            ],
             vec![TxnOp::put("dup/x", "a", None), TxnOp::delete("dup/x", None)],
             vec![
                 TxnOp::delete("dup/", Some(DeleteOptions::new().with_prefix())),
@@ -1597,7 +1781,11 @@ both_engines!(
         // (+512 KiB): etcd refuses with InvalidArgument "request is too
         // large".
         let big = vec![b'x'; 1600 * 1024];
-        assert_grpc_error(c.put("large/a", big, None).await, Code::InvalidArgument, TOO_LARGE);
+        assert_grpc_error(
+            c.put("large/a", big, None).await,
+            Code::InvalidArgument,
+            TOO_LARGE,
+        );
         assert_serving(&mut c, "too-large-put").await;
 
         // The same through a txn whose ops together exceed the limit.
@@ -1634,8 +1822,12 @@ both_engines!(
     async fn error_ignore_value_on_missing_key(node: TestNode) {
         let mut c = node.client().await;
         assert_grpc_error(
-            c.put("iv/missing", "", Some(PutOptions::new().with_ignore_value()))
-                .await,
+            c.put(
+                "iv/missing",
+                "",
+                Some(PutOptions::new().with_ignore_value()),
+            )
+            .await,
             Code::InvalidArgument,
             KEY_NOT_FOUND,
         );
@@ -1691,7 +1883,10 @@ both_engines!(
             // RocksDB: every acknowledged write, with versions and revisions.
             let got = c.get("r/", prefix()).await.unwrap();
             assert_eq!(kvs(&got), before, "data after restart");
-            assert!(rev_of(got.header()) >= last, "revision went back after restart");
+            assert!(
+                rev_of(got.header()) >= last,
+                "revision went back after restart"
+            );
             // History too.
             let mid = m.history[11].0;
             assert_eq!(

@@ -131,3 +131,10 @@ mod tests {
         assert_eq!(r.shards_for_range(b"k", b"l"), vec![0, 1, 2, 3]);
     }
 }
+
+/// The routing key of a lease: its home shard is `shard_of(lease_key(id))`.
+pub fn lease_key(id: i64) -> Vec<u8> {
+    let mut k = b"\x00lease/".to_vec();
+    k.extend_from_slice(&id.to_be_bytes());
+    k
+}

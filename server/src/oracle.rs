@@ -19,6 +19,10 @@
 //!   that takes `current` after a write completed reads at or above that
 //!   write's revision.
 //!
+//! Like etcd, an empty store is at revision 1 and the first write gets 2:
+//! `current` is never 0, so "revision 0" can keep meaning "the current
+//! revision" everywhere in the protocol.
+//!
 //! A shard allocates a revision immediately before proposing an entry and
 //! records it as *in flight* until the entry is applied; see
 //! [`crate::shard`] for how that yields each shard's resolved watermark.
@@ -28,6 +32,9 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::Path;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Mutex;
+
+/// The revision of an empty store (etcd's too).
+pub const INITIAL_REVISION: i64 = 1;
 
 /// How far the durable ceiling moves each time it is raised.
 pub const CEILING_STEP: i64 = 100_000;
@@ -44,7 +51,7 @@ impl RevisionOracle {
     /// survives a restart, so revisions may start over).
     pub fn in_memory() -> Self {
         RevisionOracle {
-            last: AtomicI64::new(0),
+            last: AtomicI64::new(INITIAL_REVISION),
             ceiling: AtomicI64::new(i64::MAX),
             file: None,
         }
@@ -61,7 +68,7 @@ impl RevisionOracle {
             .open(path)?;
         let mut text = String::new();
         file.read_to_string(&mut text)?;
-        let stored: i64 = text.trim().parse().unwrap_or(0);
+        let stored: i64 = text.trim().parse().unwrap_or(0).max(INITIAL_REVISION);
         Ok(RevisionOracle {
             last: AtomicI64::new(stored),
             ceiling: AtomicI64::new(stored),
@@ -75,7 +82,7 @@ impl RevisionOracle {
         self.last.fetch_max(rev, Ordering::SeqCst);
     }
 
-    /// The newest revision handed out (0 before any).
+    /// The newest revision handed out (`INITIAL_REVISION` before any).
     pub fn current(&self) -> i64 {
         self.last.load(Ordering::SeqCst)
     }
@@ -118,6 +125,7 @@ mod tests {
     fn allocations_are_unique_and_increasing() {
         let o = RevisionOracle::in_memory();
         let a = o.allocate();
+        assert_eq!(a, INITIAL_REVISION + 1);
         let b = o.allocate();
         assert!(b > a);
         assert_eq!(o.current(), b);

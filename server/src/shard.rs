@@ -685,6 +685,12 @@ impl Shard {
                 self.propose(Op::Compact(CompactRequest { revision }), Some(0))
                     .await
             }
+            R::LeaseRegister(_)
+            | R::LeaseRevoke(_)
+            | R::LeaseKeepAlive(_)
+            | R::LeaseTimeToLive(_)
+            | R::LeaseKeys(_)
+            | R::LeaseList(_) => error(Code::Internal, "leases: in progress"),
             R::WatchSubscribe(_) | R::WatchAck(_) | R::WatchProgress(_) | R::WatchCancel(_) => {
                 error(Code::InvalidArgument, "watch requests are handled per connection")
             }

@@ -31,7 +31,7 @@
 //!   revisions this shard applied meanwhile to *other* keys; per key,
 //!   revisions still only grow (the key was locked).
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::rc::Rc;
 
 use metastore_proto::mvccpb::Event;
@@ -41,7 +41,8 @@ use metastore_proto::etcdserverpb::{
 use metastore_proto::router::ShardRouter;
 use metastore_proto::shardpb::{
     raft_command::Op, shard_error::Code, shard_response::Body, AbortResponse, CommitRequest,
-    CommitResponse, CompactResponse, Decision, Intent, PrepareRequest, PrepareResponse,
+    CommitResponse, CompactResponse, Decision, Intent, LeaseRecord, LeaseRegisterRequest,
+    LeaseRegisterResponse, PrepareRequest, PrepareResponse,
     RaftCommand, ShardError,
 };
 use metastore_proto::txn;
@@ -142,6 +143,42 @@ pub struct ShardState {
     locks: LockTable,
     /// Events of the entry being applied (handed to the watch ring).
     events: Vec<Event>,
+    /// Leases known on this shard (every shard knows every lease).
+    leases: BTreeMap<i64, LeaseRecord>,
+    /// Keys of this shard attached to each lease (derived from MVCC).
+    attached: HashMap<i64, BTreeSet<Vec<u8>>>,
+    /// Leases being revoked by a prepared txn (exclusive).
+    lease_revokers: HashMap<i64, TxnId>,
+    /// Leases a prepared txn attaches keys to (shared).
+    lease_users: HashMap<i64, BTreeSet<TxnId>>,
+}
+
+/// Engine key of a lease record.
+fn lease_record_key(id: i64) -> Vec<u8> {
+    let mut k = LEASE_PREFIX.to_vec();
+    k.extend_from_slice(&id.to_be_bytes());
+    k
+}
+
+const LEASE_PREFIX: &[u8] = b"Slease/";
+
+fn lease_not_found() -> Body {
+    error(Code::LeaseNotFound, "etcdserver: requested lease not found")
+}
+
+/// Leases the puts of `t` (any branch, any depth) attach keys to, with the
+/// keys they would be attached to.
+fn put_leases(t: &TxnRequest, out: &mut Vec<(i64, Vec<u8>)>) {
+    use metastore_proto::etcdserverpb::request_op::Request;
+    for op in t.success.iter().chain(t.failure.iter()) {
+        match &op.request {
+            Some(Request::RequestPut(p)) if p.lease != 0 && !p.ignore_lease => {
+                out.push((p.lease, p.key.clone()))
+            }
+            Some(Request::RequestTxn(n)) => put_leases(n, out),
+            _ => {}
+        }
+    }
 }
 
 fn error(code: Code, message: impl Into<String>) -> Body {
@@ -199,7 +236,30 @@ impl ShardState {
             decision_order: VecDeque::new(),
             locks: LockTable::default(),
             events: Vec::new(),
+            leases: BTreeMap::new(),
+            attached: HashMap::new(),
+            lease_revokers: HashMap::new(),
+            lease_users: HashMap::new(),
         };
+        let mut records = Vec::new();
+        let mut end = LEASE_PREFIX.to_vec();
+        *end.last_mut().unwrap() += 1;
+        engine.scan(LEASE_PREFIX, &end, &mut |_, v| {
+            records.push(v.to_vec());
+            true
+        })?;
+        for v in records {
+            let r = LeaseRecord::decode(v.as_slice()).map_err(|e| StateError::Corrupt(e.to_string()))?;
+            state.leases.insert(r.id, r);
+        }
+        let mut attached: HashMap<i64, BTreeSet<Vec<u8>>> = HashMap::new();
+        state.mvcc.for_each_live(&[0], &[0], &mut |kv| {
+            if kv.lease != 0 {
+                attached.entry(kv.lease).or_default().insert(kv.key);
+            }
+            true
+        })?;
+        state.attached = attached;
         let mut intents = Vec::new();
         engine.scan(&[keyspace::SHARD_INTENT], &[keyspace::SHARD_INTENT + 1], &mut |k, v| {
             intents.push((k[1..].to_vec(), v.to_vec()));
@@ -210,6 +270,7 @@ impl ShardState {
             let prep = intent.prepare.unwrap_or_default();
             let spans = state.spans_of(prep.txn.as_ref().unwrap_or(&TxnRequest::default()));
             state.locks.add(spans, &id);
+            state.lock_leases(&prep, &id);
             state.intents.insert(id, prep);
         }
         let mut decisions = Vec::new();
@@ -288,7 +349,104 @@ impl ShardState {
         batch.put(APPLIED_KEY.to_vec(), index.to_be_bytes().to_vec());
         self.engine.write(batch, false)?;
         self.applied_index = index;
+        self.track_attachments();
         Ok((body, std::mem::take(&mut self.events)))
+    }
+
+    /// Keeps `attached` in step with the events just applied.
+    fn track_attachments(&mut self) {
+        for e in &self.events {
+            if let Some(prev) = &e.prev_kv {
+                if prev.lease != 0 {
+                    if let Some(keys) = self.attached.get_mut(&prev.lease) {
+                        keys.remove(&prev.key);
+                        if keys.is_empty() {
+                            self.attached.remove(&prev.lease);
+                        }
+                    }
+                }
+            }
+            if let Some(kv) = &e.kv {
+                let is_put = e.r#type == metastore_proto::mvccpb::event::EventType::Put as i32;
+                if is_put && kv.lease != 0 {
+                    self.attached.entry(kv.lease).or_default().insert(kv.key.clone());
+                }
+            }
+        }
+    }
+
+    /// The leases this shard knows.
+    pub fn leases(&self) -> &BTreeMap<i64, LeaseRecord> {
+        &self.leases
+    }
+
+    /// Keys of this shard attached to lease `id`.
+    pub fn lease_keys(&self, id: i64) -> Vec<Vec<u8>> {
+        self.attached
+            .get(&id)
+            .map(|k| k.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Checks the leases of a txn's puts: `Err` with the refusal if one is
+    /// unknown (etcd's ErrLeaseNotFound) or being revoked (CONFLICT).
+    fn check_put_leases(&self, t: &TxnRequest, except: Option<&[u8]>) -> Result<(), Body> {
+        let mut uses = Vec::new();
+        put_leases(t, &mut uses);
+        for (lease, key) in uses {
+            if !self.owns(&key) {
+                continue;
+            }
+            if !self.leases.contains_key(&lease) {
+                return Err(lease_not_found());
+            }
+            if self
+                .lease_revokers
+                .get(&lease)
+                .is_some_and(|holder| Some(holder.as_slice()) != except)
+            {
+                return Err(conflict());
+            }
+        }
+        Ok(())
+    }
+
+    fn lock_leases(&mut self, prep: &PrepareRequest, id: &[u8]) {
+        for lease in &prep.revoke_leases {
+            self.lease_revokers.insert(*lease, id.to_vec());
+        }
+        let mut uses = Vec::new();
+        put_leases(prep.txn.as_ref().unwrap_or(&TxnRequest::default()), &mut uses);
+        for (lease, key) in uses {
+            if self.owns(&key) {
+                self.lease_users.entry(lease).or_default().insert(id.to_vec());
+            }
+        }
+    }
+
+    fn unlock_leases(&mut self, id: &[u8]) {
+        self.lease_revokers.retain(|_, holder| holder.as_slice() != id);
+        self.lease_users.retain(|_, holders| {
+            holders.remove(id);
+            !holders.is_empty()
+        });
+    }
+
+    fn apply_lease_register(&mut self, req: &LeaseRegisterRequest, batch: &mut WriteBatch) -> Body {
+        if self.leases.contains_key(&req.id) {
+            if req.home {
+                return error(Code::LeaseExists, "etcdserver: lease already exists");
+            }
+        } else {
+            let record = LeaseRecord {
+                id: req.id,
+                ttl: req.ttl,
+                home: req.home,
+            };
+            batch.put(lease_record_key(req.id), record.encode_to_vec());
+            self.leases.insert(req.id, record);
+        }
+        Body::LeaseRegister(LeaseRegisterResponse { ttl: req.ttl })
     }
 
     /// Finishes a write: its batch joins the entry's, its events are kept
@@ -328,6 +486,7 @@ impl ShardState {
             Op::Prepare(req) => self.apply_prepare(req, batch),
             Op::Commit(req) => self.apply_commit(req, rev, batch),
             Op::Abort(req) => Ok(self.apply_abort(&req.txn_id, batch)),
+            Op::LeaseRegister(req) => Ok(self.apply_lease_register(req, batch)),
             Op::Compact(req) => {
                 // The revision is global: this shard may not have seen a
                 // write that recent, yet must refuse reads below it.
@@ -348,6 +507,14 @@ impl ShardState {
     fn apply_put(&mut self, req: &PutRequest, rev: i64, batch: &mut WriteBatch) -> Result<Body, StateError> {
         if self.locked(&[Span::new(&req.key, &[])], None) {
             return Ok(conflict());
+        }
+        if req.lease != 0 && !req.ignore_lease {
+            if !self.leases.contains_key(&req.lease) {
+                return Ok(lease_not_found());
+            }
+            if self.lease_revokers.contains_key(&req.lease) {
+                return Ok(conflict());
+            }
         }
         let mut w = self.mvcc.write(rev);
         match w.put(req) {
@@ -405,6 +572,9 @@ impl ShardState {
         if self.locked(&self.spans_of(t), None) {
             return Ok(conflict());
         }
+        if let Err(refusal) = self.check_put_leases(t, None) {
+            return Ok(refusal);
+        }
         let path = match self.local_path(t)? {
             Ok(p) => p,
             Err(body) => return Ok(body),
@@ -433,11 +603,31 @@ impl ShardState {
         let (shard, router) = (self.shard, self.router);
         let owns = move |k: &[u8]| router.owns(shard, k);
         if !self.intents.contains_key(&id) {
-            let spans = self.spans_of(&t);
+            let mut spans = self.spans_of(&t);
+            for lease in &req.revoke_leases {
+                for key in self.lease_keys(*lease) {
+                    spans.push(Span::new(&key, &[]));
+                }
+                let used = self
+                    .lease_users
+                    .get(lease)
+                    .is_some_and(|u| u.iter().any(|holder| holder != &id));
+                let revoking = self
+                    .lease_revokers
+                    .get(lease)
+                    .is_some_and(|holder| holder != &id);
+                if used || revoking {
+                    return Ok(conflict());
+                }
+            }
             if self.locked(&spans, Some(&id)) {
                 return Ok(conflict());
             }
+            if let Err(refusal) = self.check_put_leases(&t, Some(&id)) {
+                return Ok(refusal);
+            }
             self.locks.add(spans, &id);
+            self.lock_leases(req, &id);
             self.intents.insert(id.clone(), req.clone());
             let mut key = vec![keyspace::SHARD_INTENT];
             key.extend_from_slice(&id);
@@ -485,7 +675,24 @@ impl ShardState {
             Ok(r) => r,
             Err(e) => return mvcc_error(e),
         };
+        // Revoked leases: their keys go at this same revision.
+        for lease in &prep.revoke_leases {
+            for key in self.attached.get(lease).cloned().unwrap_or_default() {
+                let del = DeleteRangeRequest {
+                    key,
+                    ..Default::default()
+                };
+                if let Err(e) = w.delete_range(&del, &owns) {
+                    return mvcc_error(e);
+                }
+            }
+        }
         Self::finish_write(w, batch, &mut self.events);
+        for lease in &prep.revoke_leases {
+            if self.leases.remove(lease).is_some() {
+                batch.delete(lease_record_key(*lease));
+            }
+        }
         self.forget_intent(id, batch);
         if primary {
             self.record_decision(
@@ -531,6 +738,7 @@ impl ShardState {
     fn forget_intent(&mut self, id: &[u8], batch: &mut WriteBatch) {
         if self.intents.remove(id).is_some() {
             self.locks.release(id);
+            self.unlock_leases(id);
             let mut key = vec![keyspace::SHARD_INTENT];
             key.extend_from_slice(id);
             batch.delete(key);
@@ -668,6 +876,7 @@ mod tests {
             primary: 0,
             participants: vec![0, 1],
             txn: Some(t.clone()),
+            revoke_leases: vec![],
         })
     }
 

@@ -53,7 +53,7 @@ impl Engine {
 /// Generates one `#[tokio::test]` per engine for an async test body that
 /// takes a freshly started [`TestNode`]:
 ///
-/// ```ignore
+/// ```text
 /// both_engines!(async fn put_then_get(node: TestNode) { ... });
 /// ```
 ///
@@ -99,7 +99,10 @@ where
 {
     let node = TestNode::start(engine).await;
     let logs = node.logs();
-    if tokio::time::timeout(TEST_TIMEOUT, body(node)).await.is_err() {
+    if tokio::time::timeout(TEST_TIMEOUT, body(node))
+        .await
+        .is_err()
+    {
         logs.dump();
         panic!(
             "test timed out after {:?} on engine {}",
@@ -413,7 +416,10 @@ impl Drop for TestNode {
         if std::thread::panicking() {
             self.logs().dump();
         }
-        for child in [self.gateway.take(), self.server.take()].into_iter().flatten() {
+        for child in [self.gateway.take(), self.server.take()]
+            .into_iter()
+            .flatten()
+        {
             let mut child = child;
             let _ = child.kill();
             let _ = child.wait();
