@@ -34,13 +34,15 @@ use std::time::{Duration, Instant};
 
 use futures::channel::{mpsc, oneshot};
 use futures::StreamExt;
-use metastore_proto::etcdserverpb::{RangeRequest, ResponseHeader};
+use metastore_proto::etcdserverpb::{RangeRequest, ResponseHeader, TxnRequest};
 use metastore_proto::router::ShardRouter;
 use metastore_proto::shardpb::{
     raft_command::Op, shard_error::Code, shard_request, shard_response::Body, AbortRequest,
     CommitRequest, CompactRequest, CurrentRevisionResponse, RaftCommand, ResolveRequest,
     ResolveResponse, ShardError, ShardRequest, StatusResponse, TopologyResponse,
-    TxnEvaluateResponse, TxnReadResponse, WatchEventsResponse, WatchSubscribeRequest,
+    LeaseKeepAliveResponse, LeaseKeysResponse, LeaseListResponse, LeaseRevokeResponse,
+    LeaseTimeToLiveResponse, PrepareRequest, TxnEvaluateResponse, TxnReadResponse,
+    WatchEventsResponse, WatchSubscribeRequest,
 };
 use metastore_proto::txn;
 use prost::Message;
@@ -105,6 +107,12 @@ pub struct Shard {
     ring: RefCell<WatchRing>,
     /// Subscriptions waiting for new events or a moved watermark.
     watch_waiters: RefCell<Vec<oneshot::Sender<()>>>,
+    /// Deadlines of the leases this shard is home of (leader-local, like
+    /// etcd's lessor: refreshed by keep-alives, reset to a full TTL on
+    /// start, acted on only through a replicated revocation).
+    lease_deadlines: RefCell<HashMap<i64, Instant>>,
+    /// Leases whose revocation is under way.
+    revoking: RefCell<std::collections::HashSet<i64>>,
 }
 
 /// The connection's handle on one subscription: acks, progress requests
@@ -210,6 +218,8 @@ impl Shard {
             wake_rx: RefCell::new(Some(wake_rx)),
             ring: RefCell::new(WatchRing::new(max_rev, RING_BATCHES, RING_BYTES)),
             watch_waiters: RefCell::new(Vec::new()),
+            lease_deadlines: RefCell::new(HashMap::new()),
+            revoking: RefCell::new(Default::default()),
         });
         Ok((shard, max_rev))
     }
@@ -217,6 +227,14 @@ impl Shard {
     /// Called once the oracle has been set above every shard's revisions:
     /// gives txns prepared before a restart their floor.
     pub fn start(&self) {
+        // Like etcd after a restart or leader change: every lease gets its
+        // full TTL again rather than expiring all at once.
+        let started = Instant::now();
+        let mut deadlines = self.lease_deadlines.borrow_mut();
+        for lease in self.state.borrow().leases().values().filter(|l| l.home) {
+            deadlines.insert(lease.id, started + ttl_duration(lease.ttl));
+        }
+        drop(deadlines);
         let now = self.oracle.current();
         let ids: Vec<TxnId> = self.state.borrow().intents().keys().cloned().collect();
         let mut floors = self.floors.borrow_mut();
@@ -456,6 +474,17 @@ impl Shard {
                     if !self.state.borrow().intents().contains_key(txn_id) {
                         self.floors.borrow_mut().remove(txn_id);
                     }
+                    // Revoked leases are gone from the state: drop their
+                    // deadlines.
+                    let state = self.state.borrow();
+                    self.lease_deadlines
+                        .borrow_mut()
+                        .retain(|id, _| state.leases().contains_key(id));
+                }
+                Some(Op::LeaseRegister(r)) if r.home && !matches!(body, Body::Error(_)) => {
+                    self.lease_deadlines
+                        .borrow_mut()
+                        .insert(r.id, Instant::now() + ttl_duration(r.ttl));
                 }
                 _ => {}
             }
@@ -506,6 +535,7 @@ impl Shard {
     fn on_tick(self: &Rc<Self>) {
         self.notify_readers();
         self.notify_watchers();
+        self.expire_leases();
         let applied = self.state.borrow().applied_index();
         if applied > LOG_KEEP && applied % 1000 < 50 {
             let node = self.node.borrow();
@@ -597,6 +627,141 @@ impl Shard {
         known(self).unwrap_or_default()
     }
 
+    /// Starts revoking (in batches) the home leases whose deadline passed.
+    fn expire_leases(self: &Rc<Self>) {
+        let now = Instant::now();
+        let expired: Vec<i64> = {
+            let revoking = self.revoking.borrow();
+            self.lease_deadlines
+                .borrow()
+                .iter()
+                .filter(|(id, d)| **d <= now && !revoking.contains(id))
+                .map(|(id, _)| *id)
+                .take(LEASE_REVOKE_BATCH)
+                .collect()
+        };
+        if expired.is_empty() {
+            return;
+        }
+        let shard = self.clone();
+        glommio::spawn_local(async move {
+            // On failure the leases stay expired and the next tick retries.
+            let _ = shard.revoke_leases(expired).await;
+        })
+        .detach();
+    }
+
+    /// Revokes `ids` (home leases of this shard) everywhere: a cross-shard
+    /// transaction, coordinated by this shard as its primary, that deletes
+    /// every attached key on every shard at one revision. Returns that
+    /// revision.
+    pub async fn revoke_leases(self: &Rc<Self>, ids: Vec<i64>) -> Result<i64, Body> {
+        {
+            let mut revoking = self.revoking.borrow_mut();
+            if ids.iter().any(|id| revoking.contains(id)) {
+                return Err(error(Code::Conflict, "lease revocation already under way"));
+            }
+            revoking.extend(ids.iter().copied());
+        }
+        let result = self.revoke_leases_2pc(&ids).await;
+        let mut revoking = self.revoking.borrow_mut();
+        for id in &ids {
+            revoking.remove(id);
+        }
+        result
+    }
+
+    async fn revoke_leases_2pc(self: &Rc<Self>, ids: &[i64]) -> Result<i64, Body> {
+        let shards: Vec<u32> = (0..self.router.shard_count()).collect();
+        let mut backoff = Duration::from_millis(1);
+        for _ in 0..200 {
+            let txn_id: Vec<u8> = (0..16).map(|_| rand::random::<u8>()).collect();
+            let prepare = PrepareRequest {
+                txn_id: txn_id.clone(),
+                primary: self.id,
+                participants: shards.clone(),
+                txn: Some(TxnRequest::default()),
+                revoke_leases: ids.to_vec(),
+            };
+            let answers = futures::future::join_all(shards.iter().map(|&s| {
+                self.call_shard(s, shard_request::Body::Prepare(prepare.clone()))
+            }))
+            .await;
+            if answers.iter().all(|b| matches!(b, Body::Prepare(_))) {
+                let commit = CommitRequest {
+                    txn_id: txn_id.clone(),
+                    path: vec![true],
+                    revision: 0,
+                };
+                let revision = match self.propose(Op::Commit(commit.clone()), None).await {
+                    Body::Commit(c) => c.revision,
+                    other => return Err(other),
+                };
+                let others = shards.iter().filter(|&&s| s != self.id).map(|&s| {
+                    let commit = CommitRequest {
+                        revision,
+                        ..commit.clone()
+                    };
+                    async move {
+                        // The decision is durable here; a participant that
+                        // misses this also resolves it by itself.
+                        for _ in 0..20 {
+                            if let Body::Commit(_) =
+                                self.call_shard(s, shard_request::Body::Commit(commit.clone())).await
+                            {
+                                return;
+                            }
+                            glommio::timer::sleep(Duration::from_millis(5)).await;
+                        }
+                    }
+                });
+                futures::future::join_all(others).await;
+                return Ok(revision);
+            }
+            // Someone holds a lock: undo the prepares and try again.
+            let abort = AbortRequest { txn_id };
+            futures::future::join_all(
+                shards
+                    .iter()
+                    .map(|&s| self.call_shard(s, shard_request::Body::Abort(abort.clone()))),
+            )
+            .await;
+            glommio::timer::sleep(backoff.mul_f64(0.5 + rand::random::<f64>())).await;
+            backoff = (backoff * 2).min(Duration::from_millis(50));
+        }
+        Err(error(Code::Unavailable, "etcdserver: request timed out"))
+    }
+
+    /// One request to shard `shard`: this one directly, others over TCP.
+    async fn call_shard(self: &Rc<Self>, shard: u32, body: shard_request::Body) -> Body {
+        if shard == self.id {
+            return match body {
+                shard_request::Body::Prepare(p) => self.propose(Op::Prepare(p), Some(0)).await,
+                shard_request::Body::Abort(a) => self.propose(Op::Abort(a), Some(0)).await,
+                shard_request::Body::Commit(c) => {
+                    let rev = (c.revision != 0).then_some(c.revision);
+                    self.propose(Op::Commit(c), rev).await
+                }
+                _ => error(Code::Internal, "unsupported local call"),
+            };
+        }
+        let Some(addr) = self
+            .topology
+            .addrs
+            .get()
+            .and_then(|a| a.get(shard as usize).cloned())
+        else {
+            return error(Code::Unavailable, "shard addresses unknown");
+        };
+        let req = ShardRequest { id: 1, body: Some(body) };
+        match crate::net::call(&addr, &req).await {
+            Ok(resp) => resp
+                .body
+                .unwrap_or_else(|| error(Code::Internal, "empty response")),
+            Err(e) => error(Code::Unavailable, format!("shard {shard}: {e}")),
+        }
+    }
+
     /// Answers one request of the shard protocol.
     pub async fn handle(self: &Rc<Self>, req: shard_request::Body) -> Body {
         use shard_request::Body as R;
@@ -685,12 +850,73 @@ impl Shard {
                 self.propose(Op::Compact(CompactRequest { revision }), Some(0))
                     .await
             }
-            R::LeaseRegister(_)
-            | R::LeaseRevoke(_)
-            | R::LeaseKeepAlive(_)
-            | R::LeaseTimeToLive(_)
-            | R::LeaseKeys(_)
-            | R::LeaseList(_) => error(Code::Internal, "leases: in progress"),
+            R::LeaseRegister(r) => self.propose(Op::LeaseRegister(r), Some(0)).await,
+            R::LeaseRevoke(r) => {
+                let known = self
+                    .state
+                    .borrow()
+                    .leases()
+                    .get(&r.id)
+                    .is_some_and(|l| l.home);
+                if !known {
+                    return lease_not_found();
+                }
+                match self.revoke_leases(vec![r.id]).await {
+                    Ok(revision) => Body::LeaseRevoke(LeaseRevokeResponse { revision }),
+                    Err(e) => e,
+                }
+            }
+            R::LeaseKeepAlive(k) => {
+                let ttl = self
+                    .state
+                    .borrow()
+                    .leases()
+                    .get(&k.id)
+                    .filter(|l| l.home)
+                    .map(|l| l.ttl);
+                match ttl {
+                    Some(ttl) if !self.revoking.borrow().contains(&k.id) => {
+                        self.lease_deadlines
+                            .borrow_mut()
+                            .insert(k.id, Instant::now() + ttl_duration(ttl));
+                        Body::LeaseKeepAlive(LeaseKeepAliveResponse { ttl })
+                    }
+                    _ => Body::LeaseKeepAlive(LeaseKeepAliveResponse { ttl: 0 }),
+                }
+            }
+            R::LeaseTimeToLive(t) => {
+                let state = self.state.borrow();
+                match state.leases().get(&t.id).filter(|l| l.home) {
+                    Some(l) => {
+                        let left = self
+                            .lease_deadlines
+                            .borrow()
+                            .get(&t.id)
+                            .map(|d| d.saturating_duration_since(Instant::now()))
+                            .unwrap_or_default();
+                        Body::LeaseTimeToLive(LeaseTimeToLiveResponse {
+                            found: true,
+                            // etcd rounds the remaining time down to seconds.
+                            ttl: left.as_secs() as i64,
+                            granted_ttl: l.ttl,
+                        })
+                    }
+                    None => Body::LeaseTimeToLive(LeaseTimeToLiveResponse::default()),
+                }
+            }
+            R::LeaseKeys(k) => Body::LeaseKeys(LeaseKeysResponse {
+                keys: self.state.borrow().lease_keys(k.id),
+            }),
+            R::LeaseList(_) => Body::LeaseList(LeaseListResponse {
+                ids: self
+                    .state
+                    .borrow()
+                    .leases()
+                    .values()
+                    .filter(|l| l.home)
+                    .map(|l| l.id)
+                    .collect(),
+            }),
             R::WatchSubscribe(_) | R::WatchAck(_) | R::WatchProgress(_) | R::WatchCancel(_) => {
                 error(Code::InvalidArgument, "watch requests are handled per connection")
             }
@@ -747,6 +973,17 @@ impl Shard {
             Err(e) => mvcc_error(e).unwrap_or_else(internal),
         }
     }
+}
+
+/// Home leases revoked by one expiry transaction at most.
+pub const LEASE_REVOKE_BATCH: usize = 1_000;
+
+fn ttl_duration(ttl: i64) -> Duration {
+    Duration::from_secs(ttl.max(0) as u64)
+}
+
+fn lease_not_found() -> Body {
+    error(Code::LeaseNotFound, "etcdserver: requested lease not found")
 }
 
 fn internal(e: StateError) -> Body {

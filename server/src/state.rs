@@ -773,7 +773,9 @@ mod tests {
     use metastore_proto::etcdserverpb::{
         compare, request_op, Compare, PutRequest, RangeRequest, RequestOp,
     };
-    use metastore_proto::shardpb::{AbortRequest, CommitRequest, PrepareRequest};
+    use metastore_proto::shardpb::{
+        AbortRequest, CommitRequest, LeaseRegisterRequest, PrepareRequest,
+    };
 
     struct Cluster {
         router: ShardRouter,
@@ -1063,4 +1065,105 @@ mod tests {
             assert_eq!(c.get(&b, 31), Some(b"B".to_vec()));
         });
     }
+
+    fn register(c: &mut Cluster, id: i64, home: usize) {
+        for shard in 0..2 {
+            let b = c.apply(
+                shard,
+                0,
+                Op::LeaseRegister(LeaseRegisterRequest {
+                    id,
+                    ttl: 10,
+                    home: shard == home,
+                }),
+            );
+            assert!(matches!(b, Body::LeaseRegister(_)), "{b:?}");
+        }
+    }
+
+    fn put_leased(key: &[u8], lease: i64) -> Op {
+        Op::Put(PutRequest {
+            key: key.to_vec(),
+            value: b"v".to_vec(),
+            lease,
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn lease_revocation_deletes_attached_keys_on_every_shard_at_one_revision() {
+        each_engine(|kind| {
+            let mut c = Cluster::new(kind);
+            let (a, b) = (c.key(0, "a"), c.key(1, "b"));
+            // Unknown lease: refused.
+            assert!(is_code(&c.apply(0, 2, put_leased(&a, 7)), Code::LeaseNotFound));
+            register(&mut c, 7, 0);
+            // The home shard refuses the same id twice.
+            let dup = c.apply(
+                0,
+                0,
+                Op::LeaseRegister(LeaseRegisterRequest {
+                    id: 7,
+                    ttl: 10,
+                    home: true,
+                }),
+            );
+            assert!(is_code(&dup, Code::LeaseExists));
+            c.apply(0, 3, put_leased(&a, 7));
+            c.apply(1, 4, put_leased(&b, 7));
+            assert_eq!(c.states[0].lease_keys(7), vec![a.clone()]);
+            assert_eq!(c.states[1].lease_keys(7), vec![b.clone()]);
+            // Revoke: prepare everywhere (locks the lease), commit at 9.
+            let revoke = |c: &mut Cluster, shard: usize| {
+                c.apply(
+                    shard,
+                    0,
+                    Op::Prepare(PrepareRequest {
+                        txn_id: b"r1".to_vec(),
+                        primary: 0,
+                        participants: vec![0, 1],
+                        txn: Some(TxnRequest::default()),
+                        revoke_leases: vec![7],
+                    }),
+                )
+            };
+            assert!(matches!(revoke(&mut c, 0), Body::Prepare(_)));
+            assert!(matches!(revoke(&mut c, 1), Body::Prepare(_)));
+            // A new attachment while revoking waits (conflict).
+            let other = c.key(1, "o");
+            assert!(is_code(&c.apply(1, 5, put_leased(&other, 7)), Code::Conflict));
+            c.apply(0, 9, commit(b"r1", vec![true], 0));
+            c.apply(1, 0, commit(b"r1", vec![true], 9));
+            assert_eq!(c.get(&a, 8), Some(b"v".to_vec()));
+            assert_eq!(c.get(&b, 8), Some(b"v".to_vec()));
+            assert_eq!(c.get(&a, 9), None);
+            assert_eq!(c.get(&b, 9), None);
+            assert!(c.states.iter().all(|s| s.leases().is_empty()));
+            assert!(is_code(&c.apply(1, 10, put_leased(&other, 7)), Code::LeaseNotFound));
+        });
+    }
+
+    #[test]
+    fn leases_and_attachments_survive_a_restart() {
+        let mut c = Cluster::new(EngineKind::RocksDb);
+        let a = c.key(1, "a");
+        register(&mut c, 42, 1);
+        c.apply(1, 2, put_leased(&a, 42));
+        c.crash();
+        assert!(c.states[1].leases().get(&42).unwrap().home);
+        assert!(!c.states[0].leases().get(&42).unwrap().home);
+        assert_eq!(c.states[1].lease_keys(42), vec![a.clone()]);
+        // Overwriting the key without a lease detaches it.
+        c.apply(
+            1,
+            3,
+            Op::Put(PutRequest {
+                key: a.clone(),
+                value: b"w".to_vec(),
+                ..Default::default()
+            }),
+        );
+        assert!(c.states[1].lease_keys(42).is_empty());
+    }
+
 }
