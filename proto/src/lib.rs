@@ -39,18 +39,22 @@
 //! package becomes a module of the same name at the crate root, which is
 //! where prost's cross-package paths (`super::mvccpb::KeyValue`) expect it.
 
+#[allow(clippy::all)]
 pub mod mvccpb {
     include!(concat!(env!("OUT_DIR"), "/mvccpb.rs"));
 }
 
+#[allow(clippy::all)]
 pub mod authpb {
     include!(concat!(env!("OUT_DIR"), "/authpb.rs"));
 }
 
+#[allow(clippy::all)]
 pub mod etcdserverpb {
     include!(concat!(env!("OUT_DIR"), "/etcdserverpb.rs"));
 }
 
+#[allow(clippy::all)]
 pub mod shardpb {
     include!(concat!(env!("OUT_DIR"), "/shardpb.rs"));
 }

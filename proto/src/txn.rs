@@ -320,11 +320,13 @@ mod tests {
     }
     fn del(key: &str, end: &str) -> RequestOp {
         RequestOp {
-            request: Some(request_op::Request::RequestDeleteRange(DeleteRangeRequest {
-                key: key.into(),
-                range_end: end.into(),
-                ..Default::default()
-            })),
+            request: Some(request_op::Request::RequestDeleteRange(
+                DeleteRangeRequest {
+                    key: key.into(),
+                    range_end: end.into(),
+                    ..Default::default()
+                },
+            )),
         }
     }
     fn get(key: &str) -> RequestOp {
@@ -364,7 +366,10 @@ mod tests {
     #[test]
     fn canonical_order_is_preorder_success_then_failure() {
         let t = tree();
-        let keys: Vec<&[u8]> = canonical_compares(&t).iter().map(|c| c.key.as_slice()).collect();
+        let keys: Vec<&[u8]> = canonical_compares(&t)
+            .iter()
+            .map(|c| c.key.as_slice())
+            .collect();
         assert_eq!(keys, vec![b"a".as_slice(), b"b", b"c", b"d"]);
         assert_eq!(compare_count(&t), 4);
     }
@@ -413,17 +418,26 @@ mod tests {
             success: (0..129).map(|i| put(&format!("k{i}"))).collect(),
             ..Default::default()
         };
-        assert_eq!(validate(&too_many, MAX_TXN_OPS), Err(TxnCheckError::TooManyOps));
+        assert_eq!(
+            validate(&too_many, MAX_TXN_OPS),
+            Err(TxnCheckError::TooManyOps)
+        );
         let dup = TxnRequest {
             success: vec![put("a"), put("a")],
             ..Default::default()
         };
-        assert_eq!(validate(&dup, MAX_TXN_OPS), Err(TxnCheckError::DuplicateKey));
+        assert_eq!(
+            validate(&dup, MAX_TXN_OPS),
+            Err(TxnCheckError::DuplicateKey)
+        );
         let put_in_deleted = TxnRequest {
             success: vec![del("a", "c"), put("b")],
             ..Default::default()
         };
-        assert_eq!(validate(&put_in_deleted, MAX_TXN_OPS), Err(TxnCheckError::DuplicateKey));
+        assert_eq!(
+            validate(&put_in_deleted, MAX_TXN_OPS),
+            Err(TxnCheckError::DuplicateKey)
+        );
         // Same key in both branches of a nested txn is allowed.
         let both = TxnRequest {
             success: vec![nested(TxnRequest {
@@ -445,7 +459,10 @@ mod tests {
             ],
             ..Default::default()
         };
-        assert_eq!(validate(&nested_dup, MAX_TXN_OPS), Err(TxnCheckError::DuplicateKey));
+        assert_eq!(
+            validate(&nested_dup, MAX_TXN_OPS),
+            Err(TxnCheckError::DuplicateKey)
+        );
         let empty = TxnRequest {
             success: vec![put("")],
             ..Default::default()
@@ -455,6 +472,9 @@ mod tests {
             success: vec![del("a", "\0"), put("zzz")],
             ..Default::default()
         };
-        assert_eq!(validate(&from_key, MAX_TXN_OPS), Err(TxnCheckError::DuplicateKey));
+        assert_eq!(
+            validate(&from_key, MAX_TXN_OPS),
+            Err(TxnCheckError::DuplicateKey)
+        );
     }
 }

@@ -20,7 +20,10 @@ use metastore_server::oracle::RevisionOracle;
 use metastore_server::shard::{Shard, Topology};
 
 #[derive(Parser, Debug)]
-#[command(name = "metastore-server", about = "MetaStore shard server (one shard per core)")]
+#[command(
+    name = "metastore-server",
+    about = "MetaStore shard server (one shard per core)"
+)]
 struct Args {
     /// Storage engine: memory (RAM only, nothing survives a restart) or
     /// rocksdb (durable: fsync before acknowledging).
@@ -78,7 +81,10 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let (addr_tx, addr_rx) = mpsc::channel::<Result<(u32, String), String>>();
     let mut handles = Vec::new();
     for id in 0..shards {
-        let core = cores.get(id as usize % core_count).map(|c| c.id).unwrap_or(0);
+        let core = cores
+            .get(id as usize % core_count)
+            .map(|c| c.id)
+            .unwrap_or(0);
         let dir = args.data_dir.join(format!("shard-{id}"));
         let (oracle, topology) = (oracle.clone(), topology.clone());
         let (opened, serving) = (opened.clone(), serving.clone());
@@ -86,7 +92,11 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         let bind = format!(
             "{}:{}",
             args.host,
-            if args.port == 0 { 0 } else { args.port + id as u16 }
+            if args.port == 0 {
+                0
+            } else {
+                args.port + id as u16
+            }
         );
         let handle = LocalExecutorBuilder::new(Placement::Fixed(core))
             .name(&format!("shard-{id}"))

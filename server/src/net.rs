@@ -51,7 +51,10 @@ async fn read_frame<R: futures::io::AsyncRead + Unpin>(r: &mut R) -> std::io::Re
     r.read_exact(&mut len).await?;
     let len = u32::from_le_bytes(len) as usize;
     if len > MAX_FRAME {
-        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "frame too large"));
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "frame too large",
+        ));
     }
     let mut buf = vec![0u8; len];
     r.read_exact(&mut buf).await?;
@@ -102,8 +105,9 @@ async fn connection(shard: Rc<Shard>, stream: TcpStream) -> std::io::Result<()> 
                 }
                 Some(shard_request::Body::WatchProgress(p)) => {
                     if let Some(h) = handle_of(p.subscription_id) {
-                        h.progress
-                            .set(Some(h.progress.get().map_or(p.revision, |r| r.max(p.revision))));
+                        h.progress.set(Some(
+                            h.progress.get().map_or(p.revision, |r| r.max(p.revision)),
+                        ));
                         h.wake();
                     }
                     continue;

@@ -157,7 +157,10 @@ mod tests {
                 std::thread::spawn(move || (0..1000).map(|_| o.allocate()).collect::<Vec<_>>())
             })
             .collect();
-        let mut all: Vec<i64> = threads.into_iter().flat_map(|t| t.join().unwrap()).collect();
+        let mut all: Vec<i64> = threads
+            .into_iter()
+            .flat_map(|t| t.join().unwrap())
+            .collect();
         all.sort();
         all.dedup();
         assert_eq!(all.len(), 4000);

@@ -267,7 +267,8 @@ mod tests {
             assert_eq!(log.first_index().unwrap(), 1);
             assert_eq!(log.last_index().unwrap(), 0);
             let mut b = WriteBatch::default();
-            log.append(&[entry(1, 1), entry(2, 1), entry(3, 1)], &mut b).unwrap();
+            log.append(&[entry(1, 1), entry(2, 1), entry(3, 1)], &mut b)
+                .unwrap();
             engine.write(b, true).unwrap();
             // A new leader overwrites from index 2.
             let mut b = WriteBatch::default();
@@ -275,14 +276,18 @@ mod tests {
             engine.write(b, true).unwrap();
             assert_eq!(log.last_index().unwrap(), 2);
             assert_eq!(log.term(2).unwrap(), 2);
-            let got = log.entries(1, 3, None, GetEntriesContext::empty(false)).unwrap();
+            let got = log
+                .entries(1, 3, None, GetEntriesContext::empty(false))
+                .unwrap();
             assert_eq!(got.iter().map(|e| e.term).collect::<Vec<_>>(), vec![1, 2]);
             let mut b = WriteBatch::default();
             log.truncate_before(2, &mut b).unwrap();
             engine.write(b, true).unwrap();
             assert_eq!(log.first_index().unwrap(), 2);
             assert_eq!(log.term(1).unwrap(), 1);
-            assert!(log.entries(1, 2, None, GetEntriesContext::empty(false)).is_err());
+            assert!(log
+                .entries(1, 2, None, GetEntriesContext::empty(false))
+                .is_err());
         }
     }
 

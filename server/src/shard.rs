@@ -38,11 +38,11 @@ use metastore_proto::etcdserverpb::{RangeRequest, ResponseHeader, TxnRequest};
 use metastore_proto::router::ShardRouter;
 use metastore_proto::shardpb::{
     raft_command::Op, shard_error::Code, shard_request, shard_response::Body, AbortRequest,
-    CommitRequest, CompactRequest, CurrentRevisionResponse, RaftCommand, ResolveRequest,
-    ResolveResponse, ShardError, ShardRequest, StatusResponse, TopologyResponse,
-    LeaseKeepAliveResponse, LeaseKeysResponse, LeaseListResponse, LeaseRevokeResponse,
-    LeaseTimeToLiveResponse, PrepareRequest, TxnEvaluateResponse, TxnReadResponse,
-    WatchEventsResponse, WatchSubscribeRequest,
+    CommitRequest, CompactRequest, CurrentRevisionResponse, LeaseKeepAliveResponse,
+    LeaseKeysResponse, LeaseListResponse, LeaseRevokeResponse, LeaseTimeToLiveResponse,
+    PrepareRequest, RaftCommand, ResolveRequest, ResolveResponse, ShardError, ShardRequest,
+    StatusResponse, TopologyResponse, TxnEvaluateResponse, TxnReadResponse, WatchEventsResponse,
+    WatchSubscribeRequest,
 };
 use metastore_proto::txn;
 use prost::Message;
@@ -167,7 +167,8 @@ impl Shard {
         let last = log.last_index()?;
         let from = state.applied_index() + 1;
         if from <= last {
-            let entries = log.entries(from, last + 1, None, raft::GetEntriesContext::empty(false))?;
+            let entries =
+                log.entries(from, last + 1, None, raft::GetEntriesContext::empty(false))?;
             for e in entries {
                 let cmd = decode_entry(&e);
                 if let Some(cmd) = &cmd {
@@ -317,7 +318,11 @@ impl Shard {
 
     /// The raft task: runs until the process ends.
     pub async fn run_raft(self: Rc<Self>) {
-        let mut wake_rx = self.wake_rx.borrow_mut().take().expect("raft task started twice");
+        let mut wake_rx = self
+            .wake_rx
+            .borrow_mut()
+            .take()
+            .expect("raft task started twice");
         let mut next_tick = Instant::now() + TICK;
         loop {
             let now = Instant::now();
@@ -343,10 +348,7 @@ impl Shard {
     fn drive(&self) -> Result<(), ShardFailure> {
         let queued: Vec<RaftCommand> = std::mem::take(&mut *self.queue.borrow_mut());
         for cmd in queued {
-            let res = self
-                .node
-                .borrow_mut()
-                .propose(vec![], cmd.encode_to_vec());
+            let res = self.node.borrow_mut().propose(vec![], cmd.encode_to_vec());
             if let Err(e) = res {
                 self.finish_proposal(&cmd, error(Code::NotLeader, format!("propose: {e}")));
             }
@@ -540,7 +542,12 @@ impl Shard {
         if applied > LOG_KEEP && applied % 1000 < 50 {
             let node = self.node.borrow();
             let mut b = WriteBatch::default();
-            if node.store().truncate_before(applied - LOG_KEEP, &mut b).is_ok() && !b.ops.is_empty() {
+            if node
+                .store()
+                .truncate_before(applied - LOG_KEEP, &mut b)
+                .is_ok()
+                && !b.ops.is_empty()
+            {
                 let _ = self.state.borrow().engine().write(b, false);
             }
         }
@@ -578,13 +585,19 @@ impl Shard {
         let decision = if primary == self.id {
             self.resolve(&id).await
         } else {
-            let Some(addr) = self.topology.addrs.get().and_then(|a| a.get(primary as usize).cloned())
+            let Some(addr) = self
+                .topology
+                .addrs
+                .get()
+                .and_then(|a| a.get(primary as usize).cloned())
             else {
                 return;
             };
             let req = ShardRequest {
                 id: 1,
-                body: Some(shard_request::Body::Resolve(ResolveRequest { txn_id: id.clone() })),
+                body: Some(shard_request::Body::Resolve(ResolveRequest {
+                    txn_id: id.clone(),
+                })),
             };
             match crate::net::call(&addr, &req).await {
                 Ok(resp) => match resp.body {
@@ -605,7 +618,8 @@ impl Shard {
             )
             .await;
         } else {
-            self.propose(Op::Abort(AbortRequest { txn_id: id }), Some(0)).await;
+            self.propose(Op::Abort(AbortRequest { txn_id: id }), Some(0))
+                .await;
         }
     }
 
@@ -622,8 +636,13 @@ impl Shard {
         if let Some(r) = known(self) {
             return r;
         }
-        self.propose(Op::Abort(AbortRequest { txn_id: id.to_vec() }), Some(0))
-            .await;
+        self.propose(
+            Op::Abort(AbortRequest {
+                txn_id: id.to_vec(),
+            }),
+            Some(0),
+        )
+        .await;
         known(self).unwrap_or_default()
     }
 
@@ -683,9 +702,11 @@ impl Shard {
                 txn: Some(TxnRequest::default()),
                 revoke_leases: ids.to_vec(),
             };
-            let answers = futures::future::join_all(shards.iter().map(|&s| {
-                self.call_shard(s, shard_request::Body::Prepare(prepare.clone()))
-            }))
+            let answers = futures::future::join_all(
+                shards
+                    .iter()
+                    .map(|&s| self.call_shard(s, shard_request::Body::Prepare(prepare.clone()))),
+            )
             .await;
             if answers.iter().all(|b| matches!(b, Body::Prepare(_))) {
                 let commit = CommitRequest {
@@ -706,8 +727,9 @@ impl Shard {
                         // The decision is durable here; a participant that
                         // misses this also resolves it by itself.
                         for _ in 0..20 {
-                            if let Body::Commit(_) =
-                                self.call_shard(s, shard_request::Body::Commit(commit.clone())).await
+                            if let Body::Commit(_) = self
+                                .call_shard(s, shard_request::Body::Commit(commit.clone()))
+                                .await
                             {
                                 return;
                             }
@@ -753,7 +775,10 @@ impl Shard {
         else {
             return error(Code::Unavailable, "shard addresses unknown");
         };
-        let req = ShardRequest { id: 1, body: Some(body) };
+        let req = ShardRequest {
+            id: 1,
+            body: Some(body),
+        };
         match crate::net::call(&addr, &req).await {
             Ok(resp) => resp
                 .body
@@ -835,7 +860,11 @@ impl Shard {
             }
             R::Prepare(p) => self.propose(Op::Prepare(p), Some(0)).await,
             R::Commit(c) => {
-                let revision = if c.revision == 0 { None } else { Some(c.revision) };
+                let revision = if c.revision == 0 {
+                    None
+                } else {
+                    Some(c.revision)
+                };
                 self.propose(Op::Commit(c), revision).await
             }
             R::Abort(a) => self.propose(Op::Abort(a), Some(0)).await,
@@ -918,7 +947,10 @@ impl Shard {
                     .collect(),
             }),
             R::WatchSubscribe(_) | R::WatchAck(_) | R::WatchProgress(_) | R::WatchCancel(_) => {
-                error(Code::InvalidArgument, "watch requests are handled per connection")
+                error(
+                    Code::InvalidArgument,
+                    "watch requests are handled per connection",
+                )
             }
             R::Status(_) => {
                 let node = self.node.borrow();
@@ -963,7 +995,11 @@ impl Shard {
             Ok(mut resp) => {
                 // Revision 0 reads report their snapshot revision; explicit
                 // ones the current revision, as etcd does.
-                let header_rev = if requested <= 0 { rev } else { self.oracle.current() };
+                let header_rev = if requested <= 0 {
+                    rev
+                } else {
+                    self.oracle.current()
+                };
                 resp.header = self.header(Some(ResponseHeader {
                     revision: header_rev,
                     ..Default::default()

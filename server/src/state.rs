@@ -34,16 +34,15 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::rc::Rc;
 
-use metastore_proto::mvccpb::Event;
 use metastore_proto::etcdserverpb::{
     DeleteRangeRequest, PutRequest, ResponseHeader, TxnRequest, TxnResponse,
 };
+use metastore_proto::mvccpb::Event;
 use metastore_proto::router::ShardRouter;
 use metastore_proto::shardpb::{
     raft_command::Op, shard_error::Code, shard_response::Body, AbortResponse, CommitRequest,
     CommitResponse, CompactResponse, Decision, Intent, LeaseRecord, LeaseRegisterRequest,
-    LeaseRegisterResponse, PrepareRequest, PrepareResponse,
-    RaftCommand, ShardError,
+    LeaseRegisterResponse, PrepareRequest, PrepareResponse, RaftCommand, ShardError,
 };
 use metastore_proto::txn;
 use prost::Message;
@@ -218,7 +217,11 @@ pub fn mvcc_error(e: MvccError) -> Result<Body, StateError> {
 
 impl ShardState {
     /// Loads the state of shard `shard` (of `router`'s shards) from `engine`.
-    pub fn open(shard: u32, router: ShardRouter, engine: Rc<dyn Engine>) -> Result<Self, StateError> {
+    pub fn open(
+        shard: u32,
+        router: ShardRouter,
+        engine: Rc<dyn Engine>,
+    ) -> Result<Self, StateError> {
         let mvcc = Mvcc::open(engine.clone())?;
         let applied_index = match engine.get(APPLIED_KEY)? {
             Some(b) if b.len() == 8 => u64::from_be_bytes(b.as_slice().try_into().unwrap()),
@@ -249,7 +252,8 @@ impl ShardState {
             true
         })?;
         for v in records {
-            let r = LeaseRecord::decode(v.as_slice()).map_err(|e| StateError::Corrupt(e.to_string()))?;
+            let r = LeaseRecord::decode(v.as_slice())
+                .map_err(|e| StateError::Corrupt(e.to_string()))?;
             state.leases.insert(r.id, r);
         }
         let mut attached: HashMap<i64, BTreeSet<Vec<u8>>> = HashMap::new();
@@ -261,12 +265,17 @@ impl ShardState {
         })?;
         state.attached = attached;
         let mut intents = Vec::new();
-        engine.scan(&[keyspace::SHARD_INTENT], &[keyspace::SHARD_INTENT + 1], &mut |k, v| {
-            intents.push((k[1..].to_vec(), v.to_vec()));
-            true
-        })?;
+        engine.scan(
+            &[keyspace::SHARD_INTENT],
+            &[keyspace::SHARD_INTENT + 1],
+            &mut |k, v| {
+                intents.push((k[1..].to_vec(), v.to_vec()));
+                true
+            },
+        )?;
         for (id, v) in intents {
-            let intent = Intent::decode(v.as_slice()).map_err(|e| StateError::Corrupt(e.to_string()))?;
+            let intent =
+                Intent::decode(v.as_slice()).map_err(|e| StateError::Corrupt(e.to_string()))?;
             let prep = intent.prepare.unwrap_or_default();
             let spans = state.spans_of(prep.txn.as_ref().unwrap_or(&TxnRequest::default()));
             state.locks.add(spans, &id);
@@ -274,12 +283,17 @@ impl ShardState {
             state.intents.insert(id, prep);
         }
         let mut decisions = Vec::new();
-        engine.scan(&[keyspace::SHARD_DECISION], &[keyspace::SHARD_DECISION + 1], &mut |k, v| {
-            decisions.push((k[1..].to_vec(), v.to_vec()));
-            true
-        })?;
+        engine.scan(
+            &[keyspace::SHARD_DECISION],
+            &[keyspace::SHARD_DECISION + 1],
+            &mut |k, v| {
+                decisions.push((k[1..].to_vec(), v.to_vec()));
+                true
+            },
+        )?;
         for (id, v) in decisions {
-            let d = Decision::decode(v.as_slice()).map_err(|e| StateError::Corrupt(e.to_string()))?;
+            let d =
+                Decision::decode(v.as_slice()).map_err(|e| StateError::Corrupt(e.to_string()))?;
             state.decision_order.push_back(id.clone());
             state.decisions.insert(id, d);
         }
@@ -342,7 +356,11 @@ impl ShardState {
     /// answer for whoever proposed it and the events it produced (all of
     /// one revision, in order, each with its `prev_kv`) — the one source of
     /// watch events, whatever the engine.
-    pub fn apply(&mut self, index: u64, cmd: &RaftCommand) -> Result<(Body, Vec<Event>), StateError> {
+    pub fn apply(
+        &mut self,
+        index: u64,
+        cmd: &RaftCommand,
+    ) -> Result<(Body, Vec<Event>), StateError> {
         let mut batch = WriteBatch::default();
         self.events.clear();
         let body = self.apply_op(cmd, &mut batch)?;
@@ -369,7 +387,10 @@ impl ShardState {
             if let Some(kv) = &e.kv {
                 let is_put = e.r#type == metastore_proto::mvccpb::event::EventType::Put as i32;
                 if is_put && kv.lease != 0 {
-                    self.attached.entry(kv.lease).or_default().insert(kv.key.clone());
+                    self.attached
+                        .entry(kv.lease)
+                        .or_default()
+                        .insert(kv.key.clone());
                 }
             }
         }
@@ -416,16 +437,23 @@ impl ShardState {
             self.lease_revokers.insert(*lease, id.to_vec());
         }
         let mut uses = Vec::new();
-        put_leases(prep.txn.as_ref().unwrap_or(&TxnRequest::default()), &mut uses);
+        put_leases(
+            prep.txn.as_ref().unwrap_or(&TxnRequest::default()),
+            &mut uses,
+        );
         for (lease, key) in uses {
             if self.owns(&key) {
-                self.lease_users.entry(lease).or_default().insert(id.to_vec());
+                self.lease_users
+                    .entry(lease)
+                    .or_default()
+                    .insert(id.to_vec());
             }
         }
     }
 
     fn unlock_leases(&mut self, id: &[u8]) {
-        self.lease_revokers.retain(|_, holder| holder.as_slice() != id);
+        self.lease_revokers
+            .retain(|_, holder| holder.as_slice() != id);
         self.lease_users.retain(|_, holders| {
             holders.remove(id);
             !holders.is_empty()
@@ -433,25 +461,31 @@ impl ShardState {
     }
 
     fn apply_lease_register(&mut self, req: &LeaseRegisterRequest, batch: &mut WriteBatch) -> Body {
-        if self.leases.contains_key(&req.id) {
-            if req.home {
+        match self.leases.entry(req.id) {
+            std::collections::btree_map::Entry::Occupied(_) if req.home => {
                 return error(Code::LeaseExists, "etcdserver: lease already exists");
             }
-        } else {
-            let record = LeaseRecord {
-                id: req.id,
-                ttl: req.ttl,
-                home: req.home,
-            };
-            batch.put(lease_record_key(req.id), record.encode_to_vec());
-            self.leases.insert(req.id, record);
+            std::collections::btree_map::Entry::Occupied(_) => {}
+            std::collections::btree_map::Entry::Vacant(slot) => {
+                let record = LeaseRecord {
+                    id: req.id,
+                    ttl: req.ttl,
+                    home: req.home,
+                };
+                batch.put(lease_record_key(req.id), record.encode_to_vec());
+                slot.insert(record);
+            }
         }
         Body::LeaseRegister(LeaseRegisterResponse { ttl: req.ttl })
     }
 
     /// Finishes a write: its batch joins the entry's, its events are kept
     /// for the watch ring.
-    fn finish_write(w: crate::mvcc::MvccWrite<'_>, batch: &mut WriteBatch, events: &mut Vec<Event>) {
+    fn finish_write(
+        w: crate::mvcc::MvccWrite<'_>,
+        batch: &mut WriteBatch,
+        events: &mut Vec<Event>,
+    ) {
         let (b, ev) = w.finish_with_events();
         batch.extend(b);
         events.extend(ev);
@@ -494,17 +528,22 @@ impl ShardState {
                     batch.extend(self.mvcc.set_current_revision(req.revision));
                 }
                 match self.mvcc.compact(req.revision) {
-                Ok(b) => {
-                    batch.extend(b);
-                    Ok(Body::Compact(CompactResponse {}))
+                    Ok(b) => {
+                        batch.extend(b);
+                        Ok(Body::Compact(CompactResponse {}))
+                    }
+                    Err(e) => mvcc_error(e),
                 }
-                Err(e) => mvcc_error(e),
-            }
             }
         }
     }
 
-    fn apply_put(&mut self, req: &PutRequest, rev: i64, batch: &mut WriteBatch) -> Result<Body, StateError> {
+    fn apply_put(
+        &mut self,
+        req: &PutRequest,
+        rev: i64,
+        batch: &mut WriteBatch,
+    ) -> Result<Body, StateError> {
         if self.locked(&[Span::new(&req.key, &[])], None) {
             return Ok(conflict());
         }
@@ -562,7 +601,12 @@ impl ShardState {
         }
     }
 
-    fn apply_txn(&mut self, t: &TxnRequest, rev: i64, batch: &mut WriteBatch) -> Result<Body, StateError> {
+    fn apply_txn(
+        &mut self,
+        t: &TxnRequest,
+        rev: i64,
+        batch: &mut WriteBatch,
+    ) -> Result<Body, StateError> {
         if !self.owns_all(t) {
             return Ok(error(
                 Code::InvalidArgument,
@@ -592,7 +636,11 @@ impl ShardState {
         }
     }
 
-    fn apply_prepare(&mut self, req: &PrepareRequest, batch: &mut WriteBatch) -> Result<Body, StateError> {
+    fn apply_prepare(
+        &mut self,
+        req: &PrepareRequest,
+        batch: &mut WriteBatch,
+    ) -> Result<Body, StateError> {
         let id = req.txn_id.clone();
         if let Some(d) = self.decisions.get(&id) {
             if !d.committed {
@@ -645,7 +693,12 @@ impl ShardState {
         }
     }
 
-    fn apply_commit(&mut self, req: &CommitRequest, rev: i64, batch: &mut WriteBatch) -> Result<Body, StateError> {
+    fn apply_commit(
+        &mut self,
+        req: &CommitRequest,
+        rev: i64,
+        batch: &mut WriteBatch,
+    ) -> Result<Body, StateError> {
         let id = &req.txn_id;
         let Some(prep) = self.intents.get(id).cloned() else {
             // Already resolved here: answer idempotently.
@@ -806,7 +859,9 @@ mod tests {
         /// restart does once the log has been replayed.
         fn crash(&mut self) {
             self.states = (0..2)
-                .map(|i| ShardState::open(i, self.router, self.engines[i as usize].clone()).unwrap())
+                .map(|i| {
+                    ShardState::open(i, self.router, self.engines[i as usize].clone()).unwrap()
+                })
                 .collect();
         }
         fn apply(&mut self, shard: usize, revision: i64, op: Op) -> Body {
@@ -948,14 +1003,32 @@ mod tests {
             // So is another txn's prepare over the same key.
             assert!(is_code(&c.apply(1, 0, prepare(b"t2", &t)), Code::Conflict));
             // Abort releases the locks; the put then goes through.
-            c.apply(0, 0, Op::Abort(AbortRequest { txn_id: b"t1".to_vec() }));
-            c.apply(1, 0, Op::Abort(AbortRequest { txn_id: b"t1".to_vec() }));
+            c.apply(
+                0,
+                0,
+                Op::Abort(AbortRequest {
+                    txn_id: b"t1".to_vec(),
+                }),
+            );
+            c.apply(
+                1,
+                0,
+                Op::Abort(AbortRequest {
+                    txn_id: b"t1".to_vec(),
+                }),
+            );
             assert!(matches!(c.apply(0, 6, put_a), Body::Put(_)));
             assert_eq!(c.get(&a, 6), Some(b"x".to_vec()));
             // The aborted txn can no longer commit at its primary, nor
             // prepare again there.
-            assert!(is_code(&c.apply(0, 7, commit(b"t1", vec![true], 0)), Code::TxnAborted));
-            assert!(is_code(&c.apply(0, 0, prepare(b"t1", &t)), Code::TxnAborted));
+            assert!(is_code(
+                &c.apply(0, 7, commit(b"t1", vec![true], 0)),
+                Code::TxnAborted
+            ));
+            assert!(is_code(
+                &c.apply(0, 0, prepare(b"t1", &t)),
+                Code::TxnAborted
+            ));
         });
     }
 
@@ -1026,12 +1099,27 @@ mod tests {
         c.crash();
         // The primary resolves its stale intent: abort (no decision yet).
         assert!(c.states[0].decision(b"t1").is_none());
-        c.apply(0, 0, Op::Abort(AbortRequest { txn_id: b"t1".to_vec() }));
+        c.apply(
+            0,
+            0,
+            Op::Abort(AbortRequest {
+                txn_id: b"t1".to_vec(),
+            }),
+        );
         assert!(!c.states[0].decision(b"t1").unwrap().committed);
         // The participant asks and follows; a late commit from the
         // coordinator is refused at the primary.
-        c.apply(1, 0, Op::Abort(AbortRequest { txn_id: b"t1".to_vec() }));
-        assert!(is_code(&c.apply(0, 20, commit(b"t1", vec![true], 0)), Code::TxnAborted));
+        c.apply(
+            1,
+            0,
+            Op::Abort(AbortRequest {
+                txn_id: b"t1".to_vec(),
+            }),
+        );
+        assert!(is_code(
+            &c.apply(0, 20, commit(b"t1", vec![true], 0)),
+            Code::TxnAborted
+        ));
         assert_eq!(c.get(&a, 20), None);
         assert_eq!(c.get(&b, 20), None);
         assert!(c.states[1].intents().is_empty());
@@ -1096,7 +1184,10 @@ mod tests {
             let mut c = Cluster::new(kind);
             let (a, b) = (c.key(0, "a"), c.key(1, "b"));
             // Unknown lease: refused.
-            assert!(is_code(&c.apply(0, 2, put_leased(&a, 7)), Code::LeaseNotFound));
+            assert!(is_code(
+                &c.apply(0, 2, put_leased(&a, 7)),
+                Code::LeaseNotFound
+            ));
             register(&mut c, 7, 0);
             // The home shard refuses the same id twice.
             let dup = c.apply(
@@ -1131,7 +1222,10 @@ mod tests {
             assert!(matches!(revoke(&mut c, 1), Body::Prepare(_)));
             // A new attachment while revoking waits (conflict).
             let other = c.key(1, "o");
-            assert!(is_code(&c.apply(1, 5, put_leased(&other, 7)), Code::Conflict));
+            assert!(is_code(
+                &c.apply(1, 5, put_leased(&other, 7)),
+                Code::Conflict
+            ));
             c.apply(0, 9, commit(b"r1", vec![true], 0));
             c.apply(1, 0, commit(b"r1", vec![true], 9));
             assert_eq!(c.get(&a, 8), Some(b"v".to_vec()));
@@ -1139,7 +1233,10 @@ mod tests {
             assert_eq!(c.get(&a, 9), None);
             assert_eq!(c.get(&b, 9), None);
             assert!(c.states.iter().all(|s| s.leases().is_empty()));
-            assert!(is_code(&c.apply(1, 10, put_leased(&other, 7)), Code::LeaseNotFound));
+            assert!(is_code(
+                &c.apply(1, 10, put_leased(&other, 7)),
+                Code::LeaseNotFound
+            ));
         });
     }
 
@@ -1165,5 +1262,4 @@ mod tests {
         );
         assert!(c.states[1].lease_keys(42).is_empty());
     }
-
 }

@@ -85,7 +85,9 @@ fn event_revision(e: &Event) -> i64 {
 
 fn event_size(e: &Event) -> usize {
     let kv = |k: &Option<metastore_proto::mvccpb::KeyValue>| {
-        k.as_ref().map(|kv| kv.key.len() + kv.value.len() + 48).unwrap_or(0)
+        k.as_ref()
+            .map(|kv| kv.key.len() + kv.value.len() + 48)
+            .unwrap_or(0)
     };
     kv(&e.kv) + kv(&e.prev_kv) + 16
 }
@@ -195,7 +197,12 @@ impl Subscription {
         ring: &WatchRing,
     ) -> Self {
         let (mode, next_from) = if start_revision <= 0 {
-            (Mode::Ring { seq: ring.next_seq() }, current + 1)
+            (
+                Mode::Ring {
+                    seq: ring.next_seq(),
+                },
+                current + 1,
+            )
         } else {
             (Mode::History, start_revision)
         };
@@ -208,7 +215,7 @@ impl Subscription {
             pending: BTreeMap::new(),
             seq: 0,
             acked: 0,
-            window: if window == 0 { DEFAULT_WINDOW } else { u64::from(window) },
+            window: if window == 0 { DEFAULT_WINDOW } else { window },
             sent_resolved: next_from - 1,
             last_frame: None,
             progress_want: None,
@@ -301,9 +308,13 @@ impl Subscription {
                 if batch.revision < self.next_from {
                     continue;
                 }
-                let matching: Vec<Event> = batch.events.iter().filter_map(|e| self.filter(e)).collect();
+                let matching: Vec<Event> =
+                    batch.events.iter().filter_map(|e| self.filter(e)).collect();
                 if !matching.is_empty() {
-                    self.pending.entry(batch.revision).or_default().extend(matching);
+                    self.pending
+                        .entry(batch.revision)
+                        .or_default()
+                        .extend(matching);
                 }
             }
             self.mode = Mode::Ring {
@@ -323,7 +334,7 @@ impl Subscription {
         let heartbeat_due = released > self.sent_resolved
             && self
                 .last_frame
-                .map_or(true, |t| now.duration_since(t) >= HEARTBEAT);
+                .is_none_or(|t| now.duration_since(t) >= HEARTBEAT);
         let progress_due = self.progress_want.is_some_and(|w| w <= released);
         if events.is_empty() && !heartbeat_due && !progress_due {
             return Poll::Idle;
@@ -344,7 +355,12 @@ impl Subscription {
 
     /// Appends matching history events from `next_from` on, whole
     /// revisions, up to `resolved` and about `HISTORY_CHUNK` events.
-    fn read_history(&mut self, mvcc: &Mvcc, resolved: i64, out: &mut Vec<Event>) -> Result<(), MvccError> {
+    fn read_history(
+        &mut self,
+        mvcc: &Mvcc,
+        resolved: i64,
+        out: &mut Vec<Event>,
+    ) -> Result<(), MvccError> {
         let mut last_rev = self.next_from - 1;
         let mut seen = 0usize;
         let mut complete = true;
@@ -562,7 +578,10 @@ mod tests {
                 panic!("expected a frame")
             };
             assert_eq!(f.events.len(), 2);
-            assert!(f.events.iter().all(|e| e.prev_kv.is_some() && e.r#type == 1));
+            assert!(f
+                .events
+                .iter()
+                .all(|e| e.prev_kv.is_some() && e.r#type == 1));
         });
     }
 

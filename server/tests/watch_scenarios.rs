@@ -114,10 +114,12 @@ impl World {
             }
             "compact" => {
                 let rev: i64 = words[1].parse().unwrap();
-                let batch = self
-                    .mvcc
-                    .compact(rev)
-                    .unwrap_or_else(|e| panic!("compact {rev} at current {}: {e}", self.mvcc.current_revision()));
+                let batch = self.mvcc.compact(rev).unwrap_or_else(|e| {
+                    panic!(
+                        "compact {rev} at current {}: {e}",
+                        self.mvcc.current_revision()
+                    )
+                });
                 self.engine.write(batch, false).unwrap();
                 String::new()
             }
