@@ -150,7 +150,17 @@ pub struct ShardState {
     lease_revokers: HashMap<i64, TxnId>,
     /// Leases a prepared txn attaches keys to (shared).
     lease_users: HashMap<i64, BTreeSet<TxnId>>,
+    /// Recently revoked leases, oldest first: a registration arriving late
+    /// (after its lease was revoked) must not bring the lease back here.
+    revoked: VecDeque<i64>,
+    /// Revoked lease id → the grant that was revoked.
+    revoked_set: HashMap<i64, u64>,
 }
+
+/// Revoked lease ids remembered per shard (refusing late registrations).
+pub const MAX_REVOKED: usize = 100_000;
+
+const REVOKED_PREFIX: &[u8] = b"Srevoked/";
 
 /// Engine key of a lease record.
 fn lease_record_key(id: i64) -> Vec<u8> {
@@ -243,7 +253,26 @@ impl ShardState {
             attached: HashMap::new(),
             lease_revokers: HashMap::new(),
             lease_users: HashMap::new(),
+            revoked: VecDeque::new(),
+            revoked_set: Default::default(),
         };
+        let mut revoked = Vec::new();
+        let mut end = REVOKED_PREFIX.to_vec();
+        *end.last_mut().unwrap() += 1;
+        engine.scan(REVOKED_PREFIX, &end, &mut |_, v| {
+            if v.len() == 24 {
+                let seq = u64::from_be_bytes(v[..8].try_into().unwrap());
+                let id = i64::from_be_bytes(v[8..16].try_into().unwrap());
+                let grant = u64::from_be_bytes(v[16..].try_into().unwrap());
+                revoked.push((seq, id, grant));
+            }
+            true
+        })?;
+        revoked.sort();
+        for (_, id, grant) in revoked {
+            state.revoked.push_back(id);
+            state.revoked_set.insert(id, grant);
+        }
         let mut records = Vec::new();
         let mut end = LEASE_PREFIX.to_vec();
         *end.last_mut().unwrap() += 1;
@@ -461,6 +490,14 @@ impl ShardState {
     }
 
     fn apply_lease_register(&mut self, req: &LeaseRegisterRequest, batch: &mut WriteBatch) -> Body {
+        if let Some(&grant) = self.revoked_set.get(&req.id) {
+            if !req.home && grant == req.grant {
+                // The revoked grant's own registration, arriving late.
+                return lease_not_found();
+            }
+            // A new grant of the id.
+            self.forget_revoked(req.id, batch);
+        }
         match self.leases.entry(req.id) {
             std::collections::btree_map::Entry::Occupied(_) if req.home => {
                 return error(Code::LeaseExists, "etcdserver: lease already exists");
@@ -471,12 +508,43 @@ impl ShardState {
                     id: req.id,
                     ttl: req.ttl,
                     home: req.home,
+                    grant: req.grant,
                 };
                 batch.put(lease_record_key(req.id), record.encode_to_vec());
                 slot.insert(record);
             }
         }
         Body::LeaseRegister(LeaseRegisterResponse { ttl: req.ttl })
+    }
+
+    fn revoked_key(id: i64) -> Vec<u8> {
+        let mut k = REVOKED_PREFIX.to_vec();
+        k.extend_from_slice(&id.to_be_bytes());
+        k
+    }
+
+    fn remember_revoked(&mut self, id: i64, grant: u64, batch: &mut WriteBatch) {
+        if self.revoked_set.insert(id, grant).is_some() {
+            self.revoked.retain(|r| *r != id);
+        }
+        self.revoked.push_back(id);
+        let seq = self.applied_index;
+        let mut v = seq.to_be_bytes().to_vec();
+        v.extend_from_slice(&id.to_be_bytes());
+        v.extend_from_slice(&grant.to_be_bytes());
+        batch.put(Self::revoked_key(id), v);
+        while self.revoked.len() > MAX_REVOKED {
+            let old = self.revoked.pop_front().unwrap();
+            self.revoked_set.remove(&old);
+            batch.delete(Self::revoked_key(old));
+        }
+    }
+
+    fn forget_revoked(&mut self, id: i64, batch: &mut WriteBatch) {
+        if self.revoked_set.remove(&id).is_some() {
+            self.revoked.retain(|r| *r != id);
+            batch.delete(Self::revoked_key(id));
+        }
     }
 
     /// Finishes a write: its batch joins the entry's, its events are kept
@@ -742,9 +810,14 @@ impl ShardState {
         }
         Self::finish_write(w, batch, &mut self.events);
         for lease in &prep.revoke_leases {
-            if self.leases.remove(lease).is_some() {
-                batch.delete(lease_record_key(*lease));
-            }
+            let grant = match self.leases.remove(lease) {
+                Some(record) => {
+                    batch.delete(lease_record_key(*lease));
+                    record.grant
+                }
+                None => 0,
+            };
+            self.remember_revoked(*lease, grant, batch);
         }
         self.forget_intent(id, batch);
         if primary {
@@ -1154,7 +1227,7 @@ mod tests {
         });
     }
 
-    fn register(c: &mut Cluster, id: i64, home: usize) {
+    fn register(c: &mut Cluster, id: i64, home: usize, grant: u64) {
         for shard in 0..2 {
             let b = c.apply(
                 shard,
@@ -1163,6 +1236,7 @@ mod tests {
                     id,
                     ttl: 10,
                     home: shard == home,
+                    grant,
                 }),
             );
             assert!(matches!(b, Body::LeaseRegister(_)), "{b:?}");
@@ -1188,7 +1262,7 @@ mod tests {
                 &c.apply(0, 2, put_leased(&a, 7)),
                 Code::LeaseNotFound
             ));
-            register(&mut c, 7, 0);
+            register(&mut c, 7, 0, 1);
             // The home shard refuses the same id twice.
             let dup = c.apply(
                 0,
@@ -1197,6 +1271,7 @@ mod tests {
                     id: 7,
                     ttl: 10,
                     home: true,
+                    grant: 1,
                 }),
             );
             assert!(is_code(&dup, Code::LeaseExists));
@@ -1237,6 +1312,22 @@ mod tests {
                 &c.apply(1, 10, put_leased(&other, 7)),
                 Code::LeaseNotFound
             ));
+            // A registration of the revoked grant that arrives late does not
+            // bring the lease back on that shard...
+            let late = c.apply(
+                1,
+                0,
+                Op::LeaseRegister(LeaseRegisterRequest {
+                    id: 7,
+                    ttl: 10,
+                    home: false,
+                    grant: 1,
+                }),
+            );
+            assert!(is_code(&late, Code::LeaseNotFound));
+            // ...but a new grant of the same id does.
+            register(&mut c, 7, 0, 2);
+            assert!(matches!(c.apply(1, 11, put_leased(&other, 7)), Body::Put(_)));
         });
     }
 
@@ -1244,7 +1335,7 @@ mod tests {
     fn leases_and_attachments_survive_a_restart() {
         let mut c = Cluster::new(EngineKind::RocksDb);
         let a = c.key(1, "a");
-        register(&mut c, 42, 1);
+        register(&mut c, 42, 1, 1);
         c.apply(1, 2, put_leased(&a, 42));
         c.crash();
         assert!(c.states[1].leases().get(&42).unwrap().home);
