@@ -36,6 +36,9 @@ pub const MSG_VALUE_PROVIDED: &str = "etcdserver: value is provided";
 pub const MSG_LEASE_PROVIDED: &str = "etcdserver: lease is provided";
 pub const MSG_TOO_LARGE: &str = "etcdserver: request is too large";
 pub const MSG_INVALID_SORT: &str = "etcdserver: invalid sort option";
+pub const MSG_LEASE_NOT_FOUND: &str = "etcdserver: requested lease not found";
+pub const MSG_LEASE_EXISTS: &str = "etcdserver: lease already exists";
+pub const MSG_LEASE_TTL_TOO_LARGE: &str = "etcdserver: too large lease TTL";
 
 /// Everything that can go wrong between a gRPC request and its response.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
@@ -55,12 +58,21 @@ pub enum GatewayError {
     RequestTooLarge,
     #[error("{}", MSG_INVALID_SORT)]
     InvalidSortOption,
+    /// A lease TTL above etcd's `MaxLeaseTTL`.
+    #[error("{}", MSG_LEASE_TTL_TOO_LARGE)]
+    LeaseTtlTooLarge,
 
     // ---- answered by a shard (ShardError) ----
     #[error("{}", MSG_COMPACTED)]
     Compacted,
     #[error("{}", MSG_FUTURE_REV)]
     FutureRevision,
+    /// etcd's ErrLeaseNotFound (a grant, revoke or put naming an unknown lease).
+    #[error("{}", MSG_LEASE_NOT_FOUND)]
+    LeaseNotFound,
+    /// etcd's ErrLeaseExist (a grant with an ID in use).
+    #[error("{}", MSG_LEASE_EXISTS)]
+    LeaseExists,
     /// Refused input, with the shard's etcd message (e.g. "etcdserver: key not found").
     #[error("{0}")]
     InvalidArgument(String),
@@ -121,9 +133,8 @@ impl GatewayError {
             Code::NotLeader => GatewayError::NotLeader(msg),
             Code::Unavailable => GatewayError::ShardUnavailable(msg),
             Code::Internal => GatewayError::Internal(msg),
-            // Lease errors arrive from the Lease service's calls; mapped to
-            // etcd's lease errors by the lease module.
-            Code::LeaseNotFound | Code::LeaseExists => GatewayError::InvalidArgument(msg),
+            Code::LeaseNotFound => GatewayError::LeaseNotFound,
+            Code::LeaseExists => GatewayError::LeaseExists,
         }
     }
 
@@ -160,6 +171,9 @@ impl GatewayError {
             InvalidArgument(msg) => Status::new(GrpcCode::InvalidArgument, msg.clone()),
             Compacted => Status::new(GrpcCode::OutOfRange, MSG_COMPACTED),
             FutureRevision => Status::new(GrpcCode::OutOfRange, MSG_FUTURE_REV),
+            LeaseNotFound => Status::new(GrpcCode::NotFound, MSG_LEASE_NOT_FOUND),
+            LeaseExists => Status::new(GrpcCode::FailedPrecondition, MSG_LEASE_EXISTS),
+            LeaseTtlTooLarge => Status::new(GrpcCode::OutOfRange, MSG_LEASE_TTL_TOO_LARGE),
             Conflict(_)
             | TxnAborted(_)
             | NotLeader(_)

@@ -13,6 +13,8 @@
 //! - [`coordinator`]: Txn — single-shard fast path, cross-shard snapshot
 //!   reads, two-phase commit;
 //! - [`merge`]: pure merge rules for per-shard answers;
+//! - [`watch`]: etcd's Watch across shards — watermark merge of per-shard
+//!   event streams, shared feeds, per-stream sessions;
 //! - [`service`]: the tonic services (the only place errors become
 //!   `Status`, via [`error`]);
 //! - [`server`]: start-up (discover, bind, ready line) and serving.
@@ -28,10 +30,12 @@ pub mod client;
 pub mod coordinator;
 pub mod error;
 pub mod kv;
+pub mod lease;
 pub mod merge;
 pub mod server;
 pub mod service;
 pub mod shards;
+pub mod watch;
 
 #[cfg(test)]
 mod testing;

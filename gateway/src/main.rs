@@ -9,6 +9,7 @@ use std::time::Duration;
 use clap::Parser;
 use metastore_gateway::client::ClientConfig;
 use metastore_gateway::server::DEFAULT_MAX_REQUEST_BYTES;
+use metastore_gateway::watch::{parse_duration, WatchConfig};
 use metastore_gateway::{ready_line, Config, Gateway};
 
 /// How long a graceful shutdown may take before the process exits anyway.
@@ -39,6 +40,18 @@ struct Args {
     /// Per-request timeout towards a shard, in milliseconds.
     #[arg(long, default_value_t = 10_000)]
     shard_timeout_ms: u64,
+    /// Interval of progress notifications to watches created with
+    /// progress_notify (etcd's --experimental-watch-progress-notify-interval),
+    /// e.g. 10m, 30s, 500ms.
+    #[arg(long, default_value = "10m", value_parser = parse_duration)]
+    watch_progress_notify_interval: Duration,
+    /// Watches one Watch stream may hold; more creates are refused.
+    #[arg(long, default_value_t = 10_000)]
+    watch_max_watchers_per_stream: usize,
+    /// Bytes of events queued for one watcher whose client does not read
+    /// before it leaves its shared feed and catches up on its own.
+    #[arg(long, default_value_t = 8 << 20)]
+    watch_max_pending_bytes: usize,
 }
 
 async fn shutdown_signal() {
@@ -83,6 +96,12 @@ async fn main() -> std::process::ExitCode {
         client: ClientConfig {
             request_timeout: Duration::from_millis(args.shard_timeout_ms),
             ..ClientConfig::default()
+        },
+        watch: WatchConfig {
+            progress_notify_interval: args.watch_progress_notify_interval,
+            max_watchers_per_stream: args.watch_max_watchers_per_stream,
+            max_pending_bytes: args.watch_max_pending_bytes,
+            ..WatchConfig::default()
         },
     };
     let gateway = match Gateway::start(config).await {

@@ -26,10 +26,10 @@ use crate::etcdserverpb::{
     lease_server::LeaseServer, maintenance_server::MaintenanceServer, watch_server::WatchServer,
 };
 use crate::service::{
-    ClusterService, KvService, MaintenanceService, UnimplementedAuth, UnimplementedLease,
-    UnimplementedWatch,
+    ClusterService, KvService, MaintenanceService, UnimplementedAuth, WatchService,
 };
-use crate::shards::{Shards, Topology};
+use crate::shards::{Shards, Topology, WatchTransport};
+use crate::watch::{WatchConfig, WatchHub};
 
 /// etcd's default `--max-request-bytes` (1.5 MiB).
 pub const DEFAULT_MAX_REQUEST_BYTES: usize = 1572864;
@@ -49,6 +49,9 @@ pub struct Config {
     /// How long to keep trying to reach the server at start-up.
     pub connect_wait: Duration,
     pub client: ClientConfig,
+    /// Watch settings; `watch.max_response_bytes` follows
+    /// `max_request_bytes` at start-up.
+    pub watch: WatchConfig,
 }
 
 impl Default for Config {
@@ -60,6 +63,7 @@ impl Default for Config {
             max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
             connect_wait: Duration::from_secs(30),
             client: ClientConfig::default(),
+            watch: WatchConfig::default(),
         }
     }
 }
@@ -89,6 +93,7 @@ pub struct Gateway {
     listener: tokio::net::TcpListener,
     local_addr: SocketAddr,
     backend: Arc<Backend>,
+    watch: Arc<WatchHub>,
     config: Config,
 }
 
@@ -110,7 +115,15 @@ impl Gateway {
             "discovered the server"
         );
         let router = shards.router();
-        let backend = Arc::new(Backend::new(Arc::new(shards), router, identity(&topology)));
+        let shards = Arc::new(shards);
+        let backend = Arc::new(Backend::new(shards.clone(), router, identity(&topology)));
+        let mut watch_cfg = config.watch.clone();
+        watch_cfg.max_response_bytes = config.max_request_bytes;
+        let watch = WatchHub::new(
+            backend.clone(),
+            shards as Arc<dyn WatchTransport>,
+            watch_cfg,
+        );
         let listener = tokio::net::TcpListener::bind(&config.listen)
             .await
             .map_err(|source| StartError::Listen {
@@ -125,6 +138,7 @@ impl Gateway {
             listener,
             local_addr,
             backend,
+            watch,
             config,
         })
     }
@@ -145,7 +159,10 @@ impl Gateway {
             .unwrap_or_else(|| format!("http://{}", self.local_addr))
     }
 
-    /// Serves until `shutdown` resolves.
+    /// Serves until `shutdown` resolves. Requests above `max_request_bytes`
+    /// are refused by the services (`etcdserver: request is too large`);
+    /// those above it plus etcd's gRPC overhead never reach them (see
+    /// [`oversized_as_resource_exhausted`]).
     pub async fn serve(
         self,
         shutdown: impl Future<Output = ()>,
@@ -161,11 +178,17 @@ impl Gateway {
             .max_encoding_message_size(usize::MAX);
         let cluster = ClusterServer::new(ClusterService::new(b.clone(), client_url))
             .max_decoding_message_size(limit);
-        let watch = WatchServer::new(UnimplementedWatch).max_decoding_message_size(limit);
-        let lease = LeaseServer::new(UnimplementedLease).max_decoding_message_size(limit);
+        let watch = WatchServer::new(WatchService::new(self.watch.clone()))
+            .max_decoding_message_size(limit)
+            .max_encoding_message_size(usize::MAX);
+        let lease = LeaseServer::new(crate::lease::LeaseService::new(b.clone()))
+            .max_decoding_message_size(limit);
         let auth = AuthServer::new(UnimplementedAuth).max_decoding_message_size(limit);
         let incoming = TcpIncoming::from(self.listener).with_nodelay(Some(true));
         Server::builder()
+            .layer(tower::util::MapResponseLayer::new(
+                oversized_as_resource_exhausted,
+            ))
             .add_service(kv)
             .add_service(watch)
             .add_service(lease)
@@ -183,6 +206,68 @@ fn identity(t: &Topology) -> Identity {
         member_id: t.member_id,
         member_name: t.member_name.clone(),
     }
+}
+
+/// tonic refuses a message above its decoding limit with `OutOfRange`;
+/// grpc-go, and so etcd, with `ResourceExhausted` ("grpc: received message
+/// larger than max"). etcd clients read `OutOfRange` as "revision
+/// compacted", so the status is rewritten at the edge to what they expect.
+/// tonic sends the refusal as a trailers-only response: the status is in
+/// the headers.
+fn oversized_as_resource_exhausted(
+    mut resp: tonic::codegen::http::Response<tonic::body::Body>,
+) -> tonic::codegen::http::Response<tonic::body::Body> {
+    const TONIC_TOO_LARGE: &str = "Error, decoded message length too large";
+    let headers = resp.headers_mut();
+    let out_of_range = headers
+        .get("grpc-status")
+        .is_some_and(|v| v == (tonic::Code::OutOfRange as i32).to_string().as_str());
+    let message = headers
+        .get("grpc-message")
+        .and_then(|v| v.to_str().ok())
+        .map(percent_decode);
+    if let (true, Some(message)) = (out_of_range, message) {
+        if let Some(rest) = message.strip_prefix(TONIC_TOO_LARGE) {
+            // "...: found N bytes, the limit is: M bytes"
+            let numbers: Vec<&str> = rest
+                .split(|c: char| !c.is_ascii_digit())
+                .filter(|s| !s.is_empty())
+                .collect();
+            let text = match numbers.as_slice() {
+                [found, limit] => {
+                    format!("grpc: received message larger than max ({found} vs. {limit})")
+                }
+                _ => "grpc: received message larger than max".to_string(),
+            };
+            let status = tonic::Status::resource_exhausted(text);
+            let mut fresh = tonic::codegen::http::HeaderMap::new();
+            if status.add_header(&mut fresh).is_ok() {
+                headers.remove("grpc-status");
+                headers.remove("grpc-message");
+                headers.extend(fresh);
+            }
+        }
+    }
+    resp
+}
+
+/// Decodes gRPC's percent-encoded `grpc-message`.
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            if let Ok(b) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
+                out.push(b);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 #[cfg(test)]
@@ -292,6 +377,37 @@ mod tests {
                                         compact_revision: 0,
                                     })
                                 }
+                                // A watch replays the history it has (the newest
+                                // version of each key) and reports everything
+                                // resolved.
+                                Req::WatchSubscribe(sub) => {
+                                    let events =
+                                        st.1.values()
+                                            .filter(|kv| {
+                                                kv.mod_revision >= sub.start_revision
+                                                    && (kv.key == sub.key
+                                                        || (!sub.range_end.is_empty()
+                                                            && kv.key >= sub.key
+                                                            && kv.key < sub.range_end))
+                                            })
+                                            .map(|kv| metastore_proto::mvccpb::Event {
+                                                r#type: 0,
+                                                kv: Some(kv.clone()),
+                                                prev_kv: None,
+                                            })
+                                            .collect();
+                                    Resp::WatchEvents(
+                                        metastore_proto::shardpb::WatchEventsResponse {
+                                            seq: 1,
+                                            events,
+                                            resolved: st.0,
+                                            compact_revision: 0,
+                                        },
+                                    )
+                                }
+                                Req::WatchAck(_) | Req::WatchProgress(_) | Req::WatchCancel(_) => {
+                                    continue
+                                }
                                 other => panic!("fake server: unexpected {other:?}"),
                             }
                         };
@@ -385,12 +501,42 @@ mod tests {
             .into_inner();
         assert_eq!(ml.members[0].client_ur_ls, vec![url.clone()]);
 
+        // Watch: a replay from revision 1 through the whole path (session,
+        // feed, shard stream, merge).
         let mut watch = WatchClient::connect(url.clone()).await.unwrap();
-        let e = watch
-            .watch(futures::stream::iter(vec![pb::WatchRequest::default()]))
+        let (req_tx, req_rx) = tokio::sync::mpsc::channel(4);
+        req_tx
+            .send(pb::WatchRequest {
+                request_union: Some(pb::watch_request::RequestUnion::CreateRequest(
+                    pb::WatchCreateRequest {
+                        key: b"foo".to_vec(),
+                        start_revision: 1,
+                        ..Default::default()
+                    },
+                )),
+            })
             .await
-            .unwrap_err();
-        assert_eq!(e.code(), tonic::Code::Unimplemented);
+            .unwrap();
+        let mut responses = watch
+            .watch(tokio_stream::wrappers::ReceiverStream::new(req_rx))
+            .await
+            .unwrap()
+            .into_inner();
+        let created = responses.message().await.unwrap().unwrap();
+        assert!(created.created && !created.canceled);
+        assert_eq!(created.watch_id, 0);
+        let h = created.header.unwrap();
+        assert_eq!((h.cluster_id, h.member_id, h.revision), (7, 9, 1));
+        let events = tokio::time::timeout(Duration::from_secs(5), responses.message())
+            .await
+            .expect("event in time")
+            .unwrap()
+            .unwrap();
+        assert_eq!(events.watch_id, 0);
+        assert_eq!(events.events.len(), 1);
+        assert_eq!(events.events[0].kv.as_ref().unwrap().value, b"bar");
+        drop(req_tx);
+        drop(responses);
 
         stop_tx.send(()).unwrap();
         drop(kv);

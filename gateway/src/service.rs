@@ -12,9 +12,12 @@
 //!   rest is `Unimplemented`.
 //! - **Cluster**: `member_list` answers this member, advertising the
 //!   gateway's client URL (the URL that really serves the API).
-//! - **Watch**, **Lease**, **Auth**: registered so clients get a clean
-//!   `Unimplemented` instead of a transport error; Watch and Lease will be
-//!   served by their own modules, swapped in at [`crate::server`].
+//! - **Watch**: [`WatchService`] hands each stream to a session of
+//!   [`crate::watch`]; watch failures are answered inside the stream as
+//!   etcd does (`canceled` responses with a reason), never as a `Status`.
+//! - **Lease**: served by [`crate::lease`].
+//! - **Auth**: registered so clients get a clean `Unimplemented` instead
+//!   of a transport error (MetaStore has no authentication yet).
 //!
 //! # Status aggregation ([`merge_status`])
 //!
@@ -32,7 +35,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use futures::future::try_join_all;
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use metastore_proto::etcdserverpb::{self as pb, *};
 use metastore_proto::shardpb::{self as spb};
 use tonic::{Request, Response, Status, Streaming};
@@ -40,11 +43,12 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::backend::Backend;
 use crate::error::GatewayError;
 use crate::etcdserverpb::{
-    auth_server::Auth, cluster_server::Cluster, kv_server::Kv, lease_server::Lease,
-    maintenance_server::Maintenance, watch_server::Watch,
+    auth_server::Auth, cluster_server::Cluster, kv_server::Kv, maintenance_server::Maintenance,
+    watch_server::Watch,
 };
 use crate::kv::check_size;
 use crate::shards;
+use crate::watch::WatchHub;
 
 /// The etcd server version the gateway reports.
 pub const ETCD_VERSION: &str = "3.5.17";
@@ -296,63 +300,30 @@ impl Cluster for ClusterService {
     }
 }
 
-/// Placeholder Watch service (answers `Unimplemented`).
-#[derive(Clone, Default)]
-pub struct UnimplementedWatch;
+/// etcd's Watch service.
+#[derive(Clone)]
+pub struct WatchService {
+    hub: Arc<WatchHub>,
+}
+
+impl WatchService {
+    pub fn new(hub: Arc<WatchHub>) -> Self {
+        WatchService { hub }
+    }
+}
 
 #[tonic::async_trait]
-impl Watch for UnimplementedWatch {
+impl Watch for WatchService {
     type WatchStream = BoxStream<WatchResponse>;
 
     async fn watch(
         &self,
-        _request: Request<Streaming<WatchRequest>>,
+        request: Request<Streaming<WatchRequest>>,
     ) -> Result<Response<Self::WatchStream>, Status> {
-        Err(unimplemented("watch"))
-    }
-}
-
-/// Placeholder Lease service (answers `Unimplemented`).
-#[derive(Clone, Default)]
-pub struct UnimplementedLease;
-
-#[tonic::async_trait]
-impl Lease for UnimplementedLease {
-    async fn lease_grant(
-        &self,
-        _request: Request<LeaseGrantRequest>,
-    ) -> Result<Response<LeaseGrantResponse>, Status> {
-        Err(unimplemented("lease"))
-    }
-
-    async fn lease_revoke(
-        &self,
-        _request: Request<LeaseRevokeRequest>,
-    ) -> Result<Response<LeaseRevokeResponse>, Status> {
-        Err(unimplemented("lease"))
-    }
-
-    type LeaseKeepAliveStream = BoxStream<LeaseKeepAliveResponse>;
-
-    async fn lease_keep_alive(
-        &self,
-        _request: Request<Streaming<LeaseKeepAliveRequest>>,
-    ) -> Result<Response<Self::LeaseKeepAliveStream>, Status> {
-        Err(unimplemented("lease"))
-    }
-
-    async fn lease_time_to_live(
-        &self,
-        _request: Request<LeaseTimeToLiveRequest>,
-    ) -> Result<Response<LeaseTimeToLiveResponse>, Status> {
-        Err(unimplemented("lease"))
-    }
-
-    async fn lease_leases(
-        &self,
-        _request: Request<LeaseLeasesRequest>,
-    ) -> Result<Response<LeaseLeasesResponse>, Status> {
-        Err(unimplemented("lease"))
+        let responses = self.hub.open(request.into_inner());
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(responses).map(Ok),
+        )))
     }
 }
 

@@ -14,6 +14,14 @@
 //!
 //! The typed helpers ([`range`], [`put`], ...) wrap one request kind each
 //! and turn an unexpected response kind into [`GatewayError::Protocol`].
+//!
+//! [`WatchTransport`] is the second seam: shard watch subscriptions
+//! (streams, see `client`). [`Shards`] serves them over a *second*
+//! connection per shard, dedicated to watch traffic: a history replay or a
+//! burst of events to many feeds then never queues in front of a KV
+//! response on the same socket (nor a large Range in front of an event),
+//! so KV latency and watch latency stay independent. All feeds of the
+//! gateway share that one connection per shard.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -25,12 +33,39 @@ use metastore_proto::shardpb::{
     self as spb, shard_request::Body as Req, shard_response::Body as Resp,
 };
 
-use crate::client::{ClientConfig, ShardClient};
+use crate::client::{ClientConfig, ShardClient, Subscription, SubscriptionSink};
 use crate::error::{GatewayError, Result};
 
 /// Sends one request to one shard.
 pub trait Transport: Send + Sync + 'static {
     fn call(&self, shard: u32, body: Req) -> BoxFuture<'static, Result<Resp>>;
+}
+
+/// Opens watch subscriptions on shards (see the module docs).
+pub trait WatchTransport: Send + Sync + 'static {
+    /// Subscribes on `shard`; frames go to `sink` until the stream ends or
+    /// the returned handle is dropped (which cancels it).
+    fn subscribe(
+        &self,
+        shard: u32,
+        req: spb::WatchSubscribeRequest,
+        sink: SubscriptionSink,
+    ) -> BoxFuture<'static, Result<Box<dyn WatchSubscription>>>;
+}
+
+/// A live subscription: one-way messages to the shard; drop = cancel.
+pub trait WatchSubscription: Send + Sync {
+    fn ack(&self, seq: u64);
+    fn progress(&self, revision: i64);
+}
+
+impl WatchSubscription for Subscription {
+    fn ack(&self, seq: u64) {
+        Subscription::ack(self, seq)
+    }
+    fn progress(&self, revision: i64) {
+        Subscription::progress(self, revision)
+    }
 }
 
 /// What the server told us about itself.
@@ -78,21 +113,29 @@ impl Topology {
     }
 }
 
-/// Every shard client, indexed by shard id.
+/// Every shard client, indexed by shard id: one connection for requests
+/// and one for watch subscriptions per shard.
 pub struct Shards {
     clients: Vec<ShardClient>,
+    watch_clients: Vec<ShardClient>,
     topology: Topology,
 }
 
 impl Shards {
     pub fn new(topology: Topology, config: ClientConfig) -> Shards {
-        let clients = topology
-            .shard_addrs
-            .iter()
-            .enumerate()
-            .map(|(i, a)| ShardClient::new(i as u32, a.clone(), config.clone()))
-            .collect();
-        Shards { clients, topology }
+        let make = || {
+            topology
+                .shard_addrs
+                .iter()
+                .enumerate()
+                .map(|(i, a)| ShardClient::new(i as u32, a.clone(), config.clone()))
+                .collect()
+        };
+        Shards {
+            clients: make(),
+            watch_clients: make(),
+            topology,
+        }
     }
 
     /// Asks the shard at `server` for the topology, retrying (the server may
@@ -133,6 +176,25 @@ impl Transport for Shards {
         Box::pin(async move {
             match client {
                 Some(c) => c.call(body).await,
+                None => Err(GatewayError::Protocol(format!("no shard {shard}"))),
+            }
+        })
+    }
+}
+
+impl WatchTransport for Shards {
+    fn subscribe(
+        &self,
+        shard: u32,
+        req: spb::WatchSubscribeRequest,
+        sink: SubscriptionSink,
+    ) -> BoxFuture<'static, Result<Box<dyn WatchSubscription>>> {
+        let client = self.watch_clients.get(shard as usize).cloned();
+        Box::pin(async move {
+            match client {
+                Some(c) => {
+                    Ok(Box::new(c.subscribe(req, sink).await?) as Box<dyn WatchSubscription>)
+                }
                 None => Err(GatewayError::Protocol(format!("no shard {shard}"))),
             }
         })

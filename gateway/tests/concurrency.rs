@@ -327,7 +327,7 @@ both_engines!(
                 // 5. ...and it includes every write to the key that completed
                 //    before the read started (implied by 3 and 4; checked
                 //    directly for a clearer message).
-                if let Some((rv, w, _)) = hist.iter().filter(|(_, w, _)| w.end < r.start).last() {
+                if let Some((rv, w, _)) = hist.iter().rfind(|(_, w, _)| w.end < r.start) {
                     let got = r.seen.get(k).map(|s| s.modr).unwrap_or(0);
                     assert!(
                         got >= *rv,

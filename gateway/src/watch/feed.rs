@@ -1,0 +1,407 @@
+//! Feeds: one watermark merge ([`Merge`]) plus its fan-out ([`FanOut`]),
+//! driven by one task, shared by every watcher of the same key range that
+//! can use it; and the [`Registry`] that finds them.
+//!
+//! # Sharing
+//!
+//! The registry maps `(key, range_end)` to the live feeds of that range.
+//! A new watcher joins the first live feed whose tail covers its start
+//! (`start > tail_floor`: always true for a watcher starting "now", whose
+//! start is the oracle's current revision + 1, taken when the watch was
+//! created — a feed's released revision is a shard watermark, never above
+//! the oracle at that time). Otherwise it gets a feed of its own, from its
+//! start, registered too, so later watchers can share it once it has caught
+//! up. Feeds always subscribe with `prev_kv` (the stream strips it for
+//! watchers that did not ask), so one feed serves both kinds. 1000 watchers
+//! on one key cost one shard subscription.
+//!
+//! # Locking
+//!
+//! A feed's state sits behind one `std::sync::Mutex`, held only for short
+//! non-blocking steps (merge a frame, push to inboxes — pushes never
+//! block). Joining, leaving and progress targets are synchronous calls
+//! from the streams, so a join is atomic with respect to releases: a
+//! joiner sees either all of a release or none. Lock order: registry, then
+//! feed; the driver never holds its feed's lock while taking the
+//! registry's.
+//!
+//! # The driver task
+//!
+//! It owns the shard subscriptions, receives their frames on one channel
+//! (tagged by lane and generation), steps the merge (draining whatever
+//! frames are queued first, so bursts cost one lock and one fan-out),
+//! delivers releases, and executes the merge's actions: subscribe (with
+//! backoff after failures, forever: a shard that comes back is
+//! resubscribed without loss), ack, progress. It ends when the last
+//! subscriber leaves (closing is decided under the feed lock, so no join
+//! can slip in) or the merge ends (compaction, refusal), and removes its
+//! feed from the registry.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use futures::stream::{FuturesUnordered, StreamExt};
+use tokio::sync::{mpsc, Notify};
+
+use super::fanout::{FanOut, Inbox, Subscriber};
+use super::merge::{Action, Merge, MergeConfig, MergeEnd};
+use crate::client::{SubscriptionEvent, SubscriptionSink};
+use crate::error::GatewayError;
+use crate::shards::{WatchSubscription, WatchTransport};
+
+/// Frames merged per lock (bounds the time the lock is held).
+const DRAIN_MAX: usize = 256;
+
+/// Tunables shared by all feeds.
+#[derive(Clone, Debug)]
+pub struct FeedConfig {
+    pub merge: MergeConfig,
+    /// Bytes of recent batches a feed keeps for late joiners.
+    pub tail_bytes: usize,
+    pub min_backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+impl Default for FeedConfig {
+    fn default() -> Self {
+        FeedConfig {
+            merge: MergeConfig::default(),
+            tail_bytes: 256 << 10,
+            min_backoff: Duration::from_millis(10),
+            max_backoff: Duration::from_secs(1),
+        }
+    }
+}
+
+struct FeedState {
+    merge: Merge,
+    fanout: FanOut,
+    closing: bool,
+}
+
+/// One shared feed (see the module docs).
+pub struct Feed {
+    id: u64,
+    key: Vec<u8>,
+    range_end: Vec<u8>,
+    state: Mutex<FeedState>,
+    wake: Notify,
+}
+
+impl std::fmt::Debug for Feed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Feed")
+            .field("id", &self.id)
+            .field("key", &String::from_utf8_lossy(&self.key))
+            .field("range_end", &String::from_utf8_lossy(&self.range_end))
+            .finish()
+    }
+}
+
+impl Feed {
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Joins this feed if it is live and its tail covers `sub.start`.
+    fn try_join(&self, sub: Subscriber) -> Result<(), Subscriber> {
+        let mut st = self.state.lock().unwrap();
+        if st.closing || st.merge.end().is_some() {
+            return Err(sub);
+        }
+        let target = sub.progress_target;
+        st.fanout.join(sub)?;
+        if target > st.fanout.released() {
+            st.merge.want_progress(target);
+            drop(st);
+            self.wake.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Removes a watcher; the feed closes when it was the last.
+    pub fn detach(&self, inbox: &Arc<Inbox>, slot: u64) {
+        let mut st = self.state.lock().unwrap();
+        st.fanout.remove(inbox, slot);
+        if st.fanout.is_empty() && !st.closing {
+            st.closing = true;
+            drop(st);
+            self.wake.notify_one();
+        }
+    }
+
+    /// Asks for a progress marker for `slot` once the feed has released
+    /// `target` (at once if it has). `false` if the slot is not attached.
+    pub fn want_progress(&self, inbox: &Arc<Inbox>, slot: u64, target: i64) -> bool {
+        let mut st = self.state.lock().unwrap();
+        if !st.fanout.set_progress_target(inbox, slot, target) {
+            return false;
+        }
+        if target > st.fanout.released() {
+            st.merge.want_progress(target);
+            drop(st);
+            self.wake.notify_one();
+        }
+        true
+    }
+
+    /// Every event up to this has been delivered to the feed's watchers.
+    pub fn released(&self) -> i64 {
+        self.state.lock().unwrap().fanout.released()
+    }
+
+    /// Number of attached watchers.
+    pub fn watchers(&self) -> usize {
+        self.state.lock().unwrap().fanout.len()
+    }
+}
+
+type RangeKey = (Vec<u8>, Vec<u8>);
+
+/// Live feeds by key range (see the module docs).
+pub struct Registry {
+    transport: Arc<dyn WatchTransport>,
+    shard_count: u32,
+    cfg: FeedConfig,
+    feeds: Mutex<HashMap<RangeKey, Vec<Arc<Feed>>>>,
+    next_id: AtomicU64,
+}
+
+impl Registry {
+    pub fn new(
+        transport: Arc<dyn WatchTransport>,
+        shard_count: u32,
+        cfg: FeedConfig,
+    ) -> Arc<Registry> {
+        Arc::new(Registry {
+            transport,
+            shard_count,
+            cfg,
+            feeds: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+        })
+    }
+
+    /// Attaches a watcher of `[key, range_end)` to a live feed that can
+    /// serve it, or to a new feed from its start. Must be called inside a
+    /// tokio runtime (a new feed spawns its driver).
+    pub fn attach(self: &Arc<Self>, key: &[u8], range_end: &[u8], sub: Subscriber) -> Arc<Feed> {
+        let mut feeds = self.feeds.lock().unwrap();
+        let list = feeds.entry((key.to_vec(), range_end.to_vec())).or_default();
+        let mut sub = sub;
+        for f in list.iter() {
+            match f.try_join(sub) {
+                Ok(()) => return f.clone(),
+                Err(s) => sub = s,
+            }
+        }
+        let shards = metastore_proto::router::ShardRouter::new(self.shard_count)
+            .shards_for_range(key, range_end);
+        let start = sub.start;
+        let target = sub.progress_target;
+        let mut merge = Merge::new(
+            key.to_vec(),
+            range_end.to_vec(),
+            start,
+            &shards,
+            self.cfg.merge.clone(),
+        );
+        if target > 0 {
+            merge.want_progress(target);
+        }
+        let mut fanout = FanOut::new(start, self.cfg.tail_bytes);
+        fanout
+            .join(sub)
+            .expect("a new feed takes a watcher at its start");
+        let feed = Arc::new(Feed {
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            key: key.to_vec(),
+            range_end: range_end.to_vec(),
+            state: Mutex::new(FeedState {
+                merge,
+                fanout,
+                closing: false,
+            }),
+            wake: Notify::new(),
+        });
+        list.push(feed.clone());
+        drop(feeds);
+        tracing::debug!(feed = feed.id, start, shards = ?shards, "new watch feed");
+        tokio::spawn(drive(
+            feed.clone(),
+            self.transport.clone(),
+            Arc::downgrade(self),
+            self.cfg.clone(),
+        ));
+        feed
+    }
+
+    fn remove(&self, feed: &Arc<Feed>) {
+        let mut feeds = self.feeds.lock().unwrap();
+        let key = (feed.key.clone(), feed.range_end.clone());
+        if let Some(list) = feeds.get_mut(&key) {
+            list.retain(|f| !Arc::ptr_eq(f, feed));
+            if list.is_empty() {
+                feeds.remove(&key);
+            }
+        }
+    }
+
+    /// Live feeds (tests, diagnostics).
+    pub fn feed_count(&self) -> usize {
+        self.feeds.lock().unwrap().values().map(Vec::len).sum()
+    }
+}
+
+fn tag(lane: usize, gen: u64) -> u64 {
+    ((lane as u64) << 40) | (gen & ((1 << 40) - 1))
+}
+
+fn untag(tag: u64) -> (usize, u64) {
+    ((tag >> 40) as usize, tag & ((1 << 40) - 1))
+}
+
+type Connecting =
+    BoxFuture<'static, (usize, u64, Result<Box<dyn WatchSubscription>, GatewayError>)>;
+
+/// The feed's task (see the module docs).
+async fn drive(
+    feed: Arc<Feed>,
+    transport: Arc<dyn WatchTransport>,
+    registry: Weak<Registry>,
+    cfg: FeedConfig,
+) {
+    let (tx, mut rx) = mpsc::unbounded_channel::<(u64, SubscriptionEvent)>();
+    let lanes = feed.state.lock().unwrap().merge.lanes();
+    let mut subs: Vec<Option<Box<dyn WatchSubscription>>> = (0..lanes).map(|_| None).collect();
+    let mut failures: Vec<u32> = vec![0; lanes];
+    let mut connecting: FuturesUnordered<Connecting> = FuturesUnordered::new();
+    loop {
+        let actions = {
+            let mut st = feed.state.lock().unwrap();
+            if st.closing {
+                break;
+            }
+            st.merge.actions()
+        };
+        for a in actions {
+            match a {
+                Action::Subscribe {
+                    lane,
+                    shard,
+                    gen,
+                    request,
+                } => {
+                    subs[lane] = None;
+                    let delay = backoff(&cfg, failures[lane]);
+                    let sink = SubscriptionSink {
+                        tag: tag(lane, gen),
+                        tx: tx.clone(),
+                    };
+                    let transport = transport.clone();
+                    connecting.push(Box::pin(async move {
+                        if !delay.is_zero() {
+                            tokio::time::sleep(delay).await;
+                        }
+                        (lane, gen, transport.subscribe(shard, request, sink).await)
+                    }));
+                }
+                Action::Ack { lane, seq, .. } => {
+                    if let Some(s) = &subs[lane] {
+                        s.ack(seq);
+                    }
+                }
+                Action::Progress { lane, revision, .. } => {
+                    if let Some(s) = &subs[lane] {
+                        s.progress(revision);
+                    }
+                }
+            }
+        }
+        tokio::select! {
+            Some((first_tag, first)) = rx.recv() => {
+                let mut st = feed.state.lock().unwrap();
+                let mut next = Some((first_tag, first));
+                let mut n = 0;
+                while let Some((t, ev)) = next.take() {
+                    let (lane, gen) = untag(t);
+                    match ev {
+                        Ok(frame) => st.merge.frame(lane, gen, frame),
+                        Err(e) if e.is_retryable() || e.is_ambiguous() => {
+                            tracing::debug!(feed = feed.id, lane, error = %e, "watch stream lost; resubscribing");
+                            st.merge.lost(lane, gen);
+                        }
+                        Err(e) => {
+                            tracing::warn!(feed = feed.id, lane, error = %e, "watch subscription refused");
+                            st.merge.fail(e.to_string());
+                        }
+                    }
+                    n += 1;
+                    if n < DRAIN_MAX {
+                        next = rx.try_recv().ok();
+                    }
+                }
+                step(&mut st);
+            }
+            Some((lane, gen, res)) = connecting.next() => {
+                let mut st = feed.state.lock().unwrap();
+                match res {
+                    Ok(sub) => {
+                        if st.merge.subscribed(lane, gen) {
+                            subs[lane] = Some(sub);
+                            failures[lane] = 0;
+                        }
+                    }
+                    Err(e) if e.is_retryable() || e.is_ambiguous() => {
+                        failures[lane] = failures[lane].saturating_add(1);
+                        tracing::debug!(feed = feed.id, lane, error = %e, "watch subscribe failed; retrying");
+                        st.merge.lost(lane, gen);
+                    }
+                    Err(e) => {
+                        st.merge.fail(e.to_string());
+                        step(&mut st);
+                    }
+                }
+            }
+            _ = feed.wake.notified() => {}
+        }
+    }
+    drop(subs);
+    if let Some(r) = registry.upgrade() {
+        r.remove(&feed);
+    }
+    tracing::debug!(feed = feed.id, "watch feed closed");
+}
+
+/// After merging: deliver releases; on a final end, tell the watchers and
+/// close.
+fn step(st: &mut FeedState) {
+    while let Some(r) = st.merge.release() {
+        st.fanout.deliver(r.into());
+    }
+    if let Some(end) = st.merge.end().cloned() {
+        if let MergeEnd::Failed(reason) = &end {
+            tracing::warn!(reason, "watch feed failed");
+        }
+        st.fanout.end(&end);
+        st.closing = true;
+    } else if st.fanout.is_empty() {
+        // Every watcher left (or overflowed away).
+        st.closing = true;
+    }
+}
+
+fn backoff(cfg: &FeedConfig, failures: u32) -> Duration {
+    if failures == 0 {
+        return Duration::ZERO;
+    }
+    let exp = cfg
+        .min_backoff
+        .saturating_mul(1u32 << failures.min(16).saturating_sub(1));
+    let ceiling = exp.min(cfg.max_backoff);
+    let jitter = rand::random::<f64>() * 0.5 + 0.5;
+    ceiling.mul_f64(jitter)
+}

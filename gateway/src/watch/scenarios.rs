@@ -1,0 +1,878 @@
+//! Scenario tests of feeds and sessions over an in-memory fake of the
+//! shards' watch side (no sockets): etcd semantics on the stream, feed
+//! sharing, resubscription after a dropped shard stream, slow watchers.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use metastore_proto::etcdserverpb::{
+    watch_create_request::FilterType, watch_request::RequestUnion, WatchCancelRequest,
+    WatchCreateRequest, WatchProgressRequest, WatchRequest, WatchResponse,
+};
+use metastore_proto::mvccpb::{event::EventType, Event, KeyValue};
+use metastore_proto::router::ShardRouter;
+use metastore_proto::shardpb::{
+    shard_request::Body as Req, shard_response::Body as Resp, CurrentRevisionResponse,
+    WatchEventsResponse, WatchSubscribeRequest,
+};
+use tokio::sync::mpsc;
+
+use super::merge::event_revision;
+use super::{WatchConfig, WatchHub};
+use crate::client::SubscriptionSink;
+use crate::error::{GatewayError, Result};
+use crate::shards::{WatchSubscription, WatchTransport};
+use crate::testing::{backend, FakeShards};
+
+// ---------------------------------------------------------------------------
+// The fake: one revision counter, per-shard event logs, live subscriptions
+// that get a frame for every matching write (resolved = the revision just
+// written) and a heartbeat when asked for progress. Shards that hold no
+// matching key send nothing, so merges depend on progress requests.
+// ---------------------------------------------------------------------------
+
+struct FakeSubState {
+    shard: u32,
+    req: WatchSubscribeRequest,
+    sink: SubscriptionSink,
+    seq: u64,
+}
+
+#[derive(Default)]
+struct FakeState {
+    rev: i64,
+    compacted: i64,
+    /// Per shard: every event, in revision order.
+    logs: HashMap<u32, Vec<Event>>,
+    /// Current value per key (for prev_kv and versions).
+    kvs: HashMap<Vec<u8>, KeyValue>,
+    subs: HashMap<u64, FakeSubState>,
+    subscribes: usize,
+    progress_asks: usize,
+}
+
+#[derive(Clone)]
+struct Fake {
+    router: ShardRouter,
+    state: Arc<Mutex<FakeState>>,
+    next_id: Arc<AtomicU64>,
+    /// Fired whenever a subscription is dropped.
+    dropped: Arc<tokio::sync::Notify>,
+}
+
+fn in_range(key: &[u8], start: &[u8], end: &[u8]) -> bool {
+    if end.is_empty() {
+        key == start
+    } else if end == [0] {
+        key >= start
+    } else {
+        key >= start && key < end
+    }
+}
+
+impl FakeSubState {
+    fn send(&mut self, events: Vec<Event>, resolved: i64) {
+        self.seq += 1;
+        let _ = self.sink.tx.send((
+            self.sink.tag,
+            Ok(WatchEventsResponse {
+                seq: self.seq,
+                events,
+                resolved,
+                compact_revision: 0,
+            }),
+        ));
+    }
+}
+
+impl Fake {
+    fn new(shards: u32) -> Fake {
+        Fake {
+            router: ShardRouter::new(shards),
+            state: Arc::default(),
+            next_id: Arc::new(AtomicU64::new(1)),
+            dropped: Arc::default(),
+        }
+    }
+
+    fn current(&self) -> i64 {
+        self.state.lock().unwrap().rev
+    }
+
+    /// One write at one revision: puts (`Some(value)`) and deletes.
+    fn write(&self, ops: &[(&str, Option<&str>)]) -> i64 {
+        let mut st = self.state.lock().unwrap();
+        st.rev += 1;
+        let rev = st.rev;
+        let mut per_shard: HashMap<u32, Vec<Event>> = HashMap::new();
+        for (key, value) in ops {
+            let key = key.as_bytes().to_vec();
+            let prev = st.kvs.get(&key).cloned();
+            let ev = match value {
+                Some(v) => {
+                    let kv = KeyValue {
+                        key: key.clone(),
+                        value: v.as_bytes().to_vec(),
+                        create_revision: prev.as_ref().map_or(rev, |p| p.create_revision),
+                        mod_revision: rev,
+                        version: prev.as_ref().map_or(1, |p| p.version + 1),
+                        lease: 0,
+                    };
+                    st.kvs.insert(key.clone(), kv.clone());
+                    Event {
+                        r#type: EventType::Put as i32,
+                        kv: Some(kv),
+                        prev_kv: prev,
+                    }
+                }
+                None => {
+                    st.kvs.remove(&key);
+                    Event {
+                        r#type: EventType::Delete as i32,
+                        kv: Some(KeyValue {
+                            key: key.clone(),
+                            mod_revision: rev,
+                            ..Default::default()
+                        }),
+                        prev_kv: prev,
+                    }
+                }
+            };
+            let shard = self.router.shard_of(&key);
+            per_shard.entry(shard).or_default().push(ev.clone());
+            st.logs.entry(shard).or_default().push(ev);
+        }
+        for sub in st.subs.values_mut() {
+            let Some(evs) = per_shard.get(&sub.shard) else {
+                continue;
+            };
+            let matching: Vec<Event> = evs
+                .iter()
+                .filter(|e| {
+                    in_range(
+                        &e.kv.as_ref().unwrap().key,
+                        &sub.req.key,
+                        &sub.req.range_end,
+                    ) && rev >= sub.req.start_revision
+                })
+                .map(|e| strip(e, sub.req.prev_kv))
+                .collect();
+            if !matching.is_empty() {
+                sub.send(matching, rev);
+            }
+        }
+        rev
+    }
+
+    fn put(&self, key: &str, value: &str) -> i64 {
+        self.write(&[(key, Some(value))])
+    }
+
+    fn compact(&self, rev: i64) {
+        self.state.lock().unwrap().compacted = rev;
+    }
+
+    /// Ends every stream of `shard` as a dropped connection would.
+    fn drop_streams(&self, shard: u32) {
+        let mut st = self.state.lock().unwrap();
+        let ids: Vec<u64> = st
+            .subs
+            .iter()
+            .filter(|(_, s)| s.shard == shard)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ids {
+            let s = st.subs.remove(&id).unwrap();
+            let _ = s
+                .sink
+                .tx
+                .send((s.sink.tag, Err(GatewayError::ConnectionLost { shard })));
+        }
+    }
+
+    /// Resolves once no subscription is live.
+    async fn until_no_subscriptions(&self) {
+        loop {
+            let dropped = self.dropped.notified();
+            if self.state.lock().unwrap().subs.is_empty() {
+                return;
+            }
+            dropped.await;
+        }
+    }
+
+    fn subscribes(&self) -> usize {
+        self.state.lock().unwrap().subscribes
+    }
+
+    /// Transport for CurrentRevision (the only request sessions make).
+    fn shards(&self) -> FakeShards {
+        let me = self.clone();
+        FakeShards::new(self.router.shard_count(), move |_, req| match req {
+            Req::CurrentRevision(_) => Ok(Resp::CurrentRevision(CurrentRevisionResponse {
+                revision: me.current(),
+                raft_term: 2,
+            })),
+            other => panic!("unexpected {other:?}"),
+        })
+    }
+}
+
+fn strip(e: &Event, prev_kv: bool) -> Event {
+    let mut e = e.clone();
+    if !prev_kv {
+        e.prev_kv = None;
+    }
+    e
+}
+
+struct FakeSub {
+    id: u64,
+    fake: Fake,
+}
+
+impl WatchSubscription for FakeSub {
+    fn ack(&self, _seq: u64) {}
+    fn progress(&self, revision: i64) {
+        let mut st = self.fake.state.lock().unwrap();
+        st.progress_asks += 1;
+        let rev = st.rev;
+        if let Some(s) = st.subs.get_mut(&self.id) {
+            if rev >= revision {
+                s.send(vec![], rev);
+            }
+        }
+    }
+}
+
+impl Drop for FakeSub {
+    fn drop(&mut self) {
+        self.fake.state.lock().unwrap().subs.remove(&self.id);
+        self.fake.dropped.notify_waiters();
+    }
+}
+
+impl WatchTransport for Fake {
+    fn subscribe(
+        &self,
+        shard: u32,
+        req: WatchSubscribeRequest,
+        sink: SubscriptionSink,
+    ) -> BoxFuture<'static, Result<Box<dyn WatchSubscription>>> {
+        let fake = self.clone();
+        Box::pin(async move {
+            let id = fake.next_id.fetch_add(1, Ordering::Relaxed);
+            let mut st = fake.state.lock().unwrap();
+            st.subscribes += 1;
+            let mut sub = FakeSubState {
+                shard,
+                req: req.clone(),
+                sink,
+                seq: 0,
+            };
+            if req.start_revision < st.compacted {
+                sub.seq += 1;
+                let _ = sub.sink.tx.send((
+                    sub.sink.tag,
+                    Ok(WatchEventsResponse {
+                        seq: 1,
+                        events: vec![],
+                        resolved: 0,
+                        compact_revision: st.compacted,
+                    }),
+                ));
+                return Ok(Box::new(FakeSub {
+                    id,
+                    fake: fake.clone(),
+                }) as Box<dyn WatchSubscription>);
+            }
+            // Replay, one frame per revision, then a heartbeat.
+            let log = st.logs.get(&shard).cloned().unwrap_or_default();
+            let mut by_rev: Vec<(i64, Vec<Event>)> = Vec::new();
+            for e in log.iter().filter(|e| {
+                event_revision(e) >= req.start_revision
+                    && in_range(&e.kv.as_ref().unwrap().key, &req.key, &req.range_end)
+            }) {
+                let r = event_revision(e);
+                match by_rev.last_mut() {
+                    Some((lr, v)) if *lr == r => v.push(strip(e, req.prev_kv)),
+                    _ => by_rev.push((r, vec![strip(e, req.prev_kv)])),
+                }
+            }
+            for (r, evs) in by_rev {
+                sub.send(evs, r);
+            }
+            let rev = st.rev;
+            sub.send(vec![], rev);
+            st.subs.insert(id, sub);
+            Ok(Box::new(FakeSub {
+                id,
+                fake: fake.clone(),
+            }) as Box<dyn WatchSubscription>)
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Client side helpers.
+// ---------------------------------------------------------------------------
+
+struct Client {
+    tx: mpsc::UnboundedSender<WatchRequest>,
+    rx: mpsc::Receiver<WatchResponse>,
+}
+
+fn hub(fake: &Fake, cfg: WatchConfig) -> Arc<WatchHub> {
+    WatchHub::new(
+        Arc::new(backend(fake.shards())),
+        Arc::new(fake.clone()),
+        cfg,
+    )
+}
+
+fn open(hub: &Arc<WatchHub>) -> Client {
+    let (tx, rx) = mpsc::unbounded_channel::<WatchRequest>();
+    let requests = tokio_stream::wrappers::UnboundedReceiverStream::new(rx).map(Ok::<_, String>);
+    Client {
+        tx,
+        rx: hub.open(Box::pin(requests)),
+    }
+}
+
+use futures::StreamExt;
+
+fn create(key: &str, end: &str, start: i64) -> WatchCreateRequest {
+    WatchCreateRequest {
+        key: key.as_bytes().to_vec(),
+        range_end: end.as_bytes().to_vec(),
+        start_revision: start,
+        ..Default::default()
+    }
+}
+
+impl Client {
+    fn send(&self, r: RequestUnion) {
+        self.tx
+            .send(WatchRequest {
+                request_union: Some(r),
+            })
+            .unwrap();
+    }
+
+    fn watch(&self, c: WatchCreateRequest) {
+        self.send(RequestUnion::CreateRequest(c));
+    }
+
+    async fn next(&mut self) -> WatchResponse {
+        tokio::time::timeout(Duration::from_secs(5), self.rx.recv())
+            .await
+            .expect("a response within 5 s")
+            .expect("stream open")
+    }
+
+    /// Expects a successful `created` and returns the watch id.
+    async fn created(&mut self) -> i64 {
+        let r = self.next().await;
+        assert!(r.created && !r.canceled, "expected created, got {r:?}");
+        r.watch_id
+    }
+
+    /// Collects events of watch `id` until `n` have arrived (other
+    /// responses of that watch are returned too).
+    async fn events(&mut self, id: i64, n: usize) -> Vec<(i64, String, String)> {
+        let mut out = vec![];
+        while out.len() < n {
+            let r = self.next().await;
+            assert_eq!(r.watch_id, id, "unexpected {r:?}");
+            assert!(!r.canceled, "{r:?}");
+            let hdr = r.header.as_ref().unwrap().revision;
+            for e in &r.events {
+                assert!(event_revision(e) <= hdr, "header below its events");
+                let kv = e.kv.as_ref().unwrap();
+                out.push((
+                    kv.mod_revision,
+                    String::from_utf8(kv.key.clone()).unwrap(),
+                    String::from_utf8(kv.value.clone()).unwrap(),
+                ));
+            }
+        }
+        assert_eq!(out.len(), n, "more events than expected");
+        out
+    }
+
+    /// Nothing else is pending for this stream's watches: a progress
+    /// request's answer (which comes after every event up to the current
+    /// revision) is the very next response.
+    async fn quiet(&mut self) {
+        self.send(RequestUnion::ProgressRequest(WatchProgressRequest {}));
+        let r = self.next().await;
+        assert!(
+            r.watch_id == -1 && r.events.is_empty() && !r.created && !r.canceled,
+            "expected only the progress answer, got {r:?}"
+        );
+    }
+}
+
+fn cfg() -> WatchConfig {
+    WatchConfig::default()
+}
+
+// ---------------------------------------------------------------------------
+// Scenarios.
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn prefix_watch_merges_shards_in_revision_order() {
+    let fake = Fake::new(3);
+    let hub = hub(&fake, cfg());
+    let mut c = open(&hub);
+    c.watch(create("p/", "p0", 0));
+    let id = c.created().await;
+    assert_eq!(id, 0);
+    let mut want = vec![];
+    for i in 0..30 {
+        let key = format!("p/{i}");
+        let rev = fake.put(&key, "v");
+        want.push((rev, key, "v".to_string()));
+    }
+    // One write spanning shards: one revision, one response.
+    let rev = fake.write(&[("p/a", Some("1")), ("p/b", Some("2")), ("p/c", Some("3"))]);
+    let got = c.events(id, 30).await;
+    assert_eq!(got, want);
+    let r = c.next().await;
+    assert_eq!(r.events.len(), 3, "a revision is never split: {r:?}");
+    assert!(r.events.iter().all(|e| event_revision(e) == rev));
+    assert_eq!(r.header.unwrap().revision, rev);
+    c.quiet().await;
+}
+
+#[tokio::test]
+async fn created_header_and_start_revision_now() {
+    let fake = Fake::new(2);
+    fake.put("k", "old");
+    let hub = hub(&fake, cfg());
+    let mut c = open(&hub);
+    c.watch(create("k", "", 0));
+    let r = c.next().await;
+    assert!(r.created);
+    let h = r.header.unwrap();
+    assert_eq!(
+        (h.revision, h.raft_term, h.member_id),
+        (1, 2, crate::testing::MEMBER)
+    );
+    // The old put is not replayed; the next one arrives.
+    let rev = fake.put("k", "new");
+    assert_eq!(c.events(0, 1).await, vec![(rev, "k".into(), "new".into())]);
+}
+
+#[tokio::test]
+async fn historical_replay_and_future_start() {
+    let fake = Fake::new(2);
+    for i in 1..=5 {
+        fake.put(&format!("h/{i}"), "v");
+    }
+    let hub = hub(&fake, cfg());
+    let mut c = open(&hub);
+    c.watch(create("h/", "h0", 3));
+    let id = c.created().await;
+    let got: Vec<i64> = c.events(id, 3).await.iter().map(|e| e.0).collect();
+    assert_eq!(got, vec![3, 4, 5]);
+    // A start in the future waits for it.
+    c.watch(create("h/", "h0", 8));
+    let fut = c.created().await;
+    fake.put("h/6", "v");
+    fake.put("h/7", "v");
+    fake.put("h/8", "v");
+    // The first watch sees 6, 7, 8; the future one only 8.
+    let mut mine = vec![];
+    let mut theirs = vec![];
+    while mine.len() < 3 || theirs.is_empty() {
+        let r = c.next().await;
+        for e in &r.events {
+            if r.watch_id == id {
+                mine.push(event_revision(e));
+            } else {
+                assert_eq!(r.watch_id, fut);
+                theirs.push(event_revision(e));
+            }
+        }
+    }
+    assert_eq!(mine, vec![6, 7, 8]);
+    assert_eq!(theirs, vec![8]);
+}
+
+#[tokio::test]
+async fn watch_ids_refusals_and_limits_follow_etcd() {
+    let fake = Fake::new(2);
+    let hub = hub(
+        &fake,
+        WatchConfig {
+            max_watchers_per_stream: 4,
+            ..cfg()
+        },
+    );
+    let mut c = open(&hub);
+    let mut chosen = create("a", "", 0);
+    chosen.watch_id = 1;
+    c.watch(chosen.clone());
+    assert_eq!(c.created().await, 1);
+    // Auto ids count from 0 and skip taken ones.
+    c.watch(create("a", "", 0));
+    assert_eq!(c.created().await, 0);
+    c.watch(create("a", "", 0));
+    assert_eq!(c.created().await, 2);
+    // A taken id is refused; the stream goes on.
+    c.watch(chosen);
+    let r = c.next().await;
+    assert!(r.created && r.canceled);
+    assert_eq!(r.watch_id, -1);
+    assert_eq!(r.cancel_reason, super::session::MSG_DUPLICATE_WATCH_ID);
+    // An empty range.
+    c.watch(create("b", "a", 0));
+    let r = c.next().await;
+    assert!(r.created && r.canceled);
+    assert_eq!(r.cancel_reason, super::session::MSG_EMPTY_RANGE);
+    // The limit.
+    c.watch(create("a", "", 0));
+    assert_eq!(c.created().await, 3);
+    c.watch(create("a", "", 0));
+    let r = c.next().await;
+    assert!(r.created && r.canceled && r.watch_id == -1);
+    assert!(r.cancel_reason.contains("too many watchers"), "{r:?}");
+    // Four watches of one key share one subscription.
+    assert_eq!(fake.subscribes(), 1);
+}
+
+#[tokio::test]
+async fn cancel_stops_events_and_unknown_ids_are_ignored() {
+    let fake = Fake::new(2);
+    let hub = hub(&fake, cfg());
+    let mut c = open(&hub);
+    c.watch(create("x", "", 0));
+    let a = c.created().await;
+    c.watch(create("x", "", 0));
+    let b = c.created().await;
+    fake.put("x", "1");
+    let mut seen = 0;
+    while seen < 2 {
+        seen += c.next().await.events.len();
+    }
+    c.send(RequestUnion::CancelRequest(WatchCancelRequest {
+        watch_id: a,
+    }));
+    let r = c.next().await;
+    assert!(r.canceled && !r.created && r.watch_id == a);
+    c.send(RequestUnion::CancelRequest(WatchCancelRequest {
+        watch_id: 99,
+    }));
+    let rev = fake.put("x", "2");
+    assert_eq!(c.events(b, 1).await, vec![(rev, "x".into(), "2".into())]);
+    c.quiet().await;
+    // Cancelling the last watcher ends the feed and its subscription.
+    c.send(RequestUnion::CancelRequest(WatchCancelRequest {
+        watch_id: b,
+    }));
+    assert!(c.next().await.canceled);
+    tokio::time::timeout(Duration::from_secs(5), fake.until_no_subscriptions())
+        .await
+        .expect("feed closes");
+}
+
+#[tokio::test]
+async fn filters_and_prev_kv() {
+    let fake = Fake::new(2);
+    let hub = hub(&fake, cfg());
+    let mut c = open(&hub);
+    let mut noput = create("f/", "f0", 0);
+    noput.filters = vec![FilterType::Noput as i32];
+    noput.prev_kv = true;
+    c.watch(noput);
+    let np = c.created().await;
+    let mut nodel = create("f/", "f0", 0);
+    nodel.filters = vec![FilterType::Nodelete as i32];
+    c.watch(nodel);
+    let nd = c.created().await;
+    fake.put("f/1", "a");
+    fake.put("f/1", "b");
+    let del = fake.write(&[("f/1", None)]);
+    let mut puts = vec![];
+    let mut dels = vec![];
+    while puts.len() < 2 || dels.is_empty() {
+        let r = c.next().await;
+        for e in r.events {
+            if r.watch_id == nd {
+                assert_eq!(e.r#type, EventType::Put as i32);
+                assert!(e.prev_kv.is_none(), "prev_kv not asked for");
+                puts.push(e);
+            } else {
+                assert_eq!(r.watch_id, np);
+                assert_eq!(e.r#type, EventType::Delete as i32);
+                dels.push(e);
+            }
+        }
+    }
+    assert_eq!(dels[0].kv.as_ref().unwrap().mod_revision, del);
+    assert_eq!(dels[0].prev_kv.as_ref().unwrap().value, b"b");
+    c.quiet().await;
+}
+
+#[tokio::test]
+async fn compacted_start_is_created_then_canceled_with_compact_revision() {
+    let fake = Fake::new(2);
+    for i in 0..10 {
+        fake.put(&format!("c/{i}"), "v");
+    }
+    fake.compact(6);
+    let hub = hub(&fake, cfg());
+    let mut c = open(&hub);
+    c.watch(create("c/", "c0", 2));
+    let id = c.created().await;
+    let r = c.next().await;
+    assert_eq!((r.watch_id, r.canceled, r.compact_revision), (id, true, 6));
+    // A watch from the compacted revision on works.
+    c.watch(create("c/", "c0", 6));
+    let id = c.created().await;
+    let got: Vec<i64> = c.events(id, 5).await.iter().map(|e| e.0).collect();
+    assert_eq!(got, vec![6, 7, 8, 9, 10]);
+}
+
+#[tokio::test]
+async fn progress_request_answers_after_every_watch_caught_up() {
+    let fake = Fake::new(3);
+    let hub = hub(&fake, cfg());
+    let mut c = open(&hub);
+    // No watches: answered at once with the current revision.
+    fake.put("z", "1");
+    c.send(RequestUnion::ProgressRequest(WatchProgressRequest {}));
+    let r = c.next().await;
+    assert_eq!((r.watch_id, r.header.unwrap().revision), (-1, 1));
+    c.watch(create("q/", "q0", 0));
+    let id = c.created().await;
+    let mut last = 0;
+    for i in 0..5 {
+        last = fake.put(&format!("q/{i}"), "v");
+    }
+    // Writes elsewhere move the revision; only progress requests tell the
+    // idle shards' watermarks.
+    let now = fake.put("elsewhere", "v");
+    c.send(RequestUnion::ProgressRequest(WatchProgressRequest {}));
+    let mut events = 0;
+    loop {
+        let r = c.next().await;
+        if r.watch_id == -1 {
+            assert!(r.events.is_empty());
+            assert!(r.header.unwrap().revision >= now);
+            break;
+        }
+        assert_eq!(r.watch_id, id);
+        events += r.events.len();
+    }
+    assert_eq!(events, 5, "every event before the progress response");
+    assert!(last < now);
+}
+
+#[tokio::test]
+async fn progress_notify_reports_delivered_revision_when_idle() {
+    let fake = Fake::new(2);
+    let hub = hub(
+        &fake,
+        WatchConfig {
+            progress_notify_interval: Duration::from_millis(50),
+            ..cfg()
+        },
+    );
+    let mut c = open(&hub);
+    // A watch without progress_notify, on another key: it must hear nothing.
+    c.watch(create("m", "", 0));
+    let silent = c.created().await;
+    let mut w = create("n", "", 0);
+    w.progress_notify = true;
+    c.watch(w);
+    let id = c.created().await;
+    let rev = fake.put("n", "v");
+    assert_eq!(c.events(id, 1).await.len(), 1);
+    fake.put("other", "v");
+    let now = fake.current();
+    // Idle: notifications with the revision the watch has delivered
+    // through; each tick asks for the current revision, so one soon
+    // reaches `now`. Only the progress_notify watch hears anything.
+    let mut reached = false;
+    for _ in 0..5 {
+        let r = c.next().await;
+        assert_eq!(r.watch_id, id, "only the progress_notify watch: {r:?}");
+        assert_ne!(r.watch_id, silent);
+        assert!(r.events.is_empty() && !r.canceled && !r.created);
+        let h = r.header.unwrap().revision;
+        assert!(h >= rev);
+        if h >= now {
+            reached = true;
+            break;
+        }
+    }
+    assert!(reached, "a notification reached the current revision");
+}
+
+#[tokio::test]
+async fn dropped_shard_stream_resubscribes_without_loss_or_duplicates() {
+    let fake = Fake::new(2);
+    let hub = hub(&fake, cfg());
+    let mut c = open(&hub);
+    c.watch(create("r/", "r0", 0));
+    let id = c.created().await;
+    let mut want = vec![];
+    for i in 0..10 {
+        let k = format!("r/{i}");
+        want.push((fake.put(&k, "a"), k, "a".to_string()));
+    }
+    let mut got = c.events(id, 10).await;
+    fake.drop_streams(0);
+    fake.drop_streams(1);
+    for i in 0..10 {
+        let k = format!("r/{i}");
+        want.push((fake.put(&k, "b"), k, "b".to_string()));
+    }
+    got.extend(c.events(id, 10).await);
+    assert_eq!(got, want);
+    assert!(fake.subscribes() >= 4, "both lanes resubscribed");
+    c.quiet().await;
+}
+
+#[tokio::test]
+async fn many_watchers_share_one_feed() {
+    let fake = Fake::new(2);
+    let hub = hub(&fake, cfg());
+    let mut clients: Vec<Client> = (0..10).map(|_| open(&hub)).collect();
+    for c in &clients {
+        for _ in 0..10 {
+            c.watch(create("hot", "", 0));
+        }
+    }
+    for c in &mut clients {
+        for i in 0..10 {
+            assert_eq!(c.created().await, i);
+        }
+    }
+    assert_eq!(fake.subscribes(), 1, "100 watchers, one subscription");
+    let revs: Vec<i64> = (0..5).map(|i| fake.put("hot", &i.to_string())).collect();
+    for c in &mut clients {
+        let mut per_watch: HashMap<i64, Vec<i64>> = HashMap::new();
+        while per_watch.values().map(Vec::len).sum::<usize>() < 50 {
+            let r = c.next().await;
+            per_watch
+                .entry(r.watch_id)
+                .or_default()
+                .extend(r.events.iter().map(event_revision));
+        }
+        assert_eq!(per_watch.len(), 10);
+        for v in per_watch.values() {
+            assert_eq!(v, &revs);
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_slow_watcher_catches_up_on_its_own_feed_others_unaffected() {
+    let fake = Fake::new(2);
+    let hub = hub(
+        &fake,
+        WatchConfig {
+            max_pending_bytes: 2048,
+            ..cfg()
+        },
+    );
+    let mut fast = open(&hub);
+    let mut slow = open(&hub);
+    fast.watch(create("s/", "s0", 0));
+    let f = fast.created().await;
+    slow.watch(create("s/", "s0", 0));
+    let s = slow.created().await;
+    assert_eq!(fake.subscribes(), 2, "one feed (two shards)");
+    let value = "x".repeat(100);
+    let mut want = vec![];
+    for i in 0..400 {
+        let k = format!("s/{i}");
+        want.push((fake.put(&k, &value), k, value.clone()));
+        if i % 50 == 49 {
+            // The fast reader keeps up while the slow one reads nothing.
+            let got = fast.events(f, 50).await;
+            assert_eq!(got, want[i - 49..=i].to_vec());
+        }
+    }
+    assert!(
+        fake.subscribes() > 2,
+        "the slow watcher left the shared feed for its own"
+    );
+    // Now the slow one reads: everything, once, in order.
+    let got = slow.events(s, 400).await;
+    assert_eq!(got, want);
+    slow.quiet().await;
+    fast.quiet().await;
+}
+
+#[tokio::test]
+async fn fragments_for_fragment_watches_only() {
+    let fake = Fake::new(2);
+    let hub = hub(
+        &fake,
+        WatchConfig {
+            max_response_bytes: 600,
+            ..cfg()
+        },
+    );
+    let mut c = open(&hub);
+    let mut fw = create("g/", "g0", 0);
+    fw.fragment = true;
+    c.watch(fw);
+    let frag = c.created().await;
+    c.watch(create("g/", "g0", 0));
+    let whole = c.created().await;
+    let value = "y".repeat(100);
+    let keys: Vec<String> = (0..12).map(|i| format!("g/{i:02}")).collect();
+    let ops: Vec<(&str, Option<&str>)> = keys
+        .iter()
+        .map(|k| (k.as_str(), Some(value.as_str())))
+        .collect();
+    let rev = fake.write(&ops);
+    let mut frag_parts = vec![];
+    let mut whole_parts = vec![];
+    while whole_parts.is_empty() || frag_parts.last().is_none_or(|r: &WatchResponse| r.fragment) {
+        let r = c.next().await;
+        if r.watch_id == frag {
+            frag_parts.push(r);
+        } else {
+            assert_eq!(r.watch_id, whole);
+            whole_parts.push(r);
+        }
+    }
+    assert_eq!(whole_parts.len(), 1);
+    assert_eq!(whole_parts[0].events.len(), 12);
+    assert!(frag_parts.len() > 1);
+    assert_eq!(frag_parts.iter().map(|r| r.events.len()).sum::<usize>(), 12);
+    for r in &frag_parts[..frag_parts.len() - 1] {
+        assert!(r.fragment);
+    }
+    assert!(frag_parts
+        .iter()
+        .flat_map(|r| &r.events)
+        .all(|e| event_revision(e) == rev));
+}
+
+#[tokio::test]
+async fn a_closed_stream_releases_its_feeds() {
+    let fake = Fake::new(3);
+    let hub = hub(&fake, cfg());
+    let mut c = open(&hub);
+    c.watch(create("gone/", "gone0", 0));
+    c.created().await;
+    c.watch(create("gone/k", "", 0));
+    c.created().await;
+    assert_eq!(fake.subscribes(), 4, "a prefix on 3 shards and a key on 1");
+    // The client goes away (gRPC drops the response stream).
+    drop(c);
+    tokio::time::timeout(Duration::from_secs(5), fake.until_no_subscriptions())
+        .await
+        .expect("every subscription cancelled");
+}
