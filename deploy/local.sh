@@ -64,34 +64,11 @@ for n in "$CLIENT_PORT" "$SHARDS" "$SERVER_PORT"; do
 done
 
 # --- dependencies -----------------------------------------------------------
-ensure_deps() {
-    command -v dpkg-query >/dev/null 2>&1 || {
-        echo "note: not a Debian system; make sure these are installed: $*" >&2
-        return 0
-    }
-    local missing=() p
-    for p in "$@"; do
-        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" ||
-            missing+=("$p")
-    done
-    ((${#missing[@]} == 0)) && return 0
-    if [[ "$(id -u)" -eq 0 ]]; then
-        echo "installing missing packages: ${missing[*]}"
-        apt-get update
-        DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${missing[@]}"
-    else
-        echo "missing packages: ${missing[*]}" >&2
-        echo "install them with:" >&2
-        echo "  sudo apt-get update && sudo apt-get install -y ${missing[*]}" >&2
-        exit 1
-    fi
-}
+# shellcheck source=deploy/lib.sh
+source "$ROOT/deploy/lib.sh"
 ensure_deps librocksdb-dev libsnappy-dev libclang-dev protobuf-compiler
 
-if ! command -v cargo >/dev/null 2>&1 && [[ -x "$HOME/.cargo/bin/cargo" ]]; then
-    export PATH="$HOME/.cargo/bin:$PATH"
-fi
-command -v cargo >/dev/null 2>&1 || { echo "cargo not found: install Rust (rustup)" >&2; exit 1; }
+ensure_cargo
 
 # --- build (debug profile: the same artifacts the tests use) ----------------
 (cd "$ROOT" && cargo build --workspace --bins)
