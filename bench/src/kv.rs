@@ -138,7 +138,8 @@ pub async fn prefill(
     let mut set = JoinSet::new();
     for c in 0..concurrency.max(1) {
         let mut kv = pool[c % pool.len()].kv_client();
-        let (keys, next, value, common) = (keys.clone(), next.clone(), value.clone(), common.clone());
+        let (keys, next, value, common) =
+            (keys.clone(), next.clone(), value.clone(), common.clone());
         set.spawn(async move {
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed) as usize;
@@ -160,10 +161,21 @@ pub async fn put(common: &Common) -> Result<RunResult, String> {
     let pool = warm_pool(common).await?;
     let keys = common.keys();
     let value = common.value();
-    drive(common, "put", common.describe(), &pool, move |_, i, mut kv| {
-        let (k, v) = (keys.key(i), value.clone());
-        async move { kv.put(k, v, None).await.map(|_| ()).map_err(|e| e.to_string()) }
-    })
+    drive(
+        common,
+        "put",
+        common.describe(),
+        &pool,
+        move |_, i, mut kv| {
+            let (k, v) = (keys.key(i), value.clone());
+            async move {
+                kv.put(k, v, None)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            }
+        },
+    )
     .await
 }
 
@@ -271,7 +283,10 @@ pub async fn txn_put(common: &Common, a: &TxnPutArgs) -> Result<RunResult, Strin
                 return Err("txn without compares did not succeed".into());
             }
             if r.op_responses().len() != n {
-                return Err(format!("txn returned {} op responses", r.op_responses().len()));
+                return Err(format!(
+                    "txn returned {} op responses",
+                    r.op_responses().len()
+                ));
             }
             Ok(())
         }
@@ -283,18 +298,31 @@ pub async fn delete(common: &Common) -> Result<RunResult, String> {
     let pool = warm_pool(common).await?;
     let gen = common.keys();
     let keys: Vec<Vec<u8>> = (0..gen.space).map(|i| gen.key_at(i)).collect();
-    prefill(common, &pool, keys, common.value(), common.clients.clamp(1, 256)).await?;
+    prefill(
+        common,
+        &pool,
+        keys,
+        common.value(),
+        common.clients.clamp(1, 256),
+    )
+    .await?;
     let deleted = Arc::new(AtomicU64::new(0));
     let d2 = deleted.clone();
-    let mut r = drive(common, "delete", common.describe(), &pool, move |_, i, mut kv| {
-        let k = gen.key(i);
-        let d = d2.clone();
-        async move {
-            let r = kv.delete(k, None).await.map_err(|e| e.to_string())?;
-            d.fetch_add(r.deleted() as u64, Ordering::Relaxed);
-            Ok(())
-        }
-    })
+    let mut r = drive(
+        common,
+        "delete",
+        common.describe(),
+        &pool,
+        move |_, i, mut kv| {
+            let k = gen.key(i);
+            let d = d2.clone();
+            async move {
+                let r = kv.delete(k, None).await.map_err(|e| e.to_string())?;
+                d.fetch_add(r.deleted() as u64, Ordering::Relaxed);
+                Ok(())
+            }
+        },
+    )
     .await?;
     let deleted = deleted.load(Ordering::Relaxed);
     r.set_extra("deleted_keys", deleted as f64);

@@ -52,7 +52,12 @@ pub struct Cli {
 #[derive(Args, Debug, Clone)]
 pub struct Common {
     /// Endpoints, comma-separated (HOST:PORT or http://HOST:PORT).
-    #[arg(long, global = true, value_delimiter = ',', default_value = "127.0.0.1:2379")]
+    #[arg(
+        long,
+        global = true,
+        value_delimiter = ',',
+        default_value = "127.0.0.1:2379"
+    )]
     pub endpoints: Vec<String>,
     /// gRPC connections (clients are spread over them round-robin).
     #[arg(long, global = true, default_value_t = 1)]
@@ -156,7 +161,11 @@ impl Common {
             self.key_size,
             self.val_size,
             self.key_space_size,
-            if self.sequential_keys { " sequential" } else { "" },
+            if self.sequential_keys {
+                " sequential"
+            } else {
+                ""
+            },
             if self.rate > 0.0 {
                 format!(" rate={}/s", self.rate)
             } else {

@@ -101,13 +101,6 @@ impl Recorder {
         record(&mut g.interval, d);
     }
 
-    /// Records a batch of successful operations' latencies at once.
-    pub fn merge(&self, h: &Histogram<u64>) {
-        let mut g = self.inner.lock().unwrap();
-        let _ = g.total.add(h);
-        let _ = g.interval.add(h);
-    }
-
     /// Records one failed operation (its message is kept if among the first).
     pub fn err(&self, msg: impl std::fmt::Display) {
         self.errors.fetch_add(1, Ordering::Relaxed);

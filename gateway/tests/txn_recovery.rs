@@ -33,7 +33,9 @@ async fn call(addr: &str, body: shard_request::Body) -> shard_response::Body {
         body: Some(body),
     };
     let bytes = req.encode_to_vec();
-    s.write_all(&(bytes.len() as u32).to_le_bytes()).await.unwrap();
+    s.write_all(&(bytes.len() as u32).to_le_bytes())
+        .await
+        .unwrap();
     s.write_all(&bytes).await.unwrap();
     let mut len = [0u8; 4];
     s.read_exact(&mut len).await.unwrap();
@@ -108,7 +110,11 @@ both_engines!(
             .iter()
             .map(|kv| (kv.key_str().unwrap(), kv.value_str().unwrap()))
             .collect();
-        assert_eq!(values, vec![(b.as_str(), "from-client")], "aborted: none of it");
+        assert_eq!(
+            values,
+            vec![(b.as_str(), "from-client")],
+            "aborted: none of it"
+        );
     }
 );
 
@@ -140,7 +146,13 @@ both_engines!(
         let kvs: Vec<(&str, &str, i64)> = got
             .kvs()
             .iter()
-            .map(|kv| (kv.key_str().unwrap(), kv.value_str().unwrap(), kv.mod_revision()))
+            .map(|kv| {
+                (
+                    kv.key_str().unwrap(),
+                    kv.value_str().unwrap(),
+                    kv.mod_revision(),
+                )
+            })
             .collect();
         let mut want = vec![
             (a.as_str(), "from-txn", commit.revision),

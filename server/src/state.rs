@@ -1327,7 +1327,10 @@ mod tests {
             assert!(is_code(&late, Code::LeaseNotFound));
             // ...but a new grant of the same id does.
             register(&mut c, 7, 0, 2);
-            assert!(matches!(c.apply(1, 11, put_leased(&other, 7)), Body::Put(_)));
+            assert!(matches!(
+                c.apply(1, 11, put_leased(&other, 7)),
+                Body::Put(_)
+            ));
         });
     }
 
