@@ -338,14 +338,14 @@ impl Shard {
                 futures_lite_yield().await;
             }
             while wake_rx.try_recv().is_ok() {}
-            if let Err(e) = self.drive() {
+            if let Err(e) = self.drive().await {
                 eprintln!("shard {}: fatal: {e}", self.id);
                 std::process::exit(1);
             }
         }
     }
 
-    fn drive(&self) -> Result<(), ShardFailure> {
+    async fn drive(&self) -> Result<(), ShardFailure> {
         let queued: Vec<RaftCommand> = std::mem::take(&mut *self.queue.borrow_mut());
         for cmd in queued {
             let res = self.node.borrow_mut().propose(vec![], cmd.encode_to_vec());
@@ -353,38 +353,66 @@ impl Shard {
                 self.finish_proposal(&cmd, error(Code::NotLeader, format!("propose: {e}")));
             }
         }
+        let engine = self.state.borrow().engine().clone();
         loop {
-            let mut node = self.node.borrow_mut();
-            if !node.has_ready() {
-                break;
-            }
-            let mut rd = node.ready();
-            let committed = rd.take_committed_entries();
-            let mut batch = WriteBatch::default();
-            node.store().append(rd.entries(), &mut batch)?;
-            if let Some(hs) = rd.hs() {
-                node.store().set_hard_state(hs, &mut batch)?;
-            }
-            let engine = self.state.borrow().engine().clone();
-            if !batch.ops.is_empty() {
-                engine
-                    .write(batch, self.durable)
-                    .map_err(StateError::from)?;
-            }
-            let mut light = node.advance(rd);
-            if let Some(commit) = light.commit_index() {
-                let mut b = WriteBatch::default();
-                node.store().set_commit(commit, &mut b)?;
-                engine.write(b, false).map_err(StateError::from)?;
-            }
-            let more = light.take_committed_entries();
-            drop(node);
+            // No RefCell borrow lives across the await below: reads, watch
+            // subscriptions and new proposals keep being served meanwhile.
+            let (rd, committed, batch) = {
+                let mut node = self.node.borrow_mut();
+                if !node.has_ready() {
+                    break;
+                }
+                let mut rd = node.ready();
+                let committed = rd.take_committed_entries();
+                let mut batch = WriteBatch::default();
+                node.store().append(rd.entries(), &mut batch)?;
+                if let Some(hs) = rd.hs() {
+                    node.store().set_hard_state(hs, &mut batch)?;
+                }
+                (rd, committed, batch)
+            };
+            // Entries committed by an earlier Ready are durable already.
             self.apply_entries(committed)?;
+            if !batch.ops.is_empty() {
+                self.persist(&engine, batch).await?;
+            }
+            let more = {
+                let mut node = self.node.borrow_mut();
+                let mut light = node.advance(rd);
+                if let Some(commit) = light.commit_index() {
+                    let mut b = WriteBatch::default();
+                    node.store().set_commit(commit, &mut b)?;
+                    engine.write(b, false).map_err(StateError::from)?;
+                }
+                light.take_committed_entries()
+            };
             self.apply_entries(more)?;
             self.node.borrow_mut().advance_apply();
         }
         self.notify_readers();
         self.notify_watchers();
+        Ok(())
+    }
+
+    /// Makes raft's new entries and hard state durable before anything in
+    /// them is applied or acknowledged. With a durable engine the write and
+    /// its fsync run on glommio's blocking pool, not on this core: one
+    /// fsync covers everything proposed since the last one (group commit),
+    /// and proposals queued during it form the next group.
+    async fn persist(
+        &self,
+        engine: &Rc<dyn Engine>,
+        batch: WriteBatch,
+    ) -> Result<(), ShardFailure> {
+        if !self.durable {
+            engine.write(batch, false).map_err(StateError::from)?;
+            return Ok(());
+        }
+        let job = engine.durable_write_job(batch).map_err(StateError::from)?;
+        glommio::executor()
+            .spawn_blocking(job)
+            .await
+            .map_err(StateError::from)?;
         Ok(())
     }
 
@@ -463,6 +491,9 @@ impl Shard {
             let (body, events) = self.state.borrow_mut().apply(e.index, &cmd)?;
             if !events.is_empty() {
                 self.ring.borrow_mut().push(events);
+                // Watchers are woken before the writer is answered: an event
+                // should not trail the acknowledgement of its own write.
+                self.notify_watchers();
             }
             match &cmd.op {
                 Some(Op::Prepare(p)) if !matches!(body, Body::Error(_)) => {

@@ -18,7 +18,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 use std::ops::Bound;
 
-use super::{BatchOp, Engine, EngineError, EngineKind, WriteBatch};
+use super::{BatchOp, DurableWriteJob, Engine, EngineError, EngineKind, WriteBatch};
 
 /// `[start, end)` as std range bounds.
 type SliceBounds<'a> = (Bound<&'a [u8]>, Bound<&'a [u8]>);
@@ -86,6 +86,12 @@ impl Engine for MemoryEngine {
             }
         }
         Ok(())
+    }
+
+    fn durable_write_job(&self, batch: WriteBatch) -> Result<DurableWriteJob, EngineError> {
+        // Nothing here is durable: apply now, nothing left to do elsewhere.
+        self.write(batch, false)?;
+        Ok(Box::new(|| Ok(())))
     }
 
     fn write(&self, batch: WriteBatch, _sync: bool) -> Result<(), EngineError> {

@@ -47,6 +47,10 @@ use std::str::FromStr;
 ///
 /// A user must only read and write keys that start with its own byte(s);
 /// ranges over a namespace are `[&[PREFIX], &[PREFIX + 1])`.
+/// The thread-independent rest of a durable write (see
+/// [`Engine::durable_write_job`]).
+pub type DurableWriteJob = Box<dyn FnOnce() -> Result<(), EngineError> + Send>;
+
 pub mod keyspace {
     /// Raft log entries: `L` + index (u64 big-endian).
     pub const RAFT_LOG: u8 = b'L';
@@ -213,6 +217,15 @@ pub trait Engine {
     /// Applies the batch atomically; with `sync` it is durable (fsync'd WAL)
     /// before returning.
     fn write(&self, batch: WriteBatch, sync: bool) -> Result<(), EngineError>;
+
+    /// A durable write split in two: this call does the part bound to the
+    /// engine's thread and returns the rest — the write and its fsync — as
+    /// a job that may run on any thread. The shard runs it on glommio's
+    /// blocking pool so its core keeps serving reads and watches, and
+    /// queueing proposals, during the fsync. The batch is visible once the
+    /// job has run. An engine with nothing to make durable applies the
+    /// batch here and returns a job that does nothing.
+    fn durable_write_job(&self, batch: WriteBatch) -> Result<DurableWriteJob, EngineError>;
 
     /// Approximate on-disk (or in-RAM) size of the data, in bytes.
     fn size_bytes(&self) -> u64;
