@@ -615,3 +615,105 @@ both_engines!(
         assert_serving(&mut c, "restart").await;
     }
 );
+
+// ---------------------------------------------------------------------------
+// Many leases expiring together
+// ---------------------------------------------------------------------------
+
+both_engines!(
+    /// 2000 two-second leases, each with a key, expire together. Their home
+    /// shards revoke them in bounded batches (at most 1000 leases per
+    /// revocation transaction): every key is deleted, by several
+    /// revocations, and a writer's puts keep landing between them — the
+    /// storm does not stall writes.
+    async fn an_expiry_storm_is_revoked_in_batches_while_writes_go_on(node: TestNode) {
+        const LEASES: usize = 2000;
+        let c = node.client().await;
+        // Watch the storm's deletes and the writer's puts on one stream.
+        let mut w = c.clone();
+        let start = rev_of(w.get("storm", None).await.unwrap().header()) + 1;
+        let mut events = w
+            .watch(
+                "",
+                Some(
+                    WatchOptions::new()
+                        .with_all_keys()
+                        .with_start_revision(start),
+                ),
+            )
+            .await
+            .unwrap();
+        // Grant and attach, 64 at a time.
+        let mut tasks = tokio::task::JoinSet::new();
+        for batch in 0..(LEASES / 64 + 1) {
+            let mut c = c.clone();
+            tasks.spawn(async move {
+                for i in (batch * 64)..((batch + 1) * 64).min(LEASES) {
+                    let lease = c.lease_grant(2, None).await.unwrap().id();
+                    c.put(
+                        format!("storm/{i:04}"),
+                        "x",
+                        Some(PutOptions::new().with_lease(lease)),
+                    )
+                    .await
+                    .unwrap();
+                }
+            });
+        }
+        while let Some(r) = tasks.join_next().await {
+            r.unwrap();
+        }
+        // A writer that keeps going until the storm is over.
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let writer = {
+            let (mut c, stop) = (c.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut n = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    c.put(format!("writer/{}", n % 16), "w", None)
+                        .await
+                        .unwrap();
+                    n += 1;
+                }
+                n
+            })
+        };
+        let mut deleted = BTreeSet::new();
+        let mut delete_revs: Vec<i64> = Vec::new();
+        let mut writes_between = 0usize;
+        while deleted.len() < LEASES {
+            let resp = events.message().await.unwrap().expect("watch stream open");
+            for e in resp.events() {
+                let kv = e.kv().unwrap();
+                let key = kv.key_str().unwrap();
+                if e.event_type() == EventType::Delete && key.starts_with("storm/") {
+                    assert!(deleted.insert(key.to_string()), "{key} deleted twice");
+                    if delete_revs.last() != Some(&kv.mod_revision()) {
+                        delete_revs.push(kv.mod_revision());
+                    }
+                } else if key.starts_with("writer/") && !delete_revs.is_empty() {
+                    writes_between += 1;
+                }
+            }
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        writer.await.unwrap();
+        assert!(
+            delete_revs.len() >= 2,
+            "2000 leases need at least two revocations of at most 1000: {delete_revs:?}"
+        );
+        assert!(
+            writes_between > 0,
+            "no write landed while the storm was being revoked"
+        );
+        let left = c
+            .clone()
+            .get(
+                "storm/",
+                Some(GetOptions::new().with_prefix().with_count_only()),
+            )
+            .await
+            .unwrap();
+        assert_eq!(left.count(), 0);
+    }
+);

@@ -90,7 +90,13 @@ fn run(merge: &mut Option<Merge>, line: &str) -> String {
         if let Some(b) = arg("budget") {
             cfg.buffer_budget = b as usize;
         }
-        let mut m = Merge::new(b"a".to_vec(), b"b".to_vec(), arg("start").unwrap(), &shards, cfg);
+        let mut m = Merge::new(
+            b"a".to_vec(),
+            b"b".to_vec(),
+            arg("start").unwrap(),
+            &shards,
+            cfg,
+        );
         let out = show_actions(m.actions());
         *merge = Some(m);
         return out;
@@ -132,11 +138,24 @@ fn run(merge: &mut Option<Merge>, line: &str) -> String {
                     .iter()
                     .map(|e| {
                         let kv = e.kv.as_ref().unwrap();
-                        let del = if e.r#type == EventType::Delete as i32 { "-" } else { "" };
-                        format!("{}:{del}{}", event_revision(e), String::from_utf8_lossy(&kv.key))
+                        let del = if e.r#type == EventType::Delete as i32 {
+                            "-"
+                        } else {
+                            ""
+                        };
+                        format!(
+                            "{}:{del}{}",
+                            event_revision(e),
+                            String::from_utf8_lossy(&kv.key)
+                        )
                     })
                     .collect();
-                out.push(format!("release {}..={} [{}]", r.from, r.through, evs.join(" ")));
+                out.push(format!(
+                    "release {}..={} [{}]",
+                    r.from,
+                    r.through,
+                    evs.join(" ")
+                ));
             }
             if out.is_empty() {
                 "nothing to release".into()

@@ -44,6 +44,13 @@ struct Args {
     /// Name of this member (reported by MemberList).
     #[arg(long, default_value = "default")]
     name: String,
+    /// Where a shard's raft fsync runs: `core` (inline on the shard's core:
+    /// the least CPU per write and the best write throughput measured here)
+    /// or `blocking-pool` (glommio's blocking thread: the shard's core keeps
+    /// serving reads and watches during the fsync, at ~10% more CPU per
+    /// write). See bench/results/REPORT.md.
+    #[arg(long, default_value = "core")]
+    fsync: String,
 }
 
 fn main() {
@@ -56,6 +63,11 @@ fn main() {
 
 fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let kind: EngineKind = args.engine.parse()?;
+    let fsync_on_core = match args.fsync.as_str() {
+        "blocking-pool" => false,
+        "core" => true,
+        other => return Err(format!("--fsync must be blocking-pool or core, not {other}").into()),
+    };
     let cores = core_affinity::get_core_ids().unwrap_or_default();
     let core_count = cores.len().max(1);
     std::fs::create_dir_all(&args.data_dir)?;
@@ -109,6 +121,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
                     });
                 let shard = match opened_shard {
                     Ok((shard, max_rev)) => {
+                        shard.set_fsync_on_core(fsync_on_core);
                         let _ = report_tx.send(Ok((id, max_rev)));
                         shard
                     }

@@ -90,6 +90,8 @@ pub struct Shard {
     oracle: Arc<RevisionOracle>,
     topology: Arc<Topology>,
     durable: bool,
+    /// Run the raft fsync inline on this core instead of the blocking pool.
+    fsync_on_core: Cell<bool>,
     node: RefCell<RawNode<RaftLog>>,
     state: RefCell<ShardState>,
     queue: RefCell<Vec<RaftCommand>>,
@@ -206,6 +208,7 @@ impl Shard {
             oracle,
             topology,
             durable,
+            fsync_on_core: Cell::new(true),
             node: RefCell::new(node),
             state: RefCell::new(state),
             queue: RefCell::new(Vec::new()),
@@ -246,6 +249,11 @@ impl Shard {
 
     pub fn id(&self) -> u32 {
         self.id
+    }
+
+    /// Chooses where raft's fsync runs (see `persist`).
+    pub fn set_fsync_on_core(&self, on_core: bool) {
+        self.fsync_on_core.set(on_core);
     }
 
     fn owns_fn(&self) -> impl Fn(&[u8]) -> bool {
@@ -395,17 +403,22 @@ impl Shard {
     }
 
     /// Makes raft's new entries and hard state durable before anything in
-    /// them is applied or acknowledged. With a durable engine the write and
-    /// its fsync run on glommio's blocking pool, not on this core: one
-    /// fsync covers everything proposed since the last one (group commit),
-    /// and proposals queued during it form the next group.
+    /// them is applied or acknowledged. One fsync covers everything
+    /// proposed since the last one (group commit), and proposals queued
+    /// during it form the next group. By default the fsync runs inline on
+    /// this core (`--fsync core`: least CPU per write); with
+    /// `--fsync blocking-pool` the write and its fsync run on glommio's
+    /// blocking pool and this core keeps serving reads and watches
+    /// meanwhile.
     async fn persist(
         &self,
         engine: &Rc<dyn Engine>,
         batch: WriteBatch,
     ) -> Result<(), ShardFailure> {
-        if !self.durable {
-            engine.write(batch, false).map_err(StateError::from)?;
+        if !self.durable || self.fsync_on_core.get() {
+            engine
+                .write(batch, self.durable)
+                .map_err(StateError::from)?;
             return Ok(());
         }
         let job = engine.durable_write_job(batch).map_err(StateError::from)?;
