@@ -23,4 +23,13 @@ command -v etcdctl >/dev/null 2>&1 || { echo "etcdctl not found (package etcd-cl
 cargo build --workspace --all-targets
 
 # Each end-to-end test starts its own server and gateway: limit parallelism.
-cargo test --workspace -- --test-threads=2 "$@"
+log="$(mktemp)"
+trap 'rm -f "$log"' EXIT
+set +e
+cargo test --workspace -- --test-threads=2 "$@" 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+set -e
+# One summary line over every test binary (cargo prints one per binary,
+# the last of which is often an empty doc-test run).
+awk '/^test result:/ { p += $4; f += $6 } END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
+exit "$status"
