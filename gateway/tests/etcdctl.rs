@@ -8,7 +8,8 @@
 #[macro_use]
 mod common;
 
-use std::path::PathBuf;
+use common::etcdctl_path;
+
 use std::process::{Output, Stdio};
 
 use common::TestNode;
@@ -17,21 +18,6 @@ use tokio::io::AsyncWriteExt;
 // ---------------------------------------------------------------------------
 // Running etcdctl
 // ---------------------------------------------------------------------------
-
-fn etcdctl_path() -> PathBuf {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    for dir in std::env::split_paths(&path) {
-        let p = dir.join("etcdctl");
-        if p.is_file() {
-            return p;
-        }
-    }
-    panic!(
-        "etcdctl not found on PATH. These tests drive the real etcdctl: install it with \
-         `apt-get install -y etcd-client` (Debian/Ubuntu), or run ./deploy/test.sh, which \
-         installs it. They never skip."
-    );
-}
 
 #[test]
 fn etcdctl_is_installed() {

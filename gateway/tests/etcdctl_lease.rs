@@ -9,30 +9,18 @@
 #[macro_use]
 mod common;
 
+use common::etcdctl_path;
+
 use std::collections::BTreeSet;
-use std::path::PathBuf;
 use std::process::{Output, Stdio};
 
 use metastore_proto::router::ShardRouter;
 
 const LEASE_NOT_FOUND: &str = "etcdserver: requested lease not found";
 
-fn etcdctl_bin() -> PathBuf {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .map(|dir| dir.join("etcdctl"))
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| {
-            panic!(
-                "etcdctl not found on PATH: install it (`apt-get install -y etcd-client`) \
-                 or run ./deploy/test.sh; these tests never skip"
-            )
-        })
-}
-
 /// Runs `etcdctl --endpoints=<endpoint> <args>` and returns its output.
 async fn run(endpoint: &str, args: &[&str]) -> Output {
-    tokio::process::Command::new(etcdctl_bin())
+    tokio::process::Command::new(etcdctl_path())
         .env("ETCDCTL_API", "3")
         .env_remove("ETCDCTL_ENDPOINTS")
         .arg(format!("--endpoints={endpoint}"))

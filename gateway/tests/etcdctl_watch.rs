@@ -14,8 +14,9 @@
 #[macro_use]
 mod common;
 
+use common::etcdctl_path;
+
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -26,21 +27,6 @@ use tokio::sync::mpsc;
 
 /// How long one expected output line may take.
 const LINE_TIMEOUT: Duration = Duration::from_secs(20);
-
-fn etcdctl_path() -> PathBuf {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    for dir in std::env::split_paths(&path) {
-        let p = dir.join("etcdctl");
-        if p.is_file() {
-            return p;
-        }
-    }
-    panic!(
-        "etcdctl not found on PATH. These tests drive the real etcdctl: install it with \
-         `apt-get install -y etcd-client` (Debian/Ubuntu), or run ./deploy/test.sh, which \
-         installs it. They never skip."
-    );
-}
 
 /// A running `etcdctl watch`, its stdout as a channel of lines.
 struct EtcdctlWatch {

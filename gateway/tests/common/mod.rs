@@ -532,3 +532,19 @@ pub async fn assert_serving(client: &mut etcd_client::Client, tag: &str) {
     assert_eq!(get.kvs()[0].mod_revision(), rev);
     assert!(rev_of(get.header()) >= rev);
 }
+
+/// The real `etcdctl` on PATH. The etcdctl suites never skip: a missing
+/// etcdctl fails them with how to install it.
+pub fn etcdctl_path() -> std::path::PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|dir| dir.join("etcdctl"))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| {
+            panic!(
+                "etcdctl not found on PATH. These tests drive the real etcdctl: install it \
+                 with `apt-get install -y etcd-client` (Debian/Ubuntu), or run \
+                 ./deploy/test.sh, which installs it. They never skip."
+            )
+        })
+}
