@@ -1089,9 +1089,10 @@ impl Report<'_> {
             .collect()
     }
 
-    fn throughput_svg(&self) -> String {
-        let groups = self
-            .specs
+    /// One group of bars per workload, one bar per target that has a
+    /// value: `value` gives the bar's length and its label.
+    fn groups(&self, value: impl Fn(&Cell) -> Option<(f64, String)>) -> Vec<Group> {
+        self.specs
             .iter()
             .map(|spec| Group {
                 label: spec.name.to_string(),
@@ -1100,16 +1101,26 @@ impl Report<'_> {
                     .iter()
                     .enumerate()
                     .filter_map(|(i, t)| {
-                        let m = self.cell(spec.name, &t.name)?.median()?;
+                        let (value, text) = value(self.cell(spec.name, &t.name)?)?;
                         Some(Bar {
                             series: i,
-                            value: m.throughput,
-                            text: format!("{} {}", fmt_num(m.throughput), m.unit),
+                            value,
+                            text,
                         })
                     })
                     .collect(),
             })
-            .collect::<Vec<_>>();
+            .collect()
+    }
+
+    fn throughput_svg(&self) -> String {
+        let groups = self.groups(|c| {
+            let m = c.median()?;
+            Some((
+                m.throughput,
+                format!("{} {}", fmt_num(m.throughput), m.unit),
+            ))
+        });
         grouped_bars(
             "Throughput per workload",
             "representative run; bars scaled per workload (longest = best); memory engine is not durable",
@@ -1177,26 +1188,10 @@ impl Report<'_> {
     }
 
     fn cpu_svg(&self) -> String {
-        let groups = self
-            .specs
-            .iter()
-            .map(|spec| Group {
-                label: spec.name.to_string(),
-                bars: self
-                    .targets
-                    .iter()
-                    .enumerate()
-                    .filter_map(|(i, t)| {
-                        let v = self.cell(spec.name, &t.name)?.median_cpu()?;
-                        Some(Bar {
-                            series: i,
-                            value: v,
-                            text: format!("{v:.1} µs/op"),
-                        })
-                    })
-                    .collect(),
-            })
-            .collect::<Vec<_>>();
+        let groups = self.groups(|c| {
+            let v = c.median_cpu()?;
+            Some((v, format!("{v:.1} µs/op")))
+        });
         grouped_bars(
             "Server CPU per operation",
             "µs of server CPU (user+system) per op or delivered event; shorter is better",
