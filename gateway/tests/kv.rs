@@ -1841,6 +1841,48 @@ both_engines!(
 // ---------------------------------------------------------------------------
 
 both_engines!(
+    /// A crash right after acknowledgements: the shard may still hold the
+    /// applied writes in memory (it writes them with the next raft batch),
+    /// so the restart must re-apply them from the raft log. Every
+    /// acknowledged write is there on RocksDB, with its revision.
+    async fn acknowledged_writes_survive_a_server_crash(mut node: TestNode) {
+        let mut c = node.client().await;
+        let mut last = 0;
+        let mut want = Vec::new();
+        for i in 0..50 {
+            let (k, v) = (format!("crash/{i:02}"), format!("v{i}"));
+            last = put_rev(&mut c, &k, &v).await;
+            want.push((k, v, last));
+        }
+        let t = txn(
+            &mut c,
+            Txn::new().and_then([
+                TxnOp::put("crash/00", "t0", None),
+                TxnOp::put("crash/49", "t49", None),
+            ]),
+        )
+        .await;
+        let txn_rev = rev_of(t.header());
+        want[0] = ("crash/00".into(), "t0".into(), txn_rev);
+        want[49] = ("crash/49".into(), "t49".into(), txn_rev);
+        drop(c);
+
+        node.crash_restart().await;
+        let mut c = node.client().await;
+        let got = get_kvs(&mut c, "crash/", prefix()).await;
+        if node.engine().is_durable() {
+            let got: Vec<(String, String, i64)> =
+                got.into_iter().map(|k| (k.key, k.value, k.modr)).collect();
+            assert_eq!(got, want, "acknowledged writes after a crash");
+            let r = put_rev(&mut c, "crash/after", "x").await;
+            assert!(r > txn_rev.max(last), "revision {r} after the crash");
+        } else {
+            assert!(got.is_empty(), "the memory engine keeps nothing");
+        }
+    }
+);
+
+both_engines!(
     async fn restart_keeps_data_only_on_rocksdb(mut node: TestNode) {
         let mut c = node.client().await;
         let mut m = Model::default();

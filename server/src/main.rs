@@ -131,7 +131,10 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
                     }
                 };
                 opened.wait();
-                shard.start();
+                if let Err(e) = shard.start().await {
+                    let _ = addr_tx.send(Err(format!("shard {id}: start: {e}")));
+                    return;
+                }
                 let listener = match glommio::net::TcpListener::bind(&bind) {
                     Ok(l) => l,
                     Err(e) => {

@@ -49,12 +49,16 @@ use prost::Message;
 use raft::eraftpb::EntryType;
 use raft::{Config, RawNode, Storage};
 
+use crate::engine::buffered::BufferedEngine;
 use crate::engine::{Engine, WriteBatch};
 use crate::oracle::RevisionOracle;
 use crate::raftlog::RaftLog;
 use crate::state::{mvcc_error, ShardState, StateError, TxnId};
 use crate::watch::{Poll, Subscription, WatchRing, RING_BATCHES, RING_BYTES};
 
+/// Held engine writes are flushed at once past this many ops (the memory
+/// engine has no synced writes to carry them).
+const MAX_HELD_OPS: usize = 4096;
 /// How often raft ticks and waiting work is re-checked.
 pub const TICK: Duration = Duration::from_millis(100);
 /// A prepared txn older than this is resolved by the shard itself (the
@@ -81,6 +85,8 @@ pub enum ShardFailure {
     State(#[from] StateError),
     #[error("raft: {0}")]
     Raft(#[from] raft::Error),
+    #[error("raft stopped committing the log at start: applied {applied} of {target}")]
+    CatchUp { applied: u64, target: u64 },
 }
 
 /// One shard; see the module essay.
@@ -90,6 +96,9 @@ pub struct Shard {
     oracle: Arc<RevisionOracle>,
     topology: Arc<Topology>,
     durable: bool,
+    /// The engine every part of this shard uses; the Ready loop holds its
+    /// unsynced writes for one batch (see `drive`).
+    buffer: Rc<BufferedEngine>,
     /// Run the raft fsync inline on this core instead of the blocking pool.
     fsync_on_core: Cell<bool>,
     node: RefCell<RawNode<RaftLog>>,
@@ -159,6 +168,10 @@ impl Shard {
         topology: Arc<Topology>,
     ) -> Result<(Rc<Shard>, i64), ShardFailure> {
         let durable = matches!(engine.kind(), crate::engine::EngineKind::RocksDb);
+        // Everyone shares the buffered engine: what the Ready loop holds
+        // back is visible to every reader (see `engine::buffered`).
+        let buffer = BufferedEngine::new(engine);
+        let engine: Rc<dyn Engine> = buffer.clone();
         let log = RaftLog::open(engine.clone())?;
         log.bootstrap(&[1])?;
         let mut state = ShardState::open(id, router, engine.clone())?;
@@ -208,6 +221,7 @@ impl Shard {
             oracle,
             topology,
             durable,
+            buffer,
             fsync_on_core: Cell::new(true),
             node: RefCell::new(node),
             state: RefCell::new(state),
@@ -228,9 +242,11 @@ impl Shard {
         Ok((shard, max_rev))
     }
 
-    /// Called once the oracle has been set above every shard's revisions:
-    /// gives txns prepared before a restart their floor.
-    pub fn start(&self) {
+    /// Called once the oracle has been set above every shard's revisions,
+    /// before anything is served: applies the whole raft log (see
+    /// `catch_up`), then gives txns prepared before a restart their floor.
+    pub async fn start(&self) -> Result<(), ShardFailure> {
+        self.catch_up().await?;
         // Like etcd after a restart or leader change: every lease gets its
         // full TTL again rather than expiring all at once.
         let started = Instant::now();
@@ -245,6 +261,32 @@ impl Shard {
         for id in ids {
             floors.insert(id, (now, Instant::now()));
         }
+        Ok(())
+    }
+
+    /// Applies every entry of the raft log before the shard serves.
+    ///
+    /// `open` re-applies what the persisted commit index covers, but that
+    /// index and the applied state are written unsynced, and the last
+    /// batch of them may have been held in memory when the process died
+    /// (`engine::buffered`): the log can hold durable, acknowledged entries
+    /// past them. Raft commits them again with the no-op entry of the
+    /// leader's new term (at once, with one voter); they are applied here,
+    /// so no read or watch is ever served from a state that lacks an
+    /// acknowledged write.
+    async fn catch_up(&self) -> Result<(), ShardFailure> {
+        let target = self.node.borrow().raft.raft_log.last_index();
+        while self.state.borrow().applied_index() < target {
+            if !self.node.borrow().has_ready() {
+                return Err(ShardFailure::CatchUp {
+                    applied: self.state.borrow().applied_index(),
+                    target,
+                });
+            }
+            self.drive().await?;
+        }
+        self.buffer.flush().map_err(StateError::from)?;
+        Ok(())
     }
 
     pub fn id(&self) -> u32 {
@@ -335,6 +377,11 @@ impl Shard {
         loop {
             let now = Instant::now();
             if now >= next_tick {
+                // Writes held since the last synced write (see `drive`).
+                if let Err(e) = self.buffer.flush() {
+                    eprintln!("shard {}: fatal: {e}", self.id);
+                    std::process::exit(1);
+                }
                 self.node.borrow_mut().tick();
                 next_tick = now + TICK;
                 self.on_tick();
@@ -362,6 +409,12 @@ impl Shard {
             }
         }
         let engine = self.state.borrow().engine().clone();
+        // Applying entries and raft's commit index make unsynced writes:
+        // they are held and go to the engine with the next synced write
+        // (the next batch's raft log append: one engine write per batch),
+        // or at the next tick if no write comes first. Readers see them
+        // at once; the raft log has every entry they came from.
+        self.buffer.hold();
         loop {
             // No RefCell borrow lives across the await below: reads, watch
             // subscriptions and new proposals keep being served meanwhile.
@@ -396,6 +449,9 @@ impl Shard {
             };
             self.apply_entries(more)?;
             self.node.borrow_mut().advance_apply();
+        }
+        if self.buffer.held_len() >= MAX_HELD_OPS {
+            self.buffer.flush().map_err(StateError::from)?;
         }
         self.notify_readers();
         self.notify_watchers();

@@ -248,6 +248,21 @@ impl TestNode {
         self.spawn_all().await;
     }
 
+    /// Kills the server with SIGKILL (a crash: nothing gets flushed or
+    /// closed), then the gateway, and starts both again over the same data
+    /// directory. Ports change: make new clients.
+    pub async fn crash_restart(&mut self) {
+        for child in [self.server.take(), self.gateway.take()]
+            .into_iter()
+            .flatten()
+        {
+            let mut child = child;
+            child.kill().expect("SIGKILL");
+            child.wait().expect("wait for the killed process");
+        }
+        self.spawn_all().await;
+    }
+
     /// Stops both processes with SIGTERM and asserts a clean exit.
     pub async fn stop(&mut self) {
         if let Some(gw) = self.gateway.take() {

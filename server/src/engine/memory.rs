@@ -16,12 +16,8 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
-use std::ops::Bound;
 
-use super::{BatchOp, DurableWriteJob, Engine, EngineError, EngineKind, WriteBatch};
-
-/// `[start, end)` as std range bounds.
-type SliceBounds<'a> = (Bound<&'a [u8]>, Bound<&'a [u8]>);
+use super::{map_bounds, BatchOp, DurableWriteJob, Engine, EngineError, EngineKind, WriteBatch};
 
 #[derive(Debug, Default)]
 pub struct MemoryEngine {
@@ -32,18 +28,6 @@ pub struct MemoryEngine {
 impl MemoryEngine {
     pub fn new() -> MemoryEngine {
         MemoryEngine::default()
-    }
-
-    /// The std range bounds for `[start, end)`, or None if the range is
-    /// empty (BTreeMap::range panics on inverted bounds).
-    fn bounds<'a>(start: &'a [u8], end: &'a [u8]) -> Option<SliceBounds<'a>> {
-        if end.is_empty() {
-            Some((Bound::Included(start), Bound::Unbounded))
-        } else if start < end {
-            Some((Bound::Included(start), Bound::Excluded(end)))
-        } else {
-            None
-        }
     }
 }
 
@@ -58,7 +42,7 @@ impl Engine for MemoryEngine {
         end: &[u8],
         f: &mut dyn FnMut(&[u8], &[u8]) -> bool,
     ) -> Result<(), EngineError> {
-        let Some(bounds) = Self::bounds(start, end) else {
+        let Some(bounds) = map_bounds(start, end) else {
             return Ok(());
         };
         let map = self.map.borrow();
@@ -76,7 +60,7 @@ impl Engine for MemoryEngine {
         end: &[u8],
         f: &mut dyn FnMut(&[u8], &[u8]) -> bool,
     ) -> Result<(), EngineError> {
-        let Some(bounds) = Self::bounds(start, end) else {
+        let Some(bounds) = map_bounds(start, end) else {
             return Ok(());
         };
         let map = self.map.borrow();
@@ -111,7 +95,7 @@ impl Engine for MemoryEngine {
                     }
                 }
                 BatchOp::DeleteRange(start, end) => {
-                    if Self::bounds(&start, &end).is_none() {
+                    if map_bounds(&start, &end).is_none() {
                         continue;
                     }
                     // Detach the tail at `start`, drop its head up to `end`,

@@ -35,10 +35,12 @@
 //! engines (MVCC, watch events, raft apply) lives above this trait, so no
 //! engine can get it wrong on its own.
 
+pub mod buffered;
 pub mod memory;
 pub mod rocksdb;
 
 use std::fmt;
+use std::ops::Bound;
 use std::path::Path;
 use std::rc::Rc;
 use std::str::FromStr;
@@ -231,6 +233,22 @@ pub trait Engine {
     fn size_bytes(&self) -> u64;
 
     fn kind(&self) -> EngineKind;
+}
+
+/// `[start, end)` as std range bounds.
+pub(crate) type SliceBounds<'a> = (Bound<&'a [u8]>, Bound<&'a [u8]>);
+
+/// The std range bounds of `[start, end)` for an in-memory `BTreeMap`, or
+/// None if the range is empty (`BTreeMap::range` panics on inverted
+/// bounds).
+pub(crate) fn map_bounds<'a>(start: &'a [u8], end: &'a [u8]) -> Option<SliceBounds<'a>> {
+    if end.is_empty() {
+        Some((Bound::Included(start), Bound::Unbounded))
+    } else if start < end {
+        Some((Bound::Included(start), Bound::Excluded(end)))
+    } else {
+        None
+    }
 }
 
 /// Opens an engine of `kind`. RocksDB keeps its files in `dir` (created if
