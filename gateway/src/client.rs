@@ -433,6 +433,10 @@ async fn write_loop(
 ) {
     let mut batch = BytesMut::new();
     while let Some(first) = rx.recv().await {
+        // Let the other tasks that are ready run first: under load they
+        // queue more frames, and one socket write carries them all. Alone,
+        // the request goes out after a single scheduler pass.
+        tokio::task::yield_now().await;
         batch.clear();
         batch.extend_from_slice(&first);
         while batch.len() < MAX_BATCH_BYTES {
