@@ -43,9 +43,6 @@ use super::{map_bounds, BatchOp, DurableWriteJob, Engine, EngineError, EngineKin
 /// A held write: the new value, or `None` for a deletion.
 type Overlay = BTreeMap<Vec<u8>, Option<Vec<u8>>>;
 
-/// An engine scan with its bounds already chosen, fed a callback.
-type BoundScan<'a> = &'a dyn Fn(&mut dyn FnMut(&[u8], &[u8]) -> bool) -> Result<(), EngineError>;
-
 /// The overlay's pairs in scan order.
 type HeldPairs<'a> = Box<dyn Iterator<Item = (&'a Vec<u8>, &'a Option<Vec<u8>>)> + 'a>;
 
@@ -103,19 +100,27 @@ impl BufferedEngine {
         std::mem::take(&mut *self.held.borrow_mut())
     }
 
-    /// Merges the inner engine's pairs (`inner_scan`) with the overlay's
-    /// in `[start, end)`. `order` is the direction of the scan: `Less` for
-    /// ascending (a key that sorts before comes first), `Greater` for
-    /// descending.
+    /// Merges the inner engine's pairs with the overlay's in `[start,
+    /// end)`. `order` is the direction of the scan: `Less` for ascending (a
+    /// key that sorts before comes first), `Greater` for descending.
     fn merged_scan(
         &self,
         start: &[u8],
         end: &[u8],
         f: &mut dyn FnMut(&[u8], &[u8]) -> bool,
         order: Ordering,
-        inner_scan: BoundScan<'_>,
     ) -> Result<(), EngineError> {
         let overlay = self.overlay.borrow();
+        let inner_scan = |g: &mut dyn FnMut(&[u8], &[u8]) -> bool| {
+            if order == Ordering::Less {
+                self.inner.scan(start, end, g)
+            } else {
+                self.inner.scan_rev(start, end, g)
+            }
+        };
+        if overlay.is_empty() {
+            return inner_scan(f);
+        }
         let Some(bounds) = map_bounds(start, end) else {
             return Ok(());
         };
@@ -185,12 +190,7 @@ impl Engine for BufferedEngine {
         end: &[u8],
         f: &mut dyn FnMut(&[u8], &[u8]) -> bool,
     ) -> Result<(), EngineError> {
-        if self.overlay.borrow().is_empty() {
-            return self.inner.scan(start, end, f);
-        }
-        self.merged_scan(start, end, f, Ordering::Less, &|g| {
-            self.inner.scan(start, end, g)
-        })
+        self.merged_scan(start, end, f, Ordering::Less)
     }
 
     fn scan_rev(
@@ -199,12 +199,7 @@ impl Engine for BufferedEngine {
         end: &[u8],
         f: &mut dyn FnMut(&[u8], &[u8]) -> bool,
     ) -> Result<(), EngineError> {
-        if self.overlay.borrow().is_empty() {
-            return self.inner.scan_rev(start, end, f);
-        }
-        self.merged_scan(start, end, f, Ordering::Greater, &|g| {
-            self.inner.scan_rev(start, end, g)
-        })
+        self.merged_scan(start, end, f, Ordering::Greater)
     }
 
     fn write(&self, batch: WriteBatch, sync: bool) -> Result<(), EngineError> {
