@@ -17,6 +17,7 @@
 //! the process exits non-zero when a run had errors or violations.
 
 mod compare;
+mod flame;
 mod json;
 mod k8s;
 mod kv;
@@ -199,6 +200,9 @@ pub enum Cmd {
     /// Run the ANCHORS workload table against etcd and MetaStore (both
     /// engines), alternately and repeatedly, and write a report.
     Compare(compare::CompareArgs),
+    /// Render a CPU flamegraph (SVG + folded stacks) from `perf script`
+    /// output (see `bench/flamegraph`).
+    Flamegraph(flame::FlameArgs),
 }
 
 /// Generates keys: `prefix` + zero-padded hex index, `size` bytes in all
@@ -317,12 +321,17 @@ pub async fn run_workload(common: &Common, cmd: &Cmd) -> Result<RunResult, Strin
         Cmd::WatchLatency(a) => watch::watch(common, a, true).await,
         Cmd::LeaseKeepalive(a) => lease::keepalive(common, a).await,
         Cmd::MixedK8s(a) => k8s::mixed(common, a).await,
-        Cmd::Engines(_) | Cmd::Compare(_) => Err("not a single workload".into()),
+        Cmd::Engines(_) | Cmd::Compare(_) | Cmd::Flamegraph(_) => {
+            Err("not a single workload".into())
+        }
     }
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Cmd::Flamegraph(a) = &cli.cmd {
+        return flame::main(a);
+    }
     let mut rt = tokio::runtime::Builder::new_multi_thread();
     if cli.common.threads > 0 {
         rt.worker_threads(cli.common.threads);
