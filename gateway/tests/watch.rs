@@ -953,6 +953,54 @@ both_engines!(
 );
 
 both_engines!(
+    /// Revisions queued for a watch while its client does not read go out
+    /// several to a response once it reads (as etcd sends a watcher that
+    /// catches up): whole revisions, in order, exactly once, the header at
+    /// the last of them. The budget is large, so this is the live feed's
+    /// queue, not the over-budget catch-up.
+    async fn queued_revisions_share_responses(node: TestNode) {
+        let gw = ExtraGateway::start(&node, &["--watch-max-pending-bytes", "67108864"]).await;
+        let mut reader = gw.client().await;
+        let (mut ws, id) = watch(&mut reader, "queued/", prefix()).await;
+        let mut c = gw.client().await;
+        // ~8 MB: more than the stream's gRPC buffers and HTTP/2 window
+        // hold, so most of it waits in the gateway for the reader.
+        let value = "q".repeat(20 << 10);
+        let mut expected = Vec::new();
+        for i in 0..400 {
+            let key = format!("queued/{i:03}");
+            expected.push((put(&mut c, &key, &value).await, key));
+        }
+        let mut got = Vec::new();
+        let mut most = 0;
+        let mut responses = 0;
+        while got.len() < expected.len() {
+            let r = next(&mut ws).await;
+            responses += 1;
+            assert_eq!(r.watch_id(), id, "unexpected {r:?}");
+            assert!(!r.canceled() && !r.created(), "{r:?}");
+            check_response(&r);
+            let revs: Vec<i64> = r.events().iter().map(|e| ev(e).rev).collect();
+            assert_eq!(rev_of(r.header()), *revs.last().unwrap(), "header");
+            most = most.max(revs.len());
+            got.extend(r.events().iter().map(|e| {
+                let e = ev(e);
+                assert_eq!(e.value.len(), value.len());
+                (e.rev, e.key)
+            }));
+        }
+        assert_eq!(got, expected);
+        // One response per revision would be 400.
+        assert!(
+            most > 1 && responses <= expected.len() * 3 / 4,
+            "queued revisions share responses: {responses} responses, at most {most} revisions in one"
+        );
+        no_more_events(&mut ws, expected.last().unwrap().0).await;
+        assert!(!gw.log().contains("catching up on its own feed"));
+    }
+);
+
+both_engines!(
     /// --watch-max-watchers-per-stream: creates beyond it are refused
     /// (created + canceled, a reason); the stream keeps working.
     async fn max_watchers_per_stream(node: TestNode) {

@@ -22,6 +22,27 @@
 //! still accepted into an empty slot, or a huge transaction could never be
 //! delivered.)
 //!
+//! # Coalescing
+//!
+//! A batch pushed for a slot whose last queued item is still an
+//! [`Item::Events`] with nothing queued for that slot behind it joins that
+//! item instead of queueing a new one (up to [`MAX_COALESCED_BYTES`] per
+//! item). So a stream that fell behind pops one item per watcher holding
+//! every revision released meanwhile, and sends them in one response, as
+//! etcd does for a watcher that catches up. What a slot sees is unchanged:
+//! its batches in order, and every marker (progress, overflow, end) after
+//! exactly the batches pushed before it — a marker closes the slot's item,
+//! and so does a [`Inbox::push_response`] for every slot (nothing crosses
+//! a stream response). Only the interleaving of *different* slots' items
+//! changes, which no watcher can observe. Budgets count the same bytes;
+//! they are released when the item is popped.
+//!
+//! Feeds push a release to all their watchers quietly and wake each
+//! stream once at the end ([`Inbox::push_events_quiet`], [`Inbox::wake`]),
+//! so a stream handles the whole release in one go instead of racing the
+//! pushes item by item. An item that took a batch was queued before, so
+//! its stream is already due to pop it: no wake-up is needed for it.
+//!
 //! # FanOut (one per feed)
 //!
 //! The feed's subscribers, each with its start revision (it takes only
@@ -82,47 +103,114 @@ impl Batch {
 pub enum Item {
     /// A response ready to go (created, canceled, errors).
     Response(WatchResponse),
-    Events {
-        slot: u64,
-        batch: Arc<Batch>,
-    },
+    /// Released batches for `slot`, ascending (see "Coalescing" in the
+    /// module docs).
+    Events { slot: u64, batches: Batches },
     /// The slot's feed has released everything up to `through`.
-    Progress {
-        slot: u64,
-        through: i64,
-    },
+    Progress { slot: u64, through: i64 },
     /// The slot was dropped from its feed; resume at `resume_from`.
-    Overflow {
-        slot: u64,
-        resume_from: i64,
-    },
+    Overflow { slot: u64, resume_from: i64 },
     /// The slot's feed ended for good.
-    Ended {
-        slot: u64,
-        end: MergeEnd,
-    },
+    Ended { slot: u64, end: MergeEnd },
 }
 
 /// Outcome of pushing a batch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Push {
-    Accepted,
+    /// Queued as a new item: the stream needs a wake-up.
+    Queued,
+    /// Appended to the slot's queued events item (its wake-up is pending).
+    Coalesced,
     /// Refused: over budget (an overflow marker was queued).
     Overflow,
     /// The slot no longer exists (cancelled, or the stream ended).
     Gone,
 }
 
+impl Push {
+    /// The batch was taken (queued or coalesced).
+    pub fn accepted(self) -> bool {
+        matches!(self, Push::Queued | Push::Coalesced)
+    }
+}
+
+/// The batches of one [`Item::Events`], ascending: never empty, the first
+/// held inline (most items hold one).
+#[derive(Debug)]
+pub struct Batches {
+    first: Arc<Batch>,
+    more: Vec<Arc<Batch>>,
+    bytes: usize,
+}
+
+impl Batches {
+    pub fn new(first: Arc<Batch>) -> Batches {
+        Batches {
+            bytes: first.bytes,
+            first,
+            more: Vec::new(),
+        }
+    }
+
+    fn push(&mut self, b: Arc<Batch>) {
+        self.bytes += b.bytes;
+        self.more.push(b);
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Batch>> {
+        std::iter::once(&self.first).chain(self.more.iter())
+    }
+
+    pub fn last(&self) -> &Arc<Batch> {
+        self.more.last().unwrap_or(&self.first)
+    }
+
+    /// Number of batches.
+    #[allow(clippy::len_without_is_empty)]
+    pub fn len(&self) -> usize {
+        1 + self.more.len()
+    }
+
+    /// Encoded size of all their events (`Batch::bytes` summed).
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+}
+
+/// A queued events item may take further batches while it holds less
+/// than this (bounds what one pop hands the stream at once).
+pub const MAX_COALESCED_BYTES: usize = 1 << 20;
+
 #[derive(Debug, Default)]
 struct Slot {
     bytes: usize,
+    /// The slot's events item still queued with nothing queued for the
+    /// slot behind it: (sequence number, bytes it holds).
+    open: Option<(u64, usize)>,
 }
 
 #[derive(Debug, Default)]
 struct InboxState {
     items: VecDeque<Item>,
+    /// Sequence number of `items[0]` (one per item ever queued).
+    head: u64,
     slots: HashMap<u64, Slot>,
     closed: bool,
+}
+
+impl InboxState {
+    fn push(&mut self, item: Item) -> u64 {
+        let seq = self.head + self.items.len() as u64;
+        self.items.push_back(item);
+        seq
+    }
+
+    /// Nothing queued may take further batches (its successors changed).
+    fn close_tickets(&mut self) {
+        for s in self.slots.values_mut() {
+            s.open = None;
+        }
+    }
 }
 
 /// A stream's FIFO of things to send (see the module docs).
@@ -150,7 +238,12 @@ impl Inbox {
     pub fn close_slot(&self, slot: u64) {
         let mut st = self.state.lock().unwrap();
         st.slots.remove(&slot);
+        let before = st.items.len();
         st.items.retain(|it| item_slot(it) != Some(slot));
+        if st.items.len() != before {
+            // Sequence numbers of the items behind moved.
+            st.close_tickets();
+        }
     }
 
     /// The stream is gone: refuse everything from now on.
@@ -167,13 +260,15 @@ impl Inbox {
         if st.closed {
             return;
         }
-        st.items.push_back(Item::Response(resp));
+        st.push(Item::Response(resp));
+        // Nothing queued before the response may grow past it.
+        st.close_tickets();
         drop(st);
         self.notify.notify_one();
     }
 
     /// Queues a batch for `slot` within `budget` bytes; on overflow queues
-    /// `Overflow{resume_from}` instead.
+    /// `Overflow{resume_from}` instead. Wakes the stream if needed.
     pub fn push_events(
         &self,
         slot: u64,
@@ -181,36 +276,83 @@ impl Inbox {
         budget: usize,
         resume_from: i64,
     ) -> Push {
+        let outcome = self.push_events_quiet(slot, batch, budget, resume_from);
+        if matches!(outcome, Push::Queued | Push::Overflow) {
+            self.notify.notify_one();
+        }
+        outcome
+    }
+
+    /// [`Inbox::push_events`] without the wake-up: the caller calls
+    /// [`Inbox::wake`] afterwards if the outcome is `Queued` or `Overflow`
+    /// (one wake-up for several pushes).
+    pub fn push_events_quiet(
+        &self,
+        slot: u64,
+        batch: &Arc<Batch>,
+        budget: usize,
+        resume_from: i64,
+    ) -> Push {
         let mut st = self.state.lock().unwrap();
-        let Some(s) = st.slots.get_mut(&slot) else {
+        let InboxState {
+            items, head, slots, ..
+        } = &mut *st;
+        let Some(s) = slots.get_mut(&slot) else {
             return Push::Gone;
         };
-        let outcome = if s.bytes > 0 && s.bytes + batch.bytes > budget {
-            st.items.push_back(Item::Overflow { slot, resume_from });
-            Push::Overflow
-        } else {
-            s.bytes += batch.bytes;
-            st.items.push_back(Item::Events {
-                slot,
-                batch: batch.clone(),
-            });
-            Push::Accepted
-        };
-        drop(st);
+        let next_seq = *head + items.len() as u64;
+        if s.bytes > 0 && s.bytes + batch.bytes > budget {
+            s.open = None;
+            items.push_back(Item::Overflow { slot, resume_from });
+            return Push::Overflow;
+        }
+        s.bytes += batch.bytes;
+        if let Some((seq, held)) = s.open {
+            if seq >= *head && held + batch.bytes <= MAX_COALESCED_BYTES {
+                if let Some(Item::Events { slot: at, batches }) =
+                    items.get_mut((seq - *head) as usize)
+                {
+                    if *at == slot {
+                        batches.push(batch.clone());
+                        s.open = Some((seq, batches.bytes()));
+                        return Push::Coalesced;
+                    }
+                }
+            }
+        }
+        items.push_back(Item::Events {
+            slot,
+            batches: Batches::new(batch.clone()),
+        });
+        s.open = Some((next_seq, batch.bytes));
+        Push::Queued
+    }
+
+    /// Wakes the stream (after quiet pushes).
+    pub fn wake(&self) {
         self.notify.notify_one();
-        outcome
     }
 
     /// Queues a marker for a slot (progress, end); `false` if it is gone.
     pub fn push_marker(&self, item: Item) -> bool {
-        let slot = item_slot(&item).expect("markers name a slot");
-        let mut st = self.state.lock().unwrap();
-        if !st.slots.contains_key(&slot) {
+        if !self.push_marker_quiet(item) {
             return false;
         }
-        st.items.push_back(item);
-        drop(st);
         self.notify.notify_one();
+        true
+    }
+
+    /// [`Inbox::push_marker`] without the wake-up (see
+    /// [`Inbox::push_events_quiet`]).
+    pub fn push_marker_quiet(&self, item: Item) -> bool {
+        let slot = item_slot(&item).expect("markers name a slot");
+        let mut st = self.state.lock().unwrap();
+        let Some(s) = st.slots.get_mut(&slot) else {
+            return false;
+        };
+        // Later events go behind the marker.
+        s.open = None;
+        st.push(item);
         true
     }
 
@@ -218,9 +360,14 @@ impl Inbox {
     pub fn pop(&self) -> Option<Item> {
         let mut st = self.state.lock().unwrap();
         let item = st.items.pop_front()?;
-        if let Item::Events { slot, batch } = &item {
+        let seq = st.head;
+        st.head += 1;
+        if let Item::Events { slot, batches } = &item {
             if let Some(s) = st.slots.get_mut(slot) {
-                s.bytes = s.bytes.saturating_sub(batch.bytes);
+                s.bytes = s.bytes.saturating_sub(batches.bytes());
+                if s.open.is_some_and(|(open, _)| open == seq) {
+                    s.open = None;
+                }
             }
         }
         Some(item)
@@ -349,7 +496,7 @@ impl FanOut {
             }
             let resume = sub.start.max(b.from);
             match sub.inbox.push_events(sub.slot, b, sub.budget, resume) {
-                Push::Accepted => {}
+                Push::Queued | Push::Coalesced => {}
                 // Handled by the stream (overflow marker queued) or gone.
                 Push::Overflow | Push::Gone => return Ok(()),
             }
@@ -400,27 +547,48 @@ impl FanOut {
     }
 
     /// Delivers one release to every subscriber (see the invariant).
+    ///
+    /// Pushes are quiet; each stream is woken once, after the whole
+    /// release is queued, so it handles the release in one go instead of
+    /// racing the pushes item by item.
     pub fn deliver(&mut self, batch: Batch) {
         let batch = Arc::new(batch);
         self.released = batch.through;
         let released = self.released;
+        let mut wake: Vec<Arc<Inbox>> = Vec::new();
+        let mut note = |inbox: &Arc<Inbox>| {
+            if !wake.last().is_some_and(|w| Arc::ptr_eq(w, inbox)) {
+                wake.push(inbox.clone());
+            }
+        };
         self.subs.retain_mut(|s| {
             if batch.has_events_from(s.start) {
                 let resume = s.start.max(batch.from);
-                match s.inbox.push_events(s.slot, &batch, s.budget, resume) {
-                    Push::Accepted => {}
-                    Push::Overflow | Push::Gone => return false,
+                match s.inbox.push_events_quiet(s.slot, &batch, s.budget, resume) {
+                    Push::Queued => note(&s.inbox),
+                    Push::Coalesced => {}
+                    Push::Overflow => {
+                        note(&s.inbox);
+                        return false;
+                    }
+                    Push::Gone => return false,
                 }
             }
             if s.progress_target > 0 && released >= s.progress_target {
                 s.progress_target = 0;
-                return s.inbox.push_marker(Item::Progress {
+                if !s.inbox.push_marker_quiet(Item::Progress {
                     slot: s.slot,
                     through: released,
-                });
+                }) {
+                    return false;
+                }
+                note(&s.inbox);
             }
             true
         });
+        for inbox in wake {
+            inbox.wake();
+        }
         if !batch.events.is_empty() {
             self.tail_bytes += batch.bytes;
             self.tail.push_back(batch);
@@ -506,10 +674,13 @@ mod tests {
         while let Some(it) = inbox.pop() {
             out.push(match it {
                 Item::Response(_) => (u64::MAX, "response", vec![]),
-                Item::Events { slot, batch } => (
+                Item::Events { slot, batches } => (
                     slot,
                     "events",
-                    batch.events.iter().map(event_revision).collect(),
+                    batches
+                        .iter()
+                        .flat_map(|b| b.events.iter().map(event_revision))
+                        .collect(),
                 ),
                 Item::Progress { slot, through } => (slot, "progress", vec![through]),
                 Item::Overflow { slot, resume_from } => (slot, "overflow", vec![resume_from]),
@@ -531,8 +702,8 @@ mod tests {
         assert_eq!(
             drain(&inbox),
             vec![
-                (1, "events", vec![10, 11]),
-                (1, "events", vec![12, 15]),
+                // Queued behind each other for one slot: one item.
+                (1, "events", vec![10, 11, 12, 15]),
                 (2, "events", vec![12, 15]),
             ]
         );
@@ -568,10 +739,8 @@ mod tests {
         assert_eq!(
             drain(&inbox),
             vec![
-                (2, "events", vec![5]),
-                (2, "events", vec![7, 8]),
+                (2, "events", vec![5, 7, 8, 9]),
                 (1, "events", vec![9]),
-                (2, "events", vec![9]),
                 (6, "events", vec![9]),
                 (4, "events", vec![9]),
             ]
@@ -625,8 +794,7 @@ mod tests {
         assert_eq!(
             drain(&inbox),
             vec![
-                (1, "events", vec![2]),
-                (1, "events", vec![6]),
+                (1, "events", vec![2, 6]),
                 (1, "progress", vec![6]),
                 (1, "progress", vec![6]),
             ]
@@ -663,5 +831,117 @@ mod tests {
             drain(&inbox),
             vec![(1, "ended", vec![]), (2, "overflow", vec![30])]
         );
+    }
+
+    #[test]
+    fn queued_batches_of_a_slot_coalesce_up_to_its_next_marker() {
+        let inbox = Inbox::new();
+        inbox.open_slot(1);
+        inbox.open_slot(2);
+        let b = |from, through, revs: &[i64], size| Arc::new(batch(from, through, revs, size));
+        let big = 1 << 30;
+        assert_eq!(
+            inbox.push_events(1, &b(1, 1, &[1], 10), big, 1),
+            Push::Queued
+        );
+        assert_eq!(
+            inbox.push_events(2, &b(1, 1, &[1], 10), big, 1),
+            Push::Queued
+        );
+        assert_eq!(
+            inbox.push_events(1, &b(2, 2, &[2], 10), big, 2),
+            Push::Coalesced
+        );
+        // A marker closes slot 1's item; later events queue behind it.
+        assert!(inbox.push_marker(Item::Progress {
+            slot: 1,
+            through: 2
+        }));
+        assert_eq!(
+            inbox.push_events(1, &b(3, 3, &[3], 10), big, 3),
+            Push::Queued
+        );
+        assert_eq!(
+            inbox.push_events(2, &b(2, 3, &[2, 3], 10), big, 2),
+            Push::Coalesced
+        );
+        // So does a stream response, for every slot.
+        inbox.push_response(WatchResponse::default());
+        assert_eq!(
+            inbox.push_events(1, &b(4, 4, &[4], 10), big, 4),
+            Push::Queued
+        );
+        assert_eq!(
+            inbox.push_events(2, &b(4, 4, &[4], 10), big, 4),
+            Push::Queued
+        );
+        // Popped items release all their bytes; an item being popped
+        // takes nothing more.
+        let first = inbox.pop().unwrap();
+        assert!(matches!(&first, Item::Events { slot: 1, batches } if batches.len() == 2));
+        assert_eq!(
+            inbox.push_events(1, &b(5, 5, &[5], 10), big, 5),
+            Push::Coalesced
+        );
+        assert_eq!(
+            drain(&inbox),
+            vec![
+                (2, "events", vec![1, 2, 3]),
+                (1, "progress", vec![2]),
+                (1, "events", vec![3]),
+                (u64::MAX, "response", vec![]),
+                (1, "events", vec![4, 5]),
+                (2, "events", vec![4]),
+            ]
+        );
+        assert_eq!((inbox.pending_bytes(1), inbox.pending_bytes(2)), (0, 0));
+
+        // Closing a slot renumbers the queue: nothing coalesces across it.
+        inbox.open_slot(3);
+        assert_eq!(
+            inbox.push_events(3, &b(6, 6, &[6], 10), big, 6),
+            Push::Queued
+        );
+        assert_eq!(
+            inbox.push_events(1, &b(6, 6, &[6], 10), big, 6),
+            Push::Queued
+        );
+        inbox.close_slot(3);
+        assert_eq!(
+            inbox.push_events(1, &b(7, 7, &[7], 10), big, 7),
+            Push::Queued
+        );
+        assert_eq!(
+            drain(&inbox),
+            vec![(1, "events", vec![6]), (1, "events", vec![7])]
+        );
+
+        // An item stops growing at MAX_COALESCED_BYTES.
+        let half = b(8, 8, &[8], MAX_COALESCED_BYTES / 2);
+        assert_eq!(inbox.push_events(1, &half, big, 8), Push::Queued);
+        let half = b(9, 9, &[9], MAX_COALESCED_BYTES / 2);
+        assert_eq!(inbox.push_events(1, &half, big, 9), Push::Queued);
+        assert_eq!(
+            drain(&inbox),
+            vec![(1, "events", vec![8]), (1, "events", vec![9])]
+        );
+    }
+
+    #[test]
+    fn a_release_wakes_each_stream_once_after_queueing_it() {
+        // The stream sees the whole release when it wakes.
+        let inbox = Inbox::new();
+        let mut f = FanOut::new(1, 0);
+        for slot in 1..=3 {
+            f.join(sub(&inbox, slot, 1, 1 << 20)).unwrap();
+        }
+        f.deliver(batch(1, 1, &[1], 10));
+        let woken = inbox.notified();
+        futures::pin_mut!(woken);
+        use std::future::Future;
+        let waker = futures::task::noop_waker();
+        let mut cx = std::task::Context::from_waker(&waker);
+        assert!(woken.as_mut().poll(&mut cx).is_ready());
+        assert_eq!(drain(&inbox).len(), 3);
     }
 }

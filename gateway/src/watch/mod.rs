@@ -5,7 +5,8 @@
 //! *resolved watermark* (every event at or below it has been sent). The
 //! gateway turns those per-shard streams into etcd's watch: every matching
 //! event exactly once, in revision order, all events of one revision in
-//! one response, across shard boundaries.
+//! one response (several revisions share one when a watch fell behind),
+//! across shard boundaries.
 //!
 //! ```text
 //!  shard 0 ─frames─┐                        ┌─▶ inbox(stream A) ─▶ session A ─▶ gRPC
@@ -16,8 +17,9 @@
 //! - [`merge`]: the watermark merge, an I/O-free state machine: releases
 //!   whole revisions up to the minimum watermark, asks lagging shards for
 //!   progress, resubscribes lost streams from what it fully received.
-//! - [`fanout`]: per-stream FIFO inboxes with per-watcher byte budgets, a
-//!   feed's subscribers and its tail of recent batches for late joiners.
+//! - [`fanout`]: per-stream FIFO inboxes with per-watcher byte budgets
+//!   (a watcher's queued releases coalesce into one item), a feed's
+//!   subscribers and its tail of recent batches for late joiners.
 //! - [`feed`]: a merge + fan-out driven by one task, shared by all watchers
 //!   of a key range that can use it (the registry).
 //! - [`session`]: one gRPC Watch stream with etcd v3.5's semantics.

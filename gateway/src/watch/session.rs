@@ -32,19 +32,26 @@
 //! # Delivery
 //!
 //! Everything to send passes through the stream's [`Inbox`] (FIFO, see
-//! `fanout`). A popped batch becomes this watch's responses: events below
-//! the watch's `next_rev` are skipped (exactly once across feed switches),
-//! filters (NOPUT, NODELETE) applied, `prev_kv` stripped unless asked. One
-//! response holds whole revisions only; a batch bigger than the response
-//! limit is split at revision boundaries, and a watch created with
+//! `fanout`). A popped events item — one or more releases queued for the
+//! watch, ascending (see "Coalescing" in `fanout`) — becomes this watch's
+//! responses: events below the watch's `next_rev` are skipped (exactly
+//! once across feed switches; `next_rev` moves past each release in turn),
+//! filters (NOPUT, NODELETE) applied, `prev_kv` stripped unless asked. All
+//! of it goes in one response when it fits the response limit (so a watch
+//! that fell behind gets several revisions per response, as from etcd);
+//! otherwise it is split at revision boundaries, and a watch created with
 //! `fragment` gets etcd's fragments instead (`fragment: true` on all but
-//! the last). Header revision of an event response: the release it came
-//! from (every event up to it has been delivered).
+//! the last). A response thus always holds whole revisions, in order.
+//! Header revision of an event response: the last release it came from
+//! (every event up to it has been delivered).
 //!
-//! The stream pops an item only when the previous one's responses are all
-//! handed to gRPC, so a client that does not read holds at most its
-//! watchers' budgets in the inbox. A watcher that overflowed is switched
-//! to another feed from its first undelivered revision.
+//! The stream takes items from the inbox in bursts (up to [`BURST_BYTES`]
+//! of events or [`BURST_RESPONSES`] responses, at least one item), and
+//! only when the previous burst's responses are all handed to gRPC, so a
+//! client that does not read holds at most its watchers' budgets in the
+//! inbox plus one burst. Bursts hand gRPC several watchers' responses back
+//! to back, which it writes together. A watcher that overflowed is
+//! switched to another feed from its first undelivered revision.
 //!
 //! # Progress notifications
 //!
@@ -66,7 +73,7 @@ use metastore_proto::etcdserverpb::{
 use metastore_proto::mvccpb::{event::EventType, Event};
 use tokio::sync::mpsc;
 
-use super::fanout::{Batch, Inbox, Item, Subscriber};
+use super::fanout::{Batches, Inbox, Item, Subscriber};
 use super::feed::Feed;
 use super::merge::{event_bytes, event_revision, MergeEnd};
 use super::WatchHub;
@@ -74,6 +81,11 @@ use crate::error::GatewayError;
 
 /// Client requests being prepared at once per stream.
 pub const MAX_INFLIGHT: usize = 64;
+/// A burst of items taken from the inbox at once stops after this many
+/// bytes of events (see [`Session::take_burst`]).
+const BURST_BYTES: usize = 64 << 10;
+/// ... or once this many responses wait.
+const BURST_RESPONSES: usize = 32;
 /// Responses waiting to be sent beyond which client requests are not read.
 const MAX_QUEUED_RESPONSES: usize = 1024;
 
@@ -154,11 +166,8 @@ impl Session {
         let mut prepared: FuturesOrdered<BoxFuture<'static, Prepared>> = FuturesOrdered::new();
         let mut client_open = true;
         loop {
-            while self.outq.is_empty() {
-                match self.inbox.pop() {
-                    Some(item) => self.handle_item(item),
-                    None => break,
-                }
+            if self.outq.is_empty() {
+                self.take_burst();
             }
             let can_read = client_open
                 && prepared.len() < MAX_INFLIGHT
@@ -203,16 +212,35 @@ impl Session {
     /// Sends whatever is ready while gRPC has room, without waiting.
     fn flush(&mut self, out: &mpsc::Sender<WatchResponse>) {
         loop {
-            while self.outq.is_empty() {
-                match self.inbox.pop() {
-                    Some(item) => self.handle_item(item),
-                    None => return,
+            if self.outq.is_empty() {
+                self.take_burst();
+                if self.outq.is_empty() {
+                    return;
                 }
             }
             match out.try_reserve() {
                 Ok(p) => p.send(self.outq.pop_front().unwrap()),
                 Err(_) => return,
             }
+        }
+    }
+
+    /// Turns queued items into responses: at least until one produced a
+    /// response (or the inbox is empty), then on while the items taken
+    /// held less than [`BURST_BYTES`] of events and fewer than
+    /// [`BURST_RESPONSES`] responses wait. Called only when every earlier
+    /// response was handed to gRPC; a burst reaches gRPC back to back, so
+    /// several watchers' responses share its writes.
+    fn take_burst(&mut self) {
+        let mut taken = 0;
+        while self.outq.is_empty() || (taken < BURST_BYTES && self.outq.len() < BURST_RESPONSES) {
+            let Some(item) = self.inbox.pop() else {
+                return;
+            };
+            if let Item::Events { batches, .. } = &item {
+                taken += batches.bytes();
+            }
+            self.handle_item(item);
         }
     }
 
@@ -487,20 +515,22 @@ impl Session {
     fn handle_item(&mut self, item: Item) {
         match item {
             Item::Response(r) => self.outq.push_back(r),
-            Item::Events { slot, batch } => {
+            Item::Events { slot, batches } => {
                 let Some(&id) = self.by_slot.get(&slot) else {
                     return;
                 };
-                let header = self.header(batch.through);
+                let through = batches.last().through;
+                let header = self.header(through);
                 let max = self.hub.cfg.max_response_bytes;
                 let w = self.watches.get_mut(&id).unwrap();
-                let events = select_events(w, &batch);
+                let events = select_events(w, &batches);
                 if !events.is_empty() {
                     w.sent_since_tick = true;
-                    self.outq
-                        .extend(event_responses(id, events, header, w.fragment, max));
+                    let fragment = w.fragment;
+                    let bound = batches.bytes();
+                    push_event_responses(&mut self.outq, id, events, bound, header, fragment, max);
                 }
-                self.advance(id, batch.through);
+                self.advance(id, through);
             }
             Item::Progress { slot, through } => {
                 let Some(&id) = self.by_slot.get(&slot) else {
@@ -559,19 +589,23 @@ impl Session {
     }
 }
 
-/// The events of `batch` this watch delivers: not below `next_rev`, through
-/// its filters, `prev_kv` only if asked.
-fn select_events(w: &Watch, batch: &Batch) -> Vec<Event> {
-    batch
-        .events
-        .iter()
-        .filter(|e| event_revision(e) >= w.next_rev)
-        .filter(|e| {
+/// The events of `batches` (ascending releases) this watch delivers: not
+/// below `next_rev` (which moves past each batch, exactly as if the
+/// batches were handled one by one), through its filters, `prev_kv` only
+/// if asked.
+fn select_events(w: &Watch, batches: &Batches) -> Vec<Event> {
+    let mut out = Vec::with_capacity(batches.iter().map(|b| b.events.len()).sum());
+    let mut next_rev = w.next_rev;
+    for b in batches.iter() {
+        for e in &b.events {
+            if event_revision(e) < next_rev {
+                continue;
+            }
             let put = e.r#type == EventType::Put as i32;
-            !(put && w.no_put || !put && w.no_delete)
-        })
-        .map(|e| {
-            if w.prev_kv {
+            if put && w.no_put || !put && w.no_delete {
+                continue;
+            }
+            out.push(if w.prev_kv {
                 e.clone()
             } else {
                 Event {
@@ -579,9 +613,39 @@ fn select_events(w: &Watch, batch: &Batch) -> Vec<Event> {
                     kv: e.kv.clone(),
                     prev_kv: None,
                 }
-            }
-        })
-        .collect()
+            });
+        }
+        next_rev = next_rev.max(b.through + 1);
+    }
+    out
+}
+
+/// [`event_responses`] appended to `outq`. `bound` is at least the
+/// encoded size of `events` (the batches' `bytes`: selecting events and
+/// stripping `prev_kv` only shrink them), so the common case — everything
+/// fits in one response — is decided without sizing each event again.
+fn push_event_responses(
+    outq: &mut VecDeque<WatchResponse>,
+    watch_id: i64,
+    events: Vec<Event>,
+    bound: usize,
+    header: ResponseHeader,
+    fragment: bool,
+    max_bytes: usize,
+) {
+    let base = WatchResponse {
+        header: Some(header),
+        watch_id,
+        ..Default::default()
+    };
+    if events.len() < 2 || prost::Message::encoded_len(&base) + bound < max_bytes {
+        outq.push_back(WatchResponse { events, ..base });
+    } else {
+        let header = base.header.unwrap_or_default();
+        outq.extend(event_responses(
+            watch_id, events, header, fragment, max_bytes,
+        ));
+    }
 }
 
 /// Splits `events` (revision order) into responses for one watch.
@@ -740,5 +804,66 @@ mod tests {
             250,
         );
         assert_eq!(shape(&rs), vec![(vec![1], false)]);
+    }
+
+    #[test]
+    fn coalesced_batches_select_like_one_by_one() {
+        use crate::watch::fanout::Batch;
+        let batch = |from, through, events: Vec<Event>| {
+            let bytes = events.iter().map(event_bytes).sum();
+            Arc::new(Batch {
+                from,
+                through,
+                events,
+                bytes,
+            })
+        };
+        // Coalesced the only way items grow: pushes to one slot. The second
+        // batch repeats revision 3, which must still pass only once.
+        let inbox = Inbox::new();
+        inbox.open_slot(1);
+        for b in [
+            batch(1, 3, vec![ev(2, "a", 1), ev(3, "b", 1)]),
+            batch(3, 5, {
+                let mut d = ev(5, "d", 1);
+                d.r#type = EventType::Delete as i32;
+                vec![ev(3, "b", 1), ev(4, "c", 1), d]
+            }),
+            batch(6, 6, {
+                let mut p = ev(6, "p", 1);
+                p.prev_kv = p.kv.clone();
+                vec![p]
+            }),
+        ] {
+            inbox.push_events(1, &b, usize::MAX, b.from);
+        }
+        let Some(Item::Events { batches, .. }) = inbox.pop() else {
+            panic!("one coalesced item");
+        };
+        assert_eq!(batches.len(), 3);
+        let mut w = Watch {
+            slot: 1,
+            key: vec![],
+            range_end: vec![],
+            no_put: false,
+            no_delete: false,
+            prev_kv: false,
+            fragment: false,
+            progress_notify: false,
+            next_rev: 3,
+            delivered: 2,
+            feed: None,
+            notify_due: false,
+            sent_since_tick: false,
+        };
+        let revs = |es: &[Event]| es.iter().map(event_revision).collect::<Vec<_>>();
+        let got = select_events(&w, &batches);
+        assert_eq!(revs(&got), vec![3, 4, 5, 6], "revision 3 once");
+        assert!(got.iter().all(|e| e.prev_kv.is_none()), "prev_kv stripped");
+        w.no_delete = true;
+        w.prev_kv = true;
+        let got = select_events(&w, &batches);
+        assert_eq!(revs(&got), vec![3, 4, 6]);
+        assert!(got[2].prev_kv.is_some());
     }
 }
