@@ -39,6 +39,10 @@ fn main() {
     );
 
     prost_build::Config::new()
+        // Keys and values of `KeyValue` are `bytes::Bytes`: the gateway
+        // decodes shard frames without copying them and shares one event
+        // among all the watchers it fans out to.
+        .bytes([".mvccpb.KeyValue"])
         .compile_protos(&protos, &[&root])
         .expect("compiling protobuf definitions");
 }

@@ -470,7 +470,10 @@ async fn read_loop(shard: u32, sock: tokio::net::tcp::OwnedReadHalf, pending: Ar
                 break;
             }
         };
-        let resp = match ShardResponse::decode(frame.as_slice()) {
+        // Decoded from `Bytes`, keys and values are slices of the frame
+        // (`mvccpb.KeyValue` uses `bytes::Bytes`): no copy here, and a
+        // watch event fanned out to many watchers is shared, not copied.
+        let resp = match ShardResponse::decode(Bytes::from(frame)) {
             Ok(r) => r,
             Err(e) => {
                 tracing::warn!(shard, error = %e, "undecodable frame from shard; closing connection");

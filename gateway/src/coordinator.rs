@@ -611,7 +611,7 @@ mod tests {
                 assert_eq!(r.revision, 30);
                 assert_eq!(r.path, vec![false]);
                 let kvs = vec![KeyValue {
-                    key: format!("s{shard}").into_bytes(),
+                    key: format!("s{shard}").into_bytes().into(),
                     ..Default::default()
                 }];
                 Ok(Resp::TxnRead(TxnReadResponse {
@@ -652,8 +652,8 @@ mod tests {
         match &resp.responses[0].response {
             Some(response_op::Response::ResponseRange(r)) => {
                 assert_eq!(r.count, 2);
-                assert_eq!(r.kvs[0].key, b"s0");
-                assert_eq!(r.kvs[1].key, b"s1");
+                assert_eq!(&r.kvs[0].key[..], b"s0");
+                assert_eq!(&r.kvs[1].key[..], b"s1");
             }
             other => panic!("{other:?}"),
         }
@@ -711,7 +711,7 @@ mod tests {
                                 response: Some(response_op::Response::ResponsePut(PutResponse {
                                     header: None,
                                     prev_kv: (shard == 0).then(|| KeyValue {
-                                        value: b"old".to_vec(),
+                                        value: b"old".to_vec().into(),
                                         ..Default::default()
                                     }),
                                 })),
@@ -762,7 +762,7 @@ mod tests {
         assert_eq!(h.member_id, crate::testing::MEMBER);
         match &resp.responses[0].response {
             Some(response_op::Response::ResponsePut(p)) => {
-                assert_eq!(p.prev_kv.as_ref().unwrap().value, b"old")
+                assert_eq!(&p.prev_kv.as_ref().unwrap().value[..], b"old")
             }
             other => panic!("{other:?}"),
         }

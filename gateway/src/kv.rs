@@ -340,8 +340,8 @@ mod tests {
 
     fn kv(key: &str) -> KeyValue {
         KeyValue {
-            key: key.into(),
-            value: b"v".to_vec(),
+            key: key.as_bytes().to_vec().into(),
+            value: b"v".to_vec().into(),
             create_revision: 1,
             mod_revision: 1,
             version: 1,

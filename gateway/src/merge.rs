@@ -378,8 +378,8 @@ mod tests {
 
     fn kv(key: &str, value: &str, create: i64, modr: i64, version: i64) -> KeyValue {
         KeyValue {
-            key: key.into(),
-            value: value.into(),
+            key: key.as_bytes().to_vec().into(),
+            value: value.as_bytes().to_vec().into(),
             create_revision: create,
             mod_revision: modr,
             version,
@@ -403,7 +403,7 @@ mod tests {
     fn keys(r: &RangeResponse) -> Vec<String> {
         r.kvs
             .iter()
-            .map(|k| String::from_utf8(k.key.clone()).unwrap())
+            .map(|k| String::from_utf8(k.key.to_vec()).unwrap())
             .collect()
     }
 
@@ -740,18 +740,18 @@ mod tests {
             other => panic!("{other:?}"),
         }
         match &m.responses[1].response {
-            Some(R::ResponsePut(p)) => assert_eq!(p.prev_kv.as_ref().unwrap().value, b"old0"),
+            Some(R::ResponsePut(p)) => assert_eq!(&p.prev_kv.as_ref().unwrap().value[..], b"old0"),
             other => panic!("{other:?}"),
         }
         match &m.responses[2].response {
-            Some(R::ResponsePut(p)) => assert_eq!(p.prev_kv.as_ref().unwrap().value, b"old1"),
+            Some(R::ResponsePut(p)) => assert_eq!(&p.prev_kv.as_ref().unwrap().value[..], b"old1"),
             other => panic!("{other:?}"),
         }
         match &m.responses[3].response {
             Some(R::ResponseDeleteRange(d)) => {
                 assert_eq!(d.deleted, 2);
-                assert_eq!(d.prev_kvs[0].key, b"b1");
-                assert_eq!(d.prev_kvs[1].key, b"x0");
+                assert_eq!(&d.prev_kvs[0].key[..], b"b1");
+                assert_eq!(&d.prev_kvs[1].key[..], b"x0");
             }
             other => panic!("{other:?}"),
         }
@@ -760,7 +760,7 @@ mod tests {
                 assert!(!t.succeeded);
                 match &t.responses[0].response {
                     Some(R::ResponsePut(p)) => {
-                        assert_eq!(p.prev_kv.as_ref().unwrap().value, b"prev-nested")
+                        assert_eq!(&p.prev_kv.as_ref().unwrap().value[..], b"prev-nested")
                     }
                     other => panic!("{other:?}"),
                 }

@@ -336,8 +336,8 @@ mod tests {
                                     let rev = st.0;
                                     let prev = st.1.get(&p.key).cloned();
                                     let kv = KeyValue {
-                                        key: p.key.clone(),
-                                        value: p.value,
+                                        key: p.key.clone().into(),
+                                        value: p.value.into(),
                                         create_revision: prev
                                             .as_ref()
                                             .map_or(rev, |k| k.create_revision),
@@ -463,7 +463,7 @@ mod tests {
             .await
             .unwrap()
             .into_inner();
-        assert_eq!(got.kvs[0].value, b"bar");
+        assert_eq!(&got.kvs[0].value[..], b"bar");
         // Gateway-side checks come back with etcd's status.
         let e = kv.put(pb::PutRequest::default()).await.unwrap_err();
         assert_eq!(e.code(), tonic::Code::InvalidArgument);
@@ -534,7 +534,7 @@ mod tests {
             .unwrap();
         assert_eq!(events.watch_id, 0);
         assert_eq!(events.events.len(), 1);
-        assert_eq!(events.events[0].kv.as_ref().unwrap().value, b"bar");
+        assert_eq!(&events.events[0].kv.as_ref().unwrap().value[..], b"bar");
         drop(req_tx);
         drop(responses);
 

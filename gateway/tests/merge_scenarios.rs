@@ -35,7 +35,7 @@ fn event(spec: &str) -> Event {
     Event {
         r#type: kind as i32,
         kv: Some(KeyValue {
-            key: key.into(),
+            key: key.as_bytes().to_vec().into(),
             mod_revision: rev,
             create_revision: rev,
             version: 1,

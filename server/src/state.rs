@@ -288,7 +288,10 @@ impl ShardState {
         let mut attached: HashMap<i64, BTreeSet<Vec<u8>>> = HashMap::new();
         state.mvcc.for_each_live(&[0], &[0], &mut |kv| {
             if kv.lease != 0 {
-                attached.entry(kv.lease).or_default().insert(kv.key);
+                attached
+                    .entry(kv.lease)
+                    .or_default()
+                    .insert(kv.key.to_vec());
             }
             true
         })?;
@@ -406,7 +409,7 @@ impl ShardState {
             if let Some(prev) = &e.prev_kv {
                 if prev.lease != 0 {
                     if let Some(keys) = self.attached.get_mut(&prev.lease) {
-                        keys.remove(&prev.key);
+                        keys.remove(&prev.key[..]);
                         if keys.is_empty() {
                             self.attached.remove(&prev.lease);
                         }
@@ -419,7 +422,7 @@ impl ShardState {
                     self.attached
                         .entry(kv.lease)
                         .or_default()
-                        .insert(kv.key.clone());
+                        .insert(kv.key.to_vec());
                 }
             }
         }
@@ -438,9 +441,9 @@ impl ShardState {
             .unwrap_or_default()
     }
 
-    /// Checks the leases of a txn's puts: `Err` with the refusal if one is
-    /// unknown (etcd's ErrLeaseNotFound) or being revoked (CONFLICT).
-    fn check_put_leases(&self, t: &TxnRequest, except: Option<&[u8]>) -> Result<(), Body> {
+    /// Checks the leases of a txn's puts: the refusal if one is unknown
+    /// (etcd's ErrLeaseNotFound) or being revoked (CONFLICT).
+    fn put_lease_refusal(&self, t: &TxnRequest, except: Option<&[u8]>) -> Option<Body> {
         let mut uses = Vec::new();
         put_leases(t, &mut uses);
         for (lease, key) in uses {
@@ -448,17 +451,17 @@ impl ShardState {
                 continue;
             }
             if !self.leases.contains_key(&lease) {
-                return Err(lease_not_found());
+                return Some(lease_not_found());
             }
             if self
                 .lease_revokers
                 .get(&lease)
                 .is_some_and(|holder| Some(holder.as_slice()) != except)
             {
-                return Err(conflict());
+                return Some(conflict());
             }
         }
-        Ok(())
+        None
     }
 
     fn lock_leases(&mut self, prep: &PrepareRequest, id: &[u8]) {
@@ -684,7 +687,7 @@ impl ShardState {
         if self.locked(&self.spans_of(t), None) {
             return Ok(conflict());
         }
-        if let Err(refusal) = self.check_put_leases(t, None) {
+        if let Some(refusal) = self.put_lease_refusal(t, None) {
             return Ok(refusal);
         }
         let path = match self.local_path(t)? {
@@ -739,7 +742,7 @@ impl ShardState {
             if self.locked(&spans, Some(&id)) {
                 return Ok(conflict());
             }
-            if let Err(refusal) = self.check_put_leases(&t, Some(&id)) {
+            if let Some(refusal) = self.put_lease_refusal(&t, Some(&id)) {
                 return Ok(refusal);
             }
             self.locks.add(spans, &id);
@@ -968,7 +971,7 @@ mod tests {
                     &move |k: &[u8]| router.owns(id, k),
                 )
                 .unwrap();
-            r.kvs.first().map(|kv| kv.value.clone())
+            r.kvs.first().map(|kv| kv.value.to_vec())
         }
     }
 

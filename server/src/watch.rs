@@ -453,7 +453,10 @@ mod tests {
                         last = f.resolved;
                         for e in f.events {
                             let kv = e.kv.unwrap();
-                            out.push((kv.mod_revision, String::from_utf8(kv.key).unwrap()));
+                            out.push((
+                                kv.mod_revision,
+                                String::from_utf8(kv.key.to_vec()).unwrap(),
+                            ));
                         }
                     }
                     Poll::Idle => return (out, last),

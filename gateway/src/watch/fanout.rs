@@ -634,8 +634,8 @@ mod tests {
         Event {
             r#type: EventType::Put as i32,
             kv: Some(KeyValue {
-                key: b"k".to_vec(),
-                value: vec![b'x'; size],
+                key: b"k".to_vec().into(),
+                value: vec![b'x'; size].into(),
                 create_revision: rev,
                 mod_revision: rev,
                 version: 1,

@@ -462,8 +462,8 @@ mod tests {
         Event {
             r#type: EventType::Put as i32,
             kv: Some(KeyValue {
-                key: key.as_bytes().to_vec(),
-                value: format!("v{rev}").into_bytes(),
+                key: key.as_bytes().to_vec().into(),
+                value: format!("v{rev}").into_bytes().into(),
                 create_revision: rev,
                 mod_revision: rev,
                 version: 1,
@@ -488,7 +488,7 @@ mod tests {
             .map(|e| {
                 (
                     event_revision(e),
-                    String::from_utf8(e.kv.as_ref().unwrap().key.clone()).unwrap(),
+                    String::from_utf8(e.kv.as_ref().unwrap().key.to_vec()).unwrap(),
                 )
             })
             .collect()
@@ -703,7 +703,7 @@ mod tests {
         // budget, shard 0 is no longer acknowledged...
         let big = |rev| {
             let mut e = put("k", rev);
-            e.kv.as_mut().unwrap().value = vec![0; 200];
+            e.kv.as_mut().unwrap().value = vec![0; 200].into();
             e
         };
         m.frame(0, 0, frame(3, 10, vec![big(10)]));

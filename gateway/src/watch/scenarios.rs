@@ -114,8 +114,8 @@ impl Fake {
             let ev = match value {
                 Some(v) => {
                     let kv = KeyValue {
-                        key: key.clone(),
-                        value: v.as_bytes().to_vec(),
+                        key: key.clone().into(),
+                        value: v.as_bytes().to_vec().into(),
                         create_revision: prev.as_ref().map_or(rev, |p| p.create_revision),
                         mod_revision: rev,
                         version: prev.as_ref().map_or(1, |p| p.version + 1),
@@ -133,7 +133,7 @@ impl Fake {
                     Event {
                         r#type: EventType::Delete as i32,
                         kv: Some(KeyValue {
-                            key: key.clone(),
+                            key: key.clone().into(),
                             mod_revision: rev,
                             ..Default::default()
                         }),
@@ -394,8 +394,8 @@ impl Client {
                 let kv = e.kv.as_ref().unwrap();
                 out.push((
                     kv.mod_revision,
-                    String::from_utf8(kv.key.clone()).unwrap(),
-                    String::from_utf8(kv.value.clone()).unwrap(),
+                    String::from_utf8(kv.key.to_vec()).unwrap(),
+                    String::from_utf8(kv.value.to_vec()).unwrap(),
                 ));
             }
         }
@@ -447,7 +447,7 @@ async fn prefix_watch_merges_shards_in_revision_order() {
         assert_eq!(r.watch_id, id, "unexpected {r:?}");
         for e in &r.events {
             let kv = e.kv.as_ref().unwrap();
-            got.push((kv.mod_revision, String::from_utf8(kv.key.clone()).unwrap()));
+            got.push((kv.mod_revision, String::from_utf8(kv.key.to_vec()).unwrap()));
         }
         if got.len() >= 30 + 3 || got.last().is_some_and(|(r, _)| *r == rev) {
             break r;
@@ -631,7 +631,7 @@ async fn filters_and_prev_kv() {
         }
     }
     assert_eq!(dels[0].kv.as_ref().unwrap().mod_revision, del);
-    assert_eq!(dels[0].prev_kv.as_ref().unwrap().value, b"b");
+    assert_eq!(&dels[0].prev_kv.as_ref().unwrap().value[..], b"b");
     c.quiet().await;
 }
 

@@ -731,8 +731,8 @@ mod tests {
         Event {
             r#type: EventType::Put as i32,
             kv: Some(KeyValue {
-                key: key.as_bytes().to_vec(),
-                value: vec![b'x'; size],
+                key: key.as_bytes().to_vec().into(),
+                value: vec![b'x'; size].into(),
                 create_revision: rev,
                 mod_revision: rev,
                 version: 1,

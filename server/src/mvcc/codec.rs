@@ -112,8 +112,8 @@ mod tests {
     #[test]
     fn records_round_trip() {
         let kv = KeyValue {
-            key: b"\x00k\xff".to_vec(),
-            value: b"v".to_vec(),
+            key: b"\x00k\xff".to_vec().into(),
+            value: b"v".to_vec().into(),
             create_revision: 3,
             mod_revision: 7,
             version: 2,

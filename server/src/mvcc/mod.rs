@@ -674,7 +674,7 @@ impl MvccWrite<'_> {
 
     fn push_change(&mut self, change: Change) {
         self.latest
-            .insert(change.kv.key.clone(), self.changes.len());
+            .insert(change.kv.key.to_vec(), self.changes.len());
         self.changes.push(change);
     }
 
@@ -686,7 +686,7 @@ impl MvccWrite<'_> {
         self.changes.truncate(len);
         self.latest.clear();
         for (i, c) in self.changes.iter().enumerate() {
-            self.latest.insert(c.kv.key.clone(), i);
+            self.latest.insert(c.kv.key.to_vec(), i);
         }
     }
 
@@ -730,7 +730,7 @@ impl MvccWrite<'_> {
         }
         let value = match (&prev, req.ignore_value) {
             (Some(p), true) => p.value.clone(),
-            _ => req.value.clone(),
+            _ => req.value.clone().into(),
         };
         let lease = match (&prev, req.ignore_lease) {
             (Some(p), true) => p.lease,
@@ -741,7 +741,7 @@ impl MvccWrite<'_> {
             None => (self.rev, 1),
         };
         let kv = KeyValue {
-            key: req.key.clone(),
+            key: req.key.clone().into(),
             value,
             create_revision,
             mod_revision: self.rev,
@@ -1039,7 +1039,7 @@ fn build_range(
     }
     if req.keys_only {
         for kv in &mut kvs {
-            kv.value = Vec::new();
+            kv.value = Default::default();
         }
     }
     Ok(RangeResponse {
@@ -1067,7 +1067,7 @@ fn compare_outcome(
             mvcc.materialize(cand)?
         } else {
             KeyValue {
-                key: cand.key.to_vec(),
+                key: cand.key.to_vec().into(),
                 create_revision: cand.create,
                 mod_revision: cand.modr,
                 version: cand.version,
@@ -1100,7 +1100,7 @@ fn compare_kv(c: &Compare, kv: &KeyValue) -> bool {
                 Some(TargetUnion::Value(v)) => v,
                 _ => &[],
             };
-            kv.value.as_slice().cmp(want)
+            kv.value[..].cmp(want)
         }
         Ok(CompareTarget::Create) => int(
             match c.target_union {

@@ -147,8 +147,8 @@ fn range_req(key: &str, end: &str) -> RangeRequest {
 
 fn kv(key: &str, value: &str, create: Rev, modr: Rev, version: i64) -> KeyValue {
     KeyValue {
-        key: b(key),
-        value: b(value),
+        key: b(key).into(),
+        value: b(value).into(),
         create_revision: create,
         mod_revision: modr,
         version,
@@ -632,7 +632,7 @@ fn binary_keys() {
             }
         });
         let all = s.range("\0", "\0", 0);
-        let got: Vec<Vec<u8>> = all.kvs.iter().map(|kv| kv.key.clone()).collect();
+        let got: Vec<Vec<u8>> = all.kvs.iter().map(|kv| kv.key.to_vec()).collect();
         let mut want = keys_.to_vec();
         want.sort();
         assert_eq!(got, want, "{k}");
@@ -682,7 +682,7 @@ fn ignore_value_and_ignore_lease() {
         });
         let a = s.get("a", 0).unwrap();
         assert_eq!(
-            (a.value.as_slice(), a.lease, a.version),
+            (&a.value[..], a.lease, a.version),
             (&b"v1"[..], 88, 2),
             "{k}"
         );
@@ -697,7 +697,7 @@ fn ignore_value_and_ignore_lease() {
             .unwrap()
         });
         let a = s.get("a", 0).unwrap();
-        assert_eq!((a.value.as_slice(), a.lease), (&b"v2"[..], 88), "{k}");
+        assert_eq!((&a.value[..], a.lease), (&b"v2"[..], 88), "{k}");
         // Missing key: KeyNotFound, nothing written.
         for req in [
             PutRequest {
@@ -793,7 +793,7 @@ fn out_of_order_revisions_are_checked_per_key() {
             .history(30, &mut |e| {
                 let kv = e.kv.unwrap();
                 if kv.mod_revision == 30 {
-                    at30.push(String::from_utf8(kv.key).unwrap());
+                    at30.push(String::from_utf8(kv.key.to_vec()).unwrap());
                 }
                 true
             })
@@ -855,7 +855,7 @@ fn write_reads_see_own_writes_and_history() {
                 .iter()
                 .map(|e| (
                     e.r#type,
-                    e.kv.as_ref().unwrap().key.clone(),
+                    e.kv.as_ref().unwrap().key.to_vec(),
                     e.prev_kv.is_some()
                 ))
                 .collect::<Vec<_>>(),
@@ -869,7 +869,7 @@ fn write_reads_see_own_writes_and_history() {
         assert_eq!(
             events[2].kv,
             Some(KeyValue {
-                key: b("b"),
+                key: b("b").into(),
                 mod_revision: 8,
                 ..Default::default()
             }),
