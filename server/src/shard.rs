@@ -12,9 +12,14 @@
 //! task drains the queue into `propose`, handles `Ready`: persists new
 //! entries and hard state in one engine write with sync (group commit: every
 //! proposal queued meanwhile shares that fsync), then applies committed
-//! entries through `ShardState::apply` and answers their waiters. raft-rs
-//! does no I/O; this loop owns it, and a 100 ms tick drives raft's timers and
-//! re-checks everything a lost wake-up could have left waiting.
+//! entries through `ShardState::apply` and answers their waiters. The
+//! apply writes (and raft's commit index) are unsynced; the shard's
+//! [`BufferedEngine`] holds them and they reach the engine with the next
+//! synced write, so a batch costs one engine write. raft-rs does no I/O;
+//! this loop owns it, and a 100 ms tick drives raft's timers, writes what is
+//! still held, and re-checks everything a lost wake-up could have left
+//! waiting. Before serving (`start`), the shard applies its whole raft log:
+//! what was held when a previous process died is re-applied from it.
 //!
 //! Resolved watermark: `resolved() = min(oracle.current(), every revision
 //! this shard allocated and has not applied yet − 1, the floor of every
@@ -56,8 +61,9 @@ use crate::raftlog::RaftLog;
 use crate::state::{mvcc_error, ShardState, StateError, TxnId};
 use crate::watch::{Poll, Subscription, WatchRing, RING_BATCHES, RING_BYTES};
 
-/// Held engine writes are flushed at once past this many ops (the memory
-/// engine has no synced writes to carry them).
+/// Held engine writes are flushed at once past this many ops, so a long
+/// run of applies without a synced write in between (entries committed
+/// in a burst) does not grow the overlay until the next tick.
 const MAX_HELD_OPS: usize = 4096;
 /// How often raft ticks and waiting work is re-checked.
 pub const TICK: Duration = Duration::from_millis(100);
