@@ -23,6 +23,7 @@ use std::path::Path;
 
 use metastore_gateway::watch::merge::{event_revision, Action, Merge, MergeConfig};
 use metastore_proto::mvccpb::{event::EventType, Event, KeyValue};
+use metastore_proto::scenario;
 use metastore_proto::shardpb::WatchEventsResponse;
 
 fn event(spec: &str) -> Event {
@@ -176,57 +177,11 @@ fn run(merge: &mut Option<Merge>, line: &str) -> String {
 
 fn run_script(text: &str) -> String {
     let mut merge = None;
-    let mut out = String::new();
-    let mut lines = text.lines().peekable();
-    while let Some(line) = lines.next() {
-        out.push_str(line);
-        out.push('\n');
-        if line.trim().is_empty() || line.starts_with('#') {
-            continue;
-        }
-        if lines.peek() == Some(&"----") {
-            lines.next();
-            for l in lines.by_ref() {
-                if l.is_empty() {
-                    break;
-                }
-            }
-        }
-        let produced = run(&mut merge, line);
-        if !produced.is_empty() {
-            out.push_str("----\n");
-            out.push_str(&produced);
-            out.push_str("\n\n");
-        }
-    }
-    out
+    scenario::rewrite(text, |line| run(&mut merge, line))
 }
 
 #[test]
 fn merge_scenarios() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/scenarios/merge");
-    let mut files: Vec<_> = std::fs::read_dir(&dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "txt"))
-        .collect();
-    files.sort();
-    assert!(!files.is_empty(), "no scenarios in {}", dir.display());
-    let update = std::env::var_os("UPDATE_SCENARIOS").is_some();
-    let mut failures = Vec::new();
-    for file in files {
-        let text = std::fs::read_to_string(&file).unwrap();
-        let got = run_script(&text);
-        if got != text {
-            if update {
-                std::fs::write(&file, &got).unwrap();
-            } else {
-                failures.push(format!(
-                    "{}:\n--- expected\n{text}\n--- got\n{got}",
-                    file.display()
-                ));
-            }
-        }
-    }
-    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+    scenario::check_dir(&dir, |text| vec![(String::new(), run_script(text))]);
 }

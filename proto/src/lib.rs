@@ -33,7 +33,8 @@
 //! needed for topology discovery and cross-shard transactions.
 //!
 //! [`router`] decides which shard owns a key; [`txn`] holds the shared
-//! transaction helpers.
+//! transaction helpers; [`scenario`] runs the scripted scenario files of
+//! the server's and the gateway's deterministic tests.
 //!
 //! The build script compiles every `.proto` under `protos/`; each proto
 //! package becomes a module of the same name at the crate root, which is
@@ -60,4 +61,5 @@ pub mod shardpb {
 }
 
 pub mod router;
+pub mod scenario;
 pub mod txn;

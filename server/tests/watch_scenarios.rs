@@ -29,6 +29,7 @@ use std::time::Instant;
 
 use metastore_proto::etcdserverpb::{DeleteRangeRequest, PutRequest};
 use metastore_proto::mvccpb::Event;
+use metastore_proto::scenario;
 use metastore_server::engine::{open, Engine, EngineKind};
 use metastore_server::mvcc::Mvcc;
 use metastore_server::watch::{Poll, Subscription, WatchRing, RING_BYTES};
@@ -216,70 +217,26 @@ fn show(e: &Event) -> String {
     s
 }
 
-/// Runs one script; returns it with the produced outputs.
+/// Runs one script on `kind`; returns it with the produced outputs.
 fn run_script(kind: EngineKind, text: &str) -> String {
     let mut world = World::new(kind, 16);
-    let mut out = String::new();
-    let mut lines = text.lines().peekable();
-    while let Some(line) = lines.next() {
-        if line.trim().is_empty() || line.starts_with('#') {
-            out.push_str(line);
-            out.push('\n');
-            continue;
-        }
-        out.push_str(line);
-        out.push('\n');
-        // Skip the old expected output and the blank line closing it.
-        if lines.peek() == Some(&"----") {
-            lines.next();
-            for l in lines.by_ref() {
-                if l.is_empty() {
-                    break;
-                }
-            }
-        }
-        let produced = if let Some(name) = line.strip_prefix("engine ") {
+    scenario::rewrite(text, |line| {
+        if let Some(name) = line.strip_prefix("engine ") {
             world = World::new(name.parse().unwrap(), 16);
             String::new()
         } else {
             world.run(line)
-        };
-        if !produced.is_empty() {
-            out.push_str("----\n");
-            out.push_str(&produced);
-            out.push_str("\n\n");
         }
-    }
-    out
+    })
 }
 
 #[test]
 fn watch_scenarios() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/scenarios/watch");
-    let mut files: Vec<_> = std::fs::read_dir(&dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "txt"))
-        .collect();
-    files.sort();
-    assert!(!files.is_empty(), "no scenarios in {}", dir.display());
-    let update = std::env::var_os("UPDATE_SCENARIOS").is_some();
-    let mut failures = Vec::new();
-    for file in files {
-        let text = std::fs::read_to_string(&file).unwrap();
-        for kind in [EngineKind::Memory, EngineKind::RocksDb] {
-            let got = run_script(kind, &text);
-            if got != text {
-                if update && kind == EngineKind::Memory {
-                    std::fs::write(&file, &got).unwrap();
-                } else {
-                    failures.push(format!(
-                        "{} on {kind}:\n--- expected\n{text}\n--- got\n{got}",
-                        file.display()
-                    ));
-                }
-            }
-        }
-    }
-    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+    scenario::check_dir(&dir, |text| {
+        [EngineKind::Memory, EngineKind::RocksDb]
+            .into_iter()
+            .map(|kind| (format!(" on {kind}"), run_script(kind, text)))
+            .collect()
+    });
 }
