@@ -18,8 +18,9 @@
 //! synced write, so a batch costs one engine write. raft-rs does no I/O;
 //! this loop owns it, and a 100 ms tick drives raft's timers, writes what is
 //! still held, and re-checks everything a lost wake-up could have left
-//! waiting. Before serving (`start`), the shard applies its whole raft log:
-//! what was held when a previous process died is re-applied from it.
+//! waiting. Before serving (`start`), the shard applies its whole raft log
+//! past its applied index: whatever a previous process had not written, or
+//! held when it died, is re-applied from it.
 //!
 //! Resolved watermark: `resolved() = min(oracle.current(), every revision
 //! this shard allocated and has not applied yet − 1, the floor of every
@@ -180,30 +181,17 @@ impl Shard {
         let engine: Rc<dyn Engine> = buffer.clone();
         let log = RaftLog::open(engine.clone())?;
         log.bootstrap(&[1])?;
-        let mut state = ShardState::open(id, router, engine.clone())?;
-        // Re-apply committed entries the state has not seen (the state's
-        // writes are not synced; the log's are).
-        let commit = log.initial_state()?.hard_state.commit;
+        let state = ShardState::open(id, router, engine.clone())?;
+        // Entries past the state's applied index are applied by `start`
+        // (`catch_up`); the oracle must start above their revisions too.
         let mut max_rev = state.mvcc().current_revision();
         let last = log.last_index()?;
         let from = state.applied_index() + 1;
         if from <= last {
             let entries =
                 log.entries(from, last + 1, None, raft::GetEntriesContext::empty(false))?;
-            for e in entries {
-                let cmd = decode_entry(&e);
-                if let Some(cmd) = &cmd {
-                    max_rev = max_rev.max(cmd.revision);
-                }
-                if e.index <= commit {
-                    match cmd {
-                        Some(cmd) => {
-                            // Events before startup are served from history.
-                            let _ = state.apply(e.index, &cmd)?;
-                        }
-                        None => state.apply_noop(e.index)?,
-                    }
-                }
+            for cmd in entries.iter().filter_map(decode_entry) {
+                max_rev = max_rev.max(cmd.revision);
             }
         }
         let applied = state.applied_index();
@@ -272,14 +260,16 @@ impl Shard {
 
     /// Applies every entry of the raft log before the shard serves.
     ///
-    /// `open` re-applies what the persisted commit index covers, but that
-    /// index and the applied state are written unsynced, and the last
-    /// batch of them may have been held in memory when the process died
-    /// (`engine::buffered`): the log can hold durable, acknowledged entries
-    /// past them. Raft commits them again with the no-op entry of the
-    /// leader's new term (at once, with one voter); they are applied here,
-    /// so no read or watch is ever served from a state that lacks an
-    /// acknowledged write.
+    /// The state's applied index and raft's commit index are written
+    /// unsynced, and the last batch of them may have been held in memory
+    /// when the process died (`engine::buffered`): the durable log can hold
+    /// acknowledged entries past both. Raft hands over the entries its
+    /// persisted commit index covers, and commits the rest again with the
+    /// no-op entry of the leader's new term (at once, with one voter); all
+    /// are applied here, so no read or watch is ever served from a state
+    /// that lacks an acknowledged write. Their events are served from
+    /// history, like everything before startup: the watch ring starts
+    /// afresh above them.
     async fn catch_up(&self) -> Result<(), ShardFailure> {
         let target = self.node.borrow().raft.raft_log.last_index();
         while self.state.borrow().applied_index() < target {
@@ -292,6 +282,7 @@ impl Shard {
             self.drive().await?;
         }
         self.buffer.flush().map_err(StateError::from)?;
+        *self.ring.borrow_mut() = WatchRing::new(self.oracle.current(), RING_BATCHES, RING_BYTES);
         Ok(())
     }
 

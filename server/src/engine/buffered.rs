@@ -203,11 +203,13 @@ impl Engine for BufferedEngine {
     }
 
     fn write(&self, batch: WriteBatch, sync: bool) -> Result<(), EngineError> {
-        let holdable = !batch
-            .ops
-            .iter()
-            .any(|op| matches!(op, BatchOp::DeleteRange(..)));
-        if self.holding.get() && !sync && holdable {
+        let holdable = || {
+            !batch
+                .ops
+                .iter()
+                .any(|op| matches!(op, BatchOp::DeleteRange(..)))
+        };
+        if self.holding.get() && !sync && holdable() {
             let mut overlay = self.overlay.borrow_mut();
             for op in &batch.ops {
                 match op {
