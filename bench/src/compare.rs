@@ -525,6 +525,26 @@ fn fmt_ratio(r: Option<f64>) -> String {
 }
 
 impl Report<'_> {
+    /// Whether target `t`'s column is followed by a ratio (÷ etcd) column.
+    fn has_ratio(&self, t: &Target) -> bool {
+        t.name != "etcd" && self.idx("etcd").is_some()
+    }
+
+    /// The header cells of the per-target columns (each target's, then its
+    /// ratio where it has one) and the matching separator cells.
+    fn target_columns(&self) -> (String, String) {
+        let (mut head, mut rule) = (String::new(), String::new());
+        for t in self.targets {
+            let _ = write!(head, " {} |", t.label);
+            rule.push_str("---|");
+            if self.has_ratio(t) {
+                head.push_str(" ratio |");
+                rule.push_str("---|");
+            }
+        }
+        (head, rule)
+    }
+
     fn idx(&self, target: &str) -> Option<usize> {
         self.targets.iter().position(|t| t.name == target)
     }
@@ -653,21 +673,8 @@ impl Report<'_> {
 
         // Throughput.
         let _ = writeln!(s, "## Throughput\n");
-        let _ = write!(s, "| workload | etcd (ANCHORS.md) |");
-        for t in self.targets {
-            let _ = write!(s, " {} |", t.label);
-            if t.name != "etcd" && has("etcd") {
-                let _ = write!(s, " ratio |");
-            }
-        }
-        let _ = write!(s, "\n|---|---|");
-        for t in self.targets {
-            let _ = write!(s, "---|");
-            if t.name != "etcd" && has("etcd") {
-                let _ = write!(s, "---|");
-            }
-        }
-        s.push('\n');
+        let (head, rule) = self.target_columns();
+        let _ = writeln!(s, "| workload | etcd (ANCHORS.md) |{head}\n|---|---|{rule}");
         for spec in self.specs {
             let unit = self
                 .targets
@@ -686,7 +693,7 @@ impl Report<'_> {
             for t in self.targets {
                 let c = self.cell(spec.name, &t.name).expect("cell");
                 let _ = write!(s, " {} |", self.thr_text(c));
-                if t.name != "etcd" && has("etcd") {
+                if self.has_ratio(t) {
                     let _ = write!(
                         s,
                         " {} |",
@@ -754,23 +761,12 @@ impl Report<'_> {
         // CPU.
         let _ = writeln!(s, "## Server CPU per operation (µs)\n");
         let _ = writeln!(s, "utime+stime of the server processes from `/proc/<pid>/stat` over the run ÷ operations (for watch: ÷ delivered events). MetaStore = shard server + gateway (breakdown in parentheses). The client's own CPU per op is in the last columns.\n");
-        let _ = write!(s, "| workload |");
-        for t in self.targets {
-            let _ = write!(s, " {} |", t.label);
-            if t.name != "etcd" && has("etcd") {
-                let _ = write!(s, " ratio |");
-            }
-        }
+        let (head, rule) = self.target_columns();
+        let _ = write!(s, "| workload |{head}");
         for t in self.targets {
             let _ = write!(s, " client µs/op @{} |", t.name);
         }
-        let _ = write!(s, "\n|---|");
-        for t in self.targets {
-            let _ = write!(s, "---|");
-            if t.name != "etcd" && has("etcd") {
-                let _ = write!(s, "---|");
-            }
-        }
+        let _ = write!(s, "\n|---|{rule}");
         for _ in self.targets {
             let _ = write!(s, "---|");
         }
@@ -800,7 +796,7 @@ impl Report<'_> {
                     v.map(|v| format!("{v:.1}")).unwrap_or("–".into()),
                     breakdown
                 );
-                if t.name != "etcd" && has("etcd") {
+                if self.has_ratio(t) {
                     let _ = write!(s, " {} |", fmt_ratio(ratio(v, etcd)));
                 }
             }
