@@ -6,6 +6,10 @@
 //! speak exactly the same Rust types the rest of the workspace uses. The
 //! output is `$OUT_DIR/etcdserverpb.rs`, holding only the `*_server` and
 //! `*_client` modules (`kv_server::{Kv, KvServer}`, `watch_server`, ...).
+//!
+//! One message is the gateway's own: `WatchResponse` is sent as
+//! `watch::wire::OutgoingWatchResponse`, the same message on the wire with
+//! its events encoded once per release for every watcher (see that module).
 
 use std::path::PathBuf;
 
@@ -27,6 +31,12 @@ fn main() {
     tonic_prost_build::configure()
         .build_server(true)
         .build_client(true)
+        // The most specific path wins (prost-build looks up the exact name
+        // first), so only this message leaves the package mapping below.
+        .extern_path(
+            ".etcdserverpb.WatchResponse",
+            "crate::watch::wire::OutgoingWatchResponse",
+        )
         .extern_path(".etcdserverpb", "::metastore_proto::etcdserverpb")
         .extern_path(".mvccpb", "::metastore_proto::mvccpb")
         .extern_path(".authpb", "::metastore_proto::authpb")

@@ -522,7 +522,8 @@ mod tests {
             .await
             .unwrap()
             .into_inner();
-        let created = responses.message().await.unwrap().unwrap();
+        // The gateway's own client decodes the plain message.
+        let created = responses.message().await.unwrap().unwrap().into_message();
         assert!(created.created && !created.canceled);
         assert_eq!(created.watch_id, 0);
         let h = created.header.unwrap();
@@ -531,7 +532,8 @@ mod tests {
             .await
             .expect("event in time")
             .unwrap()
-            .unwrap();
+            .unwrap()
+            .into_message();
         assert_eq!(events.watch_id, 0);
         assert_eq!(events.events.len(), 1);
         assert_eq!(&events.events[0].kv.as_ref().unwrap().value[..], b"bar");

@@ -48,6 +48,7 @@ use crate::etcdserverpb::{
 };
 use crate::kv::check_size;
 use crate::shards;
+use crate::watch::wire::OutgoingWatchResponse;
 use crate::watch::WatchHub;
 
 /// The etcd server version the gateway reports.
@@ -314,7 +315,7 @@ impl WatchService {
 
 #[tonic::async_trait]
 impl Watch for WatchService {
-    type WatchStream = BoxStream<WatchResponse>;
+    type WatchStream = BoxStream<OutgoingWatchResponse>;
 
     async fn watch(
         &self,

@@ -1071,7 +1071,7 @@ both_engines!(
             .into_inner();
         let mut ids = Vec::new();
         while ids.len() < 2 {
-            let r = stream.message().await.unwrap().unwrap();
+            let r = stream.message().await.unwrap().unwrap().into_message();
             assert!(r.created);
             ids.push(r.watch_id);
         }
@@ -1093,7 +1093,8 @@ both_engines!(
                 .await
                 .expect("response in time")
                 .unwrap()
-                .unwrap();
+                .unwrap()
+                .into_message();
             assert!(r
                 .events
                 .iter()

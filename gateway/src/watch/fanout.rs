@@ -69,6 +69,7 @@ use metastore_proto::mvccpb::Event;
 use tokio::sync::Notify;
 
 use super::merge::{event_revision, MergeEnd, Release};
+use super::wire::EncodingCache;
 
 /// Released events of revisions `from..=through` (possibly none), shared by
 /// every watcher that receives them.
@@ -78,6 +79,8 @@ pub struct Batch {
     pub through: i64,
     pub events: Vec<Event>,
     pub bytes: usize,
+    /// `events` encoded for responses, once for all watchers.
+    pub encoded: EncodingCache,
 }
 
 impl From<Release> for Batch {
@@ -87,6 +90,7 @@ impl From<Release> for Batch {
             through: r.through,
             events: r.events,
             bytes: r.bytes,
+            encoded: EncodingCache::default(),
         }
     }
 }
@@ -653,6 +657,7 @@ mod tests {
             through,
             events,
             bytes,
+            ..Default::default()
         }
     }
 

@@ -42,6 +42,7 @@ pub mod fanout;
 pub mod feed;
 pub mod merge;
 pub mod session;
+pub mod wire;
 
 #[cfg(test)]
 mod scenarios;
@@ -50,7 +51,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::Stream;
-use metastore_proto::etcdserverpb::{WatchRequest, WatchResponse};
+use metastore_proto::etcdserverpb::WatchRequest;
 use tokio::sync::mpsc;
 
 use crate::backend::Backend;
@@ -108,7 +109,7 @@ impl WatchHub {
 
     /// Serves one Watch stream: spawns its session and returns the
     /// responses to send.
-    pub fn open<S, E>(self: &Arc<Self>, requests: S) -> mpsc::Receiver<WatchResponse>
+    pub fn open<S, E>(self: &Arc<Self>, requests: S) -> mpsc::Receiver<wire::OutgoingWatchResponse>
     where
         S: Stream<Item = Result<WatchRequest, E>> + Unpin + Send + 'static,
         E: std::fmt::Display + Send + 'static,

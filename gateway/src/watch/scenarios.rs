@@ -21,6 +21,7 @@ use metastore_proto::shardpb::{
 use tokio::sync::mpsc;
 
 use super::merge::event_revision;
+use super::wire::OutgoingWatchResponse;
 use super::{WatchConfig, WatchHub};
 use crate::client::SubscriptionSink;
 use crate::error::{GatewayError, Result};
@@ -322,7 +323,7 @@ impl WatchTransport for Fake {
 
 struct Client {
     tx: mpsc::UnboundedSender<WatchRequest>,
-    rx: mpsc::Receiver<WatchResponse>,
+    rx: mpsc::Receiver<OutgoingWatchResponse>,
 }
 
 fn hub(fake: &Fake, cfg: WatchConfig) -> Arc<WatchHub> {
@@ -366,11 +367,13 @@ impl Client {
         self.send(RequestUnion::CreateRequest(c));
     }
 
+    /// The next response, as the client decodes it.
     async fn next(&mut self) -> WatchResponse {
         tokio::time::timeout(Duration::from_secs(5), self.rx.recv())
             .await
             .expect("a response within 5 s")
             .expect("stream open")
+            .into_message()
     }
 
     /// Expects a successful `created` and returns the watch id.

@@ -43,7 +43,10 @@
 //! `fragment` gets etcd's fragments instead (`fragment: true` on all but
 //! the last). A response thus always holds whole revisions, in order.
 //! Header revision of an event response: the last release it came from
-//! (every event up to it has been delivered).
+//! (every event up to it has been delivered). A watch without filters
+//! takes its events as suffixes of each release's shared encoding (see
+//! `wire`); filters, and responses that must be split, go event by event.
+//! Both select the same events.
 //!
 //! The stream takes items from the inbox in bursts (up to [`BURST_BYTES`]
 //! of events or [`BURST_RESPONSES`] responses, at least one item), and
@@ -64,6 +67,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
+use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::stream::{FuturesOrdered, Stream, StreamExt};
 use metastore_proto::etcdserverpb::{
@@ -71,11 +75,13 @@ use metastore_proto::etcdserverpb::{
     WatchCreateRequest, WatchRequest, WatchResponse,
 };
 use metastore_proto::mvccpb::{event::EventType, Event};
+use prost::Message;
 use tokio::sync::mpsc;
 
 use super::fanout::{Batches, Inbox, Item, Subscriber};
 use super::feed::Feed;
 use super::merge::{event_bytes, event_revision, MergeEnd};
+use super::wire::OutgoingWatchResponse;
 use super::WatchHub;
 use crate::error::GatewayError;
 
@@ -134,7 +140,7 @@ pub struct Session {
     progress_lagging: usize,
     raft_term: u64,
     last_rev: i64,
-    outq: VecDeque<WatchResponse>,
+    outq: VecDeque<OutgoingWatchResponse>,
 }
 
 impl Session {
@@ -155,7 +161,7 @@ impl Session {
     }
 
     /// Serves the stream until the client goes away.
-    pub async fn run<S, E>(mut self, mut requests: S, out: mpsc::Sender<WatchResponse>)
+    pub async fn run<S, E>(mut self, mut requests: S, out: mpsc::Sender<OutgoingWatchResponse>)
     where
         S: Stream<Item = Result<WatchRequest, E>> + Unpin + Send,
         E: std::fmt::Display,
@@ -210,7 +216,7 @@ impl Session {
     }
 
     /// Sends whatever is ready while gRPC has room, without waiting.
-    fn flush(&mut self, out: &mpsc::Sender<WatchResponse>) {
+    fn flush(&mut self, out: &mpsc::Sender<OutgoingWatchResponse>) {
         loop {
             if self.outq.is_empty() {
                 self.take_burst();
@@ -288,14 +294,17 @@ impl Session {
     }
 
     fn refuse_create(&mut self, reason: String) {
-        self.outq.push_back(WatchResponse {
-            header: Some(self.header(self.last_rev)),
-            watch_id: -1,
-            created: true,
-            canceled: true,
-            cancel_reason: reason,
-            ..Default::default()
-        });
+        self.outq.push_back(
+            WatchResponse {
+                header: Some(self.header(self.last_rev)),
+                watch_id: -1,
+                created: true,
+                canceled: true,
+                cancel_reason: reason,
+                ..Default::default()
+            }
+            .into(),
+        );
     }
 
     fn create(&mut self, mut c: WatchCreateRequest, now: Result<(i64, u64), GatewayError>) {
@@ -338,12 +347,15 @@ impl Session {
         } else {
             cur + 1
         };
-        self.outq.push_back(WatchResponse {
-            header: Some(self.header(cur)),
-            watch_id: id,
-            created: true,
-            ..Default::default()
-        });
+        self.outq.push_back(
+            WatchResponse {
+                header: Some(self.header(cur)),
+                watch_id: id,
+                created: true,
+                ..Default::default()
+            }
+            .into(),
+        );
         let slot = self.next_slot;
         self.next_slot += 1;
         self.inbox.open_slot(slot);
@@ -396,12 +408,15 @@ impl Session {
         if self.remove_watch(id).is_none() {
             return;
         }
-        self.outq.push_back(WatchResponse {
-            header: Some(self.header(self.last_rev)),
-            watch_id: id,
-            canceled: true,
-            ..Default::default()
-        });
+        self.outq.push_back(
+            WatchResponse {
+                header: Some(self.header(self.last_rev)),
+                watch_id: id,
+                canceled: true,
+                ..Default::default()
+            }
+            .into(),
+        );
     }
 
     fn remove_watch(&mut self, id: i64) -> Option<Watch> {
@@ -452,11 +467,14 @@ impl Session {
                 return;
             }
             self.progress_waits.pop_front();
-            self.outq.push_back(WatchResponse {
-                header: Some(self.header(r)),
-                watch_id: -1,
-                ..Default::default()
-            });
+            self.outq.push_back(
+                WatchResponse {
+                    header: Some(self.header(r)),
+                    watch_id: -1,
+                    ..Default::default()
+                }
+                .into(),
+            );
             if let Some(&next) = self.progress_waits.front() {
                 self.progress_lagging =
                     self.watches.values().filter(|w| w.delivered < next).count();
@@ -514,7 +532,7 @@ impl Session {
 
     fn handle_item(&mut self, item: Item) {
         match item {
-            Item::Response(r) => self.outq.push_back(r),
+            Item::Response(r) => self.outq.push_back(r.into()),
             Item::Events { slot, batches } => {
                 let Some(&id) = self.by_slot.get(&slot) else {
                     return;
@@ -523,12 +541,40 @@ impl Session {
                 let header = self.header(through);
                 let max = self.hub.cfg.max_response_bytes;
                 let w = self.watches.get_mut(&id).unwrap();
-                let events = select_events(w, &batches);
-                if !events.is_empty() {
+                let base = WatchResponse {
+                    header: Some(header),
+                    watch_id: id,
+                    ..Default::default()
+                };
+                let sent = match select_encoded(w, &batches) {
+                    Some(runs) if runs.events == 0 => false,
+                    Some(runs) if runs.events < 2 || base.encoded_len() + runs.bytes < max => {
+                        self.outq.push_back(OutgoingWatchResponse {
+                            message: base,
+                            encoded_events: runs.runs,
+                        });
+                        true
+                    }
+                    // Filtered, or to be split: event by event.
+                    _ => {
+                        let events = select_events(w, &batches);
+                        let any = !events.is_empty();
+                        if any {
+                            let bound = batches.bytes();
+                            push_event_responses(
+                                &mut self.outq,
+                                events,
+                                bound,
+                                base,
+                                w.fragment,
+                                max,
+                            );
+                        }
+                        any
+                    }
+                };
+                if sent {
                     w.sent_since_tick = true;
-                    let fragment = w.fragment;
-                    let bound = batches.bytes();
-                    push_event_responses(&mut self.outq, id, events, bound, header, fragment, max);
                 }
                 self.advance(id, through);
             }
@@ -546,7 +592,7 @@ impl Session {
                         watch_id: id,
                         ..Default::default()
                     };
-                    self.outq.push_back(resp);
+                    self.outq.push_back(resp.into());
                 }
             }
             Item::Overflow { slot, resume_from } => {
@@ -583,10 +629,44 @@ impl Session {
                     MergeEnd::Compacted(c) => resp.compact_revision = c,
                     MergeEnd::Failed(reason) => resp.cancel_reason = reason,
                 }
-                self.outq.push_back(resp);
+                self.outq.push_back(resp.into());
             }
         }
     }
+}
+
+/// A watch's events of some releases as runs of the releases' shared
+/// encodings (see `wire`).
+struct EncodedRuns {
+    runs: Vec<Bytes>,
+    events: usize,
+    bytes: usize,
+}
+
+/// The events of `batches` this watch delivers, as [`select_events`]
+/// picks them, but as suffixes of each release's shared encoding: `None`
+/// when the watch filters event types (then each event is looked at).
+fn select_encoded(w: &Watch, batches: &Batches) -> Option<EncodedRuns> {
+    if w.no_put || w.no_delete {
+        return None;
+    }
+    let mut out = EncodedRuns {
+        runs: Vec::with_capacity(batches.len()),
+        events: 0,
+        bytes: 0,
+    };
+    let mut next_rev = w.next_rev;
+    for b in batches.iter() {
+        let first = b.events.partition_point(|e| event_revision(e) < next_rev);
+        if first < b.events.len() {
+            let run = b.encoded.get(&b.events, w.prev_kv).from_index(first);
+            out.events += b.events.len() - first;
+            out.bytes += run.len();
+            out.runs.push(run);
+        }
+        next_rev = next_rev.max(b.through + 1);
+    }
+    Some(out)
 }
 
 /// The events of `batches` (ascending releases) this watch delivers: not
@@ -625,26 +705,22 @@ fn select_events(w: &Watch, batches: &Batches) -> Vec<Event> {
 /// stripping `prev_kv` only shrink them), so the common case — everything
 /// fits in one response — is decided without sizing each event again.
 fn push_event_responses(
-    outq: &mut VecDeque<WatchResponse>,
-    watch_id: i64,
+    outq: &mut VecDeque<OutgoingWatchResponse>,
     events: Vec<Event>,
     bound: usize,
-    header: ResponseHeader,
+    base: WatchResponse,
     fragment: bool,
     max_bytes: usize,
 ) {
-    let base = WatchResponse {
-        header: Some(header),
-        watch_id,
-        ..Default::default()
-    };
-    if events.len() < 2 || prost::Message::encoded_len(&base) + bound < max_bytes {
-        outq.push_back(WatchResponse { events, ..base });
+    if events.len() < 2 || base.encoded_len() + bound < max_bytes {
+        outq.push_back(WatchResponse { events, ..base }.into());
     } else {
         let header = base.header.unwrap_or_default();
-        outq.extend(event_responses(
-            watch_id, events, header, fragment, max_bytes,
-        ));
+        outq.extend(
+            event_responses(base.watch_id, events, header, fragment, max_bytes)
+                .into_iter()
+                .map(OutgoingWatchResponse::from),
+        );
     }
 }
 
@@ -816,6 +892,7 @@ mod tests {
                 through,
                 events,
                 bytes,
+                ..Default::default()
             })
         };
         // Coalesced the only way items grow: pushes to one slot. The second
@@ -860,7 +937,27 @@ mod tests {
         let got = select_events(&w, &batches);
         assert_eq!(revs(&got), vec![3, 4, 5, 6], "revision 3 once");
         assert!(got.iter().all(|e| e.prev_kv.is_none()), "prev_kv stripped");
+        // The shared encodings select exactly the same events, with and
+        // without prev_kv, from any start.
+        for prev_kv in [false, true] {
+            for next_rev in 1..=7 {
+                w.prev_kv = prev_kv;
+                w.next_rev = next_rev;
+                let plain = select_events(&w, &batches);
+                let runs = select_encoded(&w, &batches).expect("no filters");
+                assert_eq!(runs.events, plain.len());
+                let sent = OutgoingWatchResponse {
+                    message: WatchResponse::default(),
+                    encoded_events: runs.runs,
+                };
+                assert_eq!(sent.encoded_len(), runs.bytes);
+                assert_eq!(sent.into_message().events, plain, "from {next_rev}");
+            }
+        }
+        w.next_rev = 3;
+        w.prev_kv = false;
         w.no_delete = true;
+        assert!(select_encoded(&w, &batches).is_none(), "filters look at each event");
         w.prev_kv = true;
         let got = select_events(&w, &batches);
         assert_eq!(revs(&got), vec![3, 4, 6]);

@@ -1,0 +1,258 @@
+//! What a Watch stream sends: etcd's `WatchResponse`, with its events
+//! encoded once per release instead of once per watcher.
+//!
+//! A feed's release goes to every watcher of the range, often hundreds,
+//! and each watcher's response repeats the same events under its own
+//! `watch_id` and header. Encoding them per watcher (a copy of every key
+//! and value into the message, then prost's varint and length work) was
+//! most of the gateway's cost per delivered event. Instead a release is
+//! encoded once, lazily, as the run of `events` fields (field 11) it
+//! contributes to any response ([`EncodedEvents`]), and each watcher's
+//! response refers to that run, or to a suffix of it, by refcount.
+//!
+//! [`OutgoingWatchResponse`] is the type the gRPC service sends (the
+//! gateway's build maps `etcdserverpb.WatchResponse` to it): a plain
+//! [`WatchResponse`] plus runs of already-encoded events written after
+//! the message's own fields. Protobuf concatenates the elements of a
+//! repeated field wherever they appear, so a client decodes exactly the
+//! message whose `events` are the message's own followed by the runs, in
+//! order. Decoding one (only tests do) yields the plain message.
+//!
+//! Invariant: a run holds whole `Event` fields, as `prost` encodes them
+//! (tag 11, length, the event), so the bytes on the wire are the ones a
+//! plain `WatchResponse` with the same events encodes to.
+
+use std::sync::OnceLock;
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use metastore_proto::etcdserverpb::WatchResponse;
+use metastore_proto::mvccpb::Event;
+use prost::encoding::{DecodeContext, WireType};
+use prost::{DecodeError, Message};
+
+/// The field number of `WatchResponse.events`.
+const EVENTS_FIELD: u32 = 11;
+
+/// A `WatchResponse` as sent: `message`'s fields (events included), then
+/// the events of `encoded_events`.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct OutgoingWatchResponse {
+    pub message: WatchResponse,
+    /// Runs of encoded `events` fields, in order, after `message.events`.
+    pub encoded_events: Vec<Bytes>,
+}
+
+impl From<WatchResponse> for OutgoingWatchResponse {
+    fn from(message: WatchResponse) -> Self {
+        OutgoingWatchResponse {
+            message,
+            encoded_events: Vec::new(),
+        }
+    }
+}
+
+impl OutgoingWatchResponse {
+    /// The plain message a client decodes from this one.
+    pub fn into_message(self) -> WatchResponse {
+        let mut m = self.message;
+        for run in self.encoded_events {
+            m.merge(run)
+                .expect("encoded events are whole `events` fields");
+        }
+        m
+    }
+}
+
+impl Message for OutgoingWatchResponse {
+    fn encode_raw(&self, buf: &mut impl BufMut) {
+        self.message.encode_raw(buf);
+        for run in &self.encoded_events {
+            buf.put_slice(run);
+        }
+    }
+
+    fn merge_field(
+        &mut self,
+        tag: u32,
+        wire_type: WireType,
+        buf: &mut impl Buf,
+        ctx: DecodeContext,
+    ) -> Result<(), DecodeError> {
+        self.message.merge_field(tag, wire_type, buf, ctx)
+    }
+
+    fn encoded_len(&self) -> usize {
+        self.message.encoded_len() + self.encoded_events.iter().map(Bytes::len).sum::<usize>()
+    }
+
+    fn clear(&mut self) {
+        self.message.clear();
+        self.encoded_events.clear();
+    }
+}
+
+/// A release's events encoded as consecutive `events` fields, with where
+/// each one ends, so a watcher that starts inside the release takes a
+/// suffix.
+#[derive(Debug)]
+pub struct EncodedEvents {
+    bytes: Bytes,
+    /// `ends[i]`: offset just past event `i`.
+    ends: Vec<usize>,
+}
+
+impl EncodedEvents {
+    /// Encodes `events`, without their `prev_kv` unless `prev_kv`.
+    pub fn new(events: &[Event], prev_kv: bool) -> EncodedEvents {
+        let mut buf = BytesMut::new();
+        let mut ends = Vec::with_capacity(events.len());
+        for e in events {
+            if prev_kv || e.prev_kv.is_none() {
+                prost::encoding::message::encode(EVENTS_FIELD, e, &mut buf);
+            } else {
+                let stripped = Event {
+                    r#type: e.r#type,
+                    kv: e.kv.clone(),
+                    prev_kv: None,
+                };
+                prost::encoding::message::encode(EVENTS_FIELD, &stripped, &mut buf);
+            }
+            ends.push(buf.len());
+        }
+        EncodedEvents {
+            bytes: buf.freeze(),
+            ends,
+        }
+    }
+
+    /// The events from index `first` on (empty past the end).
+    pub fn from_index(&self, first: usize) -> Bytes {
+        let start = match first {
+            0 => 0,
+            i => self.ends.get(i - 1).copied().unwrap_or(self.bytes.len()),
+        };
+        self.bytes.slice(start..)
+    }
+}
+
+/// A release's encodings, each made on first use and then shared by every
+/// watcher: the events as released, and without their `prev_kv`.
+#[derive(Debug, Default)]
+pub struct EncodingCache {
+    as_released: OnceLock<EncodedEvents>,
+    without_prev_kv: OnceLock<EncodedEvents>,
+}
+
+/// A cache of its batch's events, not part of the batch's value.
+impl PartialEq for EncodingCache {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl EncodingCache {
+    /// `events` (the batch's, always the same ones) encoded for a watcher
+    /// that asked for `prev_kv` or not.
+    pub fn get(&self, events: &[Event], prev_kv: bool) -> &EncodedEvents {
+        if prev_kv || events.iter().all(|e| e.prev_kv.is_none()) {
+            self.as_released
+                .get_or_init(|| EncodedEvents::new(events, true))
+        } else {
+            self.without_prev_kv
+                .get_or_init(|| EncodedEvents::new(events, false))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use metastore_proto::etcdserverpb::ResponseHeader;
+    use metastore_proto::mvccpb::{event::EventType, KeyValue};
+
+    fn ev(rev: i64, key: &str, with_prev: bool) -> Event {
+        let kv = |r: i64| KeyValue {
+            key: key.as_bytes().to_vec().into(),
+            value: format!("value at {r}").into_bytes().into(),
+            create_revision: 1,
+            mod_revision: r,
+            version: r,
+            lease: 0,
+        };
+        Event {
+            r#type: EventType::Put as i32,
+            kv: Some(kv(rev)),
+            prev_kv: with_prev.then(|| kv(rev - 1)),
+        }
+    }
+
+    fn head() -> WatchResponse {
+        WatchResponse {
+            header: Some(ResponseHeader {
+                cluster_id: 7,
+                member_id: 8,
+                revision: 12,
+                raft_term: 2,
+            }),
+            watch_id: 3,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn encodes_to_the_bytes_of_the_plain_message() {
+        let events = vec![ev(10, "a", true), ev(11, "b", false), ev(12, "c", true)];
+        for prev_kv in [false, true] {
+            let enc = EncodedEvents::new(&events, prev_kv);
+            let expected: Vec<Event> = events
+                .iter()
+                .map(|e| Event {
+                    prev_kv: if prev_kv { e.prev_kv.clone() } else { None },
+                    ..e.clone()
+                })
+                .collect();
+            for first in 0..=events.len() {
+                let plain = WatchResponse {
+                    events: expected[first..].to_vec(),
+                    ..head()
+                };
+                let out = OutgoingWatchResponse {
+                    message: head(),
+                    encoded_events: vec![enc.from_index(first)],
+                };
+                assert_eq!(out.encoded_len(), plain.encoded_len());
+                assert_eq!(out.encode_to_vec(), plain.encode_to_vec());
+                assert_eq!(
+                    WatchResponse::decode(&out.encode_to_vec()[..]).unwrap(),
+                    plain
+                );
+                assert_eq!(out.clone().into_message(), plain);
+            }
+        }
+    }
+
+    #[test]
+    fn own_events_come_before_the_runs() {
+        let a = EncodedEvents::new(&[ev(5, "x", false), ev(6, "y", false)], false);
+        let b = EncodedEvents::new(&[ev(8, "z", false)], false);
+        let out = OutgoingWatchResponse {
+            message: WatchResponse {
+                events: vec![ev(4, "w", false)],
+                ..head()
+            },
+            encoded_events: vec![a.from_index(1), b.from_index(0)],
+        };
+        let got = WatchResponse::decode(&out.encode_to_vec()[..]).unwrap();
+        let revs: Vec<i64> = got
+            .events
+            .iter()
+            .map(|e| e.kv.as_ref().unwrap().mod_revision)
+            .collect();
+        assert_eq!(revs, vec![4, 6, 8]);
+        assert_eq!(got.watch_id, 3);
+        // A decoded response is a plain one: nothing is left in runs.
+        let back = OutgoingWatchResponse::decode(&out.encode_to_vec()[..]).unwrap();
+        assert!(back.encoded_events.is_empty());
+        assert_eq!(back.message, got);
+    }
+}
