@@ -23,6 +23,9 @@
 //! - [`feed`]: a merge + fan-out driven by one task, shared by all watchers
 //!   of a key range that can use it (the registry).
 //! - [`session`]: one gRPC Watch stream with etcd v3.5's semantics.
+//! - [`wire`]: the response as sent, its events encoded once per release.
+//! - [`revision`]: current-revision reads shared by the watch requests
+//!   waiting for one.
 //!
 //! Shard streams travel on a dedicated connection per shard (see
 //! `shards::WatchTransport`).
@@ -41,6 +44,7 @@
 pub mod fanout;
 pub mod feed;
 pub mod merge;
+pub mod revision;
 pub mod session;
 pub mod wire;
 
@@ -85,10 +89,11 @@ impl Default for WatchConfig {
     }
 }
 
-/// What every Watch stream shares: the backend (current revisions,
-/// headers), the feed registry and the settings.
+/// What every Watch stream shares: the backend (headers), current-revision
+/// reads, the feed registry and the settings.
 pub struct WatchHub {
     pub backend: Arc<Backend>,
+    pub revisions: Arc<revision::RevisionReads>,
     pub registry: Arc<Registry>,
     pub cfg: WatchConfig,
 }
@@ -101,6 +106,7 @@ impl WatchHub {
     ) -> Arc<WatchHub> {
         let registry = Registry::new(transport, backend.router.shard_count(), cfg.feed.clone());
         Arc::new(WatchHub {
+            revisions: revision::RevisionReads::new(backend.clone()),
             backend,
             registry,
             cfg,

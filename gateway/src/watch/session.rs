@@ -5,8 +5,9 @@
 //! Client requests are processed strictly in arrival order (etcd's
 //! recvLoop does the same), but their slow part — asking the oracle for the
 //! current revision — runs ahead concurrently (`FuturesOrdered`, at most
-//! [`MAX_INFLIGHT`]), so creating 10 000 watches does not take 10 000 round
-//! trips end to end.
+//! [`MAX_INFLIGHT`]), and concurrent requests of all streams share one
+//! read (`revision`), so creating 10 000 watches does not take 10 000
+//! round trips.
 //!
 //! - **create**: key `""` becomes `"\0"` (etcd); a non-empty range end not
 //!   above the key is refused like etcd ("mvcc: watcher range is empty").
@@ -203,9 +204,9 @@ impl Session {
                 _ = self.inbox.notified(), if self.outq.is_empty() => {}
                 _ = ticker.tick() => {
                     if self.watches.values().any(|w| w.progress_notify) {
-                        let backend = self.hub.backend.clone();
+                        let revisions = self.hub.revisions.clone();
                         prepared.push_back(Box::pin(async move {
-                            Prepared::Tick(backend.current_revision().await)
+                            Prepared::Tick(revisions.current().await)
                         }));
                     }
                 }
@@ -260,17 +261,17 @@ impl Session {
     }
 
     fn prepare(&self, r: WatchRequest) -> Option<BoxFuture<'static, Prepared>> {
-        let backend = self.hub.backend.clone();
+        let revisions = self.hub.revisions.clone();
         match r.request_union? {
             RequestUnion::CreateRequest(c) => Some(Box::pin(async move {
-                let now = backend.current_revision().await;
+                let now = revisions.current().await;
                 Prepared::Create(c, now)
             })),
             RequestUnion::CancelRequest(c) => Some(Box::pin(futures::future::ready(
                 Prepared::Cancel(c.watch_id),
             ))),
             RequestUnion::ProgressRequest(_) => Some(Box::pin(async move {
-                Prepared::Progress(backend.current_revision().await)
+                Prepared::Progress(revisions.current().await)
             })),
         }
     }
@@ -957,7 +958,10 @@ mod tests {
         w.next_rev = 3;
         w.prev_kv = false;
         w.no_delete = true;
-        assert!(select_encoded(&w, &batches).is_none(), "filters look at each event");
+        assert!(
+            select_encoded(&w, &batches).is_none(),
+            "filters look at each event"
+        );
         w.prev_kv = true;
         let got = select_events(&w, &batches);
         assert_eq!(revs(&got), vec![3, 4, 6]);
