@@ -29,6 +29,8 @@ fn main() {
     println!("cargo:rerun-if-env-changed=PROTOC");
 
     tonic_prost_build::configure()
+        // prost with small starting buffers (see `src/codec.rs`).
+        .codec_path("crate::codec::EtcdCodec")
         .build_server(true)
         .build_client(true)
         // The most specific path wins (prost-build looks up the exact name

@@ -15,6 +15,7 @@
 //! - [`merge`]: pure merge rules for per-shard answers;
 //! - [`watch`]: etcd's Watch across shards — watermark merge of per-shard
 //!   event streams, shared feeds, per-stream sessions;
+//! - [`codec`]: the services' prost codec (small starting buffers);
 //! - [`service`]: the tonic services (the only place errors become
 //!   `Status`, via [`error`]);
 //! - [`server`]: start-up (discover, bind, ready line) and serving.
@@ -27,6 +28,7 @@ pub mod etcdserverpb {
 
 pub mod backend;
 pub mod client;
+pub mod codec;
 pub mod coordinator;
 pub mod error;
 pub mod kv;

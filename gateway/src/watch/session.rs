@@ -95,6 +95,8 @@ const BURST_BYTES: usize = 64 << 10;
 const BURST_RESPONSES: usize = 32;
 /// Responses waiting to be sent beyond which client requests are not read.
 const MAX_QUEUED_RESPONSES: usize = 1024;
+/// Capacity an emptied response queue keeps (more is freed).
+const OUTQ_KEEP: usize = 2 * BURST_RESPONSES;
 
 /// etcd's refusal of a taken watch id.
 pub const MSG_DUPLICATE_WATCH_ID: &str = "mvcc: duplicate watch ID provided on the WatchStream";
@@ -222,6 +224,12 @@ impl Session {
             if self.outq.is_empty() {
                 self.take_burst();
                 if self.outq.is_empty() {
+                    // A burst (say, a client creating thousands of
+                    // watches) grew the queue: give that memory back
+                    // rather than hold it for the stream's life.
+                    if self.outq.capacity() > OUTQ_KEEP {
+                        self.outq = VecDeque::new();
+                    }
                     return;
                 }
             }
