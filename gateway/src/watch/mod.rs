@@ -24,6 +24,8 @@
 //!   of a key range that can use it (the registry).
 //! - [`session`]: one gRPC Watch stream with etcd v3.5's semantics.
 //! - [`wire`]: the response as sent, its events encoded once per release.
+//! - [`requests`]: a stream's requests in order, waiting for the current
+//!   revision (I/O-free; one read serves all queued requests);
 //! - [`revision`]: current-revision reads shared by the watch requests
 //!   waiting for one.
 //!
@@ -44,6 +46,7 @@
 pub mod fanout;
 pub mod feed;
 pub mod merge;
+pub mod requests;
 pub mod revision;
 pub mod session;
 pub mod wire;

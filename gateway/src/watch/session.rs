@@ -3,11 +3,13 @@
 //! # Requests, in order
 //!
 //! Client requests are processed strictly in arrival order (etcd's
-//! recvLoop does the same), but their slow part — asking the oracle for the
-//! current revision — runs ahead concurrently (`FuturesOrdered`, at most
-//! [`MAX_INFLIGHT`]), and concurrent requests of all streams share one
-//! read (`revision`), so creating 10 000 watches does not take 10 000
-//! round trips.
+//! recvLoop does the same). Their slow part — asking the oracle for the
+//! current revision — is one read for every request queued when it
+//! started (`requests`), and concurrent reads of all streams are shared
+//! too (`revision`), so creating 10 000 watches takes a few round trips.
+//! Requests are read off the stream while the queued requests plus the
+//! responses not yet handed to gRPC stay below [`MAX_BUFFERED_REQUESTS`],
+//! so a burst of creates holds a bounded amount of memory.
 //!
 //! - **create**: key `""` becomes `"\0"` (etcd); a non-empty range end not
 //!   above the key is refused like etcd ("mvcc: watcher range is empty").
@@ -70,7 +72,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
-use futures::stream::{FuturesOrdered, Stream, StreamExt};
+use futures::stream::{Stream, StreamExt};
 use metastore_proto::etcdserverpb::{
     watch_create_request::FilterType, watch_request::RequestUnion, ResponseHeader,
     WatchCreateRequest, WatchRequest, WatchResponse,
@@ -82,19 +84,19 @@ use tokio::sync::mpsc;
 use super::fanout::{Batches, Inbox, Item, Subscriber};
 use super::feed::Feed;
 use super::merge::{event_bytes, event_revision, MergeEnd};
+use super::requests::{Ready, Request, RequestQueue, Revision};
 use super::wire::OutgoingWatchResponse;
 use super::WatchHub;
 use crate::error::GatewayError;
 
-/// Client requests being prepared at once per stream.
-pub const MAX_INFLIGHT: usize = 64;
+/// Client requests queued plus responses not yet handed to gRPC beyond
+/// which no more client requests are read.
+pub const MAX_BUFFERED_REQUESTS: usize = 32;
 /// A burst of items taken from the inbox at once stops after this many
 /// bytes of events (see [`Session::take_burst`]).
 const BURST_BYTES: usize = 64 << 10;
 /// ... or once this many responses wait.
 const BURST_RESPONSES: usize = 32;
-/// Responses waiting to be sent beyond which client requests are not read.
-const MAX_QUEUED_RESPONSES: usize = 1024;
 /// Capacity an emptied response queue keeps (more is freed).
 const OUTQ_KEEP: usize = 2 * BURST_RESPONSES;
 
@@ -103,12 +105,13 @@ pub const MSG_DUPLICATE_WATCH_ID: &str = "mvcc: duplicate watch ID provided on t
 /// etcd's refusal of an empty range.
 pub const MSG_EMPTY_RANGE: &str = "mvcc: watcher range is empty";
 
-enum Prepared {
-    Create(WatchCreateRequest, Result<(i64, u64), GatewayError>),
-    Cancel(i64),
-    Progress(Result<(i64, u64), GatewayError>),
-    /// A progress-notify tick, with the current revision.
-    Tick(Result<(i64, u64), GatewayError>),
+/// What a client request asks of the stream (an empty one asks nothing).
+fn request(r: WatchRequest) -> Option<Request> {
+    Some(match r.request_union? {
+        RequestUnion::CreateRequest(c) => Request::Create(c),
+        RequestUnion::CancelRequest(c) => Request::Cancel(c.watch_id),
+        RequestUnion::ProgressRequest(_) => Request::Progress,
+    })
 }
 
 struct Watch {
@@ -172,21 +175,34 @@ impl Session {
         let interval = self.hub.cfg.progress_notify_interval;
         let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut prepared: FuturesOrdered<BoxFuture<'static, Prepared>> = FuturesOrdered::new();
+        let mut requests_queue = RequestQueue::default();
+        let mut read: Option<BoxFuture<'static, Revision>> = None;
         let mut client_open = true;
         loop {
+            while let Some(r) = requests_queue.pop_ready() {
+                self.apply(r);
+            }
+            if read.is_none() && requests_queue.wants_read() {
+                requests_queue.start_read();
+                let revisions = self.hub.revisions.clone();
+                read = Some(Box::pin(async move { revisions.current().await }));
+            }
             if self.outq.is_empty() {
                 self.take_burst();
             }
-            let can_read = client_open
-                && prepared.len() < MAX_INFLIGHT
-                && self.outq.len() < MAX_QUEUED_RESPONSES;
+            // Requests are read while what they may turn into is bounded:
+            // queued requests plus responses not yet handed to gRPC.
+            let can_read =
+                client_open && requests_queue.len() + self.outq.len() < MAX_BUFFERED_REQUESTS;
             tokio::select! {
-                Some(p) = prepared.next(), if !prepared.is_empty() => self.apply(p),
+                rev = async { read.as_mut().expect("read in flight").await }, if read.is_some() => {
+                    read = None;
+                    requests_queue.read_done(rev);
+                }
                 req = requests.next(), if can_read => match req {
                     Some(Ok(r)) => {
-                        if let Some(f) = self.prepare(r) {
-                            prepared.push_back(f);
+                        if let Some(r) = request(r) {
+                            requests_queue.push(r);
                         }
                     }
                     Some(Err(e)) => {
@@ -206,10 +222,7 @@ impl Session {
                 _ = self.inbox.notified(), if self.outq.is_empty() => {}
                 _ = ticker.tick() => {
                     if self.watches.values().any(|w| w.progress_notify) {
-                        let revisions = self.hub.revisions.clone();
-                        prepared.push_back(Box::pin(async move {
-                            Prepared::Tick(revisions.current().await)
-                        }));
+                        requests_queue.push(Request::Tick);
                     }
                 }
                 _ = out.closed() => break,
@@ -268,28 +281,12 @@ impl Session {
         }
     }
 
-    fn prepare(&self, r: WatchRequest) -> Option<BoxFuture<'static, Prepared>> {
-        let revisions = self.hub.revisions.clone();
-        match r.request_union? {
-            RequestUnion::CreateRequest(c) => Some(Box::pin(async move {
-                let now = revisions.current().await;
-                Prepared::Create(c, now)
-            })),
-            RequestUnion::CancelRequest(c) => Some(Box::pin(futures::future::ready(
-                Prepared::Cancel(c.watch_id),
-            ))),
-            RequestUnion::ProgressRequest(_) => Some(Box::pin(async move {
-                Prepared::Progress(revisions.current().await)
-            })),
-        }
-    }
-
-    fn apply(&mut self, p: Prepared) {
-        match p {
-            Prepared::Create(c, now) => self.create(c, now),
-            Prepared::Cancel(id) => self.cancel(id),
-            Prepared::Progress(now) => self.progress_request(now),
-            Prepared::Tick(now) => self.progress_tick(now),
+    fn apply(&mut self, r: Ready) {
+        match r {
+            Ready::Create(c, now) => self.create(c, now),
+            Ready::Cancel(id) => self.cancel(id),
+            Ready::Progress(now) => self.progress_request(now),
+            Ready::Tick(now) => self.progress_tick(now),
         }
     }
 
