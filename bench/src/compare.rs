@@ -60,6 +60,33 @@ pub struct CompareArgs {
     pub seconds: Option<f64>,
 }
 
+/// The figure of a run a target row compares.
+#[derive(Clone, Copy)]
+enum Figure {
+    Throughput,
+    /// Server CPU µs per operation.
+    Cpu,
+    /// Main latency, p50 or p99.
+    P50,
+    P99,
+}
+
+impl Figure {
+    fn of(self, r: &RunResult) -> Option<f64> {
+        match self {
+            Figure::Throughput => Some(r.throughput),
+            Figure::Cpu => r.server_cpu_us_per_op(),
+            Figure::P50 => r.main_latency().map(|l| l.p50),
+            Figure::P99 => r.main_latency().map(|l| l.p99),
+        }
+    }
+
+    /// The figure of the cell's representative run.
+    fn representative(self, c: &Cell) -> Option<f64> {
+        c.median().and_then(|m| self.of(m))
+    }
+}
+
 /// One row of the workload table.
 struct Spec {
     name: &'static str,
@@ -831,20 +858,9 @@ impl Report<'_> {
             );
             let _ = writeln!(
                 s,
-                "| target | required | rocksdb | verdict | memory (not durable) |"
+                "| target | required | rocksdb | verdict | rocksdb ÷ etcd per round | memory (not durable) |"
             );
-            let _ = writeln!(s, "|---|---|---|---|---|");
-            let thr = |spec: &str, t: &str| {
-                self.cell(spec, t)
-                    .and_then(|c| c.median())
-                    .map(|m| m.throughput)
-            };
-            let cpu = |spec: &str, t: &str| self.cell(spec, t).and_then(|c| c.median_cpu());
-            let lat = |spec: &str, t: &str, p99: bool| {
-                self.cell(spec, t)
-                    .and_then(|c| c.median())
-                    .and_then(|m| m.main_latency().map(|l| if p99 { l.p99 } else { l.p50 }))
-            };
+            let _ = writeln!(s, "|---|---|---|---|---|---|");
             // Round 1's run of `watch-memory`, on a fresh node (later
             // rounds reuse memory earlier workloads freed).
             let rss = |t: &str| {
@@ -855,87 +871,103 @@ impl Report<'_> {
                         .and_then(|m| m.extra("server_rss_growth_per_watcher_bytes"))
                 })
             };
-            type Row<'x> = (
-                &'x str,
-                &'x str,
-                f64,
-                bool,
-                Box<dyn Fn(&str) -> Option<f64> + 'x>,
-            );
-            let rows: Vec<Row> = vec![
+            // (name, requirement, bound, higher is better, workload, figure)
+            let rows: [(&str, &str, f64, bool, &str, Figure); 8] = [
                 (
                     "put @1000 clients: throughput",
                     "≥ 2.5×",
                     2.5,
                     true,
-                    Box::new(|t| ratio(thr("put-1000c", t), thr("put-1000c", "etcd"))),
+                    "put-1000c",
+                    Figure::Throughput,
                 ),
                 (
                     "put @1000 clients: server CPU per put",
                     "≤ 0.2×",
                     0.2,
                     false,
-                    Box::new(|t| ratio(cpu("put-1000c", t), cpu("put-1000c", "etcd"))),
+                    "put-1000c",
+                    Figure::Cpu,
                 ),
                 (
                     "put @1 client: p50 latency",
                     "≤ 0.7×",
                     0.7,
                     false,
-                    Box::new(|t| ratio(lat("put-1c", t, false), lat("put-1c", "etcd", false))),
+                    "put-1c",
+                    Figure::P50,
                 ),
                 (
                     "serializable range @1000 clients: throughput",
                     "≥ 3×",
                     3.0,
                     true,
-                    Box::new(|t| ratio(thr("range-s-1000c", t), thr("range-s-1000c", "etcd"))),
+                    "range-s-1000c",
+                    Figure::Throughput,
                 ),
                 (
                     "serializable range @1000 clients: server CPU per range",
                     "≤ 0.2×",
                     0.2,
                     false,
-                    Box::new(|t| ratio(cpu("range-s-1000c", t), cpu("range-s-1000c", "etcd"))),
+                    "range-s-1000c",
+                    Figure::Cpu,
                 ),
                 (
                     "watch fan-out: events/s",
                     "≥ 2.5×",
                     2.5,
                     true,
-                    Box::new(|t| ratio(thr("watch-fanout", t), thr("watch-fanout", "etcd"))),
+                    "watch-fanout",
+                    Figure::Throughput,
                 ),
                 (
                     "watch fan-out: server CPU per delivered event",
                     "≤ 0.2×",
                     0.2,
                     false,
-                    Box::new(|t| ratio(cpu("watch-fanout", t), cpu("watch-fanout", "etcd"))),
+                    "watch-fanout",
+                    Figure::Cpu,
                 ),
                 (
                     "watch put→event p99",
                     "≤ 0.5×",
                     0.5,
                     false,
-                    Box::new(|t| {
-                        ratio(
-                            lat("watch-latency", t, true),
-                            lat("watch-latency", "etcd", true),
-                        )
-                    }),
+                    "watch-latency",
+                    Figure::P99,
                 ),
             ];
-            for (name, req, bound, higher, f) in rows {
+            for (name, req, bound, higher, spec, fig) in rows {
                 let verdict = |v: Option<f64>| match v {
                     None => "no data".to_string(),
                     Some(v) if (higher && v >= bound) || (!higher && v <= bound) => "met".into(),
                     Some(_) => "**missed**".into(),
                 };
+                let rep = |t: &str| self.cell(spec, t).and_then(|c| fig.representative(c));
+                let f = |t: &str| ratio(rep(t), rep("etcd"));
                 let rv = if has("rocksdb") { f("rocksdb") } else { None };
                 let mv = if has("memory") { f("memory") } else { None };
+                // The same ratio within each round (the targets ran back to
+                // back there), to show how much the machine moved it.
+                let per_round = match (self.cell(spec, "rocksdb"), self.cell(spec, "etcd")) {
+                    (Some(m), Some(e)) => m
+                        .runs
+                        .iter()
+                        .zip(&e.runs)
+                        .map(|(m, e)| match (m, e) {
+                            (Ok(m), Ok(e)) => ratio(fig.of(m), fig.of(e))
+                                .map(|r| format!("{r:.2}"))
+                                .unwrap_or("–".into()),
+                            _ => "–".into(),
+                        })
+                        .collect::<Vec<_>>()
+                        .join(" / "),
+                    _ => "–".into(),
+                };
                 let _ = writeln!(
                     s,
-                    "| {name} | {req} | {} | {} | {} |",
+                    "| {name} | {req} | {} | {} | {per_round} | {} |",
                     fmt_ratio(rv),
                     verdict(rv),
                     fmt_ratio(mv)
@@ -955,7 +987,7 @@ impl Report<'_> {
             let mv = if has("memory") { rss("memory") } else { None };
             let _ = writeln!(
                 s,
-                "| server memory per watcher, streams included (RSS growth ÷ watchers) | ≤ etcd's ≈ 350 B + 18 KB per stream = {ANCHOR_BYTES_PER_WATCHER:.0} B at 100 per stream | {} | {} | {} |",
+                "| server memory per watcher, streams included (RSS growth ÷ watchers) | ≤ etcd's ≈ 350 B + 18 KB per stream = {ANCHOR_BYTES_PER_WATCHER:.0} B at 100 per stream | {} | {} | round 1 only (fresh node) | {} |",
                 bytes(rv),
                 match rv {
                     Some(v) if v <= 0.0 => "no data",
