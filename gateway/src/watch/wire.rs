@@ -152,9 +152,11 @@ impl PartialEq for EncodingCache {
 
 impl EncodingCache {
     /// `events` (the batch's, always the same ones) encoded for a watcher
-    /// that asked for `prev_kv` or not.
+    /// that asked for `prev_kv` or not. (A feed carries `prev_kv` only
+    /// when one of its watchers asked, so a batch is seldom encoded both
+    /// ways.)
     pub fn get(&self, events: &[Event], prev_kv: bool) -> &EncodedEvents {
-        if prev_kv || events.iter().all(|e| e.prev_kv.is_none()) {
+        if prev_kv {
             self.as_released
                 .get_or_init(|| EncodedEvents::new(events, true))
         } else {
