@@ -547,22 +547,24 @@ impl Session {
                 let header = self.header(through);
                 let max = self.hub.cfg.max_response_bytes;
                 let w = self.watches.get_mut(&id).unwrap();
-                let base = WatchResponse {
-                    header: Some(header),
+                let whole = |runs: EncodedRuns| OutgoingWatchResponse::Events {
+                    header,
                     watch_id: id,
-                    ..Default::default()
+                    runs: runs.runs,
                 };
-                let sent = match select_encoded(w, &batches) {
-                    Some(runs) if runs.events == 0 => false,
-                    Some(runs) if runs.events < 2 || base.encoded_len() + runs.bytes < max => {
-                        self.outq.push_back(OutgoingWatchResponse {
-                            message: base,
-                            encoded_events: runs.runs,
-                        });
+                let sent = match select_encoded(w, &batches).map(|r| (r.events, whole(r))) {
+                    Some((0, _)) => false,
+                    Some((n, resp)) if n < 2 || resp.encoded_len() < max => {
+                        self.outq.push_back(resp);
                         true
                     }
                     // Filtered, or to be split: event by event.
                     _ => {
+                        let base = WatchResponse {
+                            header: Some(header),
+                            watch_id: id,
+                            ..Default::default()
+                        };
                         let events = select_events(w, &batches);
                         let any = !events.is_empty();
                         if any {
@@ -952,11 +954,15 @@ mod tests {
                 let plain = select_events(&w, &batches);
                 let runs = select_encoded(&w, &batches).expect("no filters");
                 assert_eq!(runs.events, plain.len());
-                let sent = OutgoingWatchResponse {
-                    message: WatchResponse::default(),
-                    encoded_events: runs.runs,
+                let bytes = runs.bytes;
+                let sent = OutgoingWatchResponse::Events {
+                    header: ResponseHeader::default(),
+                    watch_id: 0,
+                    runs: runs.runs,
                 };
-                assert_eq!(sent.encoded_len(), runs.bytes);
+                let empty_header = ResponseHeader::default();
+                let head = prost::encoding::message::encoded_len(1, &empty_header);
+                assert_eq!(sent.encoded_len(), head + bytes);
                 assert_eq!(sent.into_message().events, plain, "from {next_rev}");
             }
         }

@@ -11,12 +11,11 @@
 //! response refers to that run, or to a suffix of it, by refcount.
 //!
 //! [`OutgoingWatchResponse`] is the type the gRPC service sends (the
-//! gateway's build maps `etcdserverpb.WatchResponse` to it): a plain
-//! [`WatchResponse`] plus runs of already-encoded events written after
-//! the message's own fields. Protobuf concatenates the elements of a
-//! repeated field wherever they appear, so a client decodes exactly the
-//! message whose `events` are the message's own followed by the runs, in
-//! order. Decoding one (only tests do) yields the plain message.
+//! gateway's build maps `etcdserverpb.WatchResponse` to it): an event
+//! response is its header and watch id followed by runs of
+//! already-encoded events; any other response is the plain
+//! [`WatchResponse`]. Decoding one (only tests do) yields the plain
+//! message.
 //!
 //! Invariant: a run holds whole `Event` fields, as `prost` encodes them
 //! (tag 11, length, the event), so the bytes on the wire are the ones a
@@ -25,7 +24,7 @@
 use std::sync::OnceLock;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use metastore_proto::etcdserverpb::WatchResponse;
+use metastore_proto::etcdserverpb::{ResponseHeader, WatchResponse};
 use metastore_proto::mvccpb::Event;
 use prost::encoding::{DecodeContext, WireType};
 use prost::{DecodeError, Message};
@@ -33,41 +32,85 @@ use prost::{DecodeError, Message};
 /// The field number of `WatchResponse.events`.
 const EVENTS_FIELD: u32 = 11;
 
-/// A `WatchResponse` as sent: `message`'s fields (events included), then
-/// the events of `encoded_events`.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct OutgoingWatchResponse {
-    pub message: WatchResponse,
-    /// Runs of encoded `events` fields, in order, after `message.events`.
-    pub encoded_events: Vec<Bytes>,
+/// A `WatchResponse` as sent. Event responses, by far the most frequent,
+/// hold only what they carry (header, watch id, runs of encoded events)
+/// inline; every other response is the plain message, boxed. Streams
+/// queue these by the dozen, and the channel to gRPC allocates its slots
+/// 32 at a time, so the size matters for memory per idle stream.
+#[derive(Clone, Debug, PartialEq)]
+pub enum OutgoingWatchResponse {
+    /// Events of one watch: its header and id, then `runs` of encoded
+    /// `events` fields, in order.
+    Events {
+        header: ResponseHeader,
+        watch_id: i64,
+        runs: Vec<Bytes>,
+    },
+    /// Any other response (created, canceled, progress, events split
+    /// event by event).
+    Message(Box<WatchResponse>),
+}
+
+impl Default for OutgoingWatchResponse {
+    fn default() -> Self {
+        OutgoingWatchResponse::Message(Box::default())
+    }
 }
 
 impl From<WatchResponse> for OutgoingWatchResponse {
     fn from(message: WatchResponse) -> Self {
-        OutgoingWatchResponse {
-            message,
-            encoded_events: Vec::new(),
-        }
+        OutgoingWatchResponse::Message(Box::new(message))
     }
 }
 
 impl OutgoingWatchResponse {
     /// The plain message a client decodes from this one.
     pub fn into_message(self) -> WatchResponse {
-        let mut m = self.message;
-        for run in self.encoded_events {
-            m.merge(run)
-                .expect("encoded events are whole `events` fields");
+        match self {
+            OutgoingWatchResponse::Message(m) => *m,
+            OutgoingWatchResponse::Events {
+                header,
+                watch_id,
+                runs,
+            } => {
+                let mut m = WatchResponse {
+                    header: Some(header),
+                    watch_id,
+                    ..Default::default()
+                };
+                for run in runs {
+                    m.merge(run)
+                        .expect("encoded events are whole `events` fields");
+                }
+                m
+            }
         }
-        m
     }
 }
 
+/// Field numbers of `WatchResponse.header` and `.watch_id`.
+const HEADER_FIELD: u32 = 1;
+const WATCH_ID_FIELD: u32 = 2;
+
 impl Message for OutgoingWatchResponse {
+    /// What prost encodes for the plain message: fields in number order,
+    /// defaults (a zero `watch_id`) omitted.
     fn encode_raw(&self, buf: &mut impl BufMut) {
-        self.message.encode_raw(buf);
-        for run in &self.encoded_events {
-            buf.put_slice(run);
+        match self {
+            OutgoingWatchResponse::Message(m) => m.encode_raw(buf),
+            OutgoingWatchResponse::Events {
+                header,
+                watch_id,
+                runs,
+            } => {
+                prost::encoding::message::encode(HEADER_FIELD, header, buf);
+                if *watch_id != 0 {
+                    prost::encoding::int64::encode(WATCH_ID_FIELD, watch_id, buf);
+                }
+                for run in runs {
+                    buf.put_slice(run);
+                }
+            }
         }
     }
 
@@ -78,16 +121,36 @@ impl Message for OutgoingWatchResponse {
         buf: &mut impl Buf,
         ctx: DecodeContext,
     ) -> Result<(), DecodeError> {
-        self.message.merge_field(tag, wire_type, buf, ctx)
+        if let OutgoingWatchResponse::Events { .. } = self {
+            *self = std::mem::take(self).into_message().into();
+        }
+        match self {
+            OutgoingWatchResponse::Message(m) => m.merge_field(tag, wire_type, buf, ctx),
+            OutgoingWatchResponse::Events { .. } => unreachable!("made a message above"),
+        }
     }
 
     fn encoded_len(&self) -> usize {
-        self.message.encoded_len() + self.encoded_events.iter().map(Bytes::len).sum::<usize>()
+        match self {
+            OutgoingWatchResponse::Message(m) => m.encoded_len(),
+            OutgoingWatchResponse::Events {
+                header,
+                watch_id,
+                runs,
+            } => {
+                prost::encoding::message::encoded_len(HEADER_FIELD, header)
+                    + if *watch_id != 0 {
+                        prost::encoding::int64::encoded_len(WATCH_ID_FIELD, watch_id)
+                    } else {
+                        0
+                    }
+                    + runs.iter().map(Bytes::len).sum::<usize>()
+            }
+        }
     }
 
     fn clear(&mut self) {
-        self.message.clear();
-        self.encoded_events.clear();
+        *self = OutgoingWatchResponse::default();
     }
 }
 
@@ -188,14 +251,18 @@ mod tests {
         }
     }
 
+    fn header() -> ResponseHeader {
+        ResponseHeader {
+            cluster_id: 7,
+            member_id: 8,
+            revision: 12,
+            raft_term: 2,
+        }
+    }
+
     fn head() -> WatchResponse {
         WatchResponse {
-            header: Some(ResponseHeader {
-                cluster_id: 7,
-                member_id: 8,
-                revision: 12,
-                raft_term: 2,
-            }),
+            header: Some(header()),
             watch_id: 3,
             ..Default::default()
         }
@@ -218,9 +285,10 @@ mod tests {
                     events: expected[first..].to_vec(),
                     ..head()
                 };
-                let out = OutgoingWatchResponse {
-                    message: head(),
-                    encoded_events: vec![enc.from_index(first)],
+                let out = OutgoingWatchResponse::Events {
+                    header: header(),
+                    watch_id: 3,
+                    runs: vec![enc.from_index(first)],
                 };
                 assert_eq!(out.encoded_len(), plain.encoded_len());
                 assert_eq!(out.encode_to_vec(), plain.encode_to_vec());
@@ -234,27 +302,45 @@ mod tests {
     }
 
     #[test]
-    fn own_events_come_before_the_runs() {
+    fn runs_follow_in_order_and_a_zero_watch_id_is_omitted() {
         let a = EncodedEvents::new(&[ev(5, "x", false), ev(6, "y", false)], false);
         let b = EncodedEvents::new(&[ev(8, "z", false)], false);
-        let out = OutgoingWatchResponse {
-            message: WatchResponse {
-                events: vec![ev(4, "w", false)],
-                ..head()
-            },
-            encoded_events: vec![a.from_index(1), b.from_index(0)],
+        for watch_id in [0, 3] {
+            let out = OutgoingWatchResponse::Events {
+                header: header(),
+                watch_id,
+                runs: vec![a.from_index(1), b.from_index(0)],
+            };
+            let plain = WatchResponse {
+                header: Some(header()),
+                watch_id,
+                events: vec![ev(6, "y", false), ev(8, "z", false)],
+                ..Default::default()
+            };
+            assert_eq!(out.encoded_len(), plain.encoded_len());
+            assert_eq!(out.encode_to_vec(), plain.encode_to_vec());
+            // A decoded response is a plain one.
+            let back = OutgoingWatchResponse::decode(&out.encode_to_vec()[..]).unwrap();
+            assert_eq!(back, OutgoingWatchResponse::from(plain.clone()));
+            assert_eq!(out.into_message(), plain);
+        }
+    }
+
+    #[test]
+    fn other_responses_are_the_plain_message() {
+        let created = WatchResponse {
+            created: true,
+            cancel_reason: "x".into(),
+            ..head()
         };
-        let got = WatchResponse::decode(&out.encode_to_vec()[..]).unwrap();
-        let revs: Vec<i64> = got
-            .events
-            .iter()
-            .map(|e| e.kv.as_ref().unwrap().mod_revision)
-            .collect();
-        assert_eq!(revs, vec![4, 6, 8]);
-        assert_eq!(got.watch_id, 3);
-        // A decoded response is a plain one: nothing is left in runs.
-        let back = OutgoingWatchResponse::decode(&out.encode_to_vec()[..]).unwrap();
-        assert!(back.encoded_events.is_empty());
-        assert_eq!(back.message, got);
+        let out = OutgoingWatchResponse::from(created.clone());
+        assert_eq!(out.encode_to_vec(), created.encode_to_vec());
+        assert_eq!(out.into_message(), created);
+    }
+
+    #[test]
+    fn event_responses_are_small() {
+        // 32 of them are what the channel to gRPC allocates at a time.
+        assert!(std::mem::size_of::<OutgoingWatchResponse>() <= 72);
     }
 }
