@@ -49,9 +49,10 @@ struct Args {
     #[arg(long, default_value_t = 10_000)]
     watch_max_watchers_per_stream: usize,
     /// Bytes of events queued for one watcher whose client does not read
-    /// before it leaves its shared feed and catches up on its own.
+    /// before it leaves its shared feed and catches up on its own (at most
+    /// 4 GiB).
     #[arg(long, default_value_t = 8 << 20)]
-    watch_max_pending_bytes: usize,
+    watch_max_pending_bytes: u32,
 }
 
 async fn shutdown_signal() {

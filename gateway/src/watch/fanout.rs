@@ -188,9 +188,9 @@ pub const MAX_COALESCED_BYTES: usize = 1 << 20;
 #[derive(Debug, Default)]
 struct Slot {
     bytes: usize,
-    /// The slot's events item still queued with nothing queued for the
-    /// slot behind it: (sequence number, bytes it holds).
-    open: Option<(u64, usize)>,
+    /// Sequence number of the slot's events item still queued with
+    /// nothing queued for the slot behind it.
+    open: Option<u64>,
 }
 
 #[derive(Debug, Default)]
@@ -311,16 +311,12 @@ impl Inbox {
             return Push::Overflow;
         }
         s.bytes += batch.bytes;
-        if let Some((seq, held)) = s.open {
-            if seq >= *head && held + batch.bytes <= MAX_COALESCED_BYTES {
-                if let Some(Item::Events { slot: at, batches }) =
-                    items.get_mut((seq - *head) as usize)
-                {
-                    if *at == slot {
-                        batches.push(batch.clone());
-                        s.open = Some((seq, batches.bytes()));
-                        return Push::Coalesced;
-                    }
+        if let Some(seq) = s.open.filter(|seq| *seq >= *head) {
+            if let Some(Item::Events { slot: at, batches }) = items.get_mut((seq - *head) as usize)
+            {
+                if *at == slot && batches.bytes() + batch.bytes <= MAX_COALESCED_BYTES {
+                    batches.push(batch.clone());
+                    return Push::Coalesced;
                 }
             }
         }
@@ -328,7 +324,7 @@ impl Inbox {
             slot,
             batches: Batches::new(batch.clone()),
         });
-        s.open = Some((next_seq, batch.bytes));
+        s.open = Some(next_seq);
         Push::Queued
     }
 
@@ -369,7 +365,7 @@ impl Inbox {
         if let Item::Events { slot, batches } = &item {
             if let Some(s) = st.slots.get_mut(slot) {
                 s.bytes = s.bytes.saturating_sub(batches.bytes());
-                if s.open.is_some_and(|(open, _)| open == seq) {
+                if s.open == Some(seq) {
                     s.open = None;
                 }
             }
@@ -416,8 +412,9 @@ pub struct Subscriber {
     pub start: i64,
     /// Push a progress marker once released >= this (0 = none).
     pub progress_target: i64,
-    /// Budget of queued bytes.
-    pub budget: usize,
+    /// Budget of queued bytes (`u32` packs with `use_tail`: a feed holds
+    /// one of these per watcher).
+    pub budget: u32,
     /// May be seeded from a feed's tail (a watcher starting "now", or one
     /// resuming after an overflow). A watcher with an explicit start
     /// revision may not: if that revision is compacted, etcd answers
@@ -499,7 +496,10 @@ impl FanOut {
                 continue;
             }
             let resume = sub.start.max(b.from);
-            match sub.inbox.push_events(sub.slot, b, sub.budget, resume) {
+            match sub
+                .inbox
+                .push_events(sub.slot, b, sub.budget as usize, resume)
+            {
                 Push::Queued | Push::Coalesced => {}
                 // Handled by the stream (overflow marker queued) or gone.
                 Push::Overflow | Push::Gone => return Ok(()),
@@ -568,7 +568,10 @@ impl FanOut {
         self.subs.retain_mut(|s| {
             if batch.has_events_from(s.start) {
                 let resume = s.start.max(batch.from);
-                match s.inbox.push_events_quiet(s.slot, &batch, s.budget, resume) {
+                match s
+                    .inbox
+                    .push_events_quiet(s.slot, &batch, s.budget as usize, resume)
+                {
                     Push::Queued => note(&s.inbox),
                     Push::Coalesced => {}
                     Push::Overflow => {
@@ -661,7 +664,7 @@ mod tests {
         }
     }
 
-    fn sub(inbox: &Arc<Inbox>, slot: u64, start: i64, budget: usize) -> Subscriber {
+    fn sub(inbox: &Arc<Inbox>, slot: u64, start: i64, budget: u32) -> Subscriber {
         inbox.open_slot(slot);
         Subscriber {
             slot,

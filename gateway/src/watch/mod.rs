@@ -74,7 +74,7 @@ pub struct WatchConfig {
     pub progress_notify_interval: Duration,
     pub max_watchers_per_stream: usize,
     /// Per watcher: bytes of events queued and not yet sent.
-    pub max_pending_bytes: usize,
+    pub max_pending_bytes: u32,
     /// Event responses are split (or fragmented) above this size.
     pub max_response_bytes: usize,
     pub feed: FeedConfig,

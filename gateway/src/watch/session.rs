@@ -116,8 +116,9 @@ fn request(r: WatchRequest) -> Option<Request> {
 
 struct Watch {
     slot: u64,
-    key: Vec<u8>,
-    range_end: Vec<u8>,
+    // Boxed slices, not `Vec`s: 16 bytes less per watch, kept for its life.
+    key: Box<[u8]>,
+    range_end: Box<[u8]>,
     no_put: bool,
     no_delete: bool,
     prev_kv: bool,
@@ -367,8 +368,8 @@ impl Session {
         self.inbox.open_slot(slot);
         let mut w = Watch {
             slot,
-            key: c.key,
-            range_end: c.range_end,
+            key: c.key.into_boxed_slice(),
+            range_end: c.range_end.into_boxed_slice(),
             no_put: c.filters.contains(&(FilterType::Noput as i32)),
             no_delete: c.filters.contains(&(FilterType::Nodelete as i32)),
             prev_kv: c.prev_kv,
@@ -928,8 +929,8 @@ mod tests {
         assert_eq!(batches.len(), 3);
         let mut w = Watch {
             slot: 1,
-            key: vec![],
-            range_end: vec![],
+            key: Box::default(),
+            range_end: Box::default(),
             no_put: false,
             no_delete: false,
             prev_kv: false,
