@@ -62,6 +62,7 @@
 //! an overflow marker names the first one that was not.
 
 use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::{Arc, Mutex};
 
 use metastore_proto::etcdserverpb::WatchResponse;
@@ -70,6 +71,33 @@ use tokio::sync::Notify;
 
 use super::merge::{event_revision, MergeEnd, Release};
 use super::wire::EncodingCache;
+
+/// A map keyed by slot. Slots are numbers a stream hands out in sequence,
+/// never chosen by a client, so they need no flooding-resistant hash: one
+/// multiply spreads them (its high bits pick the control byte, its low
+/// bits — distinct for consecutive slots — the bucket). The maps are
+/// looked up for every event delivered to every watcher.
+pub type SlotMap<V> = HashMap<u64, V, BuildHasherDefault<SlotHasher>>;
+
+/// See [`SlotMap`].
+#[derive(Clone, Copy, Default)]
+pub struct SlotHasher(u64);
+
+impl Hasher for SlotHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.write_u64(self.0.rotate_left(8) ^ u64::from(*b));
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
 
 /// Released events of revisions `from..=through` (possibly none), shared by
 /// every watcher that receives them.
@@ -198,7 +226,7 @@ struct InboxState {
     items: VecDeque<Item>,
     /// Sequence number of `items[0]` (one per item ever queued).
     head: u64,
-    slots: HashMap<u64, Slot>,
+    slots: SlotMap<Slot>,
     closed: bool,
 }
 
@@ -634,6 +662,17 @@ impl FanOut {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn consecutive_slots_spread_over_buckets() {
+        use std::hash::BuildHasher;
+        let build = BuildHasherDefault::<SlotHasher>::default();
+        let hashes: Vec<u64> = (0..1024u64).map(|s| build.hash_one(s)).collect();
+        let low: std::collections::HashSet<u64> = hashes.iter().map(|h| h & 1023).collect();
+        let top: std::collections::HashSet<u64> = hashes.iter().map(|h| h >> 57).collect();
+        assert_eq!(low.len(), 1024, "distinct buckets in a table of 1024");
+        assert!(top.len() > 64, "control bytes vary");
+    }
     use crate::watch::merge::event_bytes;
     use metastore_proto::mvccpb::{event::EventType, KeyValue};
 

@@ -81,7 +81,7 @@ use metastore_proto::mvccpb::{event::EventType, Event};
 use prost::Message;
 use tokio::sync::mpsc;
 
-use super::fanout::{Batches, Inbox, Item, Subscriber};
+use super::fanout::{Batches, Inbox, Item, SlotMap, Subscriber};
 use super::feed::Feed;
 use super::merge::{event_bytes, event_revision, MergeEnd};
 use super::requests::{Ready, Request, RequestQueue, Revision};
@@ -138,7 +138,7 @@ pub struct Session {
     hub: Arc<WatchHub>,
     inbox: Arc<Inbox>,
     watches: HashMap<i64, Watch>,
-    by_slot: HashMap<u64, i64>,
+    by_slot: SlotMap<i64>,
     next_auto_id: i64,
     next_slot: u64,
     /// Pending progress requests (revisions), oldest first.
@@ -156,7 +156,7 @@ impl Session {
             hub,
             inbox: Inbox::new(),
             watches: HashMap::new(),
-            by_slot: HashMap::new(),
+            by_slot: SlotMap::default(),
             next_auto_id: 0,
             next_slot: 1,
             progress_waits: VecDeque::new(),
