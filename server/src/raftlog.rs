@@ -250,19 +250,9 @@ mod tests {
         }
     }
 
-    fn engines() -> Vec<(Rc<dyn Engine>, tempfile::TempDir)> {
-        [EngineKind::Memory, EngineKind::RocksDb]
-            .into_iter()
-            .map(|k| {
-                let dir = tempfile::tempdir().unwrap();
-                (open(k, dir.path()).unwrap(), dir)
-            })
-            .collect()
-    }
-
     #[test]
     fn append_overwrite_truncate_on_both_engines() {
-        for (engine, _dir) in engines() {
+        for (_, engine, _dir) in crate::engine::each_engine() {
             let log = RaftLog::open(engine.clone()).unwrap();
             assert_eq!(log.first_index().unwrap(), 1);
             assert_eq!(log.last_index().unwrap(), 0);

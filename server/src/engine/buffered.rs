@@ -251,36 +251,26 @@ impl Engine for BufferedEngine {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::{open, EngineKind};
-    use tempfile::TempDir;
+    use crate::engine::each_engine;
 
-    fn engines() -> Vec<(Rc<dyn Engine>, TempDir)> {
-        [EngineKind::Memory, EngineKind::RocksDb]
-            .into_iter()
-            .map(|k| {
-                let dir = TempDir::new().unwrap();
-                (open(k, dir.path()).unwrap(), dir)
-            })
-            .collect()
-    }
-
-    fn scan(e: &dyn Engine, start: &[u8], end: &[u8], limit: usize) -> Vec<(Vec<u8>, Vec<u8>)> {
+    /// Up to `limit` pairs of `[start, end)`, descending if `rev`.
+    fn read(
+        e: &dyn Engine,
+        start: &[u8],
+        end: &[u8],
+        limit: usize,
+        rev: bool,
+    ) -> Vec<(Vec<u8>, Vec<u8>)> {
         let mut out = Vec::new();
-        e.scan(start, end, &mut |k, v| {
+        let mut f = |k: &[u8], v: &[u8]| {
             out.push((k.to_vec(), v.to_vec()));
             out.len() < limit
-        })
-        .unwrap();
-        out
-    }
-
-    fn scan_rev(e: &dyn Engine, start: &[u8], end: &[u8], limit: usize) -> Vec<(Vec<u8>, Vec<u8>)> {
-        let mut out = Vec::new();
-        e.scan_rev(start, end, &mut |k, v| {
-            out.push((k.to_vec(), v.to_vec()));
-            out.len() < limit
-        })
-        .unwrap();
+        };
+        if rev {
+            e.scan_rev(start, end, &mut f).unwrap();
+        } else {
+            e.scan(start, end, &mut f).unwrap();
+        }
         out
     }
 
@@ -289,7 +279,7 @@ mod tests {
     /// directly, on both engines, for every scan window and limit.
     #[test]
     fn reads_match_a_plain_engine_while_holding_and_after_flush() {
-        for ((inner, _d1), (plain, _d2)) in engines().into_iter().zip(engines()) {
+        for ((_, inner, _d1), (_, plain, _d2)) in each_engine().into_iter().zip(each_engine()) {
             let kind = inner.kind();
             let buffered = BufferedEngine::new(inner.clone());
             let mut base = WriteBatch::new();
@@ -325,13 +315,13 @@ mod tests {
                 ] {
                     for limit in 1..8 {
                         assert_eq!(
-                            scan(&*buffered, s, e, limit),
-                            scan(&*plain, s, e, limit),
+                            read(&*buffered, s, e, limit, false),
+                            read(&*plain, s, e, limit, false),
                             "{kind} scan {s:?}..{e:?} limit {limit}"
                         );
                         assert_eq!(
-                            scan_rev(&*buffered, s, e, limit),
-                            scan_rev(&*plain, s, e, limit),
+                            read(&*buffered, s, e, limit, true),
+                            read(&*plain, s, e, limit, true),
                             "{kind} scan_rev {s:?}..{e:?} limit {limit}"
                         );
                     }
@@ -345,8 +335,8 @@ mod tests {
             buffered.flush().unwrap();
             assert_eq!(buffered.held_len(), 0);
             assert_eq!(
-                scan(&*inner, b"", b"", 100),
-                scan(&*plain, b"", b"", 100),
+                read(&*inner, b"", b"", 100, false),
+                read(&*plain, b"", b"", 100, false),
                 "{kind}"
             );
         }
@@ -356,7 +346,7 @@ mod tests {
     /// order, and later unsynced writes go straight through once flushed.
     #[test]
     fn synced_writes_and_delete_ranges_carry_what_is_held() {
-        for (inner, _dir) in engines() {
+        for (_, inner, _dir) in each_engine() {
             let kind = inner.kind();
             let buffered = BufferedEngine::new(inner.clone());
             buffered.hold_always();
@@ -376,7 +366,7 @@ mod tests {
             b.delete_range(&b"k"[..], &b"k3"[..]);
             buffered.write(b, false).unwrap();
             assert_eq!(
-                scan(&*inner, b"", b"", 10),
+                read(&*inner, b"", b"", 10, false),
                 vec![(b"k3".to_vec(), b"v3".to_vec())]
             );
 

@@ -260,28 +260,23 @@ pub fn open(kind: EngineKind, dir: &Path) -> Result<Rc<dyn Engine>, EngineError>
     })
 }
 
+/// One open engine of every kind, each in its own temporary directory
+/// (kept alive with it): the matrix every engine-level test runs on.
+#[cfg(test)]
+pub(crate) fn each_engine() -> Vec<(EngineKind, Rc<dyn Engine>, tempfile::TempDir)> {
+    [EngineKind::Memory, EngineKind::RocksDb]
+        .into_iter()
+        .map(|kind| {
+            let dir = tempfile::TempDir::new().unwrap();
+            (kind, open(kind, dir.path()).unwrap(), dir)
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use tempfile::TempDir;
-
-    /// One instance of every engine kind (the TempDir keeps RocksDB's files
-    /// alive for the test's duration).
-    fn engines() -> Vec<(EngineKind, Rc<dyn Engine>, Option<TempDir>)> {
-        let dir = TempDir::new().unwrap();
-        vec![
-            (
-                EngineKind::Memory,
-                open(EngineKind::Memory, dir.path()).unwrap(),
-                None,
-            ),
-            (
-                EngineKind::RocksDb,
-                open(EngineKind::RocksDb, dir.path()).unwrap(),
-                Some(dir),
-            ),
-        ]
-    }
 
     fn collect(e: &dyn Engine, start: &[u8], end: &[u8]) -> Vec<(Vec<u8>, Vec<u8>)> {
         let mut out = Vec::new();
@@ -333,7 +328,7 @@ mod tests {
 
     #[test]
     fn get_put_delete() {
-        for (kind, e, _dir) in engines() {
+        for (kind, e, _dir) in each_engine() {
             assert_eq!(e.kind(), kind);
             assert_eq!(e.get(b"a").unwrap(), None, "{kind}");
             e.write(sample(), false).unwrap();
@@ -349,7 +344,7 @@ mod tests {
 
     #[test]
     fn scan_is_ordered_and_bounded() {
-        for (kind, e, _dir) in engines() {
+        for (kind, e, _dir) in each_engine() {
             e.write(sample(), false).unwrap();
             let all = collect(&*e, b"", b"");
             let expect: Vec<Vec<u8>> = vec![
@@ -384,7 +379,7 @@ mod tests {
 
     #[test]
     fn scan_rev_is_reverse_ordered_and_bounded() {
-        for (kind, e, _dir) in engines() {
+        for (kind, e, _dir) in each_engine() {
             e.write(sample(), false).unwrap();
             let mut all = keys(&collect(&*e, b"", b""));
             all.reverse();
@@ -423,7 +418,7 @@ mod tests {
 
     #[test]
     fn delete_range() {
-        for (kind, e, _dir) in engines() {
+        for (kind, e, _dir) in each_engine() {
             e.write(sample(), false).unwrap();
             let mut b = WriteBatch::new();
             b.delete_range(b"a", b"b");
@@ -460,7 +455,7 @@ mod tests {
 
     #[test]
     fn batch_applies_in_order() {
-        for (kind, e, _dir) in engines() {
+        for (kind, e, _dir) in each_engine() {
             let mut b = WriteBatch::new();
             b.put(b"k1", b"1")
                 .put(b"k2", b"2")
@@ -489,7 +484,7 @@ mod tests {
 
     #[test]
     fn open_ended_delete_range_covers_keys_put_in_the_same_batch() {
-        for (kind, e, _dir) in engines() {
+        for (kind, e, _dir) in each_engine() {
             e.write(sample(), false).unwrap();
             let mut b = WriteBatch::new();
             b.put(b"\xff\xff\xff", b"new")

@@ -17,13 +17,9 @@ struct Env {
 }
 
 fn engines() -> Vec<Env> {
-    [EngineKind::Memory, EngineKind::RocksDb]
+    engine::each_engine()
         .into_iter()
-        .map(|kind| {
-            let dir = TempDir::new().unwrap();
-            let engine = engine::open(kind, dir.path()).unwrap();
-            Env { kind, engine, dir }
-        })
+        .map(|(kind, engine, dir)| Env { kind, engine, dir })
         .collect()
 }
 
