@@ -649,7 +649,6 @@ impl Session {
 struct EncodedRuns {
     runs: Vec<Bytes>,
     events: usize,
-    bytes: usize,
 }
 
 /// The events of `batches` this watch delivers, as [`select_events`]
@@ -662,7 +661,6 @@ fn select_encoded(w: &Watch, batches: &Batches) -> Option<EncodedRuns> {
     let mut out = EncodedRuns {
         runs: Vec::with_capacity(batches.len()),
         events: 0,
-        bytes: 0,
     };
     let mut next_rev = w.next_rev;
     for b in batches.iter() {
@@ -670,7 +668,6 @@ fn select_encoded(w: &Watch, batches: &Batches) -> Option<EncodedRuns> {
         if first < b.events.len() {
             let run = b.encoded.get(&b.events, w.prev_kv).from_index(first);
             out.events += b.events.len() - first;
-            out.bytes += run.len();
             out.runs.push(run);
         }
         next_rev = next_rev.max(b.through + 1);
@@ -955,7 +952,7 @@ mod tests {
                 let plain = select_events(&w, &batches);
                 let runs = select_encoded(&w, &batches).expect("no filters");
                 assert_eq!(runs.events, plain.len());
-                let bytes = runs.bytes;
+                let bytes: usize = runs.runs.iter().map(Bytes::len).sum();
                 let sent = OutgoingWatchResponse::Events {
                     header: ResponseHeader::default(),
                     watch_id: 0,
