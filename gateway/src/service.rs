@@ -322,9 +322,7 @@ impl Watch for WatchService {
         request: Request<Streaming<WatchRequest>>,
     ) -> Result<Response<Self::WatchStream>, Status> {
         let responses = self.hub.open(request.into_inner());
-        Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(responses).map(Ok),
-        )))
+        Ok(Response::new(Box::pin(responses.map(Ok))))
     }
 }
 

@@ -63,11 +63,13 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 
+use futures::task::AtomicWaker;
 use metastore_proto::etcdserverpb::WatchResponse;
 use metastore_proto::mvccpb::Event;
-use tokio::sync::Notify;
 
 use super::merge::{event_revision, MergeEnd, Release};
 use super::wire::EncodingCache;
@@ -249,7 +251,11 @@ impl InboxState {
 #[derive(Debug, Default)]
 pub struct Inbox {
     state: Mutex<InboxState>,
-    notify: Notify,
+    /// The stream's poller, woken by pushes (one stream reads an inbox).
+    waker: AtomicWaker,
+    /// Something was pushed since the stream last saw [`Inbox::poll_pushed`]
+    /// ready.
+    pushed: AtomicBool,
 }
 
 impl Inbox {
@@ -296,7 +302,7 @@ impl Inbox {
         // Nothing queued before the response may grow past it.
         st.close_tickets();
         drop(st);
-        self.notify.notify_one();
+        self.wake();
     }
 
     /// Queues a batch for `slot` within `budget` bytes; on overflow queues
@@ -310,7 +316,7 @@ impl Inbox {
     ) -> Push {
         let outcome = self.push_events_quiet(slot, batch, budget, resume_from);
         if matches!(outcome, Push::Queued | Push::Overflow) {
-            self.notify.notify_one();
+            self.wake();
         }
         outcome
     }
@@ -358,7 +364,8 @@ impl Inbox {
 
     /// Wakes the stream (after quiet pushes).
     pub fn wake(&self) {
-        self.notify.notify_one();
+        self.pushed.store(true, Ordering::Release);
+        self.waker.wake();
     }
 
     /// Queues a marker for a slot (progress, end); `false` if it is gone.
@@ -366,7 +373,7 @@ impl Inbox {
         if !self.push_marker_quiet(item) {
             return false;
         }
-        self.notify.notify_one();
+        self.wake();
         true
     }
 
@@ -415,9 +422,19 @@ impl Inbox {
             .map_or(0, |s| s.bytes)
     }
 
-    /// Resolves when something was pushed since the last wake-up.
-    pub async fn notified(&self) {
-        self.notify.notified().await
+    /// Ready once something was pushed since it was last ready; otherwise
+    /// the next push wakes `cx`.
+    pub fn poll_pushed(&self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.pushed.swap(false, Ordering::AcqRel) {
+            return Poll::Ready(());
+        }
+        self.waker.register(cx.waker());
+        // A push between the check and the registration woke the old waker.
+        if self.pushed.swap(false, Ordering::AcqRel) {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
     }
 }
 
@@ -982,13 +999,20 @@ mod tests {
         for slot in 1..=3 {
             f.join(sub(&inbox, slot, 1, 1 << 20)).unwrap();
         }
+        struct Count(std::sync::atomic::AtomicUsize);
+        impl futures::task::ArcWake for Count {
+            fn wake_by_ref(c: &Arc<Self>) {
+                c.0.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        let wakes = Arc::new(Count(Default::default()));
+        let waker = futures::task::waker(wakes.clone());
+        let mut cx = Context::from_waker(&waker);
+        assert!(inbox.poll_pushed(&mut cx).is_pending());
         f.deliver(batch(1, 1, &[1], 10));
-        let woken = inbox.notified();
-        futures::pin_mut!(woken);
-        use std::future::Future;
-        let waker = futures::task::noop_waker();
-        let mut cx = std::task::Context::from_waker(&waker);
-        assert!(woken.as_mut().poll(&mut cx).is_ready());
+        assert_eq!(wakes.0.load(Ordering::SeqCst), 1, "one wake-up per release");
+        assert!(inbox.poll_pushed(&mut cx).is_ready());
+        assert!(inbox.poll_pushed(&mut cx).is_pending(), "seen once");
         assert_eq!(drain(&inbox).len(), 3);
     }
 }

@@ -9,8 +9,8 @@
 //! across shard boundaries.
 //!
 //! ```text
-//!  shard 0 ─frames─┐                        ┌─▶ inbox(stream A) ─▶ session A ─▶ gRPC
-//!  shard 1 ─frames─┼─▶ feed: merge ─▶ fanout ┼─▶ inbox(stream B) ─▶ session B ─▶ gRPC
+//!  shard 0 ─frames─┐                        ┌─▶ inbox(stream A) ─▶ session A ◀─ gRPC polls
+//!  shard 1 ─frames─┼─▶ feed: merge ─▶ fanout ┼─▶ inbox(stream B) ─▶ session B ◀─ gRPC polls
 //!  shard n ─frames─┘  (watermarks)  (budgets)└─▶ ...
 //! ```
 //!
@@ -59,14 +59,10 @@ use std::time::Duration;
 
 use futures::Stream;
 use metastore_proto::etcdserverpb::WatchRequest;
-use tokio::sync::mpsc;
 
 use crate::backend::Backend;
 use crate::shards::WatchTransport;
 pub use feed::{FeedConfig, Registry};
-
-/// Responses buffered per stream between the session and gRPC.
-const STREAM_BUFFER: usize = 64;
 
 /// Watch settings (flags).
 #[derive(Clone, Debug)]
@@ -116,17 +112,14 @@ impl WatchHub {
         })
     }
 
-    /// Serves one Watch stream: spawns its session and returns the
-    /// responses to send.
-    pub fn open<S, E>(self: &Arc<Self>, requests: S) -> mpsc::Receiver<wire::OutgoingWatchResponse>
+    /// Serves one Watch stream: the responses to send, produced as they
+    /// are polled for (see [`session::SessionStream`]).
+    pub fn open<S, E>(self: &Arc<Self>, requests: S) -> session::SessionStream<S>
     where
-        S: Stream<Item = Result<WatchRequest, E>> + Unpin + Send + 'static,
-        E: std::fmt::Display + Send + 'static,
+        S: Stream<Item = Result<WatchRequest, E>> + Unpin,
+        E: std::fmt::Display,
     {
-        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
-        let session = session::Session::new(self.clone());
-        tokio::spawn(session.run(requests, tx));
-        rx
+        session::SessionStream::new(self.clone(), requests)
     }
 }
 

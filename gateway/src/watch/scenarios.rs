@@ -60,8 +60,8 @@ struct Fake {
     router: ShardRouter,
     state: Arc<Mutex<FakeState>>,
     next_id: Arc<AtomicU64>,
-    /// Fired whenever a subscription is dropped.
-    dropped: Arc<tokio::sync::Notify>,
+    /// Fired whenever a subscription is made or dropped.
+    changed: Arc<tokio::sync::Notify>,
 }
 
 fn in_range(key: &[u8], start: &[u8], end: &[u8]) -> bool {
@@ -95,7 +95,7 @@ impl Fake {
             router: ShardRouter::new(shards),
             state: Arc::default(),
             next_id: Arc::new(AtomicU64::new(1)),
-            dropped: Arc::default(),
+            changed: Arc::default(),
         }
     }
 
@@ -196,12 +196,21 @@ impl Fake {
 
     /// Resolves once no subscription is live.
     async fn until_no_subscriptions(&self) {
+        self.until(|st| st.subs.is_empty()).await
+    }
+
+    /// Until `n` subscriptions were made in all.
+    async fn until_subscribes(&self, n: usize) {
+        self.until(|st| st.subscribes >= n).await
+    }
+
+    async fn until(&self, done: impl Fn(&FakeState) -> bool) {
         loop {
-            let dropped = self.dropped.notified();
-            if self.state.lock().unwrap().subs.is_empty() {
+            let changed = self.changed.notified();
+            if done(&self.state.lock().unwrap()) {
                 return;
             }
-            dropped.await;
+            changed.await;
         }
     }
 
@@ -252,7 +261,7 @@ impl WatchSubscription for FakeSub {
 impl Drop for FakeSub {
     fn drop(&mut self) {
         self.fake.state.lock().unwrap().subs.remove(&self.id);
-        self.fake.dropped.notify_waiters();
+        self.fake.changed.notify_waiters();
     }
 }
 
@@ -268,6 +277,7 @@ impl WatchTransport for Fake {
             let id = fake.next_id.fetch_add(1, Ordering::Relaxed);
             let mut st = fake.state.lock().unwrap();
             st.subscribes += 1;
+            fake.changed.notify_waiters();
             let mut sub = FakeSubState {
                 shard,
                 req: req.clone(),
@@ -323,7 +333,7 @@ impl WatchTransport for Fake {
 
 struct Client {
     tx: mpsc::UnboundedSender<WatchRequest>,
-    rx: mpsc::Receiver<OutgoingWatchResponse>,
+    rx: futures::stream::BoxStream<'static, OutgoingWatchResponse>,
 }
 
 fn hub(fake: &Fake, cfg: WatchConfig) -> Arc<WatchHub> {
@@ -339,7 +349,7 @@ fn open(hub: &Arc<WatchHub>) -> Client {
     let requests = tokio_stream::wrappers::UnboundedReceiverStream::new(rx).map(Ok::<_, String>);
     Client {
         tx,
-        rx: hub.open(Box::pin(requests)),
+        rx: hub.open(Box::pin(requests)).boxed(),
     }
 }
 
@@ -369,7 +379,7 @@ impl Client {
 
     /// The next response, as the client decodes it.
     async fn next(&mut self) -> WatchResponse {
-        tokio::time::timeout(Duration::from_secs(5), self.rx.recv())
+        tokio::time::timeout(Duration::from_secs(5), self.rx.next())
             .await
             .expect("a response within 5 s")
             .expect("stream open")
@@ -888,7 +898,10 @@ async fn a_closed_stream_releases_its_feeds() {
     c.created().await;
     c.watch(create("gone/k", "", 0));
     c.created().await;
-    assert_eq!(fake.subscribes(), 4, "a prefix on 3 shards and a key on 1");
+    // A prefix on 3 shards and a key on 1.
+    tokio::time::timeout(Duration::from_secs(5), fake.until_subscribes(4))
+        .await
+        .expect("every subscription made");
     // The client goes away (gRPC drops the response stream).
     drop(c);
     tokio::time::timeout(Duration::from_secs(5), fake.until_no_subscriptions())

@@ -59,6 +59,12 @@
 //! to back, which it writes together. A watcher that overflowed is
 //! switched to another feed from its first undelivered revision.
 //!
+//! The session runs only when gRPC polls it ([`SessionStream`]): it has no
+//! task and no channel to gRPC, and a push into the inbox wakes the gRPC
+//! stream itself. Requests are taken in between bursts; while a client
+//! does not read, gRPC does not poll, and its further requests wait in
+//! the transport until it reads again.
+//!
 //! # Progress notifications
 //!
 //! Every `progress_notify_interval`, each watch with `progress_notify` that
@@ -68,7 +74,9 @@
 //! claim is exact), as etcd sends the store's revision.
 
 use std::collections::{HashMap, VecDeque};
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
@@ -79,7 +87,6 @@ use metastore_proto::etcdserverpb::{
 };
 use metastore_proto::mvccpb::{event::EventType, Event};
 use prost::Message;
-use tokio::sync::mpsc;
 
 use super::fanout::{Batches, Inbox, Item, SlotMap, Subscriber};
 use super::feed::Feed;
@@ -133,6 +140,142 @@ struct Watch {
     sent_since_tick: bool,
 }
 
+/// A Watch stream's responses: its [`Session`], driven by whoever polls
+/// for the next response (gRPC's send side). Each poll first takes in
+/// what the inputs have ready — the client's requests (while fewer than
+/// [`MAX_BUFFERED_REQUESTS`] are buffered), the shared revision read,
+/// the progress ticker — then answers with the next response, or waits
+/// for a push into the inbox or an input. No task or channel of its own:
+/// a push wakes the gRPC stream directly. Dropping it (the client went
+/// away) detaches every watch.
+pub struct SessionStream<S> {
+    session: Session,
+    requests: S,
+    queue: RequestQueue,
+    read: Option<BoxFuture<'static, Revision>>,
+    ticker: tokio::time::Interval,
+    client_open: bool,
+    ended: bool,
+}
+
+impl<S, E> SessionStream<S>
+where
+    S: Stream<Item = Result<WatchRequest, E>> + Unpin,
+    E: std::fmt::Display,
+{
+    /// Serves `requests`; needs a tokio runtime (the ticker).
+    pub fn new(hub: Arc<WatchHub>, requests: S) -> Self {
+        let interval = hub.cfg.progress_notify_interval;
+        let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        SessionStream {
+            session: Session::new(hub),
+            requests,
+            queue: RequestQueue::default(),
+            read: None,
+            ticker,
+            client_open: true,
+            ended: false,
+        }
+    }
+
+    /// Takes in what the inputs have ready (registering `cx` with those
+    /// that have nothing); whether anything came, or `Err` when the client
+    /// broke the stream.
+    fn poll_inputs(&mut self, cx: &mut Context<'_>) -> Result<bool, ()> {
+        let mut moved = false;
+        if let Some(read) = self.read.as_mut() {
+            if let Poll::Ready(rev) = read.as_mut().poll(cx) {
+                self.read = None;
+                self.queue.read_done(rev);
+                moved = true;
+            }
+        }
+        // Requests are read while what they may turn into is bounded:
+        // queued requests plus responses not yet handed to gRPC.
+        while self.client_open && self.queue.len() + self.session.outq.len() < MAX_BUFFERED_REQUESTS
+        {
+            match self.requests.poll_next_unpin(cx) {
+                Poll::Ready(Some(Ok(r))) => {
+                    if let Some(r) = request(r) {
+                        self.queue.push(r);
+                    }
+                    moved = true;
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    tracing::debug!(error = %e, "watch stream broken by the client");
+                    return Err(());
+                }
+                // Half-closed: keep sending (etcd does; grpc-gateway relies on it).
+                Poll::Ready(None) => {
+                    self.client_open = false;
+                    moved = true;
+                }
+                Poll::Pending => break,
+            }
+        }
+        if self.ticker.poll_tick(cx).is_ready() {
+            if self.session.watches.values().any(|w| w.progress_notify) {
+                self.queue.push(Request::Tick);
+            }
+            moved = true;
+        }
+        Ok(moved)
+    }
+}
+
+impl<S, E> Stream for SessionStream<S>
+where
+    S: Stream<Item = Result<WatchRequest, E>> + Unpin,
+    E: std::fmt::Display,
+{
+    type Item = OutgoingWatchResponse;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        if this.ended {
+            return Poll::Ready(None);
+        }
+        loop {
+            // Within a burst: just the next response.
+            if let Some(resp) = this.session.next_response() {
+                return Poll::Ready(Some(resp));
+            }
+            // Between bursts: take in the inputs, then the next burst.
+            let Ok(mut moved) = this.poll_inputs(cx) else {
+                this.ended = true;
+                this.session.shutdown();
+                return Poll::Ready(None);
+            };
+            while let Some(r) = this.queue.pop_ready() {
+                this.session.apply(r);
+            }
+            if this.read.is_none() && this.queue.wants_read() {
+                this.queue.start_read();
+                let revisions = this.session.hub.revisions.clone();
+                this.read = Some(Box::pin(async move { revisions.current().await }));
+                moved = true;
+            }
+            if !this.session.outq.is_empty() {
+                continue;
+            }
+            this.session.take_burst();
+            if !this.session.outq.is_empty() || this.session.inbox.poll_pushed(cx).is_ready() {
+                continue;
+            }
+            if !moved {
+                return Poll::Pending;
+            }
+        }
+    }
+}
+
+impl<S> Drop for SessionStream<S> {
+    fn drop(&mut self) {
+        self.session.shutdown();
+    }
+}
+
 /// One Watch stream's state (see the module docs).
 pub struct Session {
     hub: Arc<WatchHub>,
@@ -167,91 +310,16 @@ impl Session {
         }
     }
 
-    /// Serves the stream until the client goes away.
-    pub async fn run<S, E>(mut self, mut requests: S, out: mpsc::Sender<OutgoingWatchResponse>)
-    where
-        S: Stream<Item = Result<WatchRequest, E>> + Unpin + Send,
-        E: std::fmt::Display,
-    {
-        let interval = self.hub.cfg.progress_notify_interval;
-        let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut requests_queue = RequestQueue::default();
-        let mut read: Option<BoxFuture<'static, Revision>> = None;
-        let mut client_open = true;
-        loop {
-            while let Some(r) = requests_queue.pop_ready() {
-                self.apply(r);
-            }
-            if read.is_none() && requests_queue.wants_read() {
-                requests_queue.start_read();
-                let revisions = self.hub.revisions.clone();
-                read = Some(Box::pin(async move { revisions.current().await }));
-            }
-            if self.outq.is_empty() {
-                self.take_burst();
-            }
-            // Requests are read while what they may turn into is bounded:
-            // queued requests plus responses not yet handed to gRPC.
-            let can_read =
-                client_open && requests_queue.len() + self.outq.len() < MAX_BUFFERED_REQUESTS;
-            tokio::select! {
-                rev = async { read.as_mut().expect("read in flight").await }, if read.is_some() => {
-                    read = None;
-                    requests_queue.read_done(rev);
-                }
-                req = requests.next(), if can_read => match req {
-                    Some(Ok(r)) => {
-                        if let Some(r) = request(r) {
-                            requests_queue.push(r);
-                        }
-                    }
-                    Some(Err(e)) => {
-                        tracing::debug!(error = %e, "watch stream broken by the client");
-                        break;
-                    }
-                    // Half-closed: keep sending (etcd does; grpc-gateway relies on it).
-                    None => client_open = false,
-                },
-                permit = out.reserve(), if !self.outq.is_empty() => match permit {
-                    Ok(p) => {
-                        p.send(self.outq.pop_front().unwrap());
-                        self.flush(&out);
-                    }
-                    Err(_) => break,
-                },
-                _ = self.inbox.notified(), if self.outq.is_empty() => {}
-                _ = ticker.tick() => {
-                    if self.watches.values().any(|w| w.progress_notify) {
-                        requests_queue.push(Request::Tick);
-                    }
-                }
-                _ = out.closed() => break,
-            }
+    /// The next response of the current burst, if any.
+    fn next_response(&mut self) -> Option<OutgoingWatchResponse> {
+        let resp = self.outq.pop_front()?;
+        // A burst (say, a client creating thousands of watches) grew the
+        // queue: give that memory back rather than hold it for the
+        // stream's life.
+        if self.outq.is_empty() && self.outq.capacity() > OUTQ_KEEP {
+            self.outq = VecDeque::new();
         }
-        self.shutdown();
-    }
-
-    /// Sends whatever is ready while gRPC has room, without waiting.
-    fn flush(&mut self, out: &mpsc::Sender<OutgoingWatchResponse>) {
-        loop {
-            if self.outq.is_empty() {
-                self.take_burst();
-                if self.outq.is_empty() {
-                    // A burst (say, a client creating thousands of
-                    // watches) grew the queue: give that memory back
-                    // rather than hold it for the stream's life.
-                    if self.outq.capacity() > OUTQ_KEEP {
-                        self.outq = VecDeque::new();
-                    }
-                    return;
-                }
-            }
-            match out.try_reserve() {
-                Ok(p) => p.send(self.outq.pop_front().unwrap()),
-                Err(_) => return,
-            }
-        }
+        Some(resp)
     }
 
     /// Turns queued items into responses: at least until one produced a

@@ -35,8 +35,7 @@ const EVENTS_FIELD: u32 = 11;
 /// A `WatchResponse` as sent. Event responses, by far the most frequent,
 /// hold only what they carry (header, watch id, runs of encoded events)
 /// inline; every other response is the plain message, boxed. Streams
-/// queue these by the dozen, and the channel to gRPC allocates its slots
-/// 32 at a time, so the size matters for memory per idle stream.
+/// queue these by the dozen (a burst), so the size matters.
 #[derive(Clone, Debug, PartialEq)]
 pub enum OutgoingWatchResponse {
     /// Events of one watch: its header and id, then `runs` of encoded
@@ -340,7 +339,7 @@ mod tests {
 
     #[test]
     fn event_responses_are_small() {
-        // 32 of them are what the channel to gRPC allocates at a time.
+        // A stream's burst queues up to 32 of them.
         assert!(std::mem::size_of::<OutgoingWatchResponse>() <= 72);
     }
 }
