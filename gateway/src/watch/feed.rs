@@ -32,7 +32,10 @@
 //! frames are queued first, so bursts cost one lock and one fan-out),
 //! delivers releases, and executes the merge's actions: subscribe (with
 //! backoff after failures, forever: a shard that comes back is
-//! resubscribed without loss), ack, progress. It ends when the last
+//! resubscribed without loss), ack, progress. While a shard owes the
+//! merge an answer it ticks the merge every `silence_tick`, so a
+//! subscription that fell silent on a live connection is replaced (see
+//! `merge`, "A silent subscription"). It ends when the last
 //! subscriber leaves (closing is decided under the feed lock, so no join
 //! can slip in) or the merge ends (compaction, refusal), and removes its
 //! feed from the registry.
@@ -63,6 +66,9 @@ pub struct FeedConfig {
     pub tail_bytes: usize,
     pub min_backoff: Duration,
     pub max_backoff: Duration,
+    /// How often the merge is ticked while a shard owes it an answer (a
+    /// lane silent for `merge.silence_ticks` ticks resubscribes).
+    pub silence_tick: Duration,
 }
 
 impl Default for FeedConfig {
@@ -72,6 +78,7 @@ impl Default for FeedConfig {
             tail_bytes: 256 << 10,
             min_backoff: Duration::from_millis(10),
             max_backoff: Duration::from_secs(1),
+            silence_tick: Duration::from_secs(1),
         }
     }
 }
@@ -279,14 +286,25 @@ async fn drive(
     let mut subs: Vec<Option<Box<dyn WatchSubscription>>> = (0..lanes).map(|_| None).collect();
     let mut failures: Vec<u32> = vec![0; lanes];
     let mut connecting: FuturesUnordered<Connecting> = FuturesUnordered::new();
+    // Ticks the merge while a shard owes it an answer (one timer, re-armed).
+    let silence = tokio::time::sleep(cfg.silence_tick);
+    tokio::pin!(silence);
+    let mut ticking = false;
     loop {
-        let actions = {
+        let (actions, awaiting) = {
             let mut st = feed.state.lock().unwrap();
             if st.closing {
                 break;
             }
-            st.merge.actions()
+            let actions = st.merge.actions();
+            (actions, st.merge.awaiting_answer())
         };
+        if awaiting && !ticking {
+            silence
+                .as_mut()
+                .reset(tokio::time::Instant::now() + cfg.silence_tick);
+        }
+        ticking = awaiting;
         for a in actions {
             match a {
                 Action::Subscribe {
@@ -365,6 +383,10 @@ async fn drive(
                         step(&mut st);
                     }
                 }
+            }
+            () = &mut silence, if ticking => {
+                feed.state.lock().unwrap().merge.tick();
+                ticking = false;
             }
             _ = feed.wake.notified() => {}
         }

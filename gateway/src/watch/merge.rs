@@ -46,6 +46,21 @@
 //! trip after the last shard saw it. The same happens for an explicit
 //! target ([`Merge::want_progress`]: a watcher's progress request).
 //!
+//! # A silent subscription
+//!
+//! A subscription can fall silent while its connection stays up (the
+//! shard lost it, or a frame went missing where no error reports it).
+//! Nothing would then tell the lane to resubscribe, and every event of
+//! the range would wait behind its watermark forever. So a lane that was
+//! asked for progress and has sent no frame for [`MergeConfig::silence_ticks`]
+//! consecutive [`Merge::tick`]s is treated as lost and resubscribes from
+//! `received + 1` (as above: no loss, no duplicates). A lane the shard
+//! cannot answer on — its window used up by frames this merge has not
+//! acknowledged (see flow control) — is never counted as silent. Only a
+//! lane that something waits on is watched: an idle shard owes no frames.
+//! A shard merely slower than the timeout costs a resubscription, which
+//! replays from its history.
+//!
 //! # Flow control
 //!
 //! Frames are acknowledged as they are merged, in runs of half the window
@@ -79,6 +94,9 @@ pub struct MergeConfig {
     pub window: u32,
     /// Bytes of unreleased events above which leading lanes are throttled.
     pub buffer_budget: usize,
+    /// Consecutive [`Merge::tick`]s without a frame after which a lane
+    /// asked for progress is treated as lost.
+    pub silence_ticks: u32,
 }
 
 impl Default for MergeConfig {
@@ -86,6 +104,7 @@ impl Default for MergeConfig {
         MergeConfig {
             window: 64,
             buffer_budget: 16 << 20,
+            silence_ticks: 5,
         }
     }
 }
@@ -151,6 +170,15 @@ struct Lane {
     acked: u64,
     /// Highest revision a progress request was sent for (this generation).
     asked: i64,
+    /// Ticks since the last frame while asked for progress.
+    silent_ticks: u32,
+}
+
+impl Lane {
+    /// Live and asked for a revision it has not resolved yet.
+    fn owes_answer(&self) -> bool {
+        self.phase == Phase::Live && self.asked > self.resolved
+    }
 }
 
 /// The revision of an event (its kv's mod_revision).
@@ -200,6 +228,7 @@ impl Merge {
                     last_seq: 0,
                     acked: 0,
                     asked: 0,
+                    silent_ticks: 0,
                 })
                 .collect(),
             cfg,
@@ -259,6 +288,41 @@ impl Merge {
         l.last_seq = 0;
         l.acked = 0;
         l.asked = 0;
+        l.silent_ticks = 0;
+    }
+
+    /// Whether a live lane owes an answer to a progress request: the
+    /// driver should [`Merge::tick`] while this holds.
+    pub fn awaiting_answer(&self) -> bool {
+        self.end.is_none() && self.lanes.iter().any(Lane::owes_answer)
+    }
+
+    /// Time passed (one tick): lanes that owe an answer and sent nothing
+    /// for [`MergeConfig::silence_ticks`] ticks are treated as lost (see
+    /// "A silent subscription").
+    pub fn tick(&mut self) {
+        if self.end.is_some() {
+            return;
+        }
+        let window = u64::from(self.cfg.window);
+        for i in 0..self.lanes.len() {
+            let l = &mut self.lanes[i];
+            if !l.owes_answer() || l.last_seq - l.acked >= window {
+                l.silent_ticks = 0;
+                continue;
+            }
+            l.silent_ticks += 1;
+            if l.silent_ticks >= self.cfg.silence_ticks {
+                tracing::warn!(
+                    shard = l.shard,
+                    asked = l.asked,
+                    resolved = l.resolved,
+                    "watch subscription silent; resubscribing"
+                );
+                let gen = l.gen;
+                self.lost(i, gen);
+            }
+        }
     }
 
     /// A non-retryable failure: the merge is over.
@@ -282,6 +346,7 @@ impl Merge {
         // A frame can arrive before the driver reports the subscription
         // open (the reader is another task).
         l.phase = Phase::Live;
+        l.silent_ticks = 0;
         if f.seq != l.last_seq + 1 {
             tracing::warn!(
                 shard = l.shard,
@@ -685,6 +750,7 @@ mod tests {
         let cfg = MergeConfig {
             window: 4,
             buffer_budget: 100,
+            ..MergeConfig::default()
         };
         let mut m = live(2, 1, cfg);
         let acks = |acts: &[Action]| -> Vec<(usize, u64)> {
@@ -734,5 +800,92 @@ mod tests {
         assert!(m.subscribed(0, 0), "still this generation");
         assert!(!m.subscribed(0, 1), "a generation never asked for");
         assert_eq!(revs(&m.release().unwrap()), vec![(5, "k".into())]);
+    }
+
+    #[test]
+    fn a_silent_lane_that_owes_progress_resubscribes_from_what_it_received() {
+        let cfg = MergeConfig {
+            silence_ticks: 3,
+            ..MergeConfig::default()
+        };
+        let mut m = live(2, 1, cfg);
+        m.frame(1, 0, frame(1, 4, vec![put("b", 4)]));
+        assert!(!m.awaiting_answer(), "nobody asked yet");
+        m.frame(0, 0, frame(1, 6, vec![put("a", 6)]));
+        assert_eq!(m.release().unwrap().through, 4);
+        // Lane 1 holds revision 6 back and is asked for it.
+        assert_eq!(progress_asks(&m.actions()), vec![(1, 6)]);
+        assert!(m.awaiting_answer());
+        // Lane 0 (ahead, nothing owed) is never counted; lane 1 sends
+        // nothing for two ticks, then a frame below the ask: the silence
+        // count starts over.
+        m.tick();
+        m.tick();
+        m.frame(1, 0, frame(2, 5, vec![]));
+        assert_eq!(m.release().unwrap().through, 5);
+        assert!(m.awaiting_answer(), "still owes 6");
+        m.tick();
+        m.tick();
+        assert!(m.actions().is_empty(), "two silent ticks of three");
+        m.tick();
+        // Treated as lost: resubscribed from received + 1, new generation.
+        let acts = m.actions();
+        assert_eq!(acts.len(), 1, "{acts:?}");
+        match &acts[0] {
+            Action::Subscribe {
+                lane, gen, request, ..
+            } => {
+                assert_eq!((*lane, *gen, request.start_revision), (1, 1, 6));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(!m.awaiting_answer(), "a subscribing lane owes nothing");
+        // The old generation's late frames are ignored; the new one
+        // answers and the held event goes out, once.
+        m.frame(1, 0, frame(3, 9, vec![]));
+        assert_eq!(m.release(), None);
+        assert!(m.subscribed(1, 1));
+        m.frame(1, 1, frame(1, 7, vec![]));
+        let r = m.release().unwrap();
+        assert_eq!((r.through, revs(&r)), (6, vec![(6, "a".into())]));
+        assert!(!m.awaiting_answer());
+    }
+
+    #[test]
+    fn a_lane_whose_window_is_used_up_is_not_silent() {
+        let cfg = MergeConfig {
+            window: 4,
+            buffer_budget: 0,
+            silence_ticks: 1,
+        };
+        let mut m = live(3, 1, cfg);
+        // Lane 2 holds revision 10; lanes 0 and 1 lag behind it. Lane 1
+        // is ahead of the minimum (lane 0) while events are buffered over
+        // budget, so its frames go unacknowledged until its window (4) is
+        // used up: the shard cannot answer it.
+        m.frame(2, 0, frame(1, 10, vec![put("c", 10)]));
+        m.frame(0, 0, frame(1, 2, vec![]));
+        for seq in 1..=4 {
+            m.frame(1, 0, frame(seq, 2 + seq as i64, vec![]));
+        }
+        let _ = m.release();
+        let acts = m.actions();
+        assert!(
+            !acts
+                .iter()
+                .any(|a| matches!(a, Action::Ack { lane: 1, .. })),
+            "{acts:?}"
+        );
+        assert_eq!(progress_asks(&acts), vec![(0, 10), (1, 10)]);
+        m.tick();
+        let subscribes: Vec<usize> = m
+            .actions()
+            .iter()
+            .filter_map(|a| match a {
+                Action::Subscribe { lane, .. } => Some(*lane),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(subscribes, vec![0], "the silent lane, not the blocked one");
     }
 }

@@ -40,6 +40,9 @@ struct FakeSubState {
     req: WatchSubscribeRequest,
     sink: SubscriptionSink,
     seq: u64,
+    /// Sends nothing any more, though nothing reports it (see
+    /// `Fake::silence`).
+    silent: bool,
 }
 
 #[derive(Default)]
@@ -76,6 +79,9 @@ fn in_range(key: &[u8], start: &[u8], end: &[u8]) -> bool {
 
 impl FakeSubState {
     fn send(&mut self, events: Vec<Event>, resolved: i64) {
+        if self.silent {
+            return;
+        }
         self.seq += 1;
         let _ = self.sink.tx.send((
             self.sink.tag,
@@ -194,6 +200,16 @@ impl Fake {
         }
     }
 
+    /// Every live stream of `shard` stops sending (frames and answers to
+    /// progress requests) while staying open: a subscription lost without
+    /// a word. New subscriptions work.
+    fn silence(&self, shard: u32) {
+        let mut st = self.state.lock().unwrap();
+        for s in st.subs.values_mut().filter(|s| s.shard == shard) {
+            s.silent = true;
+        }
+    }
+
     /// Resolves once no subscription is live.
     async fn until_no_subscriptions(&self) {
         self.until(|st| st.subs.is_empty()).await
@@ -283,6 +299,7 @@ impl WatchTransport for Fake {
                 req: req.clone(),
                 sink,
                 seq: 0,
+                silent: false,
             };
             if req.start_revision < st.compacted {
                 sub.seq += 1;
@@ -766,6 +783,36 @@ async fn dropped_shard_stream_resubscribes_without_loss_or_duplicates() {
     got.extend(c.events(id, 10).await);
     assert_eq!(got, want);
     assert!(fake.subscribes() >= 4, "both lanes resubscribed");
+    c.quiet().await;
+}
+
+#[tokio::test]
+async fn a_silent_shard_stream_is_replaced_without_loss_or_duplicates() {
+    let fake = Fake::new(2);
+    let mut cfg = cfg();
+    cfg.feed.silence_tick = Duration::from_millis(20);
+    cfg.feed.merge.silence_ticks = 2;
+    let hub = hub(&fake, cfg);
+    let mut c = open(&hub);
+    c.watch(create("s/", "s0", 0));
+    let id = c.created().await;
+    let mut want = vec![];
+    for i in 0..10 {
+        let k = format!("s/{i}");
+        want.push((fake.put(&k, "a"), k, "a".to_string()));
+    }
+    let mut got = c.events(id, 10).await;
+    assert_eq!(fake.subscribes(), 2);
+    // Shard 0's stream goes quiet on a live connection: its events, and
+    // everything of shard 1 after them, would wait forever.
+    fake.silence(0);
+    for i in 0..10 {
+        let k = format!("s/{i}");
+        want.push((fake.put(&k, "b"), k, "b".to_string()));
+    }
+    got.extend(c.events(id, 10).await);
+    assert_eq!(got, want);
+    assert_eq!(fake.subscribes(), 3, "only the silent lane resubscribed");
     c.quiet().await;
 }
 
