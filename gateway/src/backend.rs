@@ -39,6 +39,9 @@ pub struct Identity {
     pub cluster_id: u64,
     pub member_id: u64,
     pub member_name: String,
+    /// The server's history (see `watch::merge`, "A lost history"; 0 =
+    /// a server that does not name one).
+    pub history_id: u64,
 }
 
 /// How long and how fast to retry.

@@ -205,6 +205,7 @@ fn identity(t: &Topology) -> Identity {
         cluster_id: t.cluster_id,
         member_id: t.member_id,
         member_name: t.member_name.clone(),
+        history_id: t.history_id,
     }
 }
 
@@ -323,6 +324,7 @@ mod tests {
                                         member_id: 9,
                                         engine: "memory".into(),
                                         member_name: "fake".into(),
+                                        history_id: 0,
                                     })
                                 }
                                 Req::CurrentRevision(_) => Resp::CurrentRevision(
@@ -402,6 +404,7 @@ mod tests {
                                             events,
                                             resolved: st.0,
                                             compact_revision: 0,
+                                            history: 0,
                                         },
                                     )
                                 }

@@ -77,6 +77,7 @@ pub struct Topology {
     pub member_id: u64,
     pub member_name: String,
     pub engine: String,
+    pub history_id: u64,
 }
 
 impl Topology {
@@ -109,6 +110,7 @@ impl Topology {
             member_id: resp.member_id,
             member_name: resp.member_name,
             engine: resp.engine,
+            history_id: resp.history_id,
         })
     }
 }
@@ -287,6 +289,7 @@ mod tests {
                 member_id: 2,
                 engine: "memory".into(),
                 member_name: "m".into(),
+                history_id: 0,
             },
             "myhost:23790",
         )

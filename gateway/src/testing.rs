@@ -15,6 +15,8 @@ use crate::shards::Transport;
 
 pub const CLUSTER: u64 = 0xc1;
 pub const MEMBER: u64 = 0x3e;
+/// The fake server's history id.
+pub const HISTORY: u64 = 0x415;
 
 type Handler = dyn Fn(u32, Req) -> Result<Resp> + Send + Sync;
 
@@ -79,6 +81,7 @@ pub fn backend(fake: FakeShards) -> Backend {
             cluster_id: CLUSTER,
             member_id: MEMBER,
             member_name: "test".into(),
+            history_id: HISTORY,
         },
     )
     .with_retry(RetryPolicy {

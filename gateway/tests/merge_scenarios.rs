@@ -7,17 +7,21 @@
 //! output (review the diff like code).
 //!
 //! Commands:
-//! - `merge shards=N start=REV [window=W] [budget=BYTES]` — a merge of the
-//!   range [a, b) over shards 0..N; prints its first actions;
+//! - `merge shards=N start=REV [window=W] [budget=BYTES] [silence=TICKS]
+//!   [history=H]` — a merge of the range [a, b) over shards 0..N whose
+//!   revisions come from history H; prints its first actions;
 //! - `subscribed LANE GEN`, `lost LANE GEN` — the driver reports a
 //!   subscription's outcome;
 //! - `frame LANE GEN seq=S resolved=R [REV:KEY ...]` — a shard's frame
 //!   (`REV:KEY` puts; `REV:-KEY` deletes);
-//! - `compacted LANE GEN seq=S at=REV` — a shard's compaction frame;
+//! - `compacted LANE GEN seq=S at=REV [history=H]` — a shard's compaction
+//!   frame (with `history`: a refusal for a changed history);
 //! - `progress REV` — a client wants progress through REV;
 //! - `release` — every release available now;
 //! - `actions` — what the driver must do now;
-//! - `state` — released revision, buffered bytes, end.
+//! - `tick` — time passes (one silence tick);
+//! - `state` — released revision, buffered bytes, end;
+//! - `history` — the history a shard reported when it refused the merge.
 
 use std::path::Path;
 
@@ -58,10 +62,16 @@ fn show_actions(actions: Vec<Action>) -> String {
                 shard,
                 gen,
                 request,
-            } => format!(
-                "subscribe lane={lane} shard={shard} gen={gen} from={}",
-                request.start_revision
-            ),
+            } => {
+                let mut s = format!(
+                    "subscribe lane={lane} shard={shard} gen={gen} from={}",
+                    request.start_revision
+                );
+                if request.expect_history != 0 {
+                    s += &format!(" history={}", request.expect_history);
+                }
+                s
+            }
             Action::Ack { lane, gen, seq } => format!("ack lane={lane} gen={gen} seq={seq}"),
             Action::Progress {
                 lane,
@@ -88,6 +98,9 @@ fn run(merge: &mut Option<Merge>, line: &str) -> String {
         if let Some(w) = arg("window") {
             cfg.window = w as u32;
         }
+        if let Some(t) = arg("silence") {
+            cfg.silence_ticks = t as u32;
+        }
         if let Some(b) = arg("budget") {
             cfg.buffer_budget = b as usize;
         }
@@ -96,6 +109,7 @@ fn run(merge: &mut Option<Merge>, line: &str) -> String {
             b"b".to_vec(),
             arg("start").unwrap(),
             &shards,
+            arg("history").unwrap_or(0) as u64,
             cfg,
         );
         let out = show_actions(m.actions());
@@ -123,6 +137,7 @@ fn run(merge: &mut Option<Merge>, line: &str) -> String {
                     events,
                     resolved: arg("resolved").unwrap_or(0),
                     compact_revision: arg("at").unwrap_or(0),
+                    history: arg("history").unwrap_or(0) as u64,
                 },
             );
             String::new()
@@ -165,6 +180,11 @@ fn run(merge: &mut Option<Merge>, line: &str) -> String {
             }
         }
         "actions" => show_actions(m.actions()),
+        "tick" => {
+            m.tick();
+            String::new()
+        }
+        "history" => format!("{:?}", m.history_seen()),
         "state" => format!(
             "released={} buffered={} end={:?}",
             m.released(),

@@ -1117,3 +1117,59 @@ both_engines!(
         }
     }
 );
+
+both_engines!(
+    /// The shard server alone crashes (SIGKILL) and comes back on the same
+    /// ports while the gateway keeps serving and a prefix watch stays
+    /// open. rocksdb keeps its history: the same watch goes on, every
+    /// event exactly once, in order. memory starts over with a new history
+    /// whose revisions repeat old numbers: the watch is canceled with a
+    /// compact_revision — never left waiting, silently, for revisions the
+    /// new history has already used — and a new watch sees the new writes.
+    async fn a_watch_across_a_server_crash(mut node: TestNode) {
+        node.pin_server_ports().await;
+        let mut c = node.client().await;
+        let (mut ws, id) = watch(&mut c, "sc/", prefix()).await;
+        let mut before = vec![];
+        for i in 0..6 {
+            before.push(put(&mut c, &format!("sc/{i}"), "a").await);
+        }
+        let got: Vec<i64> = events(&mut ws, id, 6).await.iter().map(|e| e.rev).collect();
+        assert_eq!(got, before);
+
+        node.crash_restart_server().await;
+        let mut after = vec![];
+        for i in 0..6 {
+            after.push(put(&mut c, &format!("sc/{i}"), "b").await);
+        }
+        if node.engine().is_durable() {
+            assert!(
+                after[0] > before[5],
+                "revisions go on: {before:?} {after:?}"
+            );
+            let got = events(&mut ws, id, 6).await;
+            assert_eq!(got.iter().map(|e| e.rev).collect::<Vec<_>>(), after);
+            assert!(got.iter().all(|e| e.value == "b" && e.version == 2));
+            no_more_events(&mut ws, after[5]).await;
+        } else {
+            assert!(
+                after[0] <= before[5],
+                "a new memory history reuses revisions: {before:?} {after:?}"
+            );
+            let r = next(&mut ws).await;
+            assert_eq!(r.watch_id(), id);
+            assert!(r.canceled() && r.events().is_empty(), "{r:?}");
+            assert_eq!(r.compact_revision(), 1, "the new history serves from 1");
+            // Re-watching from there sees every write of the new history.
+            let (mut ws2, id2) = watch(
+                &mut c,
+                "sc/",
+                Some(WatchOptions::new().with_prefix().with_start_revision(1)),
+            )
+            .await;
+            let got = events(&mut ws2, id2, 6).await;
+            assert_eq!(got.iter().map(|e| e.rev).collect::<Vec<_>>(), after);
+            assert!(got.iter().all(|e| e.value == "b" && e.version == 1));
+        }
+    }
+);

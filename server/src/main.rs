@@ -85,6 +85,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         member_id,
         member_name: args.name.clone(),
         engine: kind.to_string(),
+        history_id: metastore_server::history::history_id(kind, &args.data_dir)?,
     });
 
     let opened = Arc::new(Barrier::new(shards as usize + 1));

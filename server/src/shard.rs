@@ -83,6 +83,8 @@ pub struct Topology {
     pub member_id: u64,
     pub member_name: String,
     pub engine: String,
+    /// Names this server's history (see `crate::history`).
+    pub history_id: u64,
 }
 
 /// Errors that stop a shard.
@@ -496,6 +498,19 @@ impl Shard {
         handle: Rc<SubscriptionHandle>,
         send: &dyn Fn(WatchEventsResponse) -> bool,
     ) {
+        if req.expect_history != 0 && req.expect_history != self.topology.history_id {
+            // The revisions asked for are from a history this server no
+            // longer has (see `crate::history`): end it as compacted, at
+            // the oldest revision this history can serve.
+            let oldest = self.state.borrow().mvcc().compacted_revision().max(1);
+            send(WatchEventsResponse {
+                seq: 1,
+                compact_revision: oldest,
+                history: self.topology.history_id,
+                ..Default::default()
+            });
+            return;
+        }
         let mut sub = Subscription::new(
             req.key,
             req.range_end,
@@ -897,6 +912,7 @@ impl Shard {
                 member_id: self.topology.member_id,
                 engine: self.topology.engine.clone(),
                 member_name: self.topology.member_name.clone(),
+                history_id: self.topology.history_id,
             }),
             R::CurrentRevision(_) => Body::CurrentRevision(CurrentRevisionResponse {
                 revision: self.oracle.current(),

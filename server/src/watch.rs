@@ -289,6 +289,7 @@ impl Subscription {
                                 events: vec![],
                                 resolved: self.next_from - 1,
                                 compact_revision: mvcc.compacted_revision(),
+                                history: 0,
                             });
                         }
                         Err(e) => panic!("watch history read failed: {e}"),
@@ -350,6 +351,7 @@ impl Subscription {
             events,
             resolved: released,
             compact_revision: 0,
+            history: 0,
         })
     }
 

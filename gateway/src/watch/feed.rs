@@ -175,12 +175,17 @@ pub struct Registry {
     cfg: FeedConfig,
     feeds: Mutex<HashMap<RangeKey, Vec<Arc<Feed>>>>,
     next_id: AtomicU64,
+    /// The server's history new feeds expect (see `merge`, "A lost
+    /// history"): from its topology, then from shards that refused a feed
+    /// for a changed history.
+    history: AtomicU64,
 }
 
 impl Registry {
     pub fn new(
         transport: Arc<dyn WatchTransport>,
         shard_count: u32,
+        history: u64,
         cfg: FeedConfig,
     ) -> Arc<Registry> {
         Arc::new(Registry {
@@ -189,6 +194,7 @@ impl Registry {
             cfg,
             feeds: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
+            history: AtomicU64::new(history),
         })
     }
 
@@ -214,6 +220,7 @@ impl Registry {
             range_end.to_vec(),
             start,
             &shards,
+            self.history.load(Ordering::Relaxed),
             self.cfg.merge.clone(),
         );
         if target > 0 {
@@ -360,6 +367,14 @@ async fn drive(
                     n += 1;
                     if n < DRAIN_MAX {
                         next = rx.try_recv().ok();
+                    }
+                }
+                if let Some(h) = st.merge.history_seen() {
+                    // Before the watchers hear of it: the watches they
+                    // create next must expect the new history.
+                    tracing::warn!(feed = feed.id, history = h, "the server's history changed (a non-durable engine restarted): its watches end as compacted");
+                    if let Some(r) = registry.upgrade() {
+                        r.history.store(h, Ordering::Relaxed);
                     }
                 }
                 step(&mut st);

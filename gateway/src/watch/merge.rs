@@ -61,6 +61,22 @@
 //! A shard merely slower than the timeout costs a resubscription, which
 //! replays from its history.
 //!
+//! # A lost history
+//!
+//! Every subscription names the history its revisions come from
+//! (`expect_history`, the server's `history_id` when the merge began). A
+//! server on a non-durable engine that restarted has a new history: the
+//! revisions this merge holds are gone and new writes reuse their
+//! numbers, so resuming from `received + 1` would skip them without a
+//! trace. Such a shard ends the subscription as for a compacted start
+//! instead, naming its new history, and the merge ends with
+//! [`MergeEnd::HistoryLost`] at the oldest revision the new history has:
+//! every watcher is canceled with etcd's `compact_revision` (none resumes
+//! on a feed of its own, as after a compaction below its start), and
+//! clients re-list, as after a compaction.
+//! [`Merge::history_seen`] tells the registry the new history for merges
+//! that start later.
+//!
 //! # Flow control
 //!
 //! Frames are acknowledged as they are merged, in runs of half the window
@@ -85,6 +101,10 @@ pub enum MergeEnd {
     Compacted(i64),
     /// A shard refused the subscription for a reason retrying cannot fix.
     Failed(String),
+    /// The server's history changed (see "A lost history"): nothing this
+    /// merge's watchers were promised is left; the new history serves
+    /// events from this revision on.
+    HistoryLost(i64),
 }
 
 /// Tunables of a merge.
@@ -198,15 +218,21 @@ pub struct Merge {
     buffered: usize,
     progress_target: i64,
     end: Option<MergeEnd>,
+    /// The history the revisions come from (0: unknown, not checked).
+    history: u64,
+    /// The history a shard reported when it refused a subscription.
+    history_seen: Option<u64>,
 }
 
 impl Merge {
-    /// A merge of `[key, range_end)` from `start` over `shards`.
+    /// A merge of `[key, range_end)` from `start` over `shards`, whose
+    /// revisions come from `history` (see "A lost history"; 0 = unknown).
     pub fn new(
         key: Vec<u8>,
         range_end: Vec<u8>,
         start: i64,
         shards: &[u32],
+        history: u64,
         cfg: MergeConfig,
     ) -> Merge {
         assert!(start >= 1, "a merge starts at a real revision");
@@ -235,7 +261,15 @@ impl Merge {
             buffered: 0,
             progress_target: 0,
             end: None,
+            history,
+            history_seen: None,
         }
+    }
+
+    /// The history a shard reported when it ended a subscription because
+    /// its history differs from this merge's.
+    pub fn history_seen(&self) -> Option<u64> {
+        self.history_seen
     }
 
     pub fn start(&self) -> i64 {
@@ -359,7 +393,12 @@ impl Merge {
         }
         l.last_seq = f.seq;
         if f.compact_revision != 0 {
-            self.end = Some(MergeEnd::Compacted(f.compact_revision));
+            self.end = Some(if f.history != 0 {
+                self.history_seen = Some(f.history);
+                MergeEnd::HistoryLost(f.compact_revision)
+            } else {
+                MergeEnd::Compacted(f.compact_revision)
+            });
             return;
         }
         for e in f.events {
@@ -483,6 +522,7 @@ impl Merge {
                             start_revision: l.received + 1,
                             prev_kv: true,
                             window: self.cfg.window,
+                            expect_history: self.history,
                         },
                     });
                 }
@@ -544,6 +584,7 @@ mod tests {
             events,
             resolved,
             compact_revision: 0,
+            history: 0,
         }
     }
 
@@ -562,7 +603,7 @@ mod tests {
     /// A merge over `n` shards from `start`, every lane subscribed (gen 0).
     fn live(n: u32, start: i64, cfg: MergeConfig) -> Merge {
         let shards: Vec<u32> = (0..n).collect();
-        let mut m = Merge::new(b"a".to_vec(), b"b".to_vec(), start, &shards, cfg);
+        let mut m = Merge::new(b"a".to_vec(), b"b".to_vec(), start, &shards, 7, cfg);
         let acts = m.actions();
         assert_eq!(acts.len(), n as usize);
         for (i, a) in acts.iter().enumerate() {
@@ -738,6 +779,7 @@ mod tests {
                 events: vec![],
                 resolved: 0,
                 compact_revision: 7,
+                history: 0,
             },
         );
         assert_eq!(m.end(), Some(&MergeEnd::Compacted(7)));
@@ -792,7 +834,7 @@ mod tests {
 
     #[test]
     fn frames_before_the_subscribe_outcome_count() {
-        let mut m = Merge::new(b"k".to_vec(), vec![], 5, &[3], MergeConfig::default());
+        let mut m = Merge::new(b"k".to_vec(), vec![], 5, &[3], 7, MergeConfig::default());
         let _ = m.actions();
         // The reader delivered a frame before the driver saw the
         // subscription open.

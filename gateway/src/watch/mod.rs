@@ -103,7 +103,12 @@ impl WatchHub {
         transport: Arc<dyn WatchTransport>,
         cfg: WatchConfig,
     ) -> Arc<WatchHub> {
-        let registry = Registry::new(transport, backend.router.shard_count(), cfg.feed.clone());
+        let registry = Registry::new(
+            transport,
+            backend.router.shard_count(),
+            backend.identity.history_id,
+            cfg.feed.clone(),
+        );
         Arc::new(WatchHub {
             revisions: revision::RevisionReads::new(backend.clone()),
             backend,

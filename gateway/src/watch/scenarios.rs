@@ -26,7 +26,7 @@ use super::{WatchConfig, WatchHub};
 use crate::client::SubscriptionSink;
 use crate::error::{GatewayError, Result};
 use crate::shards::{WatchSubscription, WatchTransport};
-use crate::testing::{backend, FakeShards};
+use crate::testing::{backend, FakeShards, HISTORY};
 
 // ---------------------------------------------------------------------------
 // The fake: one revision counter, per-shard event logs, live subscriptions
@@ -56,6 +56,9 @@ struct FakeState {
     subs: HashMap<u64, FakeSubState>,
     subscribes: usize,
     progress_asks: usize,
+    /// The fake server's history id (0 until the first restart: the
+    /// hub's `testing::HISTORY`).
+    history: u64,
 }
 
 #[derive(Clone)]
@@ -90,6 +93,7 @@ impl FakeSubState {
                 events,
                 resolved,
                 compact_revision: 0,
+                history: 0,
             }),
         ));
     }
@@ -200,6 +204,26 @@ impl Fake {
         }
     }
 
+    /// A restart of a non-durable server: everything is gone, revisions
+    /// start over, the history has a new id, and every stream ends as its
+    /// connection would.
+    fn restart_without_history(&self) {
+        let mut st = self.state.lock().unwrap();
+        for (_, s) in st.subs.drain() {
+            let shard = s.shard;
+            let _ = s
+                .sink
+                .tx
+                .send((s.sink.tag, Err(GatewayError::ConnectionLost { shard })));
+        }
+        let history = HISTORY + 1 + st.history;
+        *st = FakeState {
+            history,
+            subscribes: st.subscribes,
+            ..FakeState::default()
+        };
+    }
+
     /// Every live stream of `shard` stops sending (frames and answers to
     /// progress requests) while staying open: a subscription lost without
     /// a word. New subscriptions work.
@@ -301,7 +325,9 @@ impl WatchTransport for Fake {
                 seq: 0,
                 silent: false,
             };
-            if req.start_revision < st.compacted {
+            let history = if st.history == 0 { HISTORY } else { st.history };
+            let lost_history = req.expect_history != 0 && req.expect_history != history;
+            if lost_history || req.start_revision < st.compacted {
                 sub.seq += 1;
                 let _ = sub.sink.tx.send((
                     sub.sink.tag,
@@ -309,7 +335,8 @@ impl WatchTransport for Fake {
                         seq: 1,
                         events: vec![],
                         resolved: 0,
-                        compact_revision: st.compacted,
+                        compact_revision: st.compacted.max(1),
+                        history: if lost_history { history } else { 0 },
                     }),
                 ));
                 return Ok(Box::new(FakeSub {
@@ -813,6 +840,34 @@ async fn a_silent_shard_stream_is_replaced_without_loss_or_duplicates() {
     got.extend(c.events(id, 10).await);
     assert_eq!(got, want);
     assert_eq!(fake.subscribes(), 3, "only the silent lane resubscribed");
+    c.quiet().await;
+}
+
+#[tokio::test]
+async fn a_lost_history_cancels_watches_as_compacted_and_new_ones_work() {
+    let fake = Fake::new(2);
+    let hub = hub(&fake, cfg());
+    let mut c = open(&hub);
+    c.watch(create("h/", "h0", 0));
+    let old = c.created().await;
+    for i in 0..4 {
+        fake.put(&format!("h/{i}"), "a");
+    }
+    assert_eq!(c.events(old, 4).await.len(), 4);
+    // A non-durable server restarts: its revisions start over. Resuming
+    // from revision 6 would skip the new revisions 1..=5 without a trace.
+    fake.restart_without_history();
+    let r = c.next().await;
+    assert_eq!(r.watch_id, old);
+    assert!(r.canceled, "{r:?}");
+    assert_eq!(r.compact_revision, 1, "the new history serves from 1");
+    // A new watch uses the new history.
+    c.watch(create("h/", "h0", 0));
+    let new = c.created().await;
+    let want: Vec<i64> = (0..3).map(|i| fake.put(&format!("h/{i}"), "b")).collect();
+    assert_eq!(want, vec![1, 2, 3]);
+    let got: Vec<i64> = c.events(new, 3).await.iter().map(|e| e.0).collect();
+    assert_eq!(got, want);
     c.quiet().await;
 }
 

@@ -703,7 +703,7 @@ impl Session {
                     ..Default::default()
                 };
                 match end {
-                    MergeEnd::Compacted(c) => resp.compact_revision = c,
+                    MergeEnd::Compacted(c) | MergeEnd::HistoryLost(c) => resp.compact_revision = c,
                     MergeEnd::Failed(reason) => resp.cancel_reason = reason,
                 }
                 self.outq.push_back(resp.into());

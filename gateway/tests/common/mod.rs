@@ -170,6 +170,9 @@ pub struct TestNode {
     server_addrs: Vec<String>,
     endpoint: String,
     generation: u32,
+    /// 0: every shard on an ephemeral port; else shard i on this + i (see
+    /// [`TestNode::pin_server_ports`]).
+    server_port: u16,
 }
 
 impl TestNode {
@@ -190,6 +193,7 @@ impl TestNode {
             server_addrs: Vec::new(),
             endpoint: String::new(),
             generation: 0,
+            server_port: 0,
         };
         node.spawn_all().await;
         node
@@ -263,6 +267,29 @@ impl TestNode {
         self.spawn_all().await;
     }
 
+    /// Restarts the node with its shards on fixed, consecutive ports, so
+    /// that [`TestNode::crash_restart_server`] can bring the server back
+    /// where the running gateway expects it.
+    pub async fn pin_server_ports(&mut self) {
+        self.stop().await;
+        self.server_port = free_consecutive_ports(SHARDS);
+        self.spawn_all().await;
+    }
+
+    /// Kills the server alone with SIGKILL and starts it again on the same
+    /// ports and data directory; the gateway keeps running (and keeps its
+    /// endpoint). Needs [`TestNode::pin_server_ports`] first.
+    pub async fn crash_restart_server(&mut self) {
+        assert_ne!(self.server_port, 0, "pin_server_ports first");
+        let mut server = self.server.take().expect("server running");
+        server.kill().expect("SIGKILL");
+        server.wait().expect("wait for the killed server");
+        self.generation += 1;
+        let addrs = std::mem::take(&mut self.server_addrs);
+        self.spawn_server(self.generation).await;
+        assert_eq!(self.server_addrs, addrs, "the server came back elsewhere");
+    }
+
     /// Stops both processes with SIGTERM and asserts a clean exit.
     pub async fn stop(&mut self) {
         if let Some(gw) = self.gateway.take() {
@@ -306,37 +333,7 @@ impl TestNode {
     async fn spawn_all(&mut self) {
         self.generation += 1;
         let gen = self.generation;
-        let bin_dir = bin_dir();
-
-        // Shard server.
-        let server_bin = bin_dir.join("metastore-server");
-        assert!(
-            server_bin.exists(),
-            "{} not found: build every binary first (cargo build --workspace --bins)",
-            server_bin.display()
-        );
-        let mut cmd = Command::new(&server_bin);
-        cmd.arg("--engine")
-            .arg(self.engine.flag())
-            .arg("--data-dir")
-            .arg(self.data_dir())
-            .arg("--shards")
-            .arg(SHARDS.to_string())
-            .arg("--host")
-            .arg("127.0.0.1")
-            .arg("--port")
-            .arg("0");
-        let (server, line) = self
-            .spawn_until_ready(cmd, "server", gen, "metastore-server ready:")
-            .await;
-        self.server = Some(server);
-        let addrs = parse_server_ready(&line);
-        assert_eq!(
-            addrs.len(),
-            SHARDS,
-            "server ready line should list {SHARDS} shard addresses: {line:?}"
-        );
-        self.server_addrs = addrs;
+        self.spawn_server(gen).await;
 
         // Gateway in front of it.
         let gateway_bin = PathBuf::from(env!("CARGO_BIN_EXE_metastore-gateway"));
@@ -360,6 +357,41 @@ impl TestNode {
             "gateway ready line should end with HOST:PORT: {line:?}"
         );
         self.endpoint = endpoint;
+    }
+
+    /// Starts the shard server and waits for its ready line.
+    async fn spawn_server(&mut self, gen: u32) {
+        let bin_dir = bin_dir();
+
+        // Shard server.
+        let server_bin = bin_dir.join("metastore-server");
+        assert!(
+            server_bin.exists(),
+            "{} not found: build every binary first (cargo build --workspace --bins)",
+            server_bin.display()
+        );
+        let mut cmd = Command::new(&server_bin);
+        cmd.arg("--engine")
+            .arg(self.engine.flag())
+            .arg("--data-dir")
+            .arg(self.data_dir())
+            .arg("--shards")
+            .arg(SHARDS.to_string())
+            .arg("--host")
+            .arg("127.0.0.1")
+            .arg("--port")
+            .arg(self.server_port.to_string());
+        let (server, line) = self
+            .spawn_until_ready(cmd, "server", gen, "metastore-server ready:")
+            .await;
+        self.server = Some(server);
+        let addrs = parse_server_ready(&line);
+        assert_eq!(
+            addrs.len(),
+            SHARDS,
+            "server ready line should list {SHARDS} shard addresses: {line:?}"
+        );
+        self.server_addrs = addrs;
     }
 
     /// Spawns `cmd` with stderr appended to `<what>.stderr.log` and stdout
@@ -562,4 +594,24 @@ pub fn etcdctl_path() -> std::path::PathBuf {
                  ./deploy/test.sh, which installs it. They never skip."
             )
         })
+}
+
+/// A port `p` such that `p .. p + n` are all free now (the server binds
+/// them right after; a race with another process is unlikely).
+fn free_consecutive_ports(n: usize) -> u16 {
+    for _ in 0..100 {
+        let first = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("bind an ephemeral port")
+            .port();
+        if usize::from(first) + n > usize::from(u16::MAX) {
+            continue;
+        }
+        let all_free =
+            (0..n as u16).all(|i| std::net::TcpListener::bind(("127.0.0.1", first + i)).is_ok());
+        if all_free {
+            return first;
+        }
+    }
+    panic!("no {n} consecutive free ports found");
 }
