@@ -182,6 +182,17 @@ impl Fake {
         self.write(&[(key, Some(value))])
     }
 
+    /// Puts `{prefix}0..n` = `value`, one revision each; returns the
+    /// events a watcher of them expects: (revision, key, value).
+    fn put_each(&self, prefix: &str, n: usize, value: &str) -> Vec<(i64, String, String)> {
+        (0..n)
+            .map(|i| {
+                let k = format!("{prefix}{i}");
+                (self.put(&k, value), k, value.to_string())
+            })
+            .collect()
+    }
+
     fn compact(&self, rev: i64) {
         self.state.lock().unwrap().compacted = rev;
     }
@@ -796,17 +807,11 @@ async fn dropped_shard_stream_resubscribes_without_loss_or_duplicates() {
     c.watch(create("r/", "r0", 0));
     let id = c.created().await;
     let mut want = vec![];
-    for i in 0..10 {
-        let k = format!("r/{i}");
-        want.push((fake.put(&k, "a"), k, "a".to_string()));
-    }
+    want.extend(fake.put_each("r/", 10, "a"));
     let mut got = c.events(id, 10).await;
     fake.drop_streams(0);
     fake.drop_streams(1);
-    for i in 0..10 {
-        let k = format!("r/{i}");
-        want.push((fake.put(&k, "b"), k, "b".to_string()));
-    }
+    want.extend(fake.put_each("r/", 10, "b"));
     got.extend(c.events(id, 10).await);
     assert_eq!(got, want);
     assert!(fake.subscribes() >= 4, "both lanes resubscribed");
@@ -824,19 +829,13 @@ async fn a_silent_shard_stream_is_replaced_without_loss_or_duplicates() {
     c.watch(create("s/", "s0", 0));
     let id = c.created().await;
     let mut want = vec![];
-    for i in 0..10 {
-        let k = format!("s/{i}");
-        want.push((fake.put(&k, "a"), k, "a".to_string()));
-    }
+    want.extend(fake.put_each("s/", 10, "a"));
     let mut got = c.events(id, 10).await;
     assert_eq!(fake.subscribes(), 2);
     // Shard 0's stream goes quiet on a live connection: its events, and
     // everything of shard 1 after them, would wait forever.
     fake.silence(0);
-    for i in 0..10 {
-        let k = format!("s/{i}");
-        want.push((fake.put(&k, "b"), k, "b".to_string()));
-    }
+    want.extend(fake.put_each("s/", 10, "b"));
     got.extend(c.events(id, 10).await);
     assert_eq!(got, want);
     assert_eq!(fake.subscribes(), 3, "only the silent lane resubscribed");
@@ -850,10 +849,8 @@ async fn a_lost_history_cancels_watches_as_compacted_and_new_ones_work() {
     let mut c = open(&hub);
     c.watch(create("h/", "h0", 0));
     let old = c.created().await;
-    for i in 0..4 {
-        fake.put(&format!("h/{i}"), "a");
-    }
-    assert_eq!(c.events(old, 4).await.len(), 4);
+    let before = fake.put_each("h/", 4, "a");
+    assert_eq!(c.events(old, 4).await, before);
     // A non-durable server restarts: its revisions start over. Resuming
     // from revision 6 would skip the new revisions 1..=5 without a trace.
     fake.restart_without_history();
@@ -864,10 +861,9 @@ async fn a_lost_history_cancels_watches_as_compacted_and_new_ones_work() {
     // A new watch uses the new history.
     c.watch(create("h/", "h0", 0));
     let new = c.created().await;
-    let want: Vec<i64> = (0..3).map(|i| fake.put(&format!("h/{i}"), "b")).collect();
-    assert_eq!(want, vec![1, 2, 3]);
-    let got: Vec<i64> = c.events(new, 3).await.iter().map(|e| e.0).collect();
-    assert_eq!(got, want);
+    let after = fake.put_each("h/", 3, "b");
+    assert_eq!(after.iter().map(|e| e.0).collect::<Vec<_>>(), vec![1, 2, 3]);
+    assert_eq!(c.events(new, 3).await, after);
     c.quiet().await;
 }
 
