@@ -141,10 +141,11 @@ struct Watch {
 }
 
 /// A Watch stream's responses: its [`Session`], driven by whoever polls
-/// for the next response (gRPC's send side). Each poll first takes in
-/// what the inputs have ready — the client's requests (while fewer than
-/// [`MAX_BUFFERED_REQUESTS`] are buffered), the shared revision read,
-/// the progress ticker — then answers with the next response, or waits
+/// for the next response (gRPC's send side). Within a burst a poll just
+/// hands out the next response. Between bursts it first takes in what
+/// the inputs have ready — the client's requests (while fewer than
+/// [`MAX_BUFFERED_REQUESTS`] are buffered), the shared revision read, the
+/// progress ticker — then takes the next burst from the inbox, or waits
 /// for a push into the inbox or an input. No task or channel of its own:
 /// a push wakes the gRPC stream directly. Dropping it (the client went
 /// away) detaches every watch.
