@@ -165,16 +165,18 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     }
     let _ = topology.addrs.set(addrs.clone());
     serving.wait();
+    // Handlers first: a SIGTERM sent as soon as the ready line is read
+    // must stop the server cleanly, not by the default action.
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+    ])?;
     println!(
         "metastore-server ready: shards={shards} engine={kind} addrs={}",
         addrs.join(",")
     );
     std::io::stdout().flush()?;
 
-    let mut signals = signal_hook::iterator::Signals::new([
-        signal_hook::consts::SIGINT,
-        signal_hook::consts::SIGTERM,
-    ])?;
     if let Some(sig) = signals.forever().next() {
         eprintln!("metastore-server: signal {sig}, stopping");
     }
