@@ -56,8 +56,8 @@ struct FakeState {
     subs: HashMap<u64, FakeSubState>,
     subscribes: usize,
     progress_asks: usize,
-    /// The fake server's history id (0 until the first restart: the
-    /// hub's `testing::HISTORY`).
+    /// The fake server's history id (the hub's `testing::HISTORY` until
+    /// a restart without history).
     history: u64,
 }
 
@@ -103,7 +103,10 @@ impl Fake {
     fn new(shards: u32) -> Fake {
         Fake {
             router: ShardRouter::new(shards),
-            state: Arc::default(),
+            state: Arc::new(Mutex::new(FakeState {
+                history: HISTORY,
+                ..FakeState::default()
+            })),
             next_id: Arc::new(AtomicU64::new(1)),
             changed: Arc::default(),
         }
@@ -227,7 +230,7 @@ impl Fake {
                 .tx
                 .send((s.sink.tag, Err(GatewayError::ConnectionLost { shard })));
         }
-        let history = HISTORY + 1 + st.history;
+        let history = st.history + 1;
         *st = FakeState {
             history,
             subscribes: st.subscribes,
@@ -336,7 +339,7 @@ impl WatchTransport for Fake {
                 seq: 0,
                 silent: false,
             };
-            let history = if st.history == 0 { HISTORY } else { st.history };
+            let history = st.history;
             let lost_history = req.expect_history != 0 && req.expect_history != history;
             if lost_history || req.start_revision < st.compacted {
                 sub.seq += 1;
