@@ -20,8 +20,7 @@
 //! - `release` — every release available now;
 //! - `actions` — what the driver must do now;
 //! - `tick` — time passes (one silence tick);
-//! - `state` — released revision, buffered bytes, end;
-//! - `history` — the history a shard reported when it refused the merge.
+//! - `state` — released revision, buffered bytes, end.
 
 use std::path::Path;
 
@@ -184,7 +183,6 @@ fn run(merge: &mut Option<Merge>, line: &str) -> String {
             m.tick();
             String::new()
         }
-        "history" => format!("{:?}", m.history_seen()),
         "state" => format!(
             "released={} buffered={} end={:?}",
             m.released(),

@@ -369,7 +369,7 @@ async fn drive(
                         next = rx.try_recv().ok();
                     }
                 }
-                if let Some(h) = st.merge.history_seen() {
+                if let Some(&MergeEnd::HistoryLost { history: h, .. }) = st.merge.end() {
                     // Before the watchers hear of it: the watches they
                     // create next must expect the new history.
                     tracing::warn!(feed = feed.id, history = h, "the server's history changed (a non-durable engine restarted): its watches end as compacted");

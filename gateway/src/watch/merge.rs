@@ -74,7 +74,7 @@
 //! every watcher is canceled with etcd's `compact_revision` (none resumes
 //! on a feed of its own, as after a compaction below its start), and
 //! clients re-list, as after a compaction.
-//! [`Merge::history_seen`] tells the registry the new history for merges
+//! The end names the new history, which the registry keeps for merges
 //! that start later.
 //!
 //! # Flow control
@@ -102,9 +102,9 @@ pub enum MergeEnd {
     /// A shard refused the subscription for a reason retrying cannot fix.
     Failed(String),
     /// The server's history changed (see "A lost history"): nothing this
-    /// merge's watchers were promised is left; the new history serves
-    /// events from this revision on.
-    HistoryLost(i64),
+    /// merge's watchers were promised is left; the new history, named
+    /// `history`, serves events from revision `from` on.
+    HistoryLost { from: i64, history: u64 },
 }
 
 /// Tunables of a merge.
@@ -220,8 +220,6 @@ pub struct Merge {
     end: Option<MergeEnd>,
     /// The history the revisions come from (0: unknown, not checked).
     history: u64,
-    /// The history a shard reported when it refused a subscription.
-    history_seen: Option<u64>,
 }
 
 impl Merge {
@@ -262,14 +260,7 @@ impl Merge {
             progress_target: 0,
             end: None,
             history,
-            history_seen: None,
         }
-    }
-
-    /// The history a shard reported when it ended a subscription because
-    /// its history differs from this merge's.
-    pub fn history_seen(&self) -> Option<u64> {
-        self.history_seen
     }
 
     pub fn start(&self) -> i64 {
@@ -394,8 +385,10 @@ impl Merge {
         l.last_seq = f.seq;
         if f.compact_revision != 0 {
             self.end = Some(if f.history != 0 {
-                self.history_seen = Some(f.history);
-                MergeEnd::HistoryLost(f.compact_revision)
+                MergeEnd::HistoryLost {
+                    from: f.compact_revision,
+                    history: f.history,
+                }
             } else {
                 MergeEnd::Compacted(f.compact_revision)
             });

@@ -704,7 +704,9 @@ impl Session {
                     ..Default::default()
                 };
                 match end {
-                    MergeEnd::Compacted(c) | MergeEnd::HistoryLost(c) => resp.compact_revision = c,
+                    MergeEnd::Compacted(c) | MergeEnd::HistoryLost { from: c, .. } => {
+                        resp.compact_revision = c
+                    }
                     MergeEnd::Failed(reason) => resp.cancel_reason = reason,
                 }
                 self.outq.push_back(resp.into());

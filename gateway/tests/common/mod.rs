@@ -260,9 +260,7 @@ impl TestNode {
             .into_iter()
             .flatten()
         {
-            let mut child = child;
-            child.kill().expect("SIGKILL");
-            child.wait().expect("wait for the killed process");
+            kill(child);
         }
         self.spawn_all().await;
     }
@@ -281,9 +279,7 @@ impl TestNode {
     /// endpoint). Needs [`TestNode::pin_server_ports`] first.
     pub async fn crash_restart_server(&mut self) {
         assert_ne!(self.server_port, 0, "pin_server_ports first");
-        let mut server = self.server.take().expect("server running");
-        server.kill().expect("SIGKILL");
-        server.wait().expect("wait for the killed server");
+        kill(self.server.take().expect("server running"));
         self.generation += 1;
         let addrs = std::mem::take(&mut self.server_addrs);
         self.spawn_server(self.generation).await;
@@ -594,6 +590,12 @@ pub fn etcdctl_path() -> std::path::PathBuf {
                  ./deploy/test.sh, which installs it. They never skip."
             )
         })
+}
+
+/// SIGKILL (a crash), then reaps the process.
+fn kill(mut child: Child) {
+    child.kill().expect("SIGKILL");
+    child.wait().expect("wait for the killed process");
 }
 
 /// A port `p` such that `p .. p + n` are all free now (the server binds
