@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use metastore_proto::etcdserverpb::ResponseHeader;
 use metastore_proto::router::ShardRouter;
-use metastore_proto::shardpb::CurrentRevisionRequest;
+use metastore_proto::shardpb::{CurrentRevisionRequest, CurrentRevisionResponse};
 use rand::Rng;
 
 use crate::error::{GatewayError, Result};
@@ -170,12 +170,16 @@ impl Backend {
     /// shares it; the shard asked rotates), and the raft term of the shard
     /// that answered.
     pub async fn current_revision(&self) -> Result<(i64, u64)> {
+        let r = self.read_current_revision().await?;
+        Ok((r.revision, r.raft_term))
+    }
+
+    /// [`Self::current_revision`] with the history the revision belongs to.
+    pub async fn read_current_revision(&self) -> Result<CurrentRevisionResponse> {
         let n = self.router.shard_count() as usize;
         let shard = (self.next_oracle_shard.fetch_add(1, Ordering::Relaxed) % n) as u32;
-        let r = self
-            .retry(|| shards::current_revision(self.t(), shard, CurrentRevisionRequest {}))
-            .await?;
-        Ok((r.revision, r.raft_term))
+        self.retry(|| shards::current_revision(self.t(), shard, CurrentRevisionRequest {}))
+            .await
     }
 
     /// A header with our identity and the given revision and term.

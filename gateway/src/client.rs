@@ -576,6 +576,7 @@ mod tests {
                                 shard_response::Body::CurrentRevision(CurrentRevisionResponse {
                                     revision: 42,
                                     raft_term: 3,
+                                    ..Default::default()
                                 })
                             }
                             shard_request::Body::Put(p) if p.key == b"drop" => return,

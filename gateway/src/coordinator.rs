@@ -595,6 +595,7 @@ mod tests {
             Req::CurrentRevision(_) => Ok(Resp::CurrentRevision(CurrentRevisionResponse {
                 revision: 30,
                 raft_term: 1,
+                ..Default::default()
             })),
             Req::TxnEvaluate(e) => {
                 assert_eq!(e.revision, 30);

@@ -355,6 +355,7 @@ mod tests {
             Req::CurrentRevision(_) => Ok(Resp::CurrentRevision(CurrentRevisionResponse {
                 revision: 50,
                 raft_term: 2,
+                ..Default::default()
             })),
             Req::Range(r) => {
                 assert_eq!(r.revision, 50, "every shard reads at the snapshot");
@@ -455,6 +456,7 @@ mod tests {
             Req::CurrentRevision(_) => Ok(Resp::CurrentRevision(CurrentRevisionResponse {
                 revision: 8,
                 raft_term: 1,
+                ..Default::default()
             })),
             other => panic!("unexpected {other:?}"),
         });

@@ -426,6 +426,7 @@ mod tests {
         Ok(Resp::CurrentRevision(CurrentRevisionResponse {
             revision: rev,
             raft_term: 3,
+            ..Default::default()
         }))
     }
 

@@ -331,6 +331,7 @@ mod tests {
                                     metastore_proto::shardpb::CurrentRevisionResponse {
                                         revision: st.0,
                                         raft_term: 1,
+                                        ..Default::default()
                                     },
                                 ),
                                 Req::Put(p) => {

@@ -917,6 +917,7 @@ impl Shard {
             R::CurrentRevision(_) => Body::CurrentRevision(CurrentRevisionResponse {
                 revision: self.oracle.current(),
                 raft_term: self.term(),
+                history_id: self.topology.history_id,
             }),
             R::Range(r) => self.range(r).await,
             R::Put(p) => {

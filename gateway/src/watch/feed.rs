@@ -92,6 +92,8 @@ struct FeedState {
 /// One shared feed (see the module docs).
 pub struct Feed {
     id: u64,
+    /// The server history its merge expects (0: unknown).
+    history: u64,
     key: Vec<u8>,
     range_end: Vec<u8>,
     state: Mutex<FeedState>,
@@ -113,8 +115,12 @@ impl Feed {
         self.id
     }
 
-    /// Joins this feed if it is live and its tail covers `sub.start`.
-    fn try_join(&self, sub: Subscriber) -> Result<(), Subscriber> {
+    /// Joins this feed if it is live, reads `history`, and its tail covers
+    /// `sub.start`.
+    fn try_join(&self, sub: Subscriber, history: u64) -> Result<(), Subscriber> {
+        if self.history != history {
+            return Err(sub);
+        }
         let mut st = self.state.lock().unwrap();
         if st.closing || st.merge.end().is_some() {
             return Err(sub);
@@ -198,15 +204,26 @@ impl Registry {
         })
     }
 
-    /// Attaches a watcher of `[key, range_end)` to a live feed that can
-    /// serve it, or to a new feed from its start. Must be called inside a
-    /// tokio runtime (a new feed spawns its driver).
+    /// The server names its history `history` (0: not said): feeds
+    /// created from now on expect it. A current-revision read calls this
+    /// before its revision is used, so a watch starting "now" on a
+    /// restarted non-durable server is not refused for the old history.
+    pub fn observe_history(&self, history: u64) {
+        if history != 0 {
+            self.history.store(history, Ordering::Relaxed);
+        }
+    }
+
+    /// Attaches a watcher of `[key, range_end)` to a live feed of the
+    /// current history that can serve it, or to a new feed from its start.
+    /// Must be called inside a tokio runtime (a new feed spawns its driver).
     pub fn attach(self: &Arc<Self>, key: &[u8], range_end: &[u8], sub: Subscriber) -> Arc<Feed> {
+        let history = self.history.load(Ordering::Relaxed);
         let mut feeds = self.feeds.lock().unwrap();
         let list = feeds.entry((key.to_vec(), range_end.to_vec())).or_default();
         let mut sub = sub;
         for f in list.iter() {
-            match f.try_join(sub) {
+            match f.try_join(sub, history) {
                 Ok(()) => return f.clone(),
                 Err(s) => sub = s,
             }
@@ -220,7 +237,7 @@ impl Registry {
             range_end.to_vec(),
             start,
             &shards,
-            self.history.load(Ordering::Relaxed),
+            history,
             self.cfg.merge.clone(),
         );
         if target > 0 {
@@ -232,6 +249,7 @@ impl Registry {
             .expect("a new feed takes a watcher at its start");
         let feed = Arc::new(Feed {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            history,
             key: key.to_vec(),
             range_end: range_end.to_vec(),
             state: Mutex::new(FeedState {
@@ -374,7 +392,7 @@ async fn drive(
                     // create next must expect the new history.
                     tracing::warn!(feed = feed.id, history = h, "the server's history changed (a non-durable engine restarted): its watches end as compacted");
                     if let Some(r) = registry.upgrade() {
-                        r.history.store(h, Ordering::Relaxed);
+                        r.observe_history(h);
                     }
                 }
                 step(&mut st);

@@ -109,8 +109,12 @@ impl WatchHub {
             backend.identity.history_id,
             cfg.feed.clone(),
         );
+        let observer = registry.clone();
         Arc::new(WatchHub {
-            revisions: revision::RevisionReads::new(backend.clone()),
+            revisions: revision::RevisionReads::new(
+                backend.clone(),
+                Box::new(move |h| observer.observe_history(h)),
+            ),
             backend,
             registry,
             cfg,

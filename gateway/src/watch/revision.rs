@@ -14,6 +14,11 @@
 //! Invariant: every answer comes from a read issued after its caller
 //! registered (a read takes the waiting list before it is sent, and only
 //! that list gets its result).
+//!
+//! Each read also names the server's history (see `merge`, "A lost
+//! history"); the feed registry hears of it (`on_history`) before any
+//! caller gets the revision, so a watch created from a revision of a
+//! restarted non-durable server expects that server's new history.
 
 use std::sync::{Arc, Mutex};
 
@@ -27,6 +32,8 @@ type Waiter = oneshot::Sender<Result<(i64, u64)>>;
 /// Shared current-revision reads (see the module docs).
 pub struct RevisionReads {
     backend: Arc<Backend>,
+    /// Told the history each read names, before its callers are answered.
+    on_history: Box<dyn Fn(u64) + Send + Sync>,
     state: Mutex<State>,
 }
 
@@ -39,9 +46,13 @@ struct State {
 }
 
 impl RevisionReads {
-    pub fn new(backend: Arc<Backend>) -> Arc<RevisionReads> {
+    pub fn new(
+        backend: Arc<Backend>,
+        on_history: Box<dyn Fn(u64) + Send + Sync>,
+    ) -> Arc<RevisionReads> {
         Arc::new(RevisionReads {
             backend,
+            on_history,
             state: Mutex::new(State::default()),
         })
     }
@@ -73,7 +84,10 @@ impl RevisionReads {
                 }
                 std::mem::take(&mut st.waiting)
             };
-            let r = self.backend.current_revision().await;
+            let r = self.backend.read_current_revision().await.map(|r| {
+                (self.on_history)(r.history_id);
+                (r.revision, r.raft_term)
+            });
             for tx in batch {
                 let _ = tx.send(r.clone());
             }
@@ -88,25 +102,36 @@ mod tests {
     use metastore_proto::shardpb::{
         shard_request::Body as Req, shard_response::Body as Resp, CurrentRevisionResponse,
     };
-    use std::sync::atomic::{AtomicI64, Ordering};
+    use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
-    /// A backend whose oracle answers 1, 2, 3, ... (one per read).
-    fn counting() -> (Arc<RevisionReads>, Arc<AtomicI64>) {
+    /// A backend whose oracle answers 1, 2, 3, ... (one per read), read
+    /// number n in history 100 + n; and the last history observed.
+    fn counting() -> (Arc<RevisionReads>, Arc<AtomicI64>, Arc<AtomicU64>) {
         let reads = Arc::new(AtomicI64::new(0));
         let r = reads.clone();
         let fake = FakeShards::new(2, move |_, req| match req {
-            Req::CurrentRevision(_) => Ok(Resp::CurrentRevision(CurrentRevisionResponse {
-                revision: r.fetch_add(1, Ordering::SeqCst) + 1,
-                raft_term: 1,
-            })),
+            Req::CurrentRevision(_) => {
+                let n = r.fetch_add(1, Ordering::SeqCst) + 1;
+                Ok(Resp::CurrentRevision(CurrentRevisionResponse {
+                    revision: n,
+                    raft_term: 1,
+                    history_id: 100 + n as u64,
+                }))
+            }
             other => panic!("unexpected {other:?}"),
         });
-        (RevisionReads::new(Arc::new(backend(fake))), reads)
+        let observed = Arc::new(AtomicU64::new(0));
+        let o = observed.clone();
+        let rr = RevisionReads::new(
+            Arc::new(backend(fake)),
+            Box::new(move |h| o.store(h, Ordering::SeqCst)),
+        );
+        (rr, reads, observed)
     }
 
     #[tokio::test]
     async fn concurrent_callers_share_one_read() {
-        let (rr, reads) = counting();
+        let (rr, reads, _) = counting();
         let all = futures::future::join_all((0..100).map(|_| rr.current())).await;
         assert_eq!(reads.load(Ordering::SeqCst), 1);
         assert!(all.iter().all(|r| *r == Ok((1, 1))));
@@ -114,9 +139,11 @@ mod tests {
 
     #[tokio::test]
     async fn a_later_caller_gets_a_later_read() {
-        let (rr, reads) = counting();
+        let (rr, reads, observed) = counting();
         assert_eq!(rr.current().await, Ok((1, 1)));
+        assert_eq!(observed.load(Ordering::SeqCst), 101, "history told first");
         assert_eq!(rr.current().await, Ok((2, 1)));
+        assert_eq!(observed.load(Ordering::SeqCst), 102);
         let both = futures::future::join(rr.current(), rr.current()).await;
         assert_eq!(both, (Ok((3, 1)), Ok((3, 1))));
         assert_eq!(reads.load(Ordering::SeqCst), 3);

@@ -220,10 +220,14 @@ impl Fake {
 
     /// A restart of a non-durable server: everything is gone, revisions
     /// start over, the history has a new id, and every stream ends as its
-    /// connection would.
+    /// connection would, except silenced ones (see `silence`): their end
+    /// is not heard, like a connection loss the gateway has not noticed.
     fn restart_without_history(&self) {
         let mut st = self.state.lock().unwrap();
-        for (_, s) in st.subs.drain() {
+        let subs = std::mem::take(&mut st.subs);
+        let (unheard, ended): (HashMap<_, _>, HashMap<_, _>) =
+            subs.into_iter().partition(|(_, s)| s.silent);
+        for (_, s) in ended {
             let shard = s.shard;
             let _ = s
                 .sink
@@ -234,6 +238,7 @@ impl Fake {
         *st = FakeState {
             history,
             subscribes: st.subscribes,
+            subs: unheard,
             ..FakeState::default()
         };
     }
@@ -279,6 +284,7 @@ impl Fake {
             Req::CurrentRevision(_) => Ok(Resp::CurrentRevision(CurrentRevisionResponse {
                 revision: me.current(),
                 raft_term: 2,
+                history_id: me.state.lock().unwrap().history,
             })),
             other => panic!("unexpected {other:?}"),
         })
@@ -868,6 +874,38 @@ async fn a_lost_history_cancels_watches_as_compacted_and_new_ones_work() {
     assert_eq!(after.iter().map(|e| e.0).collect::<Vec<_>>(), vec![1, 2, 3]);
     assert_eq!(c.events(new, 3).await, after);
     c.quiet().await;
+}
+
+#[tokio::test]
+async fn a_watch_created_after_an_unnoticed_restart_uses_the_new_history() {
+    let fake = Fake::new(2);
+    let hub = hub(&fake, cfg());
+    let mut c = open(&hub);
+    c.watch(create("o/", "o0", 0));
+    let old = c.created().await;
+    let before = fake.put_each("o/", 4, "a");
+    assert_eq!(c.events(old, 4).await, before);
+    // The server restarts and the gateway has not noticed: that feed's
+    // streams stay open and silent, so no feed learns the new history.
+    fake.silence(0);
+    fake.silence(1);
+    fake.restart_without_history();
+    // A watch from "now" reads a revision of the new history, and with it
+    // the history's id: it is not refused for expecting the old one.
+    let mut d = open(&hub);
+    d.watch(create("n/", "n0", 0));
+    let new = d.created().await;
+    let after = fake.put_each("n/", 2, "b");
+    assert_eq!(after.iter().map(|e| e.0).collect::<Vec<_>>(), vec![1, 2]);
+    assert_eq!(d.events(new, 2).await, after);
+    // Nor does a watch of the old feed's keys join that feed: its tail
+    // holds the old history's revisions 1..=4.
+    d.watch(create("o/", "o0", 0));
+    let again = d.created().await;
+    let more = fake.put_each("o/", 1, "c");
+    assert_eq!(more[0].0, 3);
+    assert_eq!(d.events(again, 1).await, more);
+    d.quiet().await;
 }
 
 #[tokio::test]
