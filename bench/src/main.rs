@@ -192,6 +192,9 @@ pub enum Cmd {
     WatchLatency(watch::WatchArgs),
     /// Lease keep-alive round trips (one lease and stream per client).
     LeaseKeepalive(lease::LeaseArgs),
+    /// Lease expiry storm: many leases with keys expire at once while a put
+    /// stream measures write latency.
+    LeaseExpiry(lease::LeaseExpiryArgs),
     /// Kubernetes-like mix: OCC txn updates, paginated lists, prefix watches.
     MixedK8s(k8s::K8sArgs),
     /// Start a MetaStore node per engine (memory, rocksdb) and run put and
@@ -320,6 +323,7 @@ pub async fn run_workload(common: &Common, cmd: &Cmd) -> Result<RunResult, Strin
         Cmd::Watch(a) => watch::watch(common, a, false).await,
         Cmd::WatchLatency(a) => watch::watch(common, a, true).await,
         Cmd::LeaseKeepalive(a) => lease::keepalive(common, a).await,
+        Cmd::LeaseExpiry(a) => lease::expiry(common, a).await,
         Cmd::MixedK8s(a) => k8s::mixed(common, a).await,
         Cmd::Engines(_) | Cmd::Compare(_) | Cmd::Flamegraph(_) => {
             Err("not a single workload".into())

@@ -238,6 +238,12 @@ const CASES: &[Case] = &[
     ),
     ("lease-keepalive", "--clients 4 --total 100 lease-keepalive --ttl 30", 100.0, &[]),
     (
+        "lease-expiry",
+        "--clients 8 lease-expiry --leases 200 --keys-per-lease 2 --ttl 7 --put-rate 100 --put-clients 4 --drain-timeout 30s",
+        200.0,
+        &[("leases", 200.0), ("deleted_keys", 400.0)],
+    ),
+    (
         "mixed-k8s",
         "--conns 2 --clients 8 --total 300 mixed-k8s --objects 1200 --resources 2 --namespaces 3 --list-limit 100 --progress-interval 100ms",
         300.0,
