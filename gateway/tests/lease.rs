@@ -622,8 +622,8 @@ both_engines!(
 
 both_engines!(
     /// 2000 two-second leases, each with a key, expire together. Their home
-    /// shards revoke them in bounded batches (at most 1000 leases per
-    /// revocation transaction): every key is deleted, by several
+    /// shards revoke them in bounded batches (at most `LEASE_REVOKE_BATCH`,
+    /// 100, leases per revocation transaction): every key is deleted, by several
     /// revocations, and a writer's puts keep landing between them — the
     /// storm does not stall writes.
     async fn an_expiry_storm_is_revoked_in_batches_while_writes_go_on(node: TestNode) {
@@ -699,8 +699,8 @@ both_engines!(
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         writer.await.unwrap();
         assert!(
-            delete_revs.len() >= 2,
-            "2000 leases need at least two revocations of at most 1000: {delete_revs:?}"
+            delete_revs.len() >= 20,
+            "2000 leases need several revocations of at most 100: {delete_revs:?}"
         );
         assert!(
             writes_between > 0,

@@ -133,6 +133,8 @@ pub struct Shard {
     lease_deadlines: RefCell<HashMap<i64, Instant>>,
     /// Leases whose revocation is under way.
     revoking: RefCell<std::collections::HashSet<i64>>,
+    /// An expiry pass is revoking expired leases (one at a time).
+    expiring: Cell<bool>,
 }
 
 /// The connection's handle on one subscription: acks, progress requests
@@ -234,6 +236,7 @@ impl Shard {
             watch_waiters: RefCell::new(Vec::new()),
             lease_deadlines: RefCell::new(HashMap::new()),
             revoking: RefCell::new(Default::default()),
+            expiring: Cell::new(false),
         });
         Ok((shard, max_rev))
     }
@@ -752,28 +755,70 @@ impl Shard {
         known(self).unwrap_or_default()
     }
 
-    /// Starts revoking (in batches) the home leases whose deadline passed.
+    /// Starts an expiry pass unless one is running: it revokes the home
+    /// leases whose deadline passed, one batch of at most
+    /// [`LEASE_REVOKE_BATCH`] after the other, until none is left. One
+    /// batch at a time bounds what a storm puts in front of other writes
+    /// (a write waits for one batch to apply, not for a pile of them),
+    /// and going on without waiting for the next tick keeps it short.
     fn expire_leases(self: &Rc<Self>) {
-        let now = Instant::now();
-        let expired: Vec<i64> = {
-            let revoking = self.revoking.borrow();
-            self.lease_deadlines
-                .borrow()
-                .iter()
-                .filter(|(id, d)| **d <= now && !revoking.contains(id))
-                .map(|(id, _)| *id)
-                .take(LEASE_REVOKE_BATCH)
-                .collect()
-        };
-        if expired.is_empty() {
+        if self.expiring.replace(true) {
             return;
         }
         let shard = self.clone();
         glommio::spawn_local(async move {
-            // On failure the leases stay expired and the next tick retries.
-            let _ = shard.revoke_leases(expired).await;
+            loop {
+                let expired = shard.expired_leases(LEASE_REVOKE_BATCH * 16);
+                if expired.is_empty() {
+                    break;
+                }
+                let mut failed = false;
+                for batch in expired.chunks(LEASE_REVOKE_BATCH) {
+                    // A keep-alive may have come in since the scan; from
+                    // here until the revocation marks them there is no
+                    // await, so none can come in after this check.
+                    let batch = shard.still_expired(batch);
+                    if batch.is_empty() {
+                        continue;
+                    }
+                    // On failure the leases stay expired and the next tick
+                    // starts another pass.
+                    if shard.revoke_leases(batch).await.is_err() {
+                        failed = true;
+                        break;
+                    }
+                }
+                if failed {
+                    break;
+                }
+            }
+            shard.expiring.set(false);
         })
         .detach();
+    }
+
+    /// Those of `ids` still past their deadline and not being revoked.
+    fn still_expired(&self, ids: &[i64]) -> Vec<i64> {
+        let now = Instant::now();
+        let revoking = self.revoking.borrow();
+        let deadlines = self.lease_deadlines.borrow();
+        ids.iter()
+            .copied()
+            .filter(|id| deadlines.get(id).is_some_and(|d| *d <= now) && !revoking.contains(id))
+            .collect()
+    }
+
+    /// Up to `max` home leases past their deadline and not being revoked.
+    fn expired_leases(&self, max: usize) -> Vec<i64> {
+        let now = Instant::now();
+        let revoking = self.revoking.borrow();
+        self.lease_deadlines
+            .borrow()
+            .iter()
+            .filter(|(id, d)| **d <= now && !revoking.contains(id))
+            .map(|(id, _)| *id)
+            .take(max)
+            .collect()
     }
 
     /// Revokes `ids` (home leases of this shard) everywhere: a cross-shard
@@ -1127,7 +1172,7 @@ impl Shard {
 }
 
 /// Home leases revoked by one expiry transaction at most.
-pub const LEASE_REVOKE_BATCH: usize = 1_000;
+pub const LEASE_REVOKE_BATCH: usize = 100;
 
 fn ttl_duration(ttl: i64) -> Duration {
     Duration::from_secs(ttl.max(0) as u64)
