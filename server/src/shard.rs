@@ -762,16 +762,18 @@ impl Shard {
     /// (a write waits for one batch to apply, not for a pile of them),
     /// and going on without waiting for the next tick keeps it short.
     fn expire_leases(self: &Rc<Self>) {
-        if self.expiring.replace(true) {
+        const SCAN: usize = LEASE_REVOKE_BATCH * 16;
+        if self.expiring.get() {
             return;
         }
+        let mut expired = self.expired_leases(SCAN);
+        if expired.is_empty() {
+            return;
+        }
+        self.expiring.set(true);
         let shard = self.clone();
         glommio::spawn_local(async move {
-            loop {
-                let expired = shard.expired_leases(LEASE_REVOKE_BATCH * 16);
-                if expired.is_empty() {
-                    break;
-                }
+            while !expired.is_empty() {
                 let mut failed = false;
                 for batch in expired.chunks(LEASE_REVOKE_BATCH) {
                     // A keep-alive may have come in since the scan; from
@@ -791,6 +793,7 @@ impl Shard {
                 if failed {
                     break;
                 }
+                expired = shard.expired_leases(SCAN);
             }
             shard.expiring.set(false);
         })
