@@ -11,8 +11,12 @@
 //! 50 ms) until the retry budget (default 10 s) is spent, then fails with
 //! [`GatewayError::RetriesExhausted`], which clients see as etcd's
 //! "request timed out". Errors that leave the outcome unknown (a timeout, a
-//! lost connection) are *not* retried here: a write may have been applied,
-//! and etcd itself answers "request timed out" in that case.
+//! lost connection) are *not* retried for writes: a write may have been
+//! applied, and etcd itself answers "request timed out" in that case.
+//! Reads change nothing, so [`Backend::retry_read`] retries those too (as
+//! etcd's clientv3 retries `Unavailable` reads): a server that restarts
+//! leaves the gateway connections that look alive until the dead process's
+//! sockets are torn down, and a read sent on one then fails.
 //!
 //! # Headers
 //!
@@ -147,7 +151,30 @@ impl Backend {
 
     /// Runs `f` until it succeeds or fails with a non-retryable error,
     /// backing off between attempts (see the module docs).
-    pub async fn retry<T, F, Fut>(&self, mut f: F) -> Result<T>
+    pub async fn retry<T, F, Fut>(&self, f: F) -> Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T>>,
+    {
+        self.retry_while(f, GatewayError::is_retryable).await
+    }
+
+    /// [`Self::retry`] for a request that changes nothing (a read): also
+    /// retried when its outcome is unknown.
+    pub async fn retry_read<T, F, Fut>(&self, f: F) -> Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T>>,
+    {
+        self.retry_while(f, |e| e.is_retryable() || e.is_ambiguous())
+            .await
+    }
+
+    async fn retry_while<T, F, Fut>(
+        &self,
+        mut f: F,
+        again: impl Fn(&GatewayError) -> bool,
+    ) -> Result<T>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T>>,
@@ -155,7 +182,7 @@ impl Backend {
         let mut backoff = self.retry.backoff();
         loop {
             match f().await {
-                Err(e) if e.is_retryable() => {
+                Err(e) if again(&e) => {
                     tracing::debug!(error = %e, "retrying");
                     if !backoff.wait().await {
                         return Err(GatewayError::RetriesExhausted(Box::new(e)));
@@ -178,7 +205,7 @@ impl Backend {
     pub async fn read_current_revision(&self) -> Result<CurrentRevisionResponse> {
         let n = self.router.shard_count() as usize;
         let shard = (self.next_oracle_shard.fetch_add(1, Ordering::Relaxed) % n) as u32;
-        self.retry(|| shards::current_revision(self.t(), shard, CurrentRevisionRequest {}))
+        self.retry_read(|| shards::current_revision(self.t(), shard, CurrentRevisionRequest {}))
             .await
     }
 

@@ -124,7 +124,7 @@ impl Backend {
         if shards.len() == 1 {
             let shard = shards[0];
             let mut resp = self
-                .retry(|| shards::range(self.t(), shard, req.clone()))
+                .retry_read(|| shards::range(self.t(), shard, req.clone()))
                 .await?;
             resp.header = self.fix_header(resp.header);
             return Ok(resp);
@@ -139,7 +139,7 @@ impl Backend {
         shard_req.revision = rev;
         let parts = try_join_all(shards.iter().map(|&s| {
             let r = shard_req.clone();
-            self.retry(move || shards::range(self.t(), s, r.clone()))
+            self.retry_read(move || shards::range(self.t(), s, r.clone()))
         }))
         .await?;
         let mut resp = merge::merge_range(&req, parts);
@@ -253,6 +253,7 @@ mod tests {
         shard_request::Body as Req, shard_response::Body as Resp, CompactResponse,
         CurrentRevisionResponse,
     };
+    use std::sync::atomic::{AtomicUsize, Ordering};
 
     #[test]
     fn request_checks_match_etcd() {
@@ -428,6 +429,50 @@ mod tests {
             .unwrap();
         assert_eq!(resp.header.unwrap().revision, 9);
         assert_eq!(fake.calls().len(), 4);
+    }
+
+    /// A fake whose first answer is a lost connection; and its call count.
+    fn first_connection_lost() -> (FakeShards, std::sync::Arc<AtomicUsize>) {
+        let calls = std::sync::Arc::new(AtomicUsize::new(0));
+        let c = calls.clone();
+        let fake = FakeShards::new(1, move |shard, req| {
+            if c.fetch_add(1, Ordering::SeqCst) == 0 {
+                return Err(GatewayError::ConnectionLost { shard });
+            }
+            match req {
+                Req::Range(_) => Ok(Resp::Range(RangeResponse::default())),
+                Req::Put(_) => Ok(Resp::Put(PutResponse::default())),
+                other => panic!("unexpected {other:?}"),
+            }
+        });
+        (fake, calls)
+    }
+
+    #[tokio::test]
+    async fn a_read_is_retried_after_a_lost_connection() {
+        let (fake, calls) = first_connection_lost();
+        let b = backend(fake);
+        let req = RangeRequest {
+            key: b"k".to_vec(),
+            ..Default::default()
+        };
+        b.range(req).await.unwrap();
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_write_is_not_retried_after_a_lost_connection() {
+        // It may have been applied: etcd answers "request timed out".
+        let (fake, calls) = first_connection_lost();
+        let b = backend(fake);
+        let req = PutRequest {
+            key: b"k".to_vec(),
+            ..Default::default()
+        };
+        let e = b.put(req).await.unwrap_err();
+        assert_eq!(e.to_status().code(), tonic::Code::Unavailable);
+        assert_eq!(e.to_status().message(), crate::error::MSG_TIMEOUT);
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
     }
 
     #[tokio::test]

@@ -598,22 +598,28 @@ fn kill(mut child: Child) {
     child.wait().expect("wait for the killed process");
 }
 
-/// A port `p` such that `p .. p + n` are all free now (the server binds
-/// them right after; a race with another process is unlikely).
+/// A port `p` such that `p .. p + n` are all free now, below the kernel's
+/// ephemeral range: no outgoing connection (of this test, of a test
+/// running beside it, or the gateway's own reconnects while the server is
+/// down) can take one of them as its local port before the server binds
+/// it again. Random, so tests running side by side rarely pick the same.
 fn free_consecutive_ports(n: usize) -> u16 {
-    for _ in 0..100 {
-        let first = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("bind an ephemeral port")
-            .port();
-        if usize::from(first) + n > usize::from(u16::MAX) {
-            continue;
-        }
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let (low, high) = (10_000u16, ephemeral_low.saturating_sub(n as u16));
+    assert!(
+        low < high,
+        "no room below the ephemeral ports ({ephemeral_low})"
+    );
+    for _ in 0..1000 {
+        let first = rand::Rng::gen_range(&mut rand::thread_rng(), low..high);
         let all_free =
             (0..n as u16).all(|i| std::net::TcpListener::bind(("127.0.0.1", first + i)).is_ok());
         if all_free {
             return first;
         }
     }
-    panic!("no {n} consecutive free ports found");
+    panic!("no {n} consecutive free ports found below {ephemeral_low}");
 }
