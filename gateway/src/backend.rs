@@ -13,10 +13,12 @@
 //! "request timed out". Errors that leave the outcome unknown (a timeout, a
 //! lost connection) are *not* retried for writes: a write may have been
 //! applied, and etcd itself answers "request timed out" in that case.
-//! Reads change nothing, so [`Backend::retry_read`] retries those too (as
-//! etcd's clientv3 retries `Unavailable` reads): a server that restarts
-//! leaves the gateway connections that look alive until the dead process's
-//! sockets are torn down, and a read sent on one then fails.
+//! Requests that may safely be repeated (reads, lease renewals, the
+//! registrations of a lease on non-home shards) go through
+//! [`Backend::retry_idempotent`], which retries those too (as etcd's
+//! clientv3 retries `Unavailable` reads): a server that restarts leaves the
+//! gateway connections that look alive until the dead process's sockets are
+//! torn down, and a request sent on one then fails.
 //!
 //! # Headers
 //!
@@ -159,9 +161,9 @@ impl Backend {
         self.retry_while(f, GatewayError::is_retryable).await
     }
 
-    /// [`Self::retry`] for a request that changes nothing (a read): also
-    /// retried when its outcome is unknown.
-    pub async fn retry_read<T, F, Fut>(&self, f: F) -> Result<T>
+    /// [`Self::retry`] for a request that may safely be repeated (a read, a
+    /// renewal): also retried when its outcome is unknown.
+    pub async fn retry_idempotent<T, F, Fut>(&self, f: F) -> Result<T>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T>>,
@@ -205,8 +207,10 @@ impl Backend {
     pub async fn read_current_revision(&self) -> Result<CurrentRevisionResponse> {
         let n = self.router.shard_count() as usize;
         let shard = (self.next_oracle_shard.fetch_add(1, Ordering::Relaxed) % n) as u32;
-        self.retry_read(|| shards::current_revision(self.t(), shard, CurrentRevisionRequest {}))
-            .await
+        self.retry_idempotent(|| {
+            shards::current_revision(self.t(), shard, CurrentRevisionRequest {})
+        })
+        .await
     }
 
     /// A header with our identity and the given revision and term.

@@ -124,7 +124,7 @@ impl Backend {
         if shards.len() == 1 {
             let shard = shards[0];
             let mut resp = self
-                .retry_read(|| shards::range(self.t(), shard, req.clone()))
+                .retry_idempotent(|| shards::range(self.t(), shard, req.clone()))
                 .await?;
             resp.header = self.fix_header(resp.header);
             return Ok(resp);
@@ -139,7 +139,7 @@ impl Backend {
         shard_req.revision = rev;
         let parts = try_join_all(shards.iter().map(|&s| {
             let r = shard_req.clone();
-            self.retry_read(move || shards::range(self.t(), s, r.clone()))
+            self.retry_idempotent(move || shards::range(self.t(), s, r.clone()))
         }))
         .await?;
         let mut resp = merge::merge_range(&req, parts);

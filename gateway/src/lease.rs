@@ -157,16 +157,6 @@ pub fn grant_ttl(ttl: i64) -> Result<i64> {
     }
 }
 
-/// For requests that may safely be repeated (reads, renewals, the
-/// registrations on non-home shards): an outcome left unknown by a timeout
-/// or a lost connection is retried like an unavailable shard.
-async fn idempotent<T>(call: impl std::future::Future<Output = Result<T>>) -> Result<T> {
-    match call.await {
-        Err(e) if e.is_ambiguous() => Err(GatewayError::ShardUnavailable(e.to_string())),
-        other => other,
-    }
-}
-
 /// A random positive lease ID.
 fn random_id() -> i64 {
     rand::thread_rng().gen_range(1..=i64::MAX)
@@ -212,7 +202,7 @@ impl Backend {
                 home: false,
                 grant,
             };
-            self.retry(move || idempotent(register(self.t(), s, r)))
+            self.retry_idempotent(move || register(self.t(), s, r))
         }))
         .await;
         if let Some(Err(e)) = registered.into_iter().find(|r| r.is_err()) {
@@ -252,7 +242,7 @@ impl Backend {
         let home = self.lease_home(id);
         let r = spb::LeaseKeepAliveRequest { id };
         let (renewed, header) = futures::join!(
-            self.retry(|| idempotent(keep_alive(self.t(), home, r))),
+            self.retry_idempotent(|| keep_alive(self.t(), home, r)),
             self.best_effort_header()
         );
         Ok(pb::LeaseKeepAliveResponse {
@@ -271,7 +261,7 @@ impl Backend {
         let home = self.lease_home(id);
         let r = spb::LeaseTimeToLiveRequest { id };
         let t = self
-            .retry(|| idempotent(time_to_live(self.t(), home, r)))
+            .retry_idempotent(|| time_to_live(self.t(), home, r))
             .await?;
         if !t.found {
             return Ok(pb::LeaseTimeToLiveResponse {
@@ -285,7 +275,7 @@ impl Backend {
         let keys = if req.keys {
             let parts = try_join_all(self.all_shards().into_iter().map(|s| {
                 let r = spb::LeaseKeysRequest { id };
-                self.retry(move || idempotent(keys(self.t(), s, r)))
+                self.retry_idempotent(move || keys(self.t(), s, r))
             }))
             .await?;
             merge_keys(parts)
@@ -305,7 +295,7 @@ impl Backend {
     pub async fn lease_leases(&self) -> Result<pb::LeaseLeasesResponse> {
         let parts =
             try_join_all(self.all_shards().into_iter().map(|s| {
-                self.retry(move || idempotent(list(self.t(), s, spb::LeaseListRequest {})))
+                self.retry_idempotent(move || list(self.t(), s, spb::LeaseListRequest {}))
             }))
             .await?;
         Ok(pb::LeaseLeasesResponse {

@@ -802,26 +802,31 @@ impl Shard {
 
     /// Those of `ids` still past their deadline and not being revoked.
     fn still_expired(&self, ids: &[i64]) -> Vec<i64> {
-        let now = Instant::now();
-        let revoking = self.revoking.borrow();
         let deadlines = self.lease_deadlines.borrow();
+        let expired = self.expired_at(Instant::now());
         ids.iter()
             .copied()
-            .filter(|id| deadlines.get(id).is_some_and(|d| *d <= now) && !revoking.contains(id))
+            .filter(|id| deadlines.get(id).is_some_and(|d| expired(*id, *d)))
             .collect()
     }
 
     /// Up to `max` home leases past their deadline and not being revoked.
     fn expired_leases(&self, max: usize) -> Vec<i64> {
-        let now = Instant::now();
-        let revoking = self.revoking.borrow();
+        let expired = self.expired_at(Instant::now());
         self.lease_deadlines
             .borrow()
             .iter()
-            .filter(|(id, d)| **d <= now && !revoking.contains(id))
+            .filter(|(id, d)| expired(**id, **d))
             .map(|(id, _)| *id)
             .take(max)
             .collect()
+    }
+
+    /// Whether a home lease with `deadline` is due for revocation at `now`:
+    /// past it, and not being revoked already.
+    fn expired_at(&self, now: Instant) -> impl Fn(i64, Instant) -> bool + '_ {
+        let revoking = self.revoking.borrow();
+        move |id, deadline| deadline <= now && !revoking.contains(&id)
     }
 
     /// Revokes `ids` (home leases of this shard) everywhere: a cross-shard
