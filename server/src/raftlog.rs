@@ -16,6 +16,13 @@
 //! wins); `append` and `set_hard_state` only add to a batch — nothing is
 //! durable until the shard loop writes that batch with sync, which it does
 //! before it applies or acknowledges anything in it.
+//!
+//! Truncation ([`truncation_point`]) keeps the last [`LOG_KEEP`] applied
+//! entries and drops the rest in steps of at most [`TRUNCATE_MAX`] per
+//! tick: it is decided by how far the log has grown, not by where the
+//! applied index happens to stand when a tick fires, so a burst of writes
+//! cannot leave a backlog that one later tick removes all at once (on the
+//! memory engine that is one removal per entry, on the shard's thread).
 
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
@@ -25,6 +32,23 @@ use raft::eraftpb::{ConfState, Entry, HardState, Snapshot};
 use raft::{GetEntriesContext, RaftState, Storage, StorageError};
 
 use crate::engine::{keyspace, Engine, WriteBatch};
+
+/// Applied entries kept when the log is truncated.
+pub const LOG_KEEP: u64 = 10_000;
+/// The log is truncated once this many entries beyond [`LOG_KEEP`] have
+/// accumulated, so a truncation is a batch, not one delete per write.
+pub const TRUNCATE_STEP: u64 = 1_000;
+/// At most this many entries are dropped by one truncation; a larger
+/// backlog (after a restart, say) goes over several ticks.
+pub const TRUNCATE_MAX: u64 = 10_000;
+
+/// The index to truncate before (see [`RaftLog::truncate_before`]) for a
+/// log whose first entry is `first` and whose applied index is `applied`,
+/// or `None` while the backlog is under [`TRUNCATE_STEP`].
+pub fn truncation_point(first: u64, applied: u64) -> Option<u64> {
+    let keep_from = applied.checked_sub(LOG_KEEP)?;
+    (keep_from >= first + TRUNCATE_STEP).then(|| keep_from.min(first + TRUNCATE_MAX))
+}
 
 const HARD_STATE: &[u8] = b"Hhs";
 const CONF_STATE: &[u8] = b"Hcs";
@@ -279,6 +303,36 @@ mod tests {
                 .entries(1, 2, None, GetEntriesContext::empty(false))
                 .is_err());
         }
+    }
+
+    #[test]
+    fn truncation_follows_the_backlog_in_bounded_steps() {
+        // Nothing while fewer than LOG_KEEP entries are applied, or the
+        // backlog beyond them is under one step.
+        assert_eq!(truncation_point(1, LOG_KEEP), None);
+        assert_eq!(truncation_point(1, LOG_KEEP + TRUNCATE_STEP), None);
+        assert_eq!(
+            truncation_point(1, LOG_KEEP + TRUNCATE_STEP + 1),
+            Some(TRUNCATE_STEP + 1)
+        );
+        // Whatever the applied index's remainder: a tick after a burst
+        // truncates, however the burst ended.
+        for applied in (LOG_KEEP + 2 * TRUNCATE_STEP)..(LOG_KEEP + 3 * TRUNCATE_STEP) {
+            assert_eq!(truncation_point(1, applied), Some(applied - LOG_KEEP));
+        }
+        // A large backlog goes in steps of TRUNCATE_MAX, each keeping
+        // LOG_KEEP entries at least, until it is under one step.
+        let applied = 1_000_000;
+        let mut first = 1;
+        let mut steps = 0;
+        while let Some(index) = truncation_point(first, applied) {
+            assert!(index - first <= TRUNCATE_MAX);
+            assert!(index <= applied - LOG_KEEP);
+            first = index;
+            steps += 1;
+        }
+        assert_eq!(first, applied - LOG_KEEP);
+        assert_eq!(steps, (applied - LOG_KEEP - 1).div_ceil(TRUNCATE_MAX));
     }
 
     #[test]

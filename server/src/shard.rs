@@ -58,7 +58,7 @@ use raft::{Config, RawNode, Storage};
 use crate::engine::buffered::BufferedEngine;
 use crate::engine::{Engine, WriteBatch};
 use crate::oracle::RevisionOracle;
-use crate::raftlog::RaftLog;
+use crate::raftlog::{truncation_point, RaftLog};
 use crate::state::{mvcc_error, ShardState, StateError, TxnId};
 use crate::watch::{Poll, Subscription, WatchRing, RING_BATCHES, RING_BYTES};
 
@@ -71,8 +71,6 @@ pub const TICK: Duration = Duration::from_millis(100);
 /// A prepared txn older than this is resolved by the shard itself (the
 /// coordinator is presumed gone).
 pub const INTENT_TIMEOUT: Duration = Duration::from_secs(5);
-/// Applied raft entries kept before the log is truncated.
-pub const LOG_KEEP: u64 = 10_000;
 
 /// What every shard of the process knows about the others.
 pub struct Topology {
@@ -648,18 +646,15 @@ impl Shard {
         self.notify_watchers();
         self.expire_leases();
         let applied = self.state.borrow().applied_index();
-        if applied > LOG_KEEP && applied % 1000 < 50 {
-            let node = self.node.borrow();
+        let node = self.node.borrow();
+        let log = node.store();
+        if let Some(index) = truncation_point(log.first_index().unwrap_or(1), applied) {
             let mut b = WriteBatch::default();
-            if node
-                .store()
-                .truncate_before(applied - LOG_KEEP, &mut b)
-                .is_ok()
-                && !b.ops.is_empty()
-            {
+            if log.truncate_before(index, &mut b).is_ok() && !b.ops.is_empty() {
                 let _ = self.state.borrow().engine().write(b, false);
             }
         }
+        drop(node);
         let stale: Vec<(TxnId, u32)> = {
             let floors = self.floors.borrow();
             let state = self.state.borrow();
