@@ -62,7 +62,7 @@ use crate::raftlog::{truncation_point, RaftLog};
 use crate::state::{mvcc_error, ShardState, StateError, TxnId};
 use crate::watch::{Poll, Subscription, WatchRing, RING_BATCHES, RING_BYTES};
 
-/// Held engine writes are flushed at once past this many ops, so a long
+/// Held engine writes are flushed at once past this many keys, so a long
 /// run of applies without a synced write in between (entries committed
 /// in a burst) does not grow the overlay until the next tick.
 const MAX_HELD_OPS: usize = 4096;

@@ -7,6 +7,10 @@
 //! plus one more for raft's commit index. The shard's Ready loop instead
 //! [`hold`](BufferedEngine::hold)s writes while it applies a batch and
 //! [`flush`](BufferedEngine::flush)es once: one write per raft batch.
+//! Keys every entry rewrites (the applied index, the MVCC current
+//! revision) reach the engine once per flush, not once per entry: the held
+//! writes are kept as their final value per key, which is what an atomic
+//! batch of them leaves behind anyway.
 //!
 //! Nothing above the engine notices: reads look through the held writes
 //! first (an overlay keyed like the engine), so the next entry's MVCC reads
@@ -17,10 +21,12 @@
 //! * **Read-your-writes.** While writes are held, `get`, `scan` and
 //!   `scan_rev` answer as the inner engine would after the held writes:
 //!   the overlay's value (or deletion) wins over the inner engine's.
-//! * **Order.** Held writes reach the inner engine in the order they were
-//!   made, before any later write: a synced write or a `DeleteRange` (which
-//!   the overlay does not model) first takes everything held into the same
-//!   engine batch, so it is atomic with them and never overtakes them.
+//! * **Order.** Held writes reach the inner engine before any later
+//!   write: a synced write or a `DeleteRange` (which the overlay does not
+//!   model) first takes everything held into the same engine batch, so it
+//!   is atomic with them and never overtakes them. Within the held writes
+//!   only the last per key is written (in key order): the batch is atomic,
+//!   so no reader could have seen the ones it replaced.
 //! * **Durability is unchanged.** Only unsynced writes are held, and an
 //!   unsynced write promised nothing durable. The shard holds only the
 //!   effects of applying raft entries that are already durable in the raft
@@ -49,10 +55,9 @@ type HeldPairs<'a> = Box<dyn Iterator<Item = (&'a Vec<u8>, &'a Option<Vec<u8>>)>
 pub struct BufferedEngine {
     inner: Rc<dyn Engine>,
     holding: Cell<bool>,
-    /// The latest held write per key (what reads see).
+    /// The latest held write per key: what reads see, and what `flush`
+    /// writes.
     overlay: RefCell<Overlay>,
-    /// Every held op in order (what `flush` writes).
-    held: RefCell<WriteBatch>,
 }
 
 impl BufferedEngine {
@@ -61,7 +66,6 @@ impl BufferedEngine {
             inner,
             holding: Cell::new(false),
             overlay: RefCell::new(BTreeMap::new()),
-            held: RefCell::new(WriteBatch::new()),
         })
     }
 
@@ -90,14 +94,22 @@ impl BufferedEngine {
         self.inner.write(held, false)
     }
 
-    /// Number of ops held (for tests and diagnostics).
+    /// Number of keys held (for tests and diagnostics).
     pub fn held_len(&self) -> usize {
-        self.held.borrow().len()
+        self.overlay.borrow().len()
     }
 
     fn take_held(&self) -> WriteBatch {
-        self.overlay.borrow_mut().clear();
-        std::mem::take(&mut *self.held.borrow_mut())
+        let overlay = std::mem::take(&mut *self.overlay.borrow_mut());
+        WriteBatch {
+            ops: overlay
+                .into_iter()
+                .map(|(k, v)| match v {
+                    Some(v) => BatchOp::Put(k, v),
+                    None => BatchOp::Delete(k),
+                })
+                .collect(),
+        }
     }
 
     /// Merges the inner engine's pairs with the overlay's in `[start,
@@ -211,14 +223,13 @@ impl Engine for BufferedEngine {
         };
         if self.holding.get() && !sync && holdable() {
             let mut overlay = self.overlay.borrow_mut();
-            for op in &batch.ops {
+            for op in batch.ops {
                 match op {
-                    BatchOp::Put(k, v) => overlay.insert(k.clone(), Some(v.clone())),
-                    BatchOp::Delete(k) => overlay.insert(k.clone(), None),
+                    BatchOp::Put(k, v) => overlay.insert(k, Some(v)),
+                    BatchOp::Delete(k) => overlay.insert(k, None),
                     BatchOp::DeleteRange(..) => unreachable!("not holdable"),
                 };
             }
-            self.held.borrow_mut().extend(batch);
             return Ok(());
         }
         let mut all = self.take_held();
@@ -339,6 +350,46 @@ mod tests {
                 read(&*plain, b"", b"", 100, false),
                 "{kind}"
             );
+        }
+    }
+
+    /// A key rewritten by every held write (as the applied index is by
+    /// every applied entry) is written once per flush, with its last value;
+    /// a key put and then deleted is written as the deletion.
+    #[test]
+    fn a_flush_writes_each_held_key_once_with_its_last_value() {
+        for (_, inner, _dir) in each_engine() {
+            let buffered = BufferedEngine::new(inner.clone());
+            let mut base = WriteBatch::new();
+            base.put(&b"gone"[..], &b"0"[..]);
+            inner.write(base, false).unwrap();
+            buffered.hold_always();
+            for i in 1..=50u8 {
+                let mut b = WriteBatch::new();
+                b.put(vec![b'v', i], vec![i])
+                    .put(&b"applied"[..], vec![i])
+                    .put(&b"gone"[..], vec![i]);
+                buffered.write(b, false).unwrap();
+            }
+            let mut b = WriteBatch::new();
+            b.delete(&b"gone"[..]);
+            buffered.write(b, false).unwrap();
+            // 50 records, the applied index and the deleted key.
+            let held = buffered.take_held();
+            assert_eq!(held.len(), 52);
+            let last = |key: &[u8]| {
+                held.ops.iter().find_map(|op| match op {
+                    BatchOp::Put(k, v) if k == key => Some(Some(v.clone())),
+                    BatchOp::Delete(k) if k == key => Some(None),
+                    _ => None,
+                })
+            };
+            assert_eq!(last(b"applied"), Some(Some(vec![50])));
+            assert_eq!(last(b"gone"), Some(None));
+            inner.write(held, false).unwrap();
+            assert_eq!(inner.get(b"applied").unwrap(), Some(vec![50]));
+            assert_eq!(inner.get(b"gone").unwrap(), None);
+            assert_eq!(inner.get(&[b'v', 7]).unwrap(), Some(vec![7]));
         }
     }
 
