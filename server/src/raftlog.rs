@@ -17,6 +17,11 @@
 //! durable until the shard loop writes that batch with sync, which it does
 //! before it applies or acknowledges anything in it.
 //!
+//! The newest entries are also kept in memory as appended (`tail`), so
+//! raft reading each committed entry back to apply it costs no engine scan
+//! and no decode; the tail is only ever a copy of the stored entries, and
+//! reads it does not cover go to the engine.
+//!
 //! Truncation ([`truncation_point`]) keeps the last [`LOG_KEEP`] applied
 //! entries and drops the rest in steps of at most [`TRUNCATE_MAX`] per
 //! tick: it is decided by how far the log has grown, not by where the
@@ -25,6 +30,7 @@
 //! memory engine that is one removal per entry, on the shard's thread).
 
 use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
 use std::rc::Rc;
 
 use protobuf::Message as _;
@@ -50,6 +56,11 @@ pub fn truncation_point(first: u64, applied: u64) -> Option<u64> {
     (keep_from >= first + TRUNCATE_STEP).then(|| keep_from.min(first + TRUNCATE_MAX))
 }
 
+/// At most this many of the newest entries are kept in memory ...
+const TAIL_ENTRIES: usize = 4096;
+/// ... and at most this many bytes of them (encoded).
+const TAIL_BYTES: u64 = 16 << 20;
+
 const HARD_STATE: &[u8] = b"Hhs";
 const CONF_STATE: &[u8] = b"Hcs";
 const TRUNCATED: &[u8] = b"Htrunc";
@@ -73,6 +84,14 @@ pub struct RaftLog {
     /// Index and term of the entry just before the first one kept.
     truncated: Cell<(u64, u64)>,
     last: Cell<u64>,
+    /// The newest entries as appended, each with its encoded size: raft
+    /// asks for every committed entry again to apply it, and for the terms
+    /// of recent ones, and these are answered from here instead of an
+    /// engine scan and a decode. Always a contiguous run ending at `last`
+    /// (or empty: after `open`, or once evicted), trimmed from the front
+    /// to [`TAIL_ENTRIES`] and [`TAIL_BYTES`].
+    tail: RefCell<VecDeque<(Entry, u64)>>,
+    tail_bytes: Cell<u64>,
 }
 
 impl RaftLog {
@@ -106,6 +125,8 @@ impl RaftLog {
             conf_state: RefCell::new(conf_state),
             truncated: Cell::new(truncated),
             last: Cell::new(last),
+            tail: RefCell::new(VecDeque::new()),
+            tail_bytes: Cell::new(0),
         })
     }
 
@@ -135,11 +156,63 @@ impl RaftLog {
         if first.index <= self.last.get() {
             batch.delete_range(entry_key(first.index), entry_key(self.last.get() + 1));
         }
-        for e in entries {
-            batch.put(entry_key(e.index), e.write_to_bytes().map_err(other)?);
+        let mut tail = self.tail.borrow_mut();
+        let mut bytes = self.tail_bytes.get();
+        while let Some((e, n)) = tail.back() {
+            if e.index < first.index {
+                break;
+            }
+            bytes -= n;
+            tail.pop_back();
         }
+        if tail.back().is_some_and(|(e, _)| e.index + 1 != first.index) {
+            tail.clear();
+            bytes = 0;
+        }
+        for e in entries {
+            let encoded = e.write_to_bytes().map_err(other)?;
+            let n = encoded.len() as u64;
+            batch.put(entry_key(e.index), encoded);
+            tail.push_back((e.clone(), n));
+            bytes += n;
+        }
+        while tail.len() > TAIL_ENTRIES || bytes > TAIL_BYTES {
+            let Some((_, n)) = tail.pop_front() else {
+                break;
+            };
+            bytes -= n;
+        }
+        self.tail_bytes.set(bytes);
         self.last.set(entries.last().unwrap().index);
         Ok(())
+    }
+
+    /// `entries(low, high, max_size)` answered from the tail, if it holds
+    /// `low` (it always holds everything after it up to `last`).
+    fn tail_entries(&self, low: u64, high: u64, max_size: Option<u64>) -> Option<Vec<Entry>> {
+        let tail = self.tail.borrow();
+        let first = tail.front()?.0.index;
+        if low < first || (high - first) as usize > tail.len() {
+            return None;
+        }
+        let mut out = Vec::new();
+        let mut size = 0u64;
+        for (e, n) in tail.range((low - first) as usize..(high - first) as usize) {
+            size += n;
+            if matches!(max_size, Some(m) if size > m && !out.is_empty()) {
+                break;
+            }
+            out.push(e.clone());
+        }
+        Some(out)
+    }
+
+    /// The term of entry `index`, if the tail holds it.
+    fn tail_term(&self, index: u64) -> Option<u64> {
+        let tail = self.tail.borrow();
+        let first = tail.front()?.0.index;
+        let at = index.checked_sub(first)?;
+        tail.get(at as usize).map(|(e, _)| e.term)
     }
 
     /// Adds the hard state to `batch`.
@@ -164,6 +237,12 @@ impl RaftLog {
         }
         let term = self.term(index - 1)?;
         batch.delete_range(entry_key(trunc + 1), entry_key(index));
+        let mut tail = self.tail.borrow_mut();
+        while tail.front().is_some_and(|(e, _)| e.index < index) {
+            let (_, n) = tail.pop_front().unwrap();
+            self.tail_bytes.set(self.tail_bytes.get() - n);
+        }
+        drop(tail);
         let mut v = (index - 1).to_be_bytes().to_vec();
         v.extend_from_slice(&term.to_be_bytes());
         batch.put(TRUNCATED.to_vec(), v);
@@ -205,6 +284,9 @@ impl Storage for RaftLog {
             return Err(raft::Error::Store(StorageError::Unavailable));
         }
         let max_size = max_size.into();
+        if let Some(out) = self.tail_entries(low, high, max_size) {
+            return Ok(out);
+        }
         let mut out = Vec::new();
         let mut size = 0u64;
         let mut err = None;
@@ -240,6 +322,9 @@ impl Storage for RaftLog {
         }
         if idx > self.last.get() {
             return Err(raft::Error::Store(StorageError::Unavailable));
+        }
+        if let Some(term) = self.tail_term(idx) {
+            return Ok(term);
         }
         Ok(self.entry(idx)?.term)
     }
@@ -302,6 +387,73 @@ mod tests {
             assert!(log
                 .entries(1, 2, None, GetEntriesContext::empty(false))
                 .is_err());
+        }
+    }
+
+    /// Whatever the log went through, its in-memory tail answers reads as
+    /// the engine does: the same log reopened (no tail) must agree on every
+    /// range, size limit and term.
+    #[test]
+    fn the_tail_answers_as_the_engine_does() {
+        for (_, engine, _dir) in crate::engine::each_engine() {
+            let log = RaftLog::open(engine.clone()).unwrap();
+            let write = |entries: &[Entry]| {
+                let mut b = WriteBatch::default();
+                log.append(entries, &mut b).unwrap();
+                engine.write(b, true).unwrap();
+            };
+            let run = |from: u64, to: u64, term: u64| {
+                (from..=to).map(|i| entry(i, term)).collect::<Vec<_>>()
+            };
+            write(&run(1, 3000, 1));
+            write(&run(3001, 5000, 1));
+            // Past the entry bound the oldest left the tail (it holds
+            // 905..=5000); then overwritten from 4500 by a new term, and
+            // truncated into.
+            assert_eq!(log.tail.borrow().len(), TAIL_ENTRIES);
+            write(&run(4500, 4600, 2));
+            write(&run(4601, 4700, 2));
+            let mut b = WriteBatch::default();
+            log.truncate_before(1000, &mut b).unwrap();
+            engine.write(b, true).unwrap();
+            let tail = log.tail.borrow();
+            assert_eq!(
+                (tail.front().unwrap().0.index, tail.back().unwrap().0.index),
+                (1000, 4700)
+            );
+            drop(tail);
+
+            let reopened = RaftLog::open(engine.clone()).unwrap();
+            assert!(reopened.tail.borrow().is_empty());
+            let ctx = || GetEntriesContext::empty(false);
+            let summary = |es: Vec<Entry>| es.iter().map(|e| (e.index, e.term)).collect::<Vec<_>>();
+            for (low, high) in [
+                (700, 4701),
+                (604, 700),
+                (4000, 4701),
+                (4600, 4601),
+                (4699, 4701),
+            ] {
+                for max in [None, Some(0), Some(100), Some(u64::MAX)] {
+                    let (a, b) = (
+                        log.entries(low, high, max, ctx()),
+                        reopened.entries(low, high, max, ctx()),
+                    );
+                    match (a, b) {
+                        (Ok(a), Ok(b)) => {
+                            assert_eq!(summary(a), summary(b), "{low}..{high} {max:?}")
+                        }
+                        (a, b) => assert_eq!(a.is_err(), b.is_err(), "{low}..{high} {max:?}"),
+                    }
+                }
+            }
+            for idx in [998, 999, 1000, 4499, 4500, 4700, 4701] {
+                assert_eq!(
+                    log.term(idx).map_err(|e| e.to_string()),
+                    reopened.term(idx).map_err(|e| e.to_string()),
+                    "term {idx}"
+                );
+            }
         }
     }
 
