@@ -2,6 +2,16 @@
 //!
 //! Logs go to stderr (`RUST_LOG`, default `info`); stdout carries exactly
 //! one line, `metastore-gateway ready on <addr>`, once the API is served.
+//!
+//! `--threads` sets the tokio runtime's threads, by default half the cores
+//! (the shard server runs one shard per core beside it). With one thread
+//! the runtime is tokio's single-threaded one: a connection's requests,
+//! responses and watch events never hop between threads, and responses
+//! that complete together leave in one write. On 2 cores that costs about
+//! a third less CPU per request than tokio's multi-threaded runtime, at
+//! the price of about 0.2 ms more put→event latency for watchers, whose
+//! events no longer go out in parallel with the put's answer
+//! (`bench/results/TUNING.md`).
 
 use std::io::Write;
 use std::time::Duration;
@@ -53,6 +63,26 @@ struct Args {
     /// 4 GiB).
     #[arg(long, default_value_t = 8 << 20)]
     watch_max_pending_bytes: u32,
+    /// Runtime threads; 1 runs the gateway on a single-threaded runtime
+    /// [default: half the cores, at least 1].
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+/// The gateway's tokio runtime, with `threads` threads (see the module
+/// comment).
+fn runtime(threads: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {
+    let threads = threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()) / 2)
+        .max(1);
+    let mut builder = if threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(threads);
+        b
+    };
+    builder.enable_all().build()
 }
 
 /// SIGINT and SIGTERM, listened for from the moment this is called (so a
@@ -87,8 +117,7 @@ fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     }
 }
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
+fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -98,6 +127,16 @@ async fn main() -> std::process::ExitCode {
         )
         .init();
     let args = Args::parse();
+    match runtime(args.threads) {
+        Ok(rt) => rt.block_on(serve(args)),
+        Err(e) => {
+            eprintln!("metastore-gateway: cannot start the runtime: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(args: Args) -> std::process::ExitCode {
     let config = Config {
         listen: args.listen,
         server: args.server,

@@ -74,7 +74,7 @@ macro_rules! both_engines {
             use super::*;
 
             $($meta)*
-            async fn body($($param)*: crate::common::TestNode) $body
+            pub(super) async fn body($($param)*: crate::common::TestNode) $body
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn memory() {
@@ -97,7 +97,20 @@ where
     F: FnOnce(TestNode) -> Fut,
     Fut: Future<Output = ()>,
 {
-    let node = TestNode::start(engine).await;
+    run_test_with_gateway_threads(engine, None, body).await
+}
+
+/// [`run_test`] with the gateway started with `--threads` (`None`: its
+/// default).
+pub async fn run_test_with_gateway_threads<F, Fut>(
+    engine: Engine,
+    gateway_threads: Option<usize>,
+    body: F,
+) where
+    F: FnOnce(TestNode) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let node = TestNode::start_with_gateway_threads(engine, gateway_threads).await;
     let logs = node.logs();
     if tokio::time::timeout(TEST_TIMEOUT, body(node))
         .await
@@ -173,11 +186,22 @@ pub struct TestNode {
     /// 0: every shard on an ephemeral port; else shard i on this + i (see
     /// [`TestNode::pin_server_ports`]).
     server_port: u16,
+    /// The gateway's `--threads`, if not its default.
+    gateway_threads: Option<usize>,
 }
 
 impl TestNode {
     /// Starts server and gateway and waits for both ready lines.
     pub async fn start(engine: Engine) -> TestNode {
+        Self::start_with_gateway_threads(engine, None).await
+    }
+
+    /// [`TestNode::start`] with the gateway's `--threads` set (`None`: its
+    /// default, one thread on a 2-core machine).
+    pub async fn start_with_gateway_threads(
+        engine: Engine,
+        gateway_threads: Option<usize>,
+    ) -> TestNode {
         let dir = Arc::new(
             tempfile::Builder::new()
                 .prefix("metastore-test-")
@@ -194,6 +218,7 @@ impl TestNode {
             endpoint: String::new(),
             generation: 0,
             server_port: 0,
+            gateway_threads,
         };
         node.spawn_all().await;
         node
@@ -338,6 +363,9 @@ impl TestNode {
             .arg("127.0.0.1:0")
             .arg("--server")
             .arg(&self.server_addrs[0]);
+        if let Some(threads) = self.gateway_threads {
+            cmd.arg("--threads").arg(threads.to_string());
+        }
         let (gateway, line) = self
             .spawn_until_ready(cmd, "gateway", gen, "metastore-gateway ready on ")
             .await;
