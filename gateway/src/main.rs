@@ -71,10 +71,7 @@ struct Args {
 
 /// The gateway's tokio runtime, with `threads` threads (see the module
 /// comment).
-fn runtime(threads: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {
-    let threads = threads
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()) / 2)
-        .max(1);
+fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
     let mut builder = if threads == 1 {
         tokio::runtime::Builder::new_current_thread()
     } else {
@@ -127,8 +124,12 @@ fn main() -> std::process::ExitCode {
         )
         .init();
     let args = Args::parse();
-    match runtime(args.threads) {
-        Ok(rt) => rt.block_on(serve(args)),
+    let threads = args
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()) / 2)
+        .max(1);
+    match runtime(threads) {
+        Ok(rt) => rt.block_on(serve(args, threads)),
         Err(e) => {
             eprintln!("metastore-gateway: cannot start the runtime: {e}");
             std::process::ExitCode::FAILURE
@@ -136,7 +137,7 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-async fn serve(args: Args) -> std::process::ExitCode {
+async fn serve(args: Args, threads: usize) -> std::process::ExitCode {
     let config = Config {
         listen: args.listen,
         server: args.server,
@@ -168,7 +169,7 @@ async fn serve(args: Args) -> std::process::ExitCode {
         let _ = writeln!(out, "{}", ready_line(gateway.local_addr()));
         let _ = out.flush();
     }
-    tracing::info!(addr = %gateway.local_addr(), url = %gateway.client_url(), "serving the etcd API");
+    tracing::info!(addr = %gateway.local_addr(), url = %gateway.client_url(), threads, "serving the etcd API");
     // Graceful shutdown lets in-flight calls finish, but long-lived streams
     // could hold it forever: after the signal, give it a grace period.
     let stopping = std::sync::Arc::new(tokio::sync::Notify::new());

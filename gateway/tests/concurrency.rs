@@ -580,34 +580,9 @@ both_engines!(
     }
 );
 
-/// The checks above run against the gateway's default runtime (one thread
-/// on a 2-core machine: tokio's single-threaded runtime). These run two of
-/// them against a gateway on tokio's multi-threaded runtime, where a
-/// connection's requests and responses cross threads.
-mod on_a_multi_threaded_gateway {
-    use crate::common::{run_test_with_gateway_threads, Engine};
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn concurrent_clients_are_linearizable_memory() {
-        let body = super::concurrent_clients_are_linearizable::body;
-        run_test_with_gateway_threads(Engine::Memory, Some(2), body).await;
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn concurrent_clients_are_linearizable_rocksdb() {
-        let body = super::concurrent_clients_are_linearizable::body;
-        run_test_with_gateway_threads(Engine::RocksDb, Some(2), body).await;
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn compare_and_swap_loses_no_update_memory() {
-        let body = super::compare_and_swap_loses_no_update::body;
-        run_test_with_gateway_threads(Engine::Memory, Some(2), body).await;
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn compare_and_swap_loses_no_update_rocksdb() {
-        let body = super::compare_and_swap_loses_no_update::body;
-        run_test_with_gateway_threads(Engine::RocksDb, Some(2), body).await;
-    }
-}
+// Two of the checks above again, where a connection's requests and
+// responses cross threads.
+on_a_multi_threaded_gateway!(
+    concurrent_clients_are_linearizable,
+    compare_and_swap_loses_no_update,
+);

@@ -1183,34 +1183,9 @@ both_engines!(
     }
 );
 
-/// The scenarios above run against the gateway's default runtime (one
-/// thread on a 2-core machine). These run the fan-out and the cross-shard
-/// order under load against a gateway on tokio's multi-threaded runtime,
-/// where feeds, fan-out and streams run on different threads.
-mod on_a_multi_threaded_gateway {
-    use crate::common::{run_test_with_gateway_threads, Engine};
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn hundred_prefix_watchers_thousand_puts_memory() {
-        let body = super::hundred_prefix_watchers_thousand_puts::body;
-        run_test_with_gateway_threads(Engine::Memory, Some(2), body).await;
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn hundred_prefix_watchers_thousand_puts_rocksdb() {
-        let body = super::hundred_prefix_watchers_thousand_puts::body;
-        run_test_with_gateway_threads(Engine::RocksDb, Some(2), body).await;
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn cross_shard_order_under_load_memory() {
-        let body = super::cross_shard_order_under_load::body;
-        run_test_with_gateway_threads(Engine::Memory, Some(2), body).await;
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn cross_shard_order_under_load_rocksdb() {
-        let body = super::cross_shard_order_under_load::body;
-        run_test_with_gateway_threads(Engine::RocksDb, Some(2), body).await;
-    }
-}
+// The fan-out and the cross-shard order under load again, where feeds,
+// fan-out and streams run on different threads.
+on_a_multi_threaded_gateway!(
+    hundred_prefix_watchers_thousand_puts,
+    cross_shard_order_under_load,
+);

@@ -89,6 +89,34 @@ macro_rules! both_engines {
     };
 }
 
+/// Runs the named `both_engines!` tests again, on both engines, against a
+/// gateway on tokio's multi-threaded runtime (`--threads 2`); the suites
+/// otherwise use the gateway's default, single-threaded on 2 cores.
+#[allow(unused_macros)]
+macro_rules! on_a_multi_threaded_gateway {
+    ($($test:ident),+ $(,)?) => {
+        mod on_a_multi_threaded_gateway {
+            $(
+                mod $test {
+                    use crate::common::{run_test_with_gateway_threads, Engine};
+
+                    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                    async fn memory() {
+                        let body = super::super::$test::body;
+                        run_test_with_gateway_threads(Engine::Memory, Some(2), body).await;
+                    }
+
+                    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                    async fn rocksdb() {
+                        let body = super::super::$test::body;
+                        run_test_with_gateway_threads(Engine::RocksDb, Some(2), body).await;
+                    }
+                }
+            )+
+        }
+    };
+}
+
 /// Starts a node on `engine`, runs `body` on it under [`TEST_TIMEOUT`], and
 /// prints the children's logs if the body times out (a panicking body
 /// prints them from `TestNode::drop`).
