@@ -84,14 +84,91 @@ pub struct RaftLog {
     /// Index and term of the entry just before the first one kept.
     truncated: Cell<(u64, u64)>,
     last: Cell<u64>,
-    /// The newest entries as appended, each with its encoded size: raft
-    /// asks for every committed entry again to apply it, and for the terms
-    /// of recent ones, and these are answered from here instead of an
-    /// engine scan and a decode. Always a contiguous run ending at `last`
-    /// (or empty: after `open`, or once evicted), trimmed from the front
-    /// to [`TAIL_ENTRIES`] and [`TAIL_BYTES`].
-    tail: RefCell<VecDeque<(Entry, u64)>>,
-    tail_bytes: Cell<u64>,
+    /// The newest entries as appended: raft asks for every committed
+    /// entry again to apply it, and for the terms of recent ones, and these
+    /// are answered from here instead of an engine scan and a decode.
+    tail: RefCell<EntryTail>,
+}
+
+/// A contiguous run of the newest entries, each with its encoded size,
+/// ending at the log's `last` (or empty: after `open`, or once evicted),
+/// trimmed from the front to [`TAIL_ENTRIES`] and [`TAIL_BYTES`].
+#[derive(Default)]
+struct EntryTail {
+    entries: VecDeque<(Entry, u64)>,
+    bytes: u64,
+}
+
+impl EntryTail {
+    fn first_index(&self) -> Option<u64> {
+        self.entries.front().map(|(e, _)| e.index)
+    }
+
+    /// Makes room for entries appended from `index` on: drops those they
+    /// replace, and everything if the run would not stay contiguous.
+    fn truncate_from(&mut self, index: u64) {
+        while self.entries.back().is_some_and(|(e, _)| e.index >= index) {
+            let (_, n) = self.entries.pop_back().unwrap();
+            self.bytes -= n;
+        }
+        if self
+            .entries
+            .back()
+            .is_some_and(|(e, _)| e.index + 1 != index)
+        {
+            self.entries.clear();
+            self.bytes = 0;
+        }
+    }
+
+    fn push(&mut self, entry: Entry, size: u64) {
+        self.entries.push_back((entry, size));
+        self.bytes += size;
+        while self.entries.len() > TAIL_ENTRIES || self.bytes > TAIL_BYTES {
+            self.drop_front();
+        }
+    }
+
+    /// Drops the entries before `index`.
+    fn drop_before(&mut self, index: u64) {
+        while self.first_index().is_some_and(|i| i < index) {
+            self.drop_front();
+        }
+    }
+
+    fn drop_front(&mut self) {
+        if let Some((_, n)) = self.entries.pop_front() {
+            self.bytes -= n;
+        }
+    }
+
+    /// `entries(low, high, max_size)`, if the run holds `low` (it holds
+    /// everything after it up to `last`).
+    fn entries(&self, low: u64, high: u64, max_size: Option<u64>) -> Option<Vec<Entry>> {
+        let first = self.first_index()?;
+        if low < first || (high - first) as usize > self.entries.len() {
+            return None;
+        }
+        let mut out = Vec::new();
+        let mut size = 0u64;
+        for (e, n) in self
+            .entries
+            .range((low - first) as usize..(high - first) as usize)
+        {
+            size += n;
+            if matches!(max_size, Some(m) if size > m && !out.is_empty()) {
+                break;
+            }
+            out.push(e.clone());
+        }
+        Some(out)
+    }
+
+    /// The term of entry `index`, if the run holds it.
+    fn term(&self, index: u64) -> Option<u64> {
+        let at = index.checked_sub(self.first_index()?)?;
+        self.entries.get(at as usize).map(|(e, _)| e.term)
+    }
 }
 
 impl RaftLog {
@@ -125,8 +202,7 @@ impl RaftLog {
             conf_state: RefCell::new(conf_state),
             truncated: Cell::new(truncated),
             last: Cell::new(last),
-            tail: RefCell::new(VecDeque::new()),
-            tail_bytes: Cell::new(0),
+            tail: RefCell::new(EntryTail::default()),
         })
     }
 
@@ -157,62 +233,15 @@ impl RaftLog {
             batch.delete_range(entry_key(first.index), entry_key(self.last.get() + 1));
         }
         let mut tail = self.tail.borrow_mut();
-        let mut bytes = self.tail_bytes.get();
-        while let Some((e, n)) = tail.back() {
-            if e.index < first.index {
-                break;
-            }
-            bytes -= n;
-            tail.pop_back();
-        }
-        if tail.back().is_some_and(|(e, _)| e.index + 1 != first.index) {
-            tail.clear();
-            bytes = 0;
-        }
+        tail.truncate_from(first.index);
         for e in entries {
             let encoded = e.write_to_bytes().map_err(other)?;
             let n = encoded.len() as u64;
             batch.put(entry_key(e.index), encoded);
-            tail.push_back((e.clone(), n));
-            bytes += n;
+            tail.push(e.clone(), n);
         }
-        while tail.len() > TAIL_ENTRIES || bytes > TAIL_BYTES {
-            let Some((_, n)) = tail.pop_front() else {
-                break;
-            };
-            bytes -= n;
-        }
-        self.tail_bytes.set(bytes);
         self.last.set(entries.last().unwrap().index);
         Ok(())
-    }
-
-    /// `entries(low, high, max_size)` answered from the tail, if it holds
-    /// `low` (it always holds everything after it up to `last`).
-    fn tail_entries(&self, low: u64, high: u64, max_size: Option<u64>) -> Option<Vec<Entry>> {
-        let tail = self.tail.borrow();
-        let first = tail.front()?.0.index;
-        if low < first || (high - first) as usize > tail.len() {
-            return None;
-        }
-        let mut out = Vec::new();
-        let mut size = 0u64;
-        for (e, n) in tail.range((low - first) as usize..(high - first) as usize) {
-            size += n;
-            if matches!(max_size, Some(m) if size > m && !out.is_empty()) {
-                break;
-            }
-            out.push(e.clone());
-        }
-        Some(out)
-    }
-
-    /// The term of entry `index`, if the tail holds it.
-    fn tail_term(&self, index: u64) -> Option<u64> {
-        let tail = self.tail.borrow();
-        let first = tail.front()?.0.index;
-        let at = index.checked_sub(first)?;
-        tail.get(at as usize).map(|(e, _)| e.term)
     }
 
     /// Adds the hard state to `batch`.
@@ -237,12 +266,7 @@ impl RaftLog {
         }
         let term = self.term(index - 1)?;
         batch.delete_range(entry_key(trunc + 1), entry_key(index));
-        let mut tail = self.tail.borrow_mut();
-        while tail.front().is_some_and(|(e, _)| e.index < index) {
-            let (_, n) = tail.pop_front().unwrap();
-            self.tail_bytes.set(self.tail_bytes.get() - n);
-        }
-        drop(tail);
+        self.tail.borrow_mut().drop_before(index);
         let mut v = (index - 1).to_be_bytes().to_vec();
         v.extend_from_slice(&term.to_be_bytes());
         batch.put(TRUNCATED.to_vec(), v);
@@ -284,7 +308,7 @@ impl Storage for RaftLog {
             return Err(raft::Error::Store(StorageError::Unavailable));
         }
         let max_size = max_size.into();
-        if let Some(out) = self.tail_entries(low, high, max_size) {
+        if let Some(out) = self.tail.borrow().entries(low, high, max_size) {
             return Ok(out);
         }
         let mut out = Vec::new();
@@ -323,7 +347,7 @@ impl Storage for RaftLog {
         if idx > self.last.get() {
             return Err(raft::Error::Store(StorageError::Unavailable));
         }
-        if let Some(term) = self.tail_term(idx) {
+        if let Some(term) = self.tail.borrow().term(idx) {
             return Ok(term);
         }
         Ok(self.entry(idx)?.term)
@@ -410,7 +434,7 @@ mod tests {
             // Past the entry bound the oldest left the tail (it holds
             // 905..=5000); then overwritten from 4500 by a new term, and
             // truncated into.
-            assert_eq!(log.tail.borrow().len(), TAIL_ENTRIES);
+            assert_eq!(log.tail.borrow().entries.len(), TAIL_ENTRIES);
             write(&run(4500, 4600, 2));
             write(&run(4601, 4700, 2));
             let mut b = WriteBatch::default();
@@ -418,13 +442,16 @@ mod tests {
             engine.write(b, true).unwrap();
             let tail = log.tail.borrow();
             assert_eq!(
-                (tail.front().unwrap().0.index, tail.back().unwrap().0.index),
+                (
+                    tail.first_index().unwrap(),
+                    tail.entries.back().unwrap().0.index
+                ),
                 (1000, 4700)
             );
             drop(tail);
 
             let reopened = RaftLog::open(engine.clone()).unwrap();
-            assert!(reopened.tail.borrow().is_empty());
+            assert_eq!(reopened.tail.borrow().entries.len(), 0);
             let ctx = || GetEntriesContext::empty(false);
             let summary = |es: Vec<Entry>| es.iter().map(|e| (e.index, e.term)).collect::<Vec<_>>();
             for (low, high) in [
