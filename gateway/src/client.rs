@@ -41,10 +41,16 @@
 //! A `WatchSubscribeRequest` is answered by many `WatchEventsResponse`
 //! frames under its id, until it is cancelled, compacted away, or the
 //! connection goes. [`ShardClient::subscribe`] registers a
-//! [`SubscriptionSink`] (a channel and a tag chosen by the caller, so one
-//! consumer can multiplex many subscriptions on one channel) in the same
+//! [`SubscriptionSink`] (a [`FrameConsumer`] and a tag chosen by the
+//! caller, so one consumer can multiplex many subscriptions) in the same
 //! pending map as the one-shot waiters, then sends the request. The reader
-//! task forwards every frame for that id to the sink, in arrival order.
+//! task hands every frame for that id to the consumer itself, in arrival
+//! order, outside the pending map's lock: no channel and no other task
+//! stands between a frame and its watchers, so a write's events are
+//! fanned out before the reader of the request connection, woken by the
+//! same poll, completes the write. Once the reader holds no further
+//! complete frame it flushes every consumer it fed, so a burst of frames
+//! costs each consumer one step.
 //! A stream ends with exactly one `Err` ([`GatewayError::ConnectionLost`]
 //! when the connection closes, the shard's error if it answers one) or,
 //! for a compacted start, after the frame that carries `compact_revision`.
@@ -120,16 +126,37 @@ struct Inner {
 /// ends it.
 pub type SubscriptionEvent = std::result::Result<WatchEventsResponse, GatewayError>;
 
-/// Where the frames of one subscription go: `(tag, event)` on `tx`.
-#[derive(Clone, Debug)]
+/// What takes the frames of subscriptions, called from a connection's
+/// reader task (so it must not block, nor take a lock that is held while
+/// a [`Subscription`] is dropped).
+pub trait FrameConsumer: Send + Sync {
+    /// One frame (or the error that ends the stream) of the subscription
+    /// tagged `tag`.
+    fn frame(&self, tag: u64, ev: SubscriptionEvent);
+    /// No further frame is at hand for now: act on what came.
+    fn flush(&self);
+}
+
+/// Where the frames of one subscription go: `(tag, event)` to `consumer`.
+#[derive(Clone)]
 pub struct SubscriptionSink {
     pub tag: u64,
-    pub tx: mpsc::UnboundedSender<(u64, SubscriptionEvent)>,
+    pub consumer: Arc<dyn FrameConsumer>,
 }
 
 impl SubscriptionSink {
-    fn send(&self, ev: SubscriptionEvent) {
-        let _ = self.tx.send((self.tag, ev));
+    /// Hands over one event and flushes (a lone frame).
+    pub fn send(&self, ev: SubscriptionEvent) {
+        self.consumer.frame(self.tag, ev);
+        self.consumer.flush();
+    }
+}
+
+impl std::fmt::Debug for SubscriptionSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SubscriptionSink")
+            .field("tag", &self.tag)
+            .finish()
     }
 }
 
@@ -145,21 +172,21 @@ struct Pending {
 
 impl Pending {
     /// Closes the connection's bookkeeping: drops every waiter (they see a
-    /// lost connection), ends every stream with `ConnectionLost`, and
-    /// refuses new ones.
-    fn close(&mut self) {
+    /// lost connection) and refuses new ones. Returns the streams, which
+    /// the caller ends with `ConnectionLost` once the lock is released
+    /// ([`close`]).
+    fn close(&mut self) -> Vec<SubscriptionSink> {
         self.closed = true;
         self.waiters.clear();
-        for (_, sink) in self.streams.drain() {
-            sink.send(Err(GatewayError::ConnectionLost { shard: self.shard }));
-        }
+        self.streams.drain().map(|(_, sink)| sink).collect()
     }
 
-    /// Routes one response to its waiter or stream.
-    fn dispatch(&mut self, resp: ShardResponse) {
+    /// Routes one response: completes its waiter, or returns the stream
+    /// and the event it gets (handed over once the lock is released).
+    fn dispatch(&mut self, resp: ShardResponse) -> Option<(SubscriptionSink, SubscriptionEvent)> {
         if let Some(tx) = self.waiters.remove(&resp.id) {
             let _ = tx.send(resp);
-            return;
+            return None;
         }
         let Some(sink) = self.streams.get(&resp.id) else {
             tracing::debug!(
@@ -167,29 +194,45 @@ impl Pending {
                 id = resp.id,
                 "response for an abandoned request"
             );
-            return;
+            return None;
         };
-        match resp.body {
+        let (ev, last) = match resp.body {
             Some(shard_response::Body::WatchEvents(f)) => {
                 let last = f.compact_revision != 0;
-                sink.send(Ok(f));
-                if last {
-                    self.streams.remove(&resp.id);
-                }
+                (Ok(f), last)
             }
-            Some(shard_response::Body::Error(e)) => {
-                sink.send(Err(GatewayError::from_shard(e)));
-                self.streams.remove(&resp.id);
-            }
-            other => {
-                sink.send(Err(GatewayError::Protocol(format!(
+            Some(shard_response::Body::Error(e)) => (Err(GatewayError::from_shard(e)), true),
+            other => (
+                Err(GatewayError::Protocol(format!(
                     "shard {} answered a subscription with {other:?}",
                     self.shard
-                ))));
-                self.streams.remove(&resp.id);
-            }
-        }
+                ))),
+                true,
+            ),
+        };
+        let sink = if last {
+            self.streams.remove(&resp.id)?
+        } else {
+            sink.clone()
+        };
+        Some((sink, ev))
     }
+}
+
+/// Closes `pending` and ends its streams with `ConnectionLost`.
+fn close(pending: &Mutex<Pending>) {
+    let (shard, streams) = {
+        let mut p = pending.lock().unwrap();
+        (p.shard, p.close())
+    };
+    for sink in streams {
+        sink.send(Err(GatewayError::ConnectionLost { shard }));
+    }
+}
+
+/// Whether `buf` begins with a whole frame.
+fn holds_frame(buf: &[u8]) -> bool {
+    buf.len() >= 4 && buf.len() - 4 >= u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize
 }
 
 /// One live TCP connection and its two tasks.
@@ -210,7 +253,7 @@ impl Drop for Conn {
     fn drop(&mut self) {
         self.reader.abort();
         self.writer.abort();
-        self.pending.lock().unwrap().close();
+        close(&self.pending);
     }
 }
 
@@ -453,11 +496,13 @@ async fn write_loop(
             break;
         }
     }
-    pending.lock().unwrap().close();
+    close(&pending);
 }
 
 async fn read_loop(shard: u32, sock: tokio::net::tcp::OwnedReadHalf, pending: Arc<Mutex<Pending>>) {
     let mut sock = BufReader::with_capacity(64 * 1024, sock);
+    // Consumers fed since the last flush (see "Streams").
+    let mut fed: Vec<Arc<dyn FrameConsumer>> = Vec::new();
     loop {
         let frame = match read_frame(&mut sock).await {
             Ok(Some(f)) => f,
@@ -480,9 +525,23 @@ async fn read_loop(shard: u32, sock: tokio::net::tcp::OwnedReadHalf, pending: Ar
                 break;
             }
         };
-        pending.lock().unwrap().dispatch(resp);
+        let routed = pending.lock().unwrap().dispatch(resp);
+        if let Some((sink, ev)) = routed {
+            sink.consumer.frame(sink.tag, ev);
+            if !fed.iter().any(|c| Arc::ptr_eq(c, &sink.consumer)) {
+                fed.push(sink.consumer);
+            }
+        }
+        if !holds_frame(sock.buffer()) {
+            for c in fed.drain(..) {
+                c.flush();
+            }
+        }
     }
-    pending.lock().unwrap().close();
+    for c in fed.drain(..) {
+        c.flush();
+    }
+    close(&pending);
 }
 
 /// One live watch subscription on one connection. Dropping it cancels it.
@@ -735,5 +794,86 @@ mod tests {
         let mut r = &f[..];
         assert_eq!(read_frame(&mut r).await.unwrap().unwrap(), f[4..].to_vec());
         assert_eq!(read_frame(&mut r).await.unwrap(), None);
+    }
+
+    /// Records what a consumer is handed, in order.
+    struct Recorder(mpsc::UnboundedSender<String>);
+
+    impl FrameConsumer for Recorder {
+        fn frame(&self, tag: u64, ev: SubscriptionEvent) {
+            let what = match ev {
+                Ok(f) => format!("{tag}:frame {}", f.seq),
+                Err(e) => format!("{tag}:end {e:?}"),
+            };
+            let _ = self.0.send(what);
+        }
+        fn flush(&self) {
+            let _ = self.0.send("flush".into());
+        }
+    }
+
+    #[tokio::test]
+    async fn stream_frames_reach_the_consumer_in_order_and_each_read_is_flushed_once() {
+        // A fake shard that answers a subscription with three frames in one
+        // write, then one more once the first is acked, then hangs up.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let server = tokio::spawn(async move {
+            let (sock, _) = listener.accept().await.unwrap();
+            let (r, mut w) = sock.into_split();
+            let mut r = BufReader::new(r);
+            let mut sub_id = 0;
+            let frame = |id: u64, seq: u64| {
+                encode_frame(&ShardResponse {
+                    id,
+                    body: Some(shard_response::Body::WatchEvents(WatchEventsResponse {
+                        seq,
+                        ..Default::default()
+                    })),
+                })
+            };
+            while let Ok(Some(f)) = read_frame(&mut r).await {
+                match ShardRequest::decode(f.as_slice()).unwrap().body.unwrap() {
+                    shard_request::Body::WatchSubscribe(_) => {
+                        sub_id = ShardRequest::decode(f.as_slice()).unwrap().id;
+                        let mut burst = frame(sub_id, 1);
+                        burst.extend_from_slice(&frame(sub_id, 2));
+                        burst.extend_from_slice(&frame(sub_id, 3));
+                        w.write_all(&burst).await.unwrap();
+                    }
+                    shard_request::Body::WatchAck(a) => {
+                        assert_eq!((a.subscription_id, a.seq), (sub_id, 3));
+                        w.write_all(&frame(sub_id, 4)).await.unwrap();
+                        return;
+                    }
+                    other => panic!("unexpected {other:?}"),
+                }
+            }
+        });
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let sink = SubscriptionSink {
+            tag: 7,
+            consumer: Arc::new(Recorder(tx)),
+        };
+        let c = ShardClient::new(2, addr, cfg());
+        let sub = c
+            .subscribe(WatchSubscribeRequest::default(), sink)
+            .await
+            .unwrap();
+        for want in ["7:frame 1", "7:frame 2", "7:frame 3", "flush"] {
+            assert_eq!(rx.recv().await.unwrap(), want);
+        }
+        sub.ack(3);
+        // The hang-up ends the stream (outside any lock).
+        for want in [
+            "7:frame 4",
+            "flush",
+            "7:end ConnectionLost { shard: 2 }",
+            "flush",
+        ] {
+            assert_eq!(rx.recv().await.unwrap(), want);
+        }
+        server.await.unwrap();
+        drop(sub);
     }
 }

@@ -21,16 +21,30 @@
 //! non-blocking steps (merge a frame, push to inboxes — pushes never
 //! block). Joining, leaving and progress targets are synchronous calls
 //! from the streams, so a join is atomic with respect to releases: a
-//! joiner sees either all of a release or none. Lock order: registry, then
-//! feed; the driver never holds its feed's lock while taking the
-//! registry's.
+//! joiner sees either all of a release or none. Lock order: registry,
+//! then feed, then a shard connection's pending map; nothing takes the
+//! feed's lock while holding a pending map (frames are handed over after
+//! it is released), and the driver drops subscriptions (which touch the
+//! pending map, and may close a connection, which ends its streams
+//! through the feed) only with the feed's lock released.
+//!
+//! # Frames, in the shard connection's reader
+//!
+//! The shard connections' reader tasks hand frames to the feed directly
+//! ([`FeedFrames`], a `FrameConsumer`): each frame is merged under the
+//! lock, and once the reader has no further frame at hand it flushes:
+//! releases are delivered to the watchers' inboxes and the driver is
+//! woken for the merge's actions. Events so reach the watch streams in
+//! the same scheduler pass as the frame's arrival; a hop through the
+//! driver task put them behind the answer to the write that caused them
+//! (read by another connection's reader in the same pass) on a
+//! single-threaded gateway. A burst still costs one fan-out per buffer
+//! the reader holds.
 //!
 //! # The driver task
 //!
-//! It owns the shard subscriptions, receives their frames on one channel
-//! (tagged by lane and generation), steps the merge (draining whatever
-//! frames are queued first, so bursts cost one lock and one fan-out),
-//! delivers releases, and executes the merge's actions: subscribe (with
+//! It owns the shard subscriptions (tagged by lane and generation), and
+//! executes the merge's actions: subscribe (with
 //! backoff after failures, forever: a shard that comes back is
 //! resubscribed without loss), ack, progress. While a shard owes the
 //! merge an answer it ticks the merge every `silence_tick`, so a
@@ -47,16 +61,13 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use futures::stream::{FuturesUnordered, StreamExt};
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::Notify;
 
 use super::fanout::{FanOut, Inbox, Subscriber};
 use super::merge::{Action, Merge, MergeConfig, MergeEnd};
-use crate::client::{SubscriptionEvent, SubscriptionSink};
+use crate::client::{FrameConsumer, SubscriptionEvent, SubscriptionSink};
 use crate::error::GatewayError;
 use crate::shards::{WatchSubscription, WatchTransport};
-
-/// Frames merged per lock (bounds the time the lock is held).
-const DRAIN_MAX: usize = 256;
 
 /// Tunables shared by all feeds.
 #[derive(Clone, Debug)]
@@ -296,6 +307,52 @@ fn untag(tag: u64) -> (usize, u64) {
     ((tag >> 40) as usize, tag & ((1 << 40) - 1))
 }
 
+/// The frames of one feed's subscriptions, merged in the reader tasks of
+/// the shard connections (see "Frames, in the shard connection's reader").
+struct FeedFrames {
+    feed: Arc<Feed>,
+    registry: Weak<Registry>,
+}
+
+impl FrameConsumer for FeedFrames {
+    fn frame(&self, tag: u64, ev: SubscriptionEvent) {
+        let feed = &self.feed;
+        let (lane, gen) = untag(tag);
+        let mut st = feed.state.lock().unwrap();
+        match ev {
+            Ok(frame) => st.merge.frame(lane, gen, frame),
+            Err(e) if e.is_retryable() || e.is_ambiguous() => {
+                tracing::debug!(feed = feed.id, lane, error = %e, "watch stream lost; resubscribing");
+                st.merge.lost(lane, gen);
+            }
+            Err(e) => {
+                tracing::warn!(feed = feed.id, lane, error = %e, "watch subscription refused");
+                st.merge.fail(e.to_string());
+            }
+        }
+    }
+
+    fn flush(&self) {
+        let feed = &self.feed;
+        let mut st = feed.state.lock().unwrap();
+        if st.closing {
+            return;
+        }
+        if let Some(&MergeEnd::HistoryLost { history: h, .. }) = st.merge.end() {
+            // Before the watchers hear of it: the watches they create next
+            // must expect the new history.
+            tracing::warn!(feed = feed.id, history = h, "the server's history changed (a non-durable engine restarted): its watches end as compacted");
+            if let Some(r) = self.registry.upgrade() {
+                r.observe_history(h);
+            }
+        }
+        step(&mut st);
+        drop(st);
+        // Acks, progress requests, resubscriptions, or the close.
+        feed.wake.notify_one();
+    }
+}
+
 type Connecting =
     BoxFuture<'static, (usize, u64, Result<Box<dyn WatchSubscription>, GatewayError>)>;
 
@@ -306,7 +363,10 @@ async fn drive(
     registry: Weak<Registry>,
     cfg: FeedConfig,
 ) {
-    let (tx, mut rx) = mpsc::unbounded_channel::<(u64, SubscriptionEvent)>();
+    let frames: Arc<dyn FrameConsumer> = Arc::new(FeedFrames {
+        feed: feed.clone(),
+        registry: registry.clone(),
+    });
     let lanes = feed.state.lock().unwrap().merge.lanes();
     let mut subs: Vec<Option<Box<dyn WatchSubscription>>> = (0..lanes).map(|_| None).collect();
     let mut failures: Vec<u32> = vec![0; lanes];
@@ -342,7 +402,7 @@ async fn drive(
                     let delay = backoff(&cfg, failures[lane]);
                     let sink = SubscriptionSink {
                         tag: tag(lane, gen),
-                        tx: tx.clone(),
+                        consumer: frames.clone(),
                     };
                     let transport = transport.clone();
                     connecting.push(Box::pin(async move {
@@ -365,45 +425,18 @@ async fn drive(
             }
         }
         tokio::select! {
-            Some((first_tag, first)) = rx.recv() => {
-                let mut st = feed.state.lock().unwrap();
-                let mut next = Some((first_tag, first));
-                let mut n = 0;
-                while let Some((t, ev)) = next.take() {
-                    let (lane, gen) = untag(t);
-                    match ev {
-                        Ok(frame) => st.merge.frame(lane, gen, frame),
-                        Err(e) if e.is_retryable() || e.is_ambiguous() => {
-                            tracing::debug!(feed = feed.id, lane, error = %e, "watch stream lost; resubscribing");
-                            st.merge.lost(lane, gen);
-                        }
-                        Err(e) => {
-                            tracing::warn!(feed = feed.id, lane, error = %e, "watch subscription refused");
-                            st.merge.fail(e.to_string());
-                        }
-                    }
-                    n += 1;
-                    if n < DRAIN_MAX {
-                        next = rx.try_recv().ok();
-                    }
-                }
-                if let Some(&MergeEnd::HistoryLost { history: h, .. }) = st.merge.end() {
-                    // Before the watchers hear of it: the watches they
-                    // create next must expect the new history.
-                    tracing::warn!(feed = feed.id, history = h, "the server's history changed (a non-durable engine restarted): its watches end as compacted");
-                    if let Some(r) = registry.upgrade() {
-                        r.observe_history(h);
-                    }
-                }
-                step(&mut st);
-            }
             Some((lane, gen, res)) = connecting.next() => {
+                // Subscriptions are dropped after the lock is released
+                // (see "Locking").
+                let mut unused = None;
                 let mut st = feed.state.lock().unwrap();
                 match res {
                     Ok(sub) => {
                         if st.merge.subscribed(lane, gen) {
-                            subs[lane] = Some(sub);
+                            unused = subs[lane].replace(sub);
                             failures[lane] = 0;
+                        } else {
+                            unused = Some(sub);
                         }
                     }
                     Err(e) if e.is_retryable() || e.is_ambiguous() => {
@@ -416,6 +449,8 @@ async fn drive(
                         step(&mut st);
                     }
                 }
+                drop(st);
+                drop(unused);
             }
             () = &mut silence, if ticking => {
                 feed.state.lock().unwrap().merge.tick();

@@ -86,16 +86,13 @@ impl FakeSubState {
             return;
         }
         self.seq += 1;
-        let _ = self.sink.tx.send((
-            self.sink.tag,
-            Ok(WatchEventsResponse {
-                seq: self.seq,
-                events,
-                resolved,
-                compact_revision: 0,
-                history: 0,
-            }),
-        ));
+        self.sink.send(Ok(WatchEventsResponse {
+            seq: self.seq,
+            events,
+            resolved,
+            compact_revision: 0,
+            history: 0,
+        }));
     }
 }
 
@@ -211,10 +208,7 @@ impl Fake {
             .collect();
         for id in ids {
             let s = st.subs.remove(&id).unwrap();
-            let _ = s
-                .sink
-                .tx
-                .send((s.sink.tag, Err(GatewayError::ConnectionLost { shard })));
+            s.sink.send(Err(GatewayError::ConnectionLost { shard }));
         }
     }
 
@@ -229,10 +223,7 @@ impl Fake {
             subs.into_iter().partition(|(_, s)| s.silent);
         for (_, s) in ended {
             let shard = s.shard;
-            let _ = s
-                .sink
-                .tx
-                .send((s.sink.tag, Err(GatewayError::ConnectionLost { shard })));
+            s.sink.send(Err(GatewayError::ConnectionLost { shard }));
         }
         let history = st.history + 1;
         *st = FakeState {
@@ -349,16 +340,13 @@ impl WatchTransport for Fake {
             let lost_history = req.expect_history != 0 && req.expect_history != history;
             if lost_history || req.start_revision < st.compacted {
                 sub.seq += 1;
-                let _ = sub.sink.tx.send((
-                    sub.sink.tag,
-                    Ok(WatchEventsResponse {
-                        seq: 1,
-                        events: vec![],
-                        resolved: 0,
-                        compact_revision: st.compacted.max(1),
-                        history: if lost_history { history } else { 0 },
-                    }),
-                ));
+                sub.sink.send(Ok(WatchEventsResponse {
+                    seq: 1,
+                    events: vec![],
+                    resolved: 0,
+                    compact_revision: st.compacted.max(1),
+                    history: if lost_history { history } else { 0 },
+                }));
                 return Ok(Box::new(FakeSub {
                     id,
                     fake: fake.clone(),
