@@ -37,7 +37,6 @@ use std::rc::Rc;
 use metastore_proto::etcdserverpb::{
     DeleteRangeRequest, PutRequest, ResponseHeader, TxnRequest, TxnResponse,
 };
-use metastore_proto::mvccpb::Event;
 use metastore_proto::router::ShardRouter;
 use metastore_proto::shardpb::{
     raft_command::Op, shard_error::Code, shard_response::Body, AbortResponse, CommitRequest,
@@ -48,7 +47,7 @@ use metastore_proto::txn;
 use prost::Message;
 
 use crate::engine::{keyspace, Engine, WriteBatch};
-use crate::mvcc::{Mvcc, MvccError};
+use crate::mvcc::{Mvcc, MvccError, WriteEvent};
 
 /// How many primary decisions are kept. A participant needs its txn's
 /// decision only until it has committed (seconds); older ones are dropped
@@ -141,7 +140,7 @@ pub struct ShardState {
     decision_order: VecDeque<TxnId>,
     locks: LockTable,
     /// Events of the entry being applied (handed to the watch ring).
-    events: Vec<Event>,
+    events: Vec<WriteEvent>,
     /// Leases known on this shard (every shard knows every lease).
     leases: BTreeMap<i64, LeaseRecord>,
     /// Keys of this shard attached to each lease (derived from MVCC).
@@ -386,13 +385,13 @@ impl ShardState {
 
     /// Applies the committed entry `index` carrying `cmd`; returns the
     /// answer for whoever proposed it and the events it produced (all of
-    /// one revision, in order, each with its `prev_kv`) — the one source of
-    /// watch events, whatever the engine.
+    /// one revision, in order, each with its previous version, read or
+    /// named) — the one source of watch events, whatever the engine.
     pub fn apply(
         &mut self,
         index: u64,
         cmd: &RaftCommand,
-    ) -> Result<(Body, Vec<Event>), StateError> {
+    ) -> Result<(Body, Vec<WriteEvent>), StateError> {
         let mut batch = WriteBatch::default();
         self.events.clear();
         let body = self.apply_op(cmd, &mut batch)?;
@@ -405,17 +404,17 @@ impl ShardState {
 
     /// Keeps `attached` in step with the events just applied.
     fn track_attachments(&mut self) {
-        for e in &self.events {
-            if let Some(prev) = &e.prev_kv {
-                if prev.lease != 0 {
-                    if let Some(keys) = self.attached.get_mut(&prev.lease) {
-                        keys.remove(&prev.key[..]);
-                        if keys.is_empty() {
-                            self.attached.remove(&prev.lease);
-                        }
+        for we in &self.events {
+            let prev_lease = we.prev_lease();
+            if prev_lease != 0 {
+                if let Some(keys) = self.attached.get_mut(&prev_lease) {
+                    keys.remove(we.key());
+                    if keys.is_empty() {
+                        self.attached.remove(&prev_lease);
                     }
                 }
             }
+            let e = &we.event;
             if let Some(kv) = &e.kv {
                 let is_put = e.r#type == metastore_proto::mvccpb::event::EventType::Put as i32;
                 if is_put && kv.lease != 0 {
@@ -555,7 +554,7 @@ impl ShardState {
     fn finish_write(
         w: crate::mvcc::MvccWrite<'_>,
         batch: &mut WriteBatch,
-        events: &mut Vec<Event>,
+        events: &mut Vec<WriteEvent>,
     ) {
         let (b, ev) = w.finish_with_events();
         batch.extend(b);

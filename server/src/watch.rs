@@ -12,8 +12,13 @@
 //! The ring belongs to one shard's thread (thread per core): the writer (the
 //! apply path) and the readers (this shard's subscriptions) run on the same
 //! executor, so it needs neither locks nor atomics — readers are plain
-//! sequence numbers into it, and a batch (`Rc`, events with `prev_kv`
-//! stored once) is shared by every reader that sends it. A reader never
+//! sequence numbers into it, and a batch (`Rc`, events stored once) is
+//! shared by every reader that sends it. An event's previous version is
+//! kept as the write knew it: read, or only named (a plain put does not
+//! read it; see `mvcc`, "A write's events"). The first subscriber that
+//! wants it reads it ([`Mvcc::read_prev`]) and the ring keeps it for the
+//! others; none wanting it, it is never read. A version compacted away
+//! before anyone wanted it is sent as absent, as etcd does. A reader never
 //! blocks the writer or other readers: whoever falls behind the oldest
 //! batch is simply moved to MVCC history.
 //!
@@ -39,14 +44,15 @@
 //!   or sent twice.
 //! - At most `window` frames are unacknowledged.
 
+use std::cell::OnceCell;
 use std::collections::{BTreeMap, VecDeque};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use metastore_proto::mvccpb::Event;
+use metastore_proto::mvccpb::{Event, KeyValue};
 use metastore_proto::shardpb::WatchEventsResponse;
 
-use crate::mvcc::{Mvcc, MvccError};
+use crate::mvcc::{Mvcc, MvccError, WriteEvent};
 
 /// Batches the ring keeps at most.
 pub const RING_BATCHES: usize = 16_384;
@@ -63,8 +69,38 @@ pub const DEFAULT_WINDOW: u64 = 64;
 #[derive(Debug)]
 pub struct RevisionBatch {
     pub revision: i64,
-    pub events: Vec<Event>,
+    events: Vec<RingEvent>,
     bytes: usize,
+}
+
+/// An event in the ring, with its previous version once a subscriber read
+/// it (see the module essay).
+#[derive(Debug)]
+struct RingEvent {
+    write: WriteEvent,
+    prev_read: OnceCell<Option<KeyValue>>,
+}
+
+impl RingEvent {
+    /// The event as a subscriber sends it: with its previous version if
+    /// `prev_kv` (read now if nobody has yet), else without.
+    fn to_send(&self, prev_kv: bool, mvcc: &Mvcc) -> Event {
+        let w = &self.write;
+        let prev = match (&w.event.prev_kv, &w.stored_prev) {
+            (_, _) if !prev_kv => None,
+            (Some(p), _) => Some(p.clone()),
+            (None, Some(stored)) => self
+                .prev_read
+                .get_or_init(|| mvcc.read_prev(w.key(), stored))
+                .clone(),
+            (None, None) => None,
+        };
+        Event {
+            r#type: w.event.r#type,
+            kv: w.event.kv.clone(),
+            prev_kv: prev,
+        }
+    }
 }
 
 /// The shard's bounded ring of applied events (see the module essay).
@@ -83,13 +119,17 @@ fn event_revision(e: &Event) -> i64 {
     e.kv.as_ref().map(|kv| kv.mod_revision).unwrap_or(0)
 }
 
-fn event_size(e: &Event) -> usize {
-    let kv = |k: &Option<metastore_proto::mvccpb::KeyValue>| {
-        k.as_ref()
-            .map(|kv| kv.key.len() + kv.value.len() + 48)
-            .unwrap_or(0)
+/// Bytes an event holds in the ring: a previous version not read yet is
+/// counted as the size of the new one (it is read into the ring later).
+fn event_size(w: &WriteEvent) -> usize {
+    let kv = |k: Option<&KeyValue>| k.map(|kv| kv.key.len() + kv.value.len() + 48).unwrap_or(0);
+    let e = &w.event;
+    let prev = match (&e.prev_kv, &w.stored_prev) {
+        (Some(p), _) => kv(Some(p)),
+        (None, Some(_)) => kv(e.kv.as_ref()),
+        (None, None) => 0,
     };
-    kv(&e.kv) + kv(&e.prev_kv) + 16
+    kv(e.kv.as_ref()) + prev + 16
 }
 
 impl WatchRing {
@@ -106,10 +146,17 @@ impl WatchRing {
     }
 
     /// Appends the events of one applied revision.
-    pub fn push(&mut self, events: Vec<Event>) {
+    pub fn push(&mut self, events: Vec<WriteEvent>) {
         let Some(first) = events.first() else { return };
-        let revision = event_revision(first);
+        let revision = event_revision(&first.event);
         let bytes = events.iter().map(event_size).sum();
+        let events = events
+            .into_iter()
+            .map(|write| RingEvent {
+                write,
+                prev_read: OnceCell::new(),
+            })
+            .collect();
         self.batches.push_back(Rc::new(RevisionBatch {
             revision,
             events,
@@ -250,16 +297,8 @@ impl Subscription {
         self.range_end == [0] || key < self.range_end.as_slice()
     }
 
-    fn filter(&self, e: &Event) -> Option<Event> {
-        let key = &e.kv.as_ref()?.key;
-        if !self.matches(key) {
-            return None;
-        }
-        let mut e = e.clone();
-        if !self.prev_kv {
-            e.prev_kv = None;
-        }
-        Some(e)
+    fn matches_event(&self, e: &Event) -> bool {
+        e.kv.as_ref().is_some_and(|kv| self.matches(&kv.key))
     }
 
     /// The next frame to send, given the ring, history and the shard's
@@ -309,8 +348,12 @@ impl Subscription {
                 if batch.revision < self.next_from {
                     continue;
                 }
-                let matching: Vec<Event> =
-                    batch.events.iter().filter_map(|e| self.filter(e)).collect();
+                let matching: Vec<Event> = batch
+                    .events
+                    .iter()
+                    .filter(|e| self.matches_event(&e.write.event))
+                    .map(|e| e.to_send(self.prev_kv, mvcc))
+                    .collect();
                 if !matching.is_empty() {
                     self.pending
                         .entry(batch.revision)
@@ -367,7 +410,8 @@ impl Subscription {
         let mut seen = 0usize;
         let mut complete = true;
         let from = self.next_from;
-        mvcc.history(from, &mut |e: Event| {
+        let prev_kv = self.prev_kv;
+        mvcc.history(from, prev_kv, &mut |e: Event| {
             let rev = event_revision(&e);
             if rev > resolved {
                 return false;
@@ -378,7 +422,7 @@ impl Subscription {
             }
             seen += 1;
             last_rev = rev;
-            if let Some(e) = self.filter(&e) {
+            if self.matches_event(&e) {
                 out.push(e);
             }
             true
@@ -587,6 +631,57 @@ mod tests {
                 .events
                 .iter()
                 .all(|e| e.prev_kv.is_some() && e.r#type == 1));
+        });
+    }
+
+    #[test]
+    fn a_previous_version_is_read_once_when_wanted_and_absent_once_compacted() {
+        each_engine(|kind| {
+            let mut s = Scene::new(kind, 100);
+            s.put(1, "k", "1");
+            let mut with = s.sub("k", "", 0, 1);
+            let mut other = s.sub("k", "", 0, 1);
+            let mut without = Subscription::new("k".into(), "".into(), 0, false, 0, 1, &s.ring);
+            s.put(2, "k", "2");
+            s.put(3, "k", "3");
+            let now = Instant::now();
+            let prevs = |sub: &mut Subscription, s: &Scene| -> Vec<Option<String>> {
+                let Poll::Frame(f) = sub.poll(&s.ring, &s.mvcc, 3, now) else {
+                    panic!("expected a frame")
+                };
+                f.events
+                    .iter()
+                    .map(|e| {
+                        e.prev_kv
+                            .as_ref()
+                            .map(|p| String::from_utf8_lossy(&p.value).into_owned())
+                    })
+                    .collect()
+            };
+            let want = vec![Some("1".to_string()), Some("2".to_string())];
+            assert_eq!(prevs(&mut with, &s), want);
+            assert_eq!(prevs(&mut without, &s), vec![None, None]);
+            // Version 2 is compacted away: the ring kept what `with` read,
+            // so `other` still gets it.
+            let batch = s.mvcc.compact(3).unwrap();
+            s.mvcc.engine().write(batch, false).unwrap();
+            assert_eq!(prevs(&mut other, &s), want);
+            // An event whose previous version nobody read before the
+            // compaction removed it goes out without one, as etcd sends it;
+            // the version live at the compacted revision stays readable.
+            s.put(4, "k", "4");
+            s.put(5, "k", "5");
+            let batch = s.mvcc.compact(4).unwrap();
+            s.mvcc.engine().write(batch, false).unwrap();
+            let Poll::Frame(f) = with.poll(&s.ring, &s.mvcc, 5, now) else {
+                panic!("expected a frame")
+            };
+            let got: Vec<(i64, bool)> = f
+                .events
+                .iter()
+                .map(|e| (e.kv.as_ref().unwrap().mod_revision, e.prev_kv.is_some()))
+                .collect();
+            assert_eq!(got, vec![(4, false), (5, true)]);
         });
     }
 

@@ -16,8 +16,8 @@
 //!   tombstone is only kept while a live version before it is kept too, and
 //!   compaction removes both together).
 //! * Each entry carries the metadata of its version (create revision,
-//!   version) so filters and most sorts need no engine read; only values and
-//!   leases live solely in the engine's version records.
+//!   version, lease) so filters, most sorts and a plain put need no engine
+//!   read; only values live solely in the engine's version records.
 //! * The index is derived state: [`super::Mvcc::open`] rebuilds it from the
 //!   engine's version records, which are the source of truth.
 
@@ -42,6 +42,8 @@ pub struct Entry {
     pub create: Rev,
     /// The key's version in its generation (0 for a tombstone).
     pub version: i64,
+    /// The lease the version is attached to (0: none, and for a tombstone).
+    pub lease: i64,
     pub tombstone: bool,
 }
 
@@ -185,6 +187,7 @@ mod tests {
             rev: Revision { main, sub: 0 },
             create,
             version,
+            lease: 0,
             tombstone: false,
         }
     }
@@ -193,6 +196,7 @@ mod tests {
             rev: Revision { main, sub: 0 },
             create: 0,
             version: 0,
+            lease: 0,
             tombstone: true,
         }
     }

@@ -57,6 +57,20 @@
 //!   because the index already points at the records in it.
 //! * Only keys in the `v` and `m` namespaces are used.
 //!
+//! # A write's events, and their `prev_kv`
+//!
+//! [`MvccWrite::finish_with_events`] returns every change as a
+//! [`WriteEvent`] for the watch ring. A change replaces a version the write
+//! has usually never read: a plain put takes the create revision, version
+//! and lease it needs from the key index, and a delete its keys. So an
+//! event's `prev_kv` is filled only when the write read the previous
+//! version anyway (the request asked for `prev_kv`, `ignore_value`, or the
+//! version was this write's own); otherwise the event names where it is
+//! stored ([`StoredPrev`]) and [`Mvcc::read_prev`] reads it when a watcher
+//! wants it. etcd does the same: it reads a watch event's previous version
+//! when it sends the event, and sends the event without one if that
+//! version has been compacted away meanwhile.
+//!
 //! # Shards
 //!
 //! One shard owns part of the keyspace. Reads, compares and multi-key
@@ -147,6 +161,40 @@ impl<'a> KeyRange<'a> {
     }
 }
 
+/// A version replaced by a change and not read by the write: where its
+/// record is, and the lease it was attached to (see "A write's events").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoredPrev {
+    pub rev: Revision,
+    pub lease: i64,
+}
+
+/// One change of a finished write, as a watch delivers it (see "A write's
+/// events, and their `prev_kv`").
+#[derive(Debug, Clone, PartialEq)]
+pub struct WriteEvent {
+    /// `prev_kv` is set when the write read the replaced version.
+    pub event: Event,
+    /// The replaced version, when there was one and `prev_kv` is not set.
+    pub stored_prev: Option<StoredPrev>,
+}
+
+impl WriteEvent {
+    /// The lease of the version this change replaced (0: none, or the key
+    /// did not exist).
+    pub fn prev_lease(&self) -> i64 {
+        match (&self.event.prev_kv, &self.stored_prev) {
+            (Some(p), _) => p.lease,
+            (None, Some(p)) => p.lease,
+            (None, None) => 0,
+        }
+    }
+
+    pub fn key(&self) -> &[u8] {
+        self.event.kv.as_ref().map_or(&[], |kv| &kv.key[..])
+    }
+}
+
 /// Where a candidate version's full record is.
 #[derive(Debug, Clone, Copy)]
 enum Source<'a> {
@@ -164,6 +212,7 @@ struct Candidate<'a> {
     create: Rev,
     modr: Rev,
     version: i64,
+    lease: i64,
     source: Source<'a>,
 }
 
@@ -174,6 +223,7 @@ impl<'a> Candidate<'a> {
             create: e.create,
             modr: e.rev.main,
             version: e.version,
+            lease: e.lease,
             source: Source::Stored(e.rev),
         }
     }
@@ -184,6 +234,7 @@ impl<'a> Candidate<'a> {
             create: kv.create_revision,
             modr: kv.mod_revision,
             version: kv.version,
+            lease: kv.lease,
             source: Source::Pending(kv),
         }
     }
@@ -232,6 +283,7 @@ impl Mvcc {
                         rev,
                         create: if tombstone { 0 } else { kv.create_revision },
                         version: if tombstone { 0 } else { kv.version },
+                        lease: if tombstone { 0 } else { kv.lease },
                         tombstone,
                     };
                     index.push(&kv.key, entry);
@@ -314,6 +366,20 @@ impl Mvcc {
             )));
         }
         Ok(kv)
+    }
+
+    /// The replaced version an event names (see "A write's events"), or
+    /// `None` if it is gone (compacted since), as etcd sends such an event
+    /// without its `prev_kv`.
+    pub fn read_prev(&self, key: &[u8], prev: &StoredPrev) -> Option<KeyValue> {
+        match self.fetch(key, prev.rev) {
+            Ok(kv) => Some(kv),
+            Err(MvccError::Engine(e)) => {
+                tracing::warn!(error = %e, "reading a watch event's previous version failed");
+                None
+            }
+            Err(_) => None,
+        }
     }
 
     fn materialize(&self, c: &Candidate<'_>) -> Result<KeyValue, MvccError> {
@@ -517,11 +583,17 @@ impl Mvcc {
     }
 
     /// Replays history: calls `f` with every event (a put or a delete) of
-    /// revision `>= from`, in revision order, until it returns false. Each
-    /// event carries its `prev_kv` when the previous version is still
-    /// present. `from` below the compacted revision fails with `Compacted`
-    /// (etcd answers such a watch with its compact revision).
-    pub fn history(&self, from: Rev, f: &mut dyn FnMut(Event) -> bool) -> Result<(), MvccError> {
+    /// revision `>= from`, in revision order, until it returns false. With
+    /// `with_prev`, each event carries its `prev_kv` when the previous
+    /// version is still present. `from` below the compacted revision fails
+    /// with `Compacted` (etcd answers such a watch with its compact
+    /// revision).
+    pub fn history(
+        &self,
+        from: Rev,
+        with_prev: bool,
+        f: &mut dyn FnMut(Event) -> bool,
+    ) -> Result<(), MvccError> {
         if from < self.compacted {
             return Err(MvccError::Compacted);
         }
@@ -562,8 +634,8 @@ impl Mvcc {
                     .get_key_value(&kv.key)
                     .and_then(|(k, h)| h.live_before(rev).map(|e| (k, e)))
                 {
-                    Some((k, e)) => Some(self.fetch(k, e.rev)?),
-                    None => None,
+                    Some((k, e)) if with_prev => Some(self.fetch(k, e.rev)?),
+                    _ => None,
                 };
                 let event = Event {
                     r#type: if tombstone {
@@ -608,8 +680,46 @@ struct Change {
     /// The new version (for a tombstone: key and mod revision only).
     kv: KeyValue,
     tombstone: bool,
-    /// The live version this change replaced, if any.
-    prev: Option<KeyValue>,
+    /// The live version this change replaced.
+    prev: Prev,
+}
+
+/// The live version a change replaced (see "A write's events").
+#[derive(Debug, Clone)]
+enum Prev {
+    /// The key did not exist.
+    None,
+    /// Read by the write (or its own change).
+    Read(KeyValue),
+    /// Known to the index only.
+    Stored {
+        rev: Revision,
+        create: Rev,
+        version: i64,
+        lease: i64,
+    },
+}
+
+impl Prev {
+    fn exists(&self) -> bool {
+        !matches!(self, Prev::None)
+    }
+    fn create_and_version(&self) -> Option<(Rev, i64)> {
+        match self {
+            Prev::None => None,
+            Prev::Read(kv) => Some((kv.create_revision, kv.version)),
+            Prev::Stored {
+                create, version, ..
+            } => Some((*create, *version)),
+        }
+    }
+    fn lease(&self) -> i64 {
+        match self {
+            Prev::None => 0,
+            Prev::Read(kv) => kv.lease,
+            Prev::Stored { lease, .. } => *lease,
+        }
+    }
 }
 
 /// One write revision in progress (see [`Mvcc::write`]). Changes are kept in
@@ -663,13 +773,36 @@ impl MvccWrite<'_> {
         }
     }
 
-    /// The live version of `key` as this write sees it.
-    fn get_latest(&self, key: &[u8]) -> Result<Option<KeyValue>, MvccError> {
+    /// The live version of `key` as this write sees it, read from the
+    /// engine only if `read` (a version of this write's own is always at
+    /// hand).
+    fn latest_prev(&self, key: &[u8], read: bool) -> Result<Prev, MvccError> {
         if let Some(&i) = self.latest.get(key) {
             let c = &self.changes[i];
-            return Ok((!c.tombstone).then(|| c.kv.clone()));
+            return Ok(if c.tombstone {
+                Prev::None
+            } else {
+                Prev::Read(c.kv.clone())
+            });
         }
-        self.mvcc.get_unchecked(key, self.rev)
+        let Some((k, e)) = self
+            .mvcc
+            .index
+            .get_key_value(key)
+            .and_then(|(k, h)| h.live_at(self.rev).map(|e| (k, e)))
+        else {
+            return Ok(Prev::None);
+        };
+        Ok(if read {
+            Prev::Read(self.mvcc.fetch(k, e.rev)?)
+        } else {
+            Prev::Stored {
+                rev: e.rev,
+                create: e.create,
+                version: e.version,
+                lease: e.lease,
+            }
+        })
     }
 
     fn push_change(&mut self, change: Change) {
@@ -724,20 +857,21 @@ impl MvccWrite<'_> {
     /// `KeyNotFound`, changing nothing.
     pub fn put(&mut self, req: &PutRequest) -> Result<PutResponse, MvccError> {
         self.check_writable(&req.key)?;
-        let prev = self.get_latest(&req.key)?;
-        if (req.ignore_value || req.ignore_lease) && prev.is_none() {
+        let prev = self.latest_prev(&req.key, req.prev_kv || req.ignore_value)?;
+        if (req.ignore_value || req.ignore_lease) && !prev.exists() {
             return Err(MvccError::KeyNotFound);
         }
         let value = match (&prev, req.ignore_value) {
-            (Some(p), true) => p.value.clone(),
+            (Prev::Read(p), true) => p.value.clone(),
             _ => req.value.clone().into(),
         };
-        let lease = match (&prev, req.ignore_lease) {
-            (Some(p), true) => p.lease,
-            _ => req.lease,
+        let lease = if req.ignore_lease {
+            prev.lease()
+        } else {
+            req.lease
         };
-        let (create_revision, version) = match &prev {
-            Some(p) => (p.create_revision, p.version + 1),
+        let (create_revision, version) = match prev.create_and_version() {
+            Some((create, version)) => (create, version + 1),
             None => (self.rev, 1),
         };
         let kv = KeyValue {
@@ -748,7 +882,10 @@ impl MvccWrite<'_> {
             version,
             lease,
         };
-        let prev_kv = if req.prev_kv { prev.clone() } else { None };
+        let prev_kv = match &prev {
+            Prev::Read(p) if req.prev_kv => Some(p.clone()),
+            _ => None,
+        };
         self.push_change(Change {
             kv,
             tombstone: false,
@@ -768,31 +905,51 @@ impl MvccWrite<'_> {
         owns: Owns<'_>,
     ) -> Result<DeleteRangeResponse, MvccError> {
         let range = KeyRange::new(&req.key, &req.range_end);
+        // The versions deleted: read only if the response returns them.
         let prevs = {
             let cands = self.candidates(range, owns);
             cands
                 .iter()
-                .map(|c| self.mvcc.materialize(c))
-                .collect::<Result<Vec<_>, _>>()?
+                .map(|c| {
+                    Ok(match c.source {
+                        Source::Stored(_) | Source::Pending(_) if req.prev_kv => {
+                            Prev::Read(self.mvcc.materialize(c)?)
+                        }
+                        Source::Pending(kv) => Prev::Read(kv.clone()),
+                        Source::Stored(rev) => Prev::Stored {
+                            rev,
+                            create: c.create,
+                            version: c.version,
+                            lease: c.lease,
+                        },
+                    })
+                    .map(|prev| (c.key.to_vec().into(), prev))
+                })
+                .collect::<Result<Vec<(prost::bytes::Bytes, Prev)>, MvccError>>()?
         };
-        for prev in &prevs {
-            self.check_writable(&prev.key)?;
+        for (key, _) in &prevs {
+            self.check_writable(key)?;
         }
-        for prev in &prevs {
+        let deleted = prevs.len() as i64;
+        let mut prev_kvs = Vec::new();
+        for (key, prev) in prevs {
+            if let (true, Prev::Read(kv)) = (req.prev_kv, &prev) {
+                prev_kvs.push(kv.clone());
+            }
             self.push_change(Change {
                 kv: KeyValue {
-                    key: prev.key.clone(),
+                    key,
                     mod_revision: self.rev,
                     ..Default::default()
                 },
                 tombstone: true,
-                prev: Some(prev.clone()),
+                prev,
             });
         }
         Ok(DeleteRangeResponse {
             header: None,
-            deleted: prevs.len() as i64,
-            prev_kvs: if req.prev_kv { prevs } else { Vec::new() },
+            deleted,
+            prev_kvs,
         })
     }
 
@@ -862,9 +1019,9 @@ impl MvccWrite<'_> {
     }
 
     /// [`MvccWrite::finish`], also returning the write's events in
-    /// sub-revision order (each with its `prev_kv` when the key existed), as
-    /// a watch delivers them.
-    pub fn finish_with_events(self) -> (WriteBatch, Vec<Event>) {
+    /// sub-revision order, as a watch delivers them (each with its previous
+    /// version, read or named: see "A write's events").
+    pub fn finish_with_events(self) -> (WriteBatch, Vec<WriteEvent>) {
         let mut batch = WriteBatch::new();
         let mut events = Vec::with_capacity(self.changes.len());
         if self.changes.is_empty() {
@@ -892,17 +1049,26 @@ impl MvccWrite<'_> {
                     rev: r,
                     create: if c.tombstone { 0 } else { c.kv.create_revision },
                     version: if c.tombstone { 0 } else { c.kv.version },
+                    lease: if c.tombstone { 0 } else { c.kv.lease },
                     tombstone: c.tombstone,
                 },
             );
-            events.push(Event {
-                r#type: if c.tombstone {
-                    EventType::Delete
-                } else {
-                    EventType::Put
-                } as i32,
-                kv: Some(c.kv),
-                prev_kv: c.prev,
+            let (prev_kv, stored_prev) = match c.prev {
+                Prev::None => (None, None),
+                Prev::Read(kv) => (Some(kv), None),
+                Prev::Stored { rev, lease, .. } => (None, Some(StoredPrev { rev, lease })),
+            };
+            events.push(WriteEvent {
+                event: Event {
+                    r#type: if c.tombstone {
+                        EventType::Delete
+                    } else {
+                        EventType::Put
+                    } as i32,
+                    kv: Some(c.kv),
+                    prev_kv,
+                },
+                stored_prev,
             });
         }
         mvcc.current = mvcc.current.max(rev);

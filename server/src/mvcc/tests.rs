@@ -786,7 +786,7 @@ fn out_of_order_revisions_are_checked_per_key() {
         assert_eq!(s.get("b", 30), Some(kv("b", "B", 30, 30, 1)), "{k}");
         let mut at30 = Vec::new();
         s.mvcc
-            .history(30, &mut |e| {
+            .history(30, true, &mut |e| {
                 let kv = e.kv.unwrap();
                 if kv.mod_revision == 30 {
                     at30.push(String::from_utf8(kv.key.to_vec()).unwrap());
@@ -846,24 +846,26 @@ fn write_reads_see_own_writes_and_history() {
         let (batch, events) = w.finish_with_events();
         assert_eq!(s.mvcc.current_revision(), 8, "{k}");
         s.engine.write(batch, false).unwrap();
+        // Neither replaced version was read: the events name them.
         assert_eq!(
             events
                 .iter()
                 .map(|e| (
-                    e.r#type,
-                    e.kv.as_ref().unwrap().key.to_vec(),
-                    e.prev_kv.is_some()
+                    e.event.r#type,
+                    e.key().to_vec(),
+                    e.event.prev_kv.is_some(),
+                    e.stored_prev.map(|p| p.rev.main)
                 ))
                 .collect::<Vec<_>>(),
             vec![
-                (EventType::Put as i32, b("c"), false),
-                (EventType::Put as i32, b("a"), true),
-                (EventType::Delete as i32, b("b"), true)
+                (EventType::Put as i32, b("c"), false, None),
+                (EventType::Put as i32, b("a"), false, Some(3)),
+                (EventType::Delete as i32, b("b"), false, Some(5))
             ],
             "{k}"
         );
         assert_eq!(
-            events[2].kv,
+            events[2].event.kv,
             Some(KeyValue {
                 key: b("b").into(),
                 mod_revision: 8,
@@ -871,7 +873,9 @@ fn write_reads_see_own_writes_and_history() {
             }),
             "{k}"
         );
-        assert_eq!(events[2].prev_kv, Some(kv("b", "1", 5, 5, 1)), "{k}");
+        let read = |e: &WriteEvent| s.mvcc.read_prev(e.key(), &e.stored_prev.unwrap());
+        assert_eq!(read(&events[1]), Some(kv("a", "1", 3, 3, 1)), "{k}");
+        assert_eq!(read(&events[2]), Some(kv("b", "1", 5, 5, 1)), "{k}");
         assert_eq!(keys(&s.range("a", "z", 0)), vec!["a", "c"], "{k}");
         // A dropped write leaves no trace.
         {
@@ -1422,7 +1426,10 @@ fn compaction_drops_history_and_keeps_latest() {
         assert_eq!(s.get("a", 0), Some(kv("a", "4", 3, 30, 4)), "{k}");
         // History replay below the compacted revision is refused.
         assert!(
-            matches!(s.mvcc.history(24, &mut |_| true), Err(MvccError::Compacted)),
+            matches!(
+                s.mvcc.history(24, true, &mut |_| true),
+                Err(MvccError::Compacted)
+            ),
             "{k}"
         );
     }
@@ -1466,11 +1473,21 @@ fn history_replays_events_with_prev_kv() {
         s.put(9, "a", "3");
         let mut events = Vec::new();
         s.mvcc
-            .history(5, &mut |e| {
+            .history(5, true, &mut |e| {
                 events.push(e);
                 true
             })
             .unwrap();
+        // Without prev_kv, no previous version is read.
+        let mut without = 0;
+        s.mvcc
+            .history(5, false, &mut |e| {
+                assert!(e.prev_kv.is_none());
+                without += 1;
+                true
+            })
+            .unwrap();
+        assert_eq!(without, events.len(), "{k}");
         let summary: Vec<(i32, String, Rev, Option<String>)> = events
             .iter()
             .map(|e| {
@@ -1501,7 +1518,7 @@ fn history_replays_events_with_prev_kv() {
         // Early stop.
         let mut n = 0;
         s.mvcc
-            .history(0, &mut |_| {
+            .history(0, true, &mut |_| {
                 n += 1;
                 n < 2
             })
@@ -1515,7 +1532,7 @@ fn history_replays_events_with_prev_kv() {
         });
         let mut n = 0;
         s.mvcc
-            .history(10, &mut |e| {
+            .history(10, true, &mut |e| {
                 assert_eq!(e.kv.unwrap().mod_revision, 10);
                 n += 1;
                 true
@@ -1682,5 +1699,128 @@ fn other_namespaces_are_left_alone() {
             vec![vec![keyspace::RAFT_LOG, 1], vec![keyspace::SHARD_STATE]],
             "{k}"
         );
+    }
+}
+
+/// Counts the version records read from the engine it wraps.
+struct CountingEngine {
+    inner: Rc<dyn Engine>,
+    version_reads: std::cell::Cell<usize>,
+}
+
+impl Engine for CountingEngine {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, EngineError> {
+        let (s, e) = keyspace::bounds(keyspace::MVCC_VERSION);
+        if key >= &s[..] && key < &e[..] {
+            self.version_reads.set(self.version_reads.get() + 1);
+        }
+        self.inner.get(key)
+    }
+    fn scan(
+        &self,
+        start: &[u8],
+        end: &[u8],
+        f: &mut dyn FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<(), EngineError> {
+        self.inner.scan(start, end, f)
+    }
+    fn scan_rev(
+        &self,
+        start: &[u8],
+        end: &[u8],
+        f: &mut dyn FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<(), EngineError> {
+        self.inner.scan_rev(start, end, f)
+    }
+    fn write(&self, batch: WriteBatch, sync: bool) -> Result<(), EngineError> {
+        self.inner.write(batch, sync)
+    }
+    fn durable_write_job(
+        &self,
+        batch: WriteBatch,
+    ) -> Result<crate::engine::DurableWriteJob, EngineError> {
+        self.inner.durable_write_job(batch)
+    }
+    fn size_bytes(&self) -> u64 {
+        self.inner.size_bytes()
+    }
+    fn kind(&self) -> EngineKind {
+        self.inner.kind()
+    }
+}
+
+#[test]
+fn plain_puts_and_deletes_read_no_version_and_their_events_name_it() {
+    for env in engines() {
+        let k = env.kind;
+        let counting = Rc::new(CountingEngine {
+            inner: env.engine.clone(),
+            version_reads: std::cell::Cell::new(0),
+        });
+        let mut s = Store {
+            mvcc: Mvcc::open(counting.clone()).unwrap(),
+            engine: counting.clone(),
+        };
+        s.put_lease(3, "a", "1", 7);
+        s.put(4, "b", "1");
+        let reads = || counting.version_reads.get();
+        assert_eq!(reads(), 0, "{k}");
+        // A put over a leased version keeps create revision and version
+        // right, and names the lease it replaced, all from the index.
+        let mut w = s.mvcc.write(5);
+        w.put(&put_req("a", "2")).unwrap();
+        w.delete_range(&del_req("b", "", false), ALL).unwrap();
+        let (batch, events) = w.finish_with_events();
+        s.engine.write(batch, false).unwrap();
+        assert_eq!(reads(), 0, "{k}");
+        assert_eq!(s.get("a", 5), Some(kv("a", "2", 3, 5, 2)), "{k}");
+        assert_eq!(
+            events[0].stored_prev,
+            Some(StoredPrev {
+                rev: Revision { main: 3, sub: 0 },
+                lease: 7
+            }),
+            "{k}"
+        );
+        assert_eq!(events[0].prev_lease(), 7, "{k}");
+        assert_eq!(events[1].prev_lease(), 0, "{k}");
+        // Asking for prev_kv (or ignore_value) reads it, and the event
+        // carries it.
+        let before = reads();
+        let mut w = s.mvcc.write(6);
+        let resp = w
+            .put(&PutRequest {
+                prev_kv: true,
+                ..put_req("a", "3")
+            })
+            .unwrap();
+        let (batch, events) = w.finish_with_events();
+        s.engine.write(batch, false).unwrap();
+        assert_eq!(reads(), before + 1, "{k}");
+        assert_eq!(resp.prev_kv, Some(kv("a", "2", 3, 5, 2)), "{k}");
+        assert_eq!(events[0].event.prev_kv, resp.prev_kv, "{k}");
+        assert_eq!(events[0].stored_prev, None, "{k}");
+        s.apply(7, |w| {
+            w.put(&PutRequest {
+                ignore_value: true,
+                ..put_req("a", "")
+            })
+            .unwrap()
+        });
+        assert_eq!(reads(), before + 2, "{k}");
+        assert_eq!(s.get("a", 7), Some(kv("a", "3", 3, 7, 4)), "{k}");
+        // A named version compacted away is read as absent (etcd sends
+        // such an event without prev_kv).
+        let named = StoredPrev {
+            rev: Revision { main: 5, sub: 0 },
+            lease: 0,
+        };
+        assert_eq!(
+            s.mvcc.read_prev(b"a", &named),
+            Some(kv("a", "2", 3, 5, 2)),
+            "{k}"
+        );
+        s.compact(7).unwrap();
+        assert_eq!(s.mvcc.read_prev(b"a", &named), None, "{k}");
     }
 }
