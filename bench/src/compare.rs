@@ -812,7 +812,7 @@ impl Report<'_> {
 
         // CPU.
         let _ = writeln!(s, "## Server CPU per operation (µs)\n");
-        let _ = writeln!(s, "utime+stime of the server processes from `/proc/<pid>/stat` over the run ÷ operations (for watch: ÷ delivered events). MetaStore = shard server + gateway (breakdown in parentheses). The client's own CPU per op is in the last columns.\n");
+        let _ = writeln!(s, "utime+stime of the server processes from `/proc/<pid>/stat` over the run and until they have gone quiet after it (at most 10 s), so background work a run leaves behind (RocksDB flushes and compactions, etcd's backend commits) is billed to it rather than to the next run, ÷ operations (for watch: ÷ delivered events). MetaStore = shard server + gateway (breakdown in parentheses). The client's own CPU per op is in the last columns.\n");
         let (head, rule) = self.target_columns();
         let _ = write!(s, "| workload |{head}");
         for t in self.targets {

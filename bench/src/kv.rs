@@ -98,7 +98,7 @@ where
     drop(guard);
     let elapsed = start.elapsed().as_secs_f64();
     let mut r = RunResult::new(workload, "ops/s", settings);
-    r.cpu = Some(probe.finish());
+    r.cpu = Some(probe.finish_settled().await);
     r.ops = rec.ops();
     r.errors = rec.errors();
     r.error_samples = rec.error_samples();

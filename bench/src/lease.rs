@@ -96,7 +96,7 @@ pub async fn keepalive(common: &Common, a: &LeaseArgs) -> Result<RunResult, Stri
     }
     drop(guard);
     let elapsed = start.elapsed().as_secs_f64();
-    let cpu = probe.finish();
+    let cpu = probe.finish_settled().await;
     // Clean up (not timed); failures here do not count.
     let revokes: Vec<_> = leases
         .into_iter()
@@ -303,7 +303,7 @@ pub async fn expiry(common: &Common, a: &LeaseExpiryArgs) -> Result<RunResult, S
     pacer.stop();
     while puts.join_next().await.is_some() {}
     drop(guard);
-    let cpu = probe.finish();
+    let cpu = probe.finish_settled().await;
     watch_task.abort();
 
     // Check: none of the leases is left, nor any of their keys.

@@ -252,6 +252,12 @@ pub struct CpuProbe {
 /// every mainstream architecture).
 const CLK_TCK: f64 = 100.0;
 
+/// How long the server processes must stay quiet after a run before its
+/// CPU is read (see [`CpuProbe::finish_settled`]).
+pub const SETTLE_WINDOW: std::time::Duration = std::time::Duration::from_millis(250);
+/// The longest a run's CPU reading waits for the servers to go quiet.
+pub const SETTLE_MAX: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// utime + stime of `pid` in clock ticks (all threads, including exited ones).
 pub fn proc_cpu_ticks(pid: &str) -> Option<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -305,6 +311,31 @@ impl CpuProbe {
             self_start: proc_cpu_ticks("self"),
             at: Instant::now(),
         }
+    }
+
+    /// [`CpuProbe::finish`] once the server processes have gone quiet (at
+    /// most one clock tick of CPU, 10 ms, in [`SETTLE_WINDOW`]), waiting at
+    /// most [`SETTLE_MAX`]. Background work a run leaves behind — RocksDB
+    /// flushes and compactions, etcd's backend commits — is billed to that
+    /// run, not to whichever runs next.
+    pub async fn finish_settled(&self) -> CpuUse {
+        let ticks = || {
+            self.pids
+                .iter()
+                .filter_map(|(_, p)| proc_cpu_ticks(&p.to_string()))
+                .sum::<u64>()
+        };
+        let deadline = Instant::now() + SETTLE_MAX;
+        let mut last = ticks();
+        while !self.pids.is_empty() && Instant::now() < deadline {
+            tokio::time::sleep(SETTLE_WINDOW).await;
+            let now = ticks();
+            if now.saturating_sub(last) <= 1 {
+                break;
+            }
+            last = now;
+        }
+        self.finish()
     }
 
     pub fn finish(&self) -> CpuUse {

@@ -388,7 +388,7 @@ pub async fn watch(
         outcomes.push(r.map_err(|e| e.to_string())?);
     }
     progress.abort();
-    let cpu = probe.finish();
+    let cpu = probe.finish_settled().await;
 
     // Analysis.
     let acks = std::mem::take(&mut *acks.lock().unwrap());
