@@ -28,7 +28,7 @@ use etcd_client::{
 use rand::Rng;
 use tokio::task::JoinSet;
 
-use crate::kv::{drive, warm_pool};
+use crate::kv::{drive_then, warm_pool};
 use crate::stats::{new_histogram, record, Latency, Recorder, RunResult};
 use crate::{parse_duration, random_printable, timed, Common};
 
@@ -362,12 +362,21 @@ pub async fn mixed(common: &Common, a: &K8sArgs) -> Result<RunResult, String> {
         a.list_limit,
         a.progress_interval
     );
-    let mut res = drive(common, "mixed-k8s", settings, &pool, move |_, _, kv| {
-        let sh = sh.clone();
-        async move { update(sh, kv, val_size).await }
-    })
+    // Watchers and listers stop with the updaters, before the servers'
+    // CPU is read.
+    let stop = shared.clone();
+    let mut res = drive_then(
+        common,
+        "mixed-k8s",
+        settings,
+        &pool,
+        move |_, _, kv| {
+            let sh = sh.clone();
+            async move { update(sh, kv, val_size).await }
+        },
+        move || stop.stop.store(true, Ordering::Relaxed),
+    )
     .await?;
-    shared.stop.store(true, Ordering::Relaxed);
 
     let mut violations = Vec::new();
     while let Some(r) = listers.join_next().await {

@@ -65,6 +65,25 @@ where
     F: Fn(usize, u64, KvClient) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<(), String>> + Send,
 {
+    drive_then(common, workload, settings, pool, op, || {}).await
+}
+
+/// [`drive`], calling `clients_done` once the clients have finished and
+/// before the servers' CPU is read: a workload with other clients of its
+/// own (watchers, listers) stops them there, so the reading waits only
+/// for the servers to finish their work (`CpuProbe::finish_settled`).
+pub async fn drive_then<F, Fut>(
+    common: &Common,
+    workload: &str,
+    settings: String,
+    pool: &[Client],
+    op: F,
+    clients_done: impl FnOnce(),
+) -> Result<RunResult, String>
+where
+    F: Fn(usize, u64, KvClient) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), String>> + Send,
+{
     let rec = Recorder::new();
     let pacer = common.pacer();
     let probe = CpuProbe::start(&common.pids());
@@ -97,6 +116,7 @@ where
     }
     drop(guard);
     let elapsed = start.elapsed().as_secs_f64();
+    clients_done();
     let mut r = RunResult::new(workload, "ops/s", settings);
     r.cpu = Some(probe.finish_settled().await);
     r.ops = rec.ops();
