@@ -15,4 +15,5 @@ pub mod oracle;
 pub mod raftlog;
 pub mod shard;
 pub mod state;
+pub mod wal;
 pub mod watch;

@@ -99,6 +99,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             .map(|c| c.id)
             .unwrap_or(0);
         let dir = args.data_dir.join(format!("shard-{id}"));
+        let wal_dir = args.data_dir.join(format!("shard-{id}.wal"));
         let (oracle, topology) = (oracle.clone(), topology.clone());
         let (opened, serving) = (opened.clone(), serving.clone());
         let (report_tx, addr_tx) = (report_tx.clone(), addr_tx.clone());
@@ -118,7 +119,8 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
                 let opened_shard = engine::open(kind, &dir)
                     .map_err(|e| e.to_string())
                     .and_then(|engine| {
-                        Shard::open(id, router, engine, oracle, topology).map_err(|e| e.to_string())
+                        Shard::open(id, router, engine, &wal_dir, oracle, topology)
+                            .map_err(|e| e.to_string())
                     });
                 let shard = match opened_shard {
                     Ok((shard, max_rev)) => {

@@ -1,36 +1,39 @@
-//! `RaftLog`: raft-rs's `Storage` over a shard's engine.
+//! `RaftLog`: raft-rs's `Storage` for one shard, in memory, made durable
+//! by a [`Wal`].
 //!
 //! raft-rs does no I/O itself: it asks its `Storage` for log entries and
 //! the persisted hard state, and the shard loop ([`crate::shard`]) persists
-//! what each `Ready` hands it. This module is that storage, kept in the same
-//! engine as the shard's data so one engine write can carry both.
+//! what each `Ready` hands it. Like etcd (`MemoryStorage` + WAL), the
+//! entries raft may still ask for are held in memory, and a durable shard
+//! also pushes every entry, hard state and conf state to its write-ahead
+//! log ([`crate::wal`]), which is replayed into memory on open. A memory
+//! shard has no log file: nothing it holds survives the process anyway.
 //!
-//! Layout (prefix bytes from [`crate::engine::keyspace`]):
-//! - `L` + index (8 bytes, big endian) → an `eraftpb::Entry`;
-//! - `H` + `hs` → `HardState`, `H` + `cs` → `ConfState`,
-//!   `H` + `trunc` → index and term of the last entry dropped by log
-//!   truncation (raft needs the term of the entry before the first).
-//!
-//! Invariants: entries present are exactly `first_index()..=last_index()`;
-//! appending at index i first removes every entry >= i (a new leader's log
-//! wins); `append` and `set_hard_state` only add to a batch — nothing is
-//! durable until the shard loop writes that batch with sync, which it does
-//! before it applies or acknowledges anything in it.
-//!
-//! The newest entries are also kept in memory as appended (`tail`), so
-//! raft reading each committed entry back to apply it costs no engine scan
-//! and no decode; the tail is only ever a copy of the stored entries, and
-//! reads it does not cover go to the engine.
-//!
-//! Truncation ([`truncation_point`]) keeps the last [`LOG_KEEP`] applied
-//! entries and drops the rest in steps of at most [`TRUNCATE_MAX`] per
-//! tick: it is decided by how far the log has grown, not by where the
-//! applied index happens to stand when a tick fires, so a burst of writes
-//! cannot leave a backlog that one later tick removes all at once (on the
-//! memory engine that is one removal per entry, on the shard's thread).
+//! Invariants:
+//! * Entries held are exactly `first_index()..=last_index()`; appending at
+//!   index i first removes every entry >= i (a new leader's log wins), in
+//!   memory now and on replay, since the WAL records the append as made.
+//! * `append`, `set_hard_state` and `set_commit` only push records; nothing
+//!   is durable until [`RaftLog::sync`] (or a [`SyncJob`] run), which the
+//!   shard loop does before it applies or acknowledges anything appended.
+//! * Truncation ([`RaftLog::truncation_index`]) drops applied entries from
+//!   memory only: it keeps the last [`LOG_KEEP`] applied entries, and no
+//!   more than [`LOG_KEEP_BYTES`] of them, and drops at most
+//!   [`TRUNCATE_MAX`] per tick. It is decided by how far the log has grown,
+//!   not by where the applied index happens to stand when a tick fires, so
+//!   a burst of writes cannot leave a backlog that one later tick removes
+//!   all at once.
+//! * The WAL's segments are released ([`RaftLog::release_before`]) only
+//!   once the engine has made durable everything the released entries did
+//!   (the caller syncs it first): on restart the engine's applied index is
+//!   never below the first entry the WAL still has.
+//! * A data directory from before the WAL (log kept in the engine under
+//!   `L`/`H` keys) is moved into a new WAL on first open, then those keys
+//!   are deleted: no acknowledged entry is lost in the upgrade.
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
+use std::path::Path;
 use std::rc::Rc;
 
 use protobuf::Message as _;
@@ -38,172 +41,154 @@ use raft::eraftpb::{ConfState, Entry, HardState, Snapshot};
 use raft::{GetEntriesContext, RaftState, Storage, StorageError};
 
 use crate::engine::{keyspace, Engine, WriteBatch};
+use crate::wal::{Record, SyncJob, Wal, WalError, SEGMENT_BYTES};
 
-/// Applied entries kept when the log is truncated.
+/// Applied entries kept when the log is truncated ...
 pub const LOG_KEEP: u64 = 10_000;
+/// ... and at most this many bytes of them (entries are held in memory).
+pub const LOG_KEEP_BYTES: u64 = 64 << 20;
 /// The log is truncated once this many entries beyond [`LOG_KEEP`] have
-/// accumulated, so a truncation is a batch, not one delete per write.
+/// accumulated, so a truncation is a batch, not one removal per write.
 pub const TRUNCATE_STEP: u64 = 1_000;
 /// At most this many entries are dropped by one truncation; a larger
 /// backlog (after a restart, say) goes over several ticks.
 pub const TRUNCATE_MAX: u64 = 10_000;
 
-/// The index to truncate before (see [`RaftLog::truncate_before`]) for a
-/// log whose first entry is `first` and whose applied index is `applied`,
-/// or `None` while the backlog is under [`TRUNCATE_STEP`].
+/// The index to truncate before (by count alone) for a log whose first
+/// entry is `first` and whose applied index is `applied`, or `None` while
+/// the backlog is under [`TRUNCATE_STEP`].
 pub fn truncation_point(first: u64, applied: u64) -> Option<u64> {
     let keep_from = applied.checked_sub(LOG_KEEP)?;
     (keep_from >= first + TRUNCATE_STEP).then(|| keep_from.min(first + TRUNCATE_MAX))
 }
 
-/// At most this many of the newest entries are kept in memory ...
-const TAIL_ENTRIES: usize = 4096;
-/// ... and at most this many bytes of them (encoded).
-const TAIL_BYTES: u64 = 16 << 20;
-
-const HARD_STATE: &[u8] = b"Hhs";
-const CONF_STATE: &[u8] = b"Hcs";
-const TRUNCATED: &[u8] = b"Htrunc";
-
-fn entry_key(index: u64) -> Vec<u8> {
-    let mut k = Vec::with_capacity(9);
-    k.push(keyspace::RAFT_LOG);
-    k.extend_from_slice(&index.to_be_bytes());
-    k
+/// What an entry costs to hold, for [`LOG_KEEP_BYTES`].
+fn held_bytes(e: &Entry) -> u64 {
+    (e.data.len() + e.context.len()) as u64 + 32
 }
 
-fn other(e: impl std::fmt::Display) -> raft::Error {
+fn store_err(e: impl std::fmt::Display) -> raft::Error {
     raft::Error::Store(StorageError::Other(e.to_string().into()))
 }
 
-/// A shard's raft log and hard state, stored in its engine.
+impl From<WalError> for raft::Error {
+    fn from(e: WalError) -> raft::Error {
+        store_err(e)
+    }
+}
+
+/// A shard's raft log and hard state; see the module docs.
 pub struct RaftLog {
-    engine: Rc<dyn Engine>,
     hard_state: RefCell<HardState>,
     conf_state: RefCell<ConfState>,
-    /// Index and term of the entry just before the first one kept.
+    /// Index and term of the entry just before the first one held.
     truncated: Cell<(u64, u64)>,
-    last: Cell<u64>,
-    /// The newest entries as appended: raft asks for every committed
-    /// entry again to apply it, and for the terms of recent ones, and these
-    /// are answered from here instead of an engine scan and a decode.
-    tail: RefCell<EntryTail>,
-}
-
-/// A contiguous run of the newest entries, each with its encoded size,
-/// ending at the log's `last` (or empty: after `open`, or once evicted),
-/// trimmed from the front to [`TAIL_ENTRIES`] and [`TAIL_BYTES`].
-#[derive(Default)]
-struct EntryTail {
-    entries: VecDeque<(Entry, u64)>,
-    bytes: u64,
-}
-
-impl EntryTail {
-    fn first_index(&self) -> Option<u64> {
-        self.entries.front().map(|(e, _)| e.index)
-    }
-
-    /// Makes room for entries appended from `index` on: drops those they
-    /// replace, and everything if the run would not stay contiguous.
-    fn truncate_from(&mut self, index: u64) {
-        while self.entries.back().is_some_and(|(e, _)| e.index >= index) {
-            let (_, n) = self.entries.pop_back().unwrap();
-            self.bytes -= n;
-        }
-        if self
-            .entries
-            .back()
-            .is_some_and(|(e, _)| e.index + 1 != index)
-        {
-            self.entries.clear();
-            self.bytes = 0;
-        }
-    }
-
-    fn push(&mut self, entry: Entry, size: u64) {
-        self.entries.push_back((entry, size));
-        self.bytes += size;
-        while self.entries.len() > TAIL_ENTRIES || self.bytes > TAIL_BYTES {
-            self.drop_front();
-        }
-    }
-
-    /// Drops the entries before `index`.
-    fn drop_before(&mut self, index: u64) {
-        while self.first_index().is_some_and(|i| i < index) {
-            self.drop_front();
-        }
-    }
-
-    fn drop_front(&mut self) {
-        if let Some((_, n)) = self.entries.pop_front() {
-            self.bytes -= n;
-        }
-    }
-
-    /// `entries(low, high, max_size)`, if the run holds `low` (it holds
-    /// everything after it up to `last`).
-    fn entries(&self, low: u64, high: u64, max_size: Option<u64>) -> Option<Vec<Entry>> {
-        let first = self.first_index()?;
-        if low < first || (high - first) as usize > self.entries.len() {
-            return None;
-        }
-        let mut out = Vec::new();
-        let mut size = 0u64;
-        for (e, n) in self
-            .entries
-            .range((low - first) as usize..(high - first) as usize)
-        {
-            size += n;
-            if matches!(max_size, Some(m) if size > m && !out.is_empty()) {
-                break;
-            }
-            out.push(e.clone());
-        }
-        Some(out)
-    }
-
-    /// The term of entry `index`, if the run holds it.
-    fn term(&self, index: u64) -> Option<u64> {
-        let at = index.checked_sub(self.first_index()?)?;
-        self.entries.get(at as usize).map(|(e, _)| e.term)
-    }
+    /// `first_index()..=last_index()`, in order.
+    entries: RefCell<VecDeque<Entry>>,
+    /// [`held_bytes`] of `entries`.
+    bytes: Cell<u64>,
+    /// The durable copy; `None` on a memory shard.
+    wal: Option<RefCell<Wal>>,
 }
 
 impl RaftLog {
-    /// Loads the log from `engine`.
-    pub fn open(engine: Rc<dyn Engine>) -> raft::Result<Self> {
-        let mut hard_state = HardState::default();
-        if let Some(b) = engine.get(HARD_STATE).map_err(other)? {
-            hard_state.merge_from_bytes(&b).map_err(other)?;
+    /// A log that lives in memory only (the memory engine's).
+    pub fn in_memory() -> RaftLog {
+        RaftLog {
+            hard_state: RefCell::default(),
+            conf_state: RefCell::default(),
+            truncated: Cell::new((0, 0)),
+            entries: RefCell::default(),
+            bytes: Cell::new(0),
+            wal: None,
         }
-        let mut conf_state = ConfState::default();
-        if let Some(b) = engine.get(CONF_STATE).map_err(other)? {
-            conf_state.merge_from_bytes(&b).map_err(other)?;
+    }
+
+    /// Opens the durable log in `dir`, replaying it. `engine` is the
+    /// shard's engine, from which a log kept there by an older version is
+    /// moved into the WAL.
+    pub fn open(dir: &Path, engine: &Rc<dyn Engine>) -> raft::Result<RaftLog> {
+        Self::open_with(dir, engine, SEGMENT_BYTES)
+    }
+
+    fn open_with(dir: &Path, engine: &Rc<dyn Engine>, segment_bytes: u64) -> raft::Result<RaftLog> {
+        let (mut wal, mut records) = Wal::open(dir, segment_bytes)?;
+        let mut migrated = false;
+        if wal.is_new() {
+            records = engine_log(engine.as_ref())?;
+            migrated = !records.is_empty();
+            let (prev_index, prev_term) = match records.first() {
+                Some(Record::Start {
+                    prev_index,
+                    prev_term,
+                }) => (*prev_index, *prev_term),
+                _ => (0, 0),
+            };
+            wal.begin(prev_index, prev_term)?;
+            for r in records.iter().skip(1) {
+                wal.push(r)?;
+            }
+            wal.sync()?;
         }
-        let truncated = match engine.get(TRUNCATED).map_err(other)? {
-            Some(b) if b.len() == 16 => (
-                u64::from_be_bytes(b[..8].try_into().unwrap()),
-                u64::from_be_bytes(b[8..].try_into().unwrap()),
-            ),
-            _ => (0, 0),
+        let mut log = RaftLog::in_memory();
+        for r in records {
+            match r {
+                Record::Start {
+                    prev_index,
+                    prev_term,
+                } => {
+                    // Only the oldest segment's start says where the log
+                    // begins; later ones restate a point already passed.
+                    if log.entries.borrow().is_empty() && log.last_index_held() <= prev_index {
+                        log.truncated.set((prev_index, prev_term));
+                    }
+                }
+                Record::Entry(e) => log.hold(std::slice::from_ref(&e)),
+                Record::HardState(hs) => *log.hard_state.borrow_mut() = hs,
+                Record::ConfState(cs) => *log.conf_state.borrow_mut() = cs,
+            }
+        }
+        if migrated {
+            let (start, end) = keyspace::bounds(keyspace::RAFT_LOG);
+            let (hs_start, hs_end) = keyspace::bounds(keyspace::RAFT_HARD_STATE);
+            let mut b = WriteBatch::default();
+            b.delete_range(start, end).delete_range(hs_start, hs_end);
+            engine.write(b, true).map_err(store_err)?;
+        }
+        log.wal = Some(RefCell::new(wal));
+        Ok(log)
+    }
+
+    fn last_index_held(&self) -> u64 {
+        self.entries
+            .borrow()
+            .back()
+            .map(|e| e.index)
+            .unwrap_or(self.truncated.get().0)
+    }
+
+    /// Puts `entries` in memory, replacing any from the first one's index.
+    fn hold(&self, new: &[Entry]) {
+        let Some(first) = new.first() else {
+            return;
         };
-        let mut last = truncated.0;
-        engine
-            .scan_rev(&entry_key(0), &entry_key(u64::MAX), &mut |k, _| {
-                last = u64::from_be_bytes(k[1..9].try_into().unwrap());
-                false
-            })
-            .map_err(other)?;
-        Ok(RaftLog {
-            engine,
-            hard_state: RefCell::new(hard_state),
-            conf_state: RefCell::new(conf_state),
-            truncated: Cell::new(truncated),
-            last: Cell::new(last),
-            tail: RefCell::new(EntryTail::default()),
-        })
+        let mut entries = self.entries.borrow_mut();
+        let mut bytes = self.bytes.get();
+        while entries.back().is_some_and(|e| e.index >= first.index) {
+            bytes -= held_bytes(&entries.pop_back().unwrap());
+        }
+        for e in new {
+            bytes += held_bytes(e);
+            entries.push_back(e.clone());
+        }
+        self.bytes.set(bytes);
+    }
+
+    fn push(&self, r: &Record) -> raft::Result<()> {
+        if let Some(wal) = &self.wal {
+            wal.borrow_mut().push(r)?;
+        }
+        Ok(())
     }
 
     /// Makes `voters` the configuration of a log that has none yet (first
@@ -216,74 +201,190 @@ impl RaftLog {
             voters: voters.to_vec(),
             ..Default::default()
         };
-        let mut batch = WriteBatch::default();
-        batch.put(CONF_STATE.to_vec(), cs.write_to_bytes().map_err(other)?);
-        self.engine.write(batch, true).map_err(other)?;
+        self.push(&Record::ConfState(cs.clone()))?;
+        self.sync()?;
         *self.conf_state.borrow_mut() = cs;
         Ok(())
     }
 
-    /// Adds `entries` to `batch`, replacing any existing entries from the
-    /// first one's index on.
-    pub fn append(&self, entries: &[Entry], batch: &mut WriteBatch) -> raft::Result<()> {
-        let Some(first) = entries.first() else {
-            return Ok(());
-        };
-        if first.index <= self.last.get() {
-            batch.delete_range(entry_key(first.index), entry_key(self.last.get() + 1));
-        }
-        let mut tail = self.tail.borrow_mut();
-        tail.truncate_from(first.index);
+    /// Appends `entries`, replacing any existing entries from the first
+    /// one's index on. Durable after the next sync.
+    pub fn append(&self, entries: &[Entry]) -> raft::Result<()> {
         for e in entries {
-            let encoded = e.write_to_bytes().map_err(other)?;
-            let n = encoded.len() as u64;
-            batch.put(entry_key(e.index), encoded);
-            tail.push(e.clone(), n);
+            self.push(&Record::Entry(e.clone()))?;
         }
-        self.last.set(entries.last().unwrap().index);
+        self.hold(entries);
         Ok(())
     }
 
-    /// Adds the hard state to `batch`.
-    pub fn set_hard_state(&self, hs: &HardState, batch: &mut WriteBatch) -> raft::Result<()> {
-        batch.put(HARD_STATE.to_vec(), hs.write_to_bytes().map_err(other)?);
+    /// Sets the hard state. Durable after the next sync.
+    pub fn set_hard_state(&self, hs: &HardState) -> raft::Result<()> {
+        self.push(&Record::HardState(hs.clone()))?;
         *self.hard_state.borrow_mut() = hs.clone();
         Ok(())
     }
 
     /// Sets the commit index of the hard state (from a `LightReady`).
-    pub fn set_commit(&self, commit: u64, batch: &mut WriteBatch) -> raft::Result<()> {
+    pub fn set_commit(&self, commit: u64) -> raft::Result<()> {
         let mut hs = self.hard_state.borrow().clone();
         hs.commit = commit;
-        self.set_hard_state(&hs, batch)
+        self.set_hard_state(&hs)
     }
 
-    /// Drops entries before `index` (all applied and no longer needed).
-    pub fn truncate_before(&self, index: u64, batch: &mut WriteBatch) -> raft::Result<()> {
+    /// Raises the commit index to `applied` after a restart. The commit
+    /// index is written unsynced (`set_commit`), and the engine's applied
+    /// index too, each on its own schedule, so a crash can leave the engine
+    /// ahead of the log's commit index; an applied entry was committed, and
+    /// it is durable in the log (synced before it was applied), so raft may
+    /// start from there.
+    pub fn commit_applied(&self, applied: u64) -> raft::Result<()> {
+        let last = self.last_index_held();
+        if applied > last {
+            return Err(store_err(format!(
+                "the engine has applied index {applied}, past the raft log's last entry {last}"
+            )));
+        }
+        let mut hs = self.hard_state.borrow_mut();
+        hs.commit = hs.commit.max(applied);
+        Ok(())
+    }
+
+    /// True if something pushed since the last sync is not yet durable.
+    pub fn needs_sync(&self) -> bool {
+        self.wal.as_ref().is_some_and(|w| w.borrow().needs_sync())
+    }
+
+    /// Makes everything pushed so far durable.
+    pub fn sync(&self) -> raft::Result<()> {
+        if let Some(wal) = &self.wal {
+            wal.borrow_mut().sync()?;
+        }
+        Ok(())
+    }
+
+    /// What `sync` would do, to run on another thread (`None`: nothing to
+    /// do). Nothing may be pushed until it has run.
+    pub fn sync_job(&self) -> Option<SyncJob> {
+        let wal = self.wal.as_ref()?;
+        let mut wal = wal.borrow_mut();
+        wal.needs_sync().then(|| wal.sync_job())
+    }
+
+    /// Writes what was pushed, without waiting for the disk (a tick's
+    /// flush of unsynced state, like the commit index).
+    pub fn write_unsynced(&self) -> raft::Result<()> {
+        if let Some(wal) = &self.wal {
+            wal.borrow_mut().write()?;
+        }
+        Ok(())
+    }
+
+    /// The index to truncate before, given the applied index: by count
+    /// ([`truncation_point`]) or, past [`LOG_KEEP_BYTES`] held, by size.
+    pub fn truncation_index(&self, applied: u64) -> Option<u64> {
+        let first = self.truncated.get().0 + 1;
+        let mut index = truncation_point(first, applied).unwrap_or(first);
+        let mut bytes = self.bytes.get();
+        if bytes > LOG_KEEP_BYTES {
+            for e in self.entries.borrow().iter() {
+                if bytes <= LOG_KEEP_BYTES || e.index >= applied || e.index >= first + TRUNCATE_MAX
+                {
+                    break;
+                }
+                bytes -= held_bytes(e);
+                index = index.max(e.index + 1);
+            }
+        }
+        (index > first).then_some(index)
+    }
+
+    /// Drops entries before `index` (all applied and no longer needed)
+    /// from memory. The WAL keeps them until [`RaftLog::release_before`].
+    pub fn truncate_before(&self, index: u64) -> raft::Result<()> {
         let (trunc, _) = self.truncated.get();
-        if index <= trunc + 1 || index > self.last.get() {
+        if index <= trunc + 1 || index > self.last_index_held() {
             return Ok(());
         }
         let term = self.term(index - 1)?;
-        batch.delete_range(entry_key(trunc + 1), entry_key(index));
-        self.tail.borrow_mut().drop_before(index);
-        let mut v = (index - 1).to_be_bytes().to_vec();
-        v.extend_from_slice(&term.to_be_bytes());
-        batch.put(TRUNCATED.to_vec(), v);
+        let mut entries = self.entries.borrow_mut();
+        let mut bytes = self.bytes.get();
+        while entries.front().is_some_and(|e| e.index < index) {
+            bytes -= held_bytes(&entries.pop_front().unwrap());
+        }
+        self.bytes.set(bytes);
         self.truncated.set((index - 1, term));
         Ok(())
     }
 
-    fn entry(&self, index: u64) -> raft::Result<Entry> {
-        let b = self
-            .engine
-            .get(&entry_key(index))
-            .map_err(other)?
-            .ok_or(raft::Error::Store(StorageError::Unavailable))?;
-        let mut e = Entry::default();
-        e.merge_from_bytes(&b).map_err(other)?;
-        Ok(e)
+    /// True if [`RaftLog::release_before`] at `index` would delete a WAL
+    /// segment (the caller then syncs its engine first).
+    pub fn releasable(&self, index: u64) -> bool {
+        self.wal
+            .as_ref()
+            .is_some_and(|w| w.borrow().releasable(index))
     }
+
+    /// Deletes the WAL segments whose entries are all before `index`. The
+    /// caller has made the engine durable through `index - 1` first.
+    pub fn release_before(&self, index: u64) -> raft::Result<usize> {
+        match &self.wal {
+            Some(wal) => Ok(wal.borrow_mut().release_before(index)?),
+            None => Ok(0),
+        }
+    }
+}
+
+/// The log an older version kept in the engine, as WAL records (start,
+/// conf state, hard state, entries), or nothing if there is none.
+fn engine_log(engine: &dyn Engine) -> raft::Result<Vec<Record>> {
+    let key = |k: &[u8]| [&[keyspace::RAFT_HARD_STATE][..], k].concat();
+    let hs = engine.get(&key(b"hs")).map_err(store_err)?;
+    let cs = engine.get(&key(b"cs")).map_err(store_err)?;
+    let trunc = engine.get(&key(b"trunc")).map_err(store_err)?;
+    let mut entries = Vec::new();
+    let mut err = None;
+    let (start, end) = keyspace::bounds(keyspace::RAFT_LOG);
+    engine
+        .scan(&start, &end, &mut |_, v| match Entry::parse_from_bytes(v) {
+            Ok(e) => {
+                entries.push(Record::Entry(e));
+                true
+            }
+            Err(e) => {
+                err = Some(store_err(e));
+                false
+            }
+        })
+        .map_err(store_err)?;
+    if let Some(e) = err {
+        return Err(e);
+    }
+    if hs.is_none() && cs.is_none() && entries.is_empty() {
+        return Ok(Vec::new());
+    }
+    let (prev_index, prev_term) = match trunc {
+        Some(b) if b.len() == 16 => (
+            u64::from_be_bytes(b[..8].try_into().unwrap()),
+            u64::from_be_bytes(b[8..].try_into().unwrap()),
+        ),
+        _ => (0, 0),
+    };
+    let mut out = vec![Record::Start {
+        prev_index,
+        prev_term,
+    }];
+    if let Some(b) = cs {
+        out.push(Record::ConfState(
+            ConfState::parse_from_bytes(&b).map_err(store_err)?,
+        ));
+    }
+    if let Some(b) = hs {
+        out.push(Record::HardState(
+            HardState::parse_from_bytes(&b).map_err(store_err)?,
+        ));
+    }
+    out.extend(entries);
+    Ok(out)
 }
 
 impl Storage for RaftLog {
@@ -301,37 +402,23 @@ impl Storage for RaftLog {
         max_size: impl Into<Option<u64>>,
         _context: GetEntriesContext,
     ) -> raft::Result<Vec<Entry>> {
-        if low <= self.truncated.get().0 {
+        let (trunc, _) = self.truncated.get();
+        if low <= trunc {
             return Err(raft::Error::Store(StorageError::Compacted));
         }
-        if high > self.last.get() + 1 {
+        if high > self.last_index_held() + 1 {
             return Err(raft::Error::Store(StorageError::Unavailable));
         }
         let max_size = max_size.into();
-        if let Some(out) = self.tail.borrow().entries(low, high, max_size) {
-            return Ok(out);
-        }
+        let entries = self.entries.borrow();
         let mut out = Vec::new();
         let mut size = 0u64;
-        let mut err = None;
-        self.engine
-            .scan(&entry_key(low), &entry_key(high), &mut |_, v| {
-                let mut e = Entry::default();
-                if let Err(x) = e.merge_from_bytes(v) {
-                    err = Some(other(x));
-                    return false;
-                }
-                size += v.len() as u64;
-                let over = matches!(max_size, Some(m) if size > m && !out.is_empty());
-                if over {
-                    return false;
-                }
-                out.push(e);
-                true
-            })
-            .map_err(other)?;
-        if let Some(e) = err {
-            return Err(e);
+        for e in entries.range((low - trunc - 1) as usize..(high - trunc - 1) as usize) {
+            size += e.compute_size() as u64;
+            if matches!(max_size, Some(m) if size > m && !out.is_empty()) {
+                break;
+            }
+            out.push(e.clone());
         }
         Ok(out)
     }
@@ -344,13 +431,10 @@ impl Storage for RaftLog {
         if idx < trunc {
             return Err(raft::Error::Store(StorageError::Compacted));
         }
-        if idx > self.last.get() {
+        if idx > self.last_index_held() {
             return Err(raft::Error::Store(StorageError::Unavailable));
         }
-        if let Some(term) = self.tail.borrow().term(idx) {
-            return Ok(term);
-        }
-        Ok(self.entry(idx)?.term)
+        Ok(self.entries.borrow()[(idx - trunc - 1) as usize].term)
     }
 
     fn first_index(&self) -> raft::Result<u64> {
@@ -358,7 +442,7 @@ impl Storage for RaftLog {
     }
 
     fn last_index(&self) -> raft::Result<u64> {
-        Ok(self.last.get())
+        Ok(self.last_index_held())
     }
 
     fn snapshot(&self, _request_index: u64, _to: u64) -> raft::Result<Snapshot> {
@@ -378,108 +462,236 @@ mod tests {
         Entry {
             index,
             term,
-            data: vec![index as u8].into(),
+            data: vec![index as u8; 100].into(),
             ..Default::default()
         }
     }
 
+    fn run(from: u64, to: u64, term: u64) -> Vec<Entry> {
+        (from..=to).map(|i| entry(i, term)).collect()
+    }
+
+    fn ctx() -> GetEntriesContext {
+        GetEntriesContext::empty(false)
+    }
+
+    fn summary(es: Vec<Entry>) -> Vec<(u64, u64)> {
+        es.iter().map(|e| (e.index, e.term)).collect()
+    }
+
+    fn memory_engine() -> Rc<dyn Engine> {
+        open(EngineKind::Memory, Path::new("unused")).unwrap()
+    }
+
+    /// A log over a WAL in `dir` with small segments, so tests roll them.
+    fn durable(dir: &Path) -> RaftLog {
+        RaftLog::open_with(dir, &memory_engine(), 16 << 10).unwrap()
+    }
+
     #[test]
-    fn append_overwrite_truncate_on_both_engines() {
-        for (_, engine, _dir) in crate::engine::each_engine() {
-            let log = RaftLog::open(engine.clone()).unwrap();
+    fn append_overwrite_truncate_in_memory_and_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        for log in [RaftLog::in_memory(), durable(dir.path())] {
             assert_eq!(log.first_index().unwrap(), 1);
             assert_eq!(log.last_index().unwrap(), 0);
-            let mut b = WriteBatch::default();
-            log.append(&[entry(1, 1), entry(2, 1), entry(3, 1)], &mut b)
-                .unwrap();
-            engine.write(b, true).unwrap();
+            log.append(&run(1, 3, 1)).unwrap();
+            log.sync().unwrap();
             // A new leader overwrites from index 2.
-            let mut b = WriteBatch::default();
-            log.append(&[entry(2, 2)], &mut b).unwrap();
-            engine.write(b, true).unwrap();
+            log.append(&[entry(2, 2)]).unwrap();
+            log.sync().unwrap();
             assert_eq!(log.last_index().unwrap(), 2);
             assert_eq!(log.term(2).unwrap(), 2);
-            let got = log
-                .entries(1, 3, None, GetEntriesContext::empty(false))
-                .unwrap();
-            assert_eq!(got.iter().map(|e| e.term).collect::<Vec<_>>(), vec![1, 2]);
-            let mut b = WriteBatch::default();
-            log.truncate_before(2, &mut b).unwrap();
-            engine.write(b, true).unwrap();
+            let got = log.entries(1, 3, None, ctx()).unwrap();
+            assert_eq!(summary(got), vec![(1, 1), (2, 2)]);
+            assert!(log.entries(1, 4, None, ctx()).is_err());
+            // A size limit still returns one entry.
+            assert_eq!(log.entries(1, 3, Some(0), ctx()).unwrap().len(), 1);
+            log.truncate_before(2).unwrap();
             assert_eq!(log.first_index().unwrap(), 2);
             assert_eq!(log.term(1).unwrap(), 1);
-            assert!(log
-                .entries(1, 2, None, GetEntriesContext::empty(false))
-                .is_err());
+            assert!(log.entries(1, 2, None, ctx()).is_err());
+            assert!(log.term(0).is_err());
         }
     }
 
-    /// Whatever the log went through, its in-memory tail answers reads as
-    /// the engine does: the same log reopened (no tail) must agree on every
-    /// range, size limit and term.
+    /// Whatever the log went through, replaying its WAL gives the same
+    /// answers: entries, size limits and terms (the reopened log may start
+    /// earlier: truncation drops entries from memory only).
     #[test]
-    fn the_tail_answers_as_the_engine_does() {
-        for (_, engine, _dir) in crate::engine::each_engine() {
-            let log = RaftLog::open(engine.clone()).unwrap();
-            let write = |entries: &[Entry]| {
-                let mut b = WriteBatch::default();
-                log.append(entries, &mut b).unwrap();
-                engine.write(b, true).unwrap();
-            };
-            let run = |from: u64, to: u64, term: u64| {
-                (from..=to).map(|i| entry(i, term)).collect::<Vec<_>>()
-            };
-            write(&run(1, 3000, 1));
-            write(&run(3001, 5000, 1));
-            // Past the entry bound the oldest left the tail (it holds
-            // 905..=5000); then overwritten from 4500 by a new term, and
-            // truncated into.
-            assert_eq!(log.tail.borrow().entries.len(), TAIL_ENTRIES);
-            write(&run(4500, 4600, 2));
-            write(&run(4601, 4700, 2));
-            let mut b = WriteBatch::default();
-            log.truncate_before(1000, &mut b).unwrap();
-            engine.write(b, true).unwrap();
-            let tail = log.tail.borrow();
-            assert_eq!(
-                (
-                    tail.first_index().unwrap(),
-                    tail.entries.back().unwrap().0.index
-                ),
-                (1000, 4700)
-            );
-            drop(tail);
+    fn a_reopened_log_answers_as_the_live_one_did() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = durable(dir.path());
+        let hs = HardState {
+            term: 2,
+            vote: 1,
+            commit: 4600,
+            ..Default::default()
+        };
+        log.append(&run(1, 3000, 1)).unwrap();
+        log.sync().unwrap();
+        log.append(&run(3001, 5000, 1)).unwrap();
+        log.append(&run(4500, 4600, 2)).unwrap();
+        log.set_hard_state(&hs).unwrap();
+        log.sync().unwrap();
+        log.append(&run(4601, 4700, 2)).unwrap();
+        log.sync().unwrap();
+        log.truncate_before(1000).unwrap();
+        assert!(log.wal.as_ref().unwrap().borrow().segment_count() > 10);
 
-            let reopened = RaftLog::open(engine.clone()).unwrap();
-            assert_eq!(reopened.tail.borrow().entries.len(), 0);
-            let ctx = || GetEntriesContext::empty(false);
-            let summary = |es: Vec<Entry>| es.iter().map(|e| (e.index, e.term)).collect::<Vec<_>>();
-            for (low, high) in [
-                (700, 4701),
-                (604, 700),
-                (4000, 4701),
-                (4600, 4601),
-                (4699, 4701),
-            ] {
-                for max in [None, Some(0), Some(100), Some(u64::MAX)] {
-                    let (a, b) = (
-                        log.entries(low, high, max, ctx()),
-                        reopened.entries(low, high, max, ctx()),
-                    );
-                    match (a, b) {
-                        (Ok(a), Ok(b)) => {
-                            assert_eq!(summary(a), summary(b), "{low}..{high} {max:?}")
-                        }
-                        (a, b) => assert_eq!(a.is_err(), b.is_err(), "{low}..{high} {max:?}"),
-                    }
-                }
-            }
-            for idx in [998, 999, 1000, 4499, 4500, 4700, 4701] {
+        let reopened = durable(dir.path());
+        assert_eq!(reopened.initial_state().unwrap().hard_state, hs);
+        assert_eq!(reopened.first_index().unwrap(), 1);
+        assert_eq!(reopened.last_index().unwrap(), 4700);
+        for (low, high) in [
+            (1000, 4701),
+            (1000, 1001),
+            (4000, 4701),
+            (4600, 4601),
+            (4699, 4701),
+        ] {
+            for max in [None, Some(0), Some(1000), Some(u64::MAX)] {
                 assert_eq!(
-                    log.term(idx).map_err(|e| e.to_string()),
-                    reopened.term(idx).map_err(|e| e.to_string()),
-                    "term {idx}"
+                    summary(log.entries(low, high, max, ctx()).unwrap()),
+                    summary(reopened.entries(low, high, max, ctx()).unwrap()),
+                    "{low}..{high} {max:?}"
                 );
+            }
+        }
+        for idx in [999, 1000, 4499, 4500, 4700] {
+            assert_eq!(log.term(idx).unwrap(), reopened.term(idx).unwrap(), "{idx}");
+        }
+        assert!(reopened.term(4701).is_err());
+    }
+
+    #[test]
+    fn only_synced_or_written_records_survive_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let log = durable(dir.path());
+            log.bootstrap(&[1]).unwrap();
+            log.append(&run(1, 2, 1)).unwrap();
+            log.set_hard_state(&HardState {
+                term: 1,
+                vote: 1,
+                commit: 2,
+                ..Default::default()
+            })
+            .unwrap();
+            assert!(log.needs_sync());
+            log.sync().unwrap();
+            assert!(!log.needs_sync());
+            // Written (a tick's write) but not synced: in the page cache,
+            // so a process crash keeps it.
+            log.set_commit(3).unwrap();
+            log.append(&[entry(3, 1)]).unwrap();
+            log.write_unsynced().unwrap();
+            // Pushed only: lost with the process.
+            log.append(&[entry(4, 1)]).unwrap();
+        }
+        let log = durable(dir.path());
+        let st = log.initial_state().unwrap();
+        assert_eq!(st.conf_state.voters, vec![1]);
+        assert_eq!(st.hard_state.commit, 3);
+        assert_eq!(log.last_index().unwrap(), 3);
+    }
+
+    /// The engine's applied index may be on disk ahead of the log's
+    /// (unsynced) commit index; raft starts from the applied one, and an
+    /// applied index past the log's end is refused.
+    #[test]
+    fn a_restart_commits_what_the_engine_applied() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let log = durable(dir.path());
+            log.append(&run(1, 3, 1)).unwrap();
+            log.sync().unwrap();
+            log.set_commit(3).unwrap();
+        }
+        let log = durable(dir.path());
+        assert_eq!(log.initial_state().unwrap().hard_state.commit, 0);
+        log.commit_applied(2).unwrap();
+        assert_eq!(log.initial_state().unwrap().hard_state.commit, 2);
+        log.commit_applied(1).unwrap();
+        assert_eq!(log.initial_state().unwrap().hard_state.commit, 2);
+        assert!(log.commit_applied(4).is_err());
+    }
+
+    #[test]
+    fn released_segments_are_gone_and_the_log_restarts_after_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = durable(dir.path());
+        log.append(&run(1, 1000, 3)).unwrap();
+        log.sync().unwrap();
+        log.truncate_before(700).unwrap();
+        assert!(log.releasable(700));
+        let before = log.wal.as_ref().unwrap().borrow().segment_count();
+        let released = log.release_before(700).unwrap();
+        assert!(released > 0 && released < before);
+        assert!(!log.releasable(700));
+        drop(log);
+        let log = durable(dir.path());
+        let first = log.first_index().unwrap();
+        assert!(first > 1 && first <= 700, "{first}");
+        assert_eq!(log.term(first - 1).unwrap(), 3);
+        assert_eq!(log.last_index().unwrap(), 1000);
+        let got = log.entries(first, 1001, None, ctx()).unwrap();
+        assert_eq!(summary(got), summary(run(first, 1000, 3)));
+    }
+
+    #[test]
+    fn a_log_kept_in_the_engine_moves_into_the_wal() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = open(EngineKind::RocksDb, &dir.path().join("db")).unwrap();
+        let key = |p: u8, k: &[u8]| [&[p][..], k].concat();
+        let hs = HardState {
+            term: 4,
+            vote: 1,
+            commit: 12,
+            ..Default::default()
+        };
+        let cs = ConfState {
+            voters: vec![1],
+            ..Default::default()
+        };
+        let mut b = WriteBatch::default();
+        for e in run(11, 13, 4) {
+            b.put(
+                key(keyspace::RAFT_LOG, &e.index.to_be_bytes()),
+                e.write_to_bytes().unwrap(),
+            );
+        }
+        b.put(
+            key(keyspace::RAFT_HARD_STATE, b"hs"),
+            hs.write_to_bytes().unwrap(),
+        );
+        b.put(
+            key(keyspace::RAFT_HARD_STATE, b"cs"),
+            cs.write_to_bytes().unwrap(),
+        );
+        let trunc = [10u64.to_be_bytes(), 4u64.to_be_bytes()].concat();
+        b.put(key(keyspace::RAFT_HARD_STATE, b"trunc"), trunc);
+        engine.write(b, true).unwrap();
+
+        let wal_dir = dir.path().join("wal");
+        for _ in 0..2 {
+            // Moved on the first open; read from the WAL on the second.
+            let log = RaftLog::open(&wal_dir, &engine).unwrap();
+            let st = log.initial_state().unwrap();
+            assert_eq!((st.hard_state, st.conf_state), (hs.clone(), cs.clone()));
+            assert_eq!(log.first_index().unwrap(), 11);
+            assert_eq!(log.term(10).unwrap(), 4);
+            let got = log.entries(11, 14, None, ctx()).unwrap();
+            assert_eq!(summary(got), vec![(11, 4), (12, 4), (13, 4)]);
+            for p in [keyspace::RAFT_LOG, keyspace::RAFT_HARD_STATE] {
+                let (start, end) = keyspace::bounds(p);
+                let mut left = 0;
+                engine
+                    .scan(&start, &end, &mut |_, _| {
+                        left += 1;
+                        true
+                    })
+                    .unwrap();
+                assert_eq!(left, 0, "old keys are deleted");
             }
         }
     }
@@ -514,29 +726,30 @@ mod tests {
         assert_eq!(steps, (applied - LOG_KEEP - 1).div_ceil(TRUNCATE_MAX));
     }
 
+    /// Entries are held in memory, so large ones are truncated by size
+    /// too: at most LOG_KEEP_BYTES of applied entries are kept (never an
+    /// unapplied one, nor the last applied).
     #[test]
-    fn state_survives_reopen_on_rocksdb() {
-        let dir = tempfile::tempdir().unwrap();
-        {
-            let engine = open(EngineKind::RocksDb, dir.path()).unwrap();
-            let log = RaftLog::open(engine.clone()).unwrap();
-            log.bootstrap(&[1]).unwrap();
-            let mut b = WriteBatch::default();
-            log.append(&[entry(1, 1), entry(2, 1)], &mut b).unwrap();
-            let hs = HardState {
-                term: 1,
-                vote: 1,
-                commit: 2,
-                ..Default::default()
-            };
-            log.set_hard_state(&hs, &mut b).unwrap();
-            engine.write(b, true).unwrap();
-        }
-        let engine = open(EngineKind::RocksDb, dir.path()).unwrap();
-        let log = RaftLog::open(engine).unwrap();
-        let st = log.initial_state().unwrap();
-        assert_eq!(st.hard_state.commit, 2);
-        assert_eq!(st.conf_state.voters, vec![1]);
-        assert_eq!(log.last_index().unwrap(), 2);
+    fn held_bytes_are_bounded_as_well_as_entries() {
+        let log = RaftLog::in_memory();
+        let big = |i: u64| Entry {
+            index: i,
+            term: 1,
+            data: vec![0u8; 1 << 20].into(),
+            ..Default::default()
+        };
+        let n = LOG_KEEP_BYTES / (1 << 20) + 10;
+        log.append(&(1..=n).map(big).collect::<Vec<_>>()).unwrap();
+        // Nothing applied: nothing to drop, whatever the size.
+        assert_eq!(log.truncation_index(0), None);
+        let index = log.truncation_index(n).unwrap();
+        log.truncate_before(index).unwrap();
+        assert!(log.bytes.get() <= LOG_KEEP_BYTES);
+        assert!(log.bytes.get() > LOG_KEEP_BYTES - (2 << 20));
+        assert_eq!(log.last_index().unwrap(), n);
+        // Applied only up to 5: only entries before 5 may go.
+        let log = RaftLog::in_memory();
+        log.append(&(1..=n).map(big).collect::<Vec<_>>()).unwrap();
+        assert_eq!(log.truncation_index(5), Some(5));
     }
 }

@@ -9,18 +9,19 @@
 //! The write path: a request takes a revision from the oracle (except
 //! prepares, aborts, compactions and participant commits, whose revision is
 //! given or not needed), is queued as a [`RaftCommand`] and waits. The raft
-//! task drains the queue into `propose`, handles `Ready`: persists new
-//! entries and hard state in one engine write with sync (group commit: every
-//! proposal queued meanwhile shares that fsync), then applies committed
-//! entries through `ShardState::apply` and answers their waiters. The
-//! apply writes (and raft's commit index) are unsynced; the shard's
-//! [`BufferedEngine`] holds them and they reach the engine with the next
-//! synced write, so a batch costs one engine write. raft-rs does no I/O;
-//! this loop owns it, and a 100 ms tick drives raft's timers, writes what is
-//! still held, and re-checks everything a lost wake-up could have left
-//! waiting. Before serving (`start`), the shard applies its whole raft log
-//! past its applied index: whatever a previous process had not written, or
-//! held when it died, is re-applied from it.
+//! task drains the queue into `propose`, handles `Ready`: appends new
+//! entries and hard state to the raft log and syncs its WAL (`crate::wal`;
+//! group commit: every proposal queued meanwhile shares that fsync), then
+//! applies committed entries through `ShardState::apply` and answers their
+//! waiters. The apply writes (and raft's commit index) are unsynced; the
+//! shard's [`BufferedEngine`] holds them and they reach the engine together
+//! once enough are held or at the next tick. raft-rs does no I/O; this loop
+//! owns it, and a 100 ms tick drives raft's timers, writes what is still
+//! held, truncates the log (syncing the engine before it deletes WAL
+//! segments: see `on_tick`), and re-checks everything a lost wake-up could
+//! have left waiting. Before serving (`start`), the shard applies its whole
+//! raft log past its applied index: whatever a previous process had not
+//! written, or held when it died, is re-applied from it.
 //!
 //! Resolved watermark: `resolved() = min(oracle.current(), every revision
 //! this shard allocated and has not applied yet − 1, the floor of every
@@ -34,6 +35,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
 use std::rc::Rc;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -56,15 +58,15 @@ use raft::eraftpb::EntryType;
 use raft::{Config, RawNode, Storage};
 
 use crate::engine::buffered::BufferedEngine;
-use crate::engine::{Engine, WriteBatch};
+use crate::engine::Engine;
 use crate::oracle::RevisionOracle;
-use crate::raftlog::{truncation_point, RaftLog};
+use crate::raftlog::RaftLog;
 use crate::state::{mvcc_error, ShardState, StateError, TxnId};
 use crate::watch::{Poll, Subscription, WatchRing, RING_BATCHES, RING_BYTES};
 
 /// Held engine writes are flushed at once past this many keys, so a long
-/// run of applies without a synced write in between (entries committed
-/// in a burst) does not grow the overlay until the next tick.
+/// run of applies (entries committed in a burst, or many small batches
+/// within one tick) does not grow the overlay until the next tick.
 const MAX_HELD_OPS: usize = 4096;
 /// How often raft ticks and waiting work is re-checked.
 pub const TICK: Duration = Duration::from_millis(100);
@@ -92,6 +94,8 @@ pub enum ShardFailure {
     State(#[from] StateError),
     #[error("raft: {0}")]
     Raft(#[from] raft::Error),
+    #[error("raft log sync: {0}")]
+    Sync(#[from] std::io::Error),
     #[error("raft stopped committing the log at start: applied {applied} of {target}")]
     CatchUp { applied: u64, target: u64 },
 }
@@ -102,7 +106,6 @@ pub struct Shard {
     router: ShardRouter,
     oracle: Arc<RevisionOracle>,
     topology: Arc<Topology>,
-    durable: bool,
     /// The engine every part of this shard uses; the Ready loop holds its
     /// unsynced writes for one batch (see `drive`).
     buffer: Rc<BufferedEngine>,
@@ -166,22 +169,28 @@ fn slog_logger() -> slog::Logger {
 }
 
 impl Shard {
-    /// Opens shard `id` over `engine`, replaying its log. Returns the shard
-    /// and the largest revision found in its log or data (the oracle must
-    /// start above it).
+    /// Opens shard `id` over `engine`, replaying its raft log (from the
+    /// WAL in `wal_dir` if the engine is persistent; a memory shard's log
+    /// lives in memory). Returns the shard and the largest revision found
+    /// in its log or data (the oracle must start above it).
     pub fn open(
         id: u32,
         router: ShardRouter,
         engine: Rc<dyn Engine>,
+        wal_dir: &Path,
         oracle: Arc<RevisionOracle>,
         topology: Arc<Topology>,
     ) -> Result<(Rc<Shard>, i64), ShardFailure> {
-        let durable = matches!(engine.kind(), crate::engine::EngineKind::RocksDb);
         // Everyone shares the buffered engine: what the Ready loop holds
         // back is visible to every reader (see `engine::buffered`).
+        let persistent = engine.kind().is_persistent();
         let buffer = BufferedEngine::new(engine);
         let engine: Rc<dyn Engine> = buffer.clone();
-        let log = RaftLog::open(engine.clone())?;
+        let log = if persistent {
+            RaftLog::open(wal_dir, &engine)?
+        } else {
+            RaftLog::in_memory()
+        };
         log.bootstrap(&[1])?;
         let state = ShardState::open(id, router, engine.clone())?;
         // Entries past the state's applied index are applied by `start`
@@ -197,6 +206,7 @@ impl Shard {
             }
         }
         let applied = state.applied_index();
+        log.commit_applied(applied)?;
         let config = Config {
             id: 1,
             election_tick: 10,
@@ -216,7 +226,6 @@ impl Shard {
             router,
             oracle,
             topology,
-            durable,
             buffer,
             fsync_on_core: Cell::new(true),
             node: RefCell::new(node),
@@ -377,8 +386,13 @@ impl Shard {
         loop {
             let now = Instant::now();
             if now >= next_tick {
-                // Writes held since the last synced write (see `drive`).
+                // Writes held since the last flush (see `drive`), and the
+                // log's unsynced records (the commit index).
                 if let Err(e) = self.buffer.flush() {
+                    eprintln!("shard {}: fatal: {e}", self.id);
+                    std::process::exit(1);
+                }
+                if let Err(e) = self.node.borrow().store().write_unsynced() {
                     eprintln!("shard {}: fatal: {e}", self.id);
                     std::process::exit(1);
                 }
@@ -408,42 +422,40 @@ impl Shard {
                 self.finish_proposal(&cmd, error(Code::NotLeader, format!("propose: {e}")));
             }
         }
-        let engine = self.state.borrow().engine().clone();
-        // Applying entries and raft's commit index make unsynced writes:
-        // they are held and go to the engine with the next synced write
-        // (the next batch's raft log append: one engine write per batch),
-        // or at the next tick if no write comes first. Readers see them
-        // at once; the raft log has every entry they came from.
+        // Applying entries makes unsynced engine writes: they are held and
+        // go to the engine together, once MAX_HELD_OPS keys are held or at
+        // the next tick. Readers see them at once; the raft WAL has every
+        // entry they came from.
         self.buffer.hold();
         loop {
             // No RefCell borrow lives across the await below: reads, watch
             // subscriptions and new proposals keep being served meanwhile.
-            let (rd, committed, batch) = {
+            let (rd, committed, must_sync) = {
                 let mut node = self.node.borrow_mut();
                 if !node.has_ready() {
                     break;
                 }
                 let mut rd = node.ready();
                 let committed = rd.take_committed_entries();
-                let mut batch = WriteBatch::default();
-                node.store().append(rd.entries(), &mut batch)?;
+                node.store().append(rd.entries())?;
                 if let Some(hs) = rd.hs() {
-                    node.store().set_hard_state(hs, &mut batch)?;
+                    node.store().set_hard_state(hs)?;
                 }
-                (rd, committed, batch)
+                let must_sync = !rd.entries().is_empty() || rd.hs().is_some();
+                (rd, committed, must_sync)
             };
             // Entries committed by an earlier Ready are durable already.
             self.apply_entries(committed)?;
-            if !batch.ops.is_empty() {
-                self.persist(&engine, batch).await?;
+            if must_sync {
+                self.persist().await?;
             }
             let more = {
                 let mut node = self.node.borrow_mut();
                 let mut light = node.advance(rd);
                 if let Some(commit) = light.commit_index() {
-                    let mut b = WriteBatch::default();
-                    node.store().set_commit(commit, &mut b)?;
-                    engine.write(b, false).map_err(StateError::from)?;
+                    // Unsynced: it rides with the next sync, or the tick's
+                    // write; a restart commits the log again anyway.
+                    node.store().set_commit(commit)?;
                 }
                 light.take_committed_entries()
             };
@@ -458,30 +470,26 @@ impl Shard {
         Ok(())
     }
 
-    /// Makes raft's new entries and hard state durable before anything in
-    /// them is applied or acknowledged. One fsync covers everything
-    /// proposed since the last one (group commit), and proposals queued
-    /// during it form the next group. By default the fsync runs inline on
-    /// this core (`--fsync core`: least CPU per write); with
-    /// `--fsync blocking-pool` the write and its fsync run on glommio's
-    /// blocking pool and this core keeps serving reads and watches
-    /// meanwhile.
-    async fn persist(
-        &self,
-        engine: &Rc<dyn Engine>,
-        batch: WriteBatch,
-    ) -> Result<(), ShardFailure> {
-        if !self.durable || self.fsync_on_core.get() {
-            engine
-                .write(batch, self.durable)
-                .map_err(StateError::from)?;
+    /// Makes raft's new entries and hard state durable (the raft WAL's
+    /// `fdatasync`) before anything in them is applied or acknowledged. One
+    /// fsync covers everything proposed since the last one (group commit),
+    /// and proposals queued during it form the next group. By default the
+    /// fsync runs inline on this core (`--fsync core`: least CPU per
+    /// write); with `--fsync blocking-pool` the write and its fsync run on
+    /// glommio's blocking pool and this core keeps serving reads and
+    /// watches meanwhile (nothing else pushes to the log until it is done:
+    /// only this task does). A memory shard's log has nothing to sync.
+    async fn persist(&self) -> Result<(), ShardFailure> {
+        if self.fsync_on_core.get() {
+            self.node.borrow().store().sync()?;
             return Ok(());
         }
-        let job = engine.durable_write_job(batch).map_err(StateError::from)?;
+        let Some(job) = self.node.borrow().store().sync_job() else {
+            return Ok(());
+        };
         glommio::executor()
-            .spawn_blocking(job)
-            .await
-            .map_err(StateError::from)?;
+            .spawn_blocking(move || job.run())
+            .await?;
         Ok(())
     }
 
@@ -648,10 +656,21 @@ impl Shard {
         let applied = self.state.borrow().applied_index();
         let node = self.node.borrow();
         let log = node.store();
-        if let Some(index) = truncation_point(log.first_index().unwrap_or(1), applied) {
-            let mut b = WriteBatch::default();
-            if log.truncate_before(index, &mut b).is_ok() && !b.ops.is_empty() {
-                let _ = self.state.borrow().engine().write(b, false);
+        if let Some(index) = log.truncation_index(applied) {
+            if let Err(e) = log.truncate_before(index) {
+                eprintln!("shard {}: raft log truncation: {e}", self.id);
+            } else if log.releasable(index) {
+                // WAL segments go only once the engine holds, durably,
+                // everything their entries did (restart replays from the
+                // engine's applied index).
+                let released = self
+                    .buffer
+                    .sync()
+                    .map_err(|e| e.to_string())
+                    .and_then(|()| log.release_before(index).map_err(|e| e.to_string()));
+                if let Err(e) = released {
+                    eprintln!("shard {}: raft log release: {e}", self.id);
+                }
             }
         }
         drop(node);

@@ -44,7 +44,7 @@ use std::cmp::Ordering;
 use std::collections::BTreeMap;
 use std::rc::Rc;
 
-use super::{map_bounds, BatchOp, DurableWriteJob, Engine, EngineError, EngineKind, WriteBatch};
+use super::{map_bounds, BatchOp, Engine, EngineError, EngineKind, WriteBatch};
 
 /// A held write: the new value, or `None` for a deletion.
 type Overlay = BTreeMap<Vec<u8>, Option<Vec<u8>>>;
@@ -240,14 +240,13 @@ impl Engine for BufferedEngine {
         self.inner.write(all, sync)
     }
 
-    fn durable_write_job(&self, batch: WriteBatch) -> Result<DurableWriteJob, EngineError> {
-        // The job runs on another thread while this one keeps serving
-        // reads, so the held writes must be in the inner engine first.
+    fn sync(&self) -> Result<(), EngineError> {
+        // Held writes first: they are older than the sync.
         let held = self.take_held();
         if !held.is_empty() {
             self.inner.write(held, false)?;
         }
-        self.inner.durable_write_job(batch)
+        self.inner.sync()
     }
 
     fn size_bytes(&self) -> u64 {
@@ -424,8 +423,7 @@ mod tests {
             let mut b = WriteBatch::new();
             b.put(&b"k4"[..], &b"v4"[..]);
             buffered.write(b, false).unwrap();
-            let job = buffered.durable_write_job(WriteBatch::new()).unwrap();
-            job().unwrap();
+            buffered.sync().unwrap();
             assert_eq!(inner.get(b"k4").unwrap(), Some(b"v4".to_vec()), "{kind}");
 
             buffered.flush().unwrap();

@@ -17,7 +17,7 @@
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 
-use super::{map_bounds, BatchOp, DurableWriteJob, Engine, EngineError, EngineKind, WriteBatch};
+use super::{map_bounds, BatchOp, Engine, EngineError, EngineKind, WriteBatch};
 
 #[derive(Debug, Default)]
 pub struct MemoryEngine {
@@ -72,10 +72,9 @@ impl Engine for MemoryEngine {
         Ok(())
     }
 
-    fn durable_write_job(&self, batch: WriteBatch) -> Result<DurableWriteJob, EngineError> {
-        // Nothing here is durable: apply now, nothing left to do elsewhere.
-        self.write(batch, false)?;
-        Ok(Box::new(|| Ok(())))
+    fn sync(&self) -> Result<(), EngineError> {
+        // Nothing here is durable.
+        Ok(())
     }
 
     fn write(&self, batch: WriteBatch, _sync: bool) -> Result<(), EngineError> {
@@ -101,7 +100,7 @@ impl Engine for MemoryEngine {
                     // Key by key: O(removed · log n). (Splitting the range
                     // off and appending the rest back would be O(n):
                     // `BTreeMap::append` rebuilds the whole map, which made
-                    // every raft log truncation stall writes for tens of
+                    // every range delete stall writes for tens of
                     // milliseconds once the map held millions of entries.)
                     let doomed: Vec<Vec<u8>> = map
                         .range::<[u8], _>(bounds)

@@ -2,9 +2,9 @@
 //!
 //! Every shard owns exactly one engine instance and uses it from its own
 //! thread (hence `Rc<dyn Engine>` and interior mutability instead of locks).
-//! Several users share that instance — the raft log, the raft hard state, the
-//! shard's own state and the MVCC store — and each keeps to its own key
-//! namespace, a single leading byte listed in [`keyspace`]. Because the
+//! Several users share that instance — the shard's own state and the MVCC
+//! store (the raft log has its own WAL, `crate::wal`) — and each keeps to
+//! its own key namespace, a single leading byte listed in [`keyspace`]. Because the
 //! engine is shared, nothing above it may assume it is the only writer of
 //! the engine, only of its own namespace.
 //!
@@ -49,14 +49,12 @@ use std::str::FromStr;
 ///
 /// A user must only read and write keys that start with its own byte(s);
 /// ranges over a namespace are `[&[PREFIX], &[PREFIX + 1])`.
-/// The thread-independent rest of a durable write (see
-/// [`Engine::durable_write_job`]).
-pub type DurableWriteJob = Box<dyn FnOnce() -> Result<(), EngineError> + Send>;
-
 pub mod keyspace {
-    /// Raft log entries: `L` + index (u64 big-endian).
+    /// Raft log entries: `L` + index (u64 big-endian). Only data
+    /// directories from before the raft WAL have these; the raft log moves
+    /// them into its WAL on open (`crate::raftlog`).
     pub const RAFT_LOG: u8 = b'L';
-    /// Raft hard state (term, vote, commit) and other raft metadata.
+    /// Raft hard state and other raft metadata, as `RAFT_LOG`.
     pub const RAFT_HARD_STATE: u8 = b'H';
     /// Shard state: applied index, configuration, and the like.
     pub const SHARD_STATE: u8 = b'S';
@@ -220,14 +218,11 @@ pub trait Engine {
     /// before returning.
     fn write(&self, batch: WriteBatch, sync: bool) -> Result<(), EngineError>;
 
-    /// A durable write split in two: this call does the part bound to the
-    /// engine's thread and returns the rest — the write and its fsync — as
-    /// a job that may run on any thread. The shard runs it on glommio's
-    /// blocking pool so its core keeps serving reads and watches, and
-    /// queueing proposals, during the fsync. The batch is visible once the
-    /// job has run. An engine with nothing to make durable applies the
-    /// batch here and returns a job that does nothing.
-    fn durable_write_job(&self, batch: WriteBatch) -> Result<DurableWriteJob, EngineError>;
+    /// Makes every write so far durable (RocksDB: fsyncs its WAL). The
+    /// shard calls it before it deletes raft WAL segments whose entries the
+    /// engine's unsynced writes came from. An engine with nothing durable
+    /// has nothing to do.
+    fn sync(&self) -> Result<(), EngineError>;
 
     /// Approximate on-disk (or in-RAM) size of the data, in bytes.
     fn size_bytes(&self) -> u64;

@@ -20,13 +20,12 @@
 //!   is the only writer.
 
 use std::path::Path;
-use std::sync::Arc;
 
 use ::rocksdb::{
     BlockBasedOptions, Cache, DBCompressionType, Options, ReadOptions, WriteOptions, DB,
 };
 
-use super::{BatchOp, DurableWriteJob, Engine, EngineError, EngineKind, WriteBatch};
+use super::{BatchOp, Engine, EngineError, EngineKind, WriteBatch};
 
 /// Block cache per instance.
 const BLOCK_CACHE_BYTES: usize = 8 << 20;
@@ -35,8 +34,7 @@ const WRITE_BUFFER_BYTES: usize = 16 << 20;
 const MAX_WRITE_BUFFERS: i32 = 2;
 
 pub struct RocksEngine {
-    /// Shared with the blocking thread that runs durable writes.
-    db: Arc<DB>,
+    db: DB,
 }
 
 impl RocksEngine {
@@ -44,7 +42,7 @@ impl RocksEngine {
     pub fn open(dir: &Path) -> Result<RocksEngine, EngineError> {
         std::fs::create_dir_all(dir)?;
         let db = DB::open(&Self::options()?, dir)?;
-        Ok(RocksEngine { db: Arc::new(db) })
+        Ok(RocksEngine { db })
     }
 
     fn options() -> Result<Options, EngineError> {
@@ -58,12 +56,14 @@ impl RocksEngine {
         opts.set_max_log_file_size(1 << 20);
         opts.set_max_total_wal_size(64 << 20);
         // No WAL recycling: RocksDB (7.x) turns `recycle_log_file_num` off
-        // under point-in-time WAL recovery (its default, and the mode a
-        // raft log needs: recovery stops at the first damaged record, so
-        // what survives is a prefix of what was written). So every WAL
-        // fsync is that of an appended file, which also writes the file's
-        // size, unlike etcd's preallocated segments (`bench/compare`
-        // measures both kinds of fdatasync on the machine it runs on).
+        // under point-in-time WAL recovery (its default: recovery stops at
+        // the first damaged record, so what survives is a prefix of what
+        // was written). So every RocksDB WAL fsync is that of an appended
+        // file, which also commits the file's size through the journal.
+        // That is why the raft log is not kept here but in its own
+        // preallocated segments (`crate::wal`), and the shard's writes here
+        // are unsynced: RocksDB's WAL is fsync'd only before raft WAL
+        // segments are deleted (`Engine::sync`).
         opts.set_compression_type(DBCompressionType::Snappy);
         let mut table = BlockBasedOptions::default();
         table.set_block_cache(&Cache::new_lru_cache(BLOCK_CACHE_BYTES)?);
@@ -162,15 +162,9 @@ impl Engine for RocksEngine {
         Ok(())
     }
 
-    fn durable_write_job(&self, batch: WriteBatch) -> Result<DurableWriteJob, EngineError> {
-        let wb = self.rocks_batch(batch)?;
-        let db = self.db.clone();
-        Ok(Box::new(move || {
-            let mut wo = WriteOptions::default();
-            wo.set_sync(true);
-            db.write_opt(wb, &wo)?;
-            Ok(())
-        }))
+    fn sync(&self) -> Result<(), EngineError> {
+        self.db.flush_wal(true)?;
+        Ok(())
     }
 
     fn size_bytes(&self) -> u64 {

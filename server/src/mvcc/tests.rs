@@ -1735,11 +1735,8 @@ impl Engine for CountingEngine {
     fn write(&self, batch: WriteBatch, sync: bool) -> Result<(), EngineError> {
         self.inner.write(batch, sync)
     }
-    fn durable_write_job(
-        &self,
-        batch: WriteBatch,
-    ) -> Result<crate::engine::DurableWriteJob, EngineError> {
-        self.inner.durable_write_job(batch)
+    fn sync(&self) -> Result<(), EngineError> {
+        self.inner.sync()
     }
     fn size_bytes(&self) -> u64 {
         self.inner.size_bytes()
