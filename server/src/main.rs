@@ -17,6 +17,7 @@ use glommio::{LocalExecutorBuilder, Placement};
 use metastore_proto::router::{fnv1a64, ShardRouter};
 use metastore_server::engine::{self, EngineKind};
 use metastore_server::oracle::RevisionOracle;
+use metastore_server::raftlog::WalOptions;
 use metastore_server::shard::{Shard, Topology};
 
 #[derive(Parser, Debug)]
@@ -51,6 +52,10 @@ struct Args {
     /// write). See bench/results/REPORT.md.
     #[arg(long, default_value = "core")]
     fsync: String,
+    /// Size each raft WAL segment file is allocated to (rocksdb), in bytes.
+    /// A record larger than a segment gets one to itself.
+    #[arg(long, default_value_t = metastore_server::wal::SEGMENT_BYTES)]
+    wal_segment_bytes: u64,
 }
 
 fn main() {
@@ -99,7 +104,10 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             .map(|c| c.id)
             .unwrap_or(0);
         let dir = args.data_dir.join(format!("shard-{id}"));
-        let wal_dir = args.data_dir.join(format!("shard-{id}.wal"));
+        let wal = WalOptions {
+            dir: args.data_dir.join(format!("shard-{id}.wal")),
+            segment_bytes: args.wal_segment_bytes.max(4096),
+        };
         let (oracle, topology) = (oracle.clone(), topology.clone());
         let (opened, serving) = (opened.clone(), serving.clone());
         let (report_tx, addr_tx) = (report_tx.clone(), addr_tx.clone());
@@ -119,7 +127,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
                 let opened_shard = engine::open(kind, &dir)
                     .map_err(|e| e.to_string())
                     .and_then(|engine| {
-                        Shard::open(id, router, engine, &wal_dir, oracle, topology)
+                        Shard::open(id, router, engine, &wal, oracle, topology)
                             .map_err(|e| e.to_string())
                     });
                 let shard = match opened_shard {

@@ -33,7 +33,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
-use std::path::Path;
+use std::path::PathBuf;
 use std::rc::Rc;
 
 use protobuf::Message as _;
@@ -77,6 +77,23 @@ impl From<WalError> for raft::Error {
     }
 }
 
+/// Where a durable shard's WAL lives, and the size of its segments.
+#[derive(Clone, Debug)]
+pub struct WalOptions {
+    pub dir: PathBuf,
+    pub segment_bytes: u64,
+}
+
+impl WalOptions {
+    /// `dir` with the default segment size ([`SEGMENT_BYTES`]).
+    pub fn new(dir: impl Into<PathBuf>) -> WalOptions {
+        WalOptions {
+            dir: dir.into(),
+            segment_bytes: SEGMENT_BYTES,
+        }
+    }
+}
+
 /// A shard's raft log and hard state; see the module docs.
 pub struct RaftLog {
     hard_state: RefCell<HardState>,
@@ -104,15 +121,11 @@ impl RaftLog {
         }
     }
 
-    /// Opens the durable log in `dir`, replaying it. `engine` is the
+    /// Opens the durable log `wal` describes, replaying it. `engine` is the
     /// shard's engine, from which a log kept there by an older version is
     /// moved into the WAL.
-    pub fn open(dir: &Path, engine: &Rc<dyn Engine>) -> raft::Result<RaftLog> {
-        Self::open_with(dir, engine, SEGMENT_BYTES)
-    }
-
-    fn open_with(dir: &Path, engine: &Rc<dyn Engine>, segment_bytes: u64) -> raft::Result<RaftLog> {
-        let (mut wal, mut records) = Wal::open(dir, segment_bytes)?;
+    pub fn open(wal: &WalOptions, engine: &Rc<dyn Engine>) -> raft::Result<RaftLog> {
+        let (mut wal, mut records) = Wal::open(&wal.dir, wal.segment_bytes)?;
         let mut migrated = false;
         if wal.is_new() {
             records = engine_log(engine.as_ref())?;
@@ -455,6 +468,8 @@ impl Storage for RaftLog {
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
     use super::*;
     use crate::engine::{open, EngineKind};
 
@@ -485,7 +500,11 @@ mod tests {
 
     /// A log over a WAL in `dir` with small segments, so tests roll them.
     fn durable(dir: &Path) -> RaftLog {
-        RaftLog::open_with(dir, &memory_engine(), 16 << 10).unwrap()
+        let wal = WalOptions {
+            dir: dir.to_path_buf(),
+            segment_bytes: 16 << 10,
+        };
+        RaftLog::open(&wal, &memory_engine()).unwrap()
     }
 
     #[test]
@@ -675,7 +694,7 @@ mod tests {
         let wal_dir = dir.path().join("wal");
         for _ in 0..2 {
             // Moved on the first open; read from the WAL on the second.
-            let log = RaftLog::open(&wal_dir, &engine).unwrap();
+            let log = RaftLog::open(&WalOptions::new(&wal_dir), &engine).unwrap();
             let st = log.initial_state().unwrap();
             assert_eq!((st.hard_state, st.conf_state), (hs.clone(), cs.clone()));
             assert_eq!(log.first_index().unwrap(), 11);

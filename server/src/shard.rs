@@ -35,7 +35,6 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
 use std::rc::Rc;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -60,7 +59,7 @@ use raft::{Config, RawNode, Storage};
 use crate::engine::buffered::BufferedEngine;
 use crate::engine::Engine;
 use crate::oracle::RevisionOracle;
-use crate::raftlog::RaftLog;
+use crate::raftlog::{RaftLog, WalOptions};
 use crate::state::{mvcc_error, ShardState, StateError, TxnId};
 use crate::watch::{Poll, Subscription, WatchRing, RING_BATCHES, RING_BYTES};
 
@@ -170,14 +169,14 @@ fn slog_logger() -> slog::Logger {
 
 impl Shard {
     /// Opens shard `id` over `engine`, replaying its raft log (from the
-    /// WAL in `wal_dir` if the engine is persistent; a memory shard's log
+    /// WAL `wal` describes if the engine is persistent; a memory shard's log
     /// lives in memory). Returns the shard and the largest revision found
     /// in its log or data (the oracle must start above it).
     pub fn open(
         id: u32,
         router: ShardRouter,
         engine: Rc<dyn Engine>,
-        wal_dir: &Path,
+        wal: &WalOptions,
         oracle: Arc<RevisionOracle>,
         topology: Arc<Topology>,
     ) -> Result<(Rc<Shard>, i64), ShardFailure> {
@@ -187,7 +186,7 @@ impl Shard {
         let buffer = BufferedEngine::new(engine);
         let engine: Rc<dyn Engine> = buffer.clone();
         let log = if persistent {
-            RaftLog::open(wal_dir, &engine)?
+            RaftLog::open(wal, &engine)?
         } else {
             RaftLog::in_memory()
         };

@@ -216,6 +216,8 @@ pub struct TestNode {
     server_port: u16,
     /// The gateway's `--threads`, if not its default.
     gateway_threads: Option<usize>,
+    /// Extra arguments for the server (see [`TestNode::set_server_args`]).
+    server_args: Vec<String>,
 }
 
 impl TestNode {
@@ -247,6 +249,7 @@ impl TestNode {
             generation: 0,
             server_port: 0,
             gateway_threads,
+            server_args: Vec::new(),
         };
         node.spawn_all().await;
         node
@@ -315,6 +318,15 @@ impl TestNode {
         {
             kill(child);
         }
+        self.spawn_all().await;
+    }
+
+    /// Restarts the node (SIGTERM, clean exit asserted) with `args` added
+    /// to the server's command line from now on. Ports change: make new
+    /// clients.
+    pub async fn set_server_args(&mut self, args: &[&str]) {
+        self.stop().await;
+        self.server_args = args.iter().map(|a| a.to_string()).collect();
         self.spawn_all().await;
     }
 
@@ -432,7 +444,8 @@ impl TestNode {
             .arg("--host")
             .arg("127.0.0.1")
             .arg("--port")
-            .arg(self.server_port.to_string());
+            .arg(self.server_port.to_string())
+            .args(&self.server_args);
         let (server, line) = self
             .spawn_until_ready(cmd, "server", gen, "metastore-server ready:")
             .await;
