@@ -719,7 +719,7 @@ impl Report<'_> {
         let _ = writeln!(s, "- Client: `metastore-bench` (Rust, `etcd-client` 0.21) on the same 2 cores; every target is driven by the same client with the same settings.\n");
         let _ = writeln!(s, "## Durability\n");
         let _ = writeln!(s, "- **etcd** fsyncs its WAL before acknowledging a write.");
-        let _ = writeln!(s, "- **MetaStore rocksdb** writes each raft batch with sync (fsync) before anything in it is applied or acknowledged: equal durability, the fair comparison. Ratios below are MetaStore rocksdb ÷ etcd unless marked.");
+        let _ = writeln!(s, "- **MetaStore rocksdb** fsyncs each raft batch to its raft WAL before anything in it is applied or acknowledged: equal durability, the fair comparison. Ratios below are MetaStore rocksdb ÷ etcd unless marked.");
         let _ = writeln!(s, "- **MetaStore memory** keeps everything in RAM only: **not durable**, shown for reference, never as the comparison.\n");
         let _ = writeln!(s, "The workloads run one after another on all targets (order rotated per round), so each comparison is close in time. Figures are the representative run's (the upper median by throughput — with two rounds the better one, since interference from other work on the machine only slows runs down; fixed-rate runs are ranked by p99 instead); ranges over rounds in parentheses; ⚠ marks runs with errors or failed checks (listed under *Problems*).\n");
 
@@ -1350,7 +1350,7 @@ fn machine_description(fsync: &[Option<FsyncProbe>]) -> String {
         })
         .collect();
     format!(
-        "- {cores} cores ({model}), {mem} RAM, {os}, kernel {}\n- Disk: data directories on the local disk (the work dir's file system); fdatasync of 4 KiB writes measured before each round, appending to a growing file (size changes, so the journal commits too: how RocksDB's WAL writes) and overwriting a preallocated file (data only: how etcd's preallocated WAL segments write) — {}",
+        "- {cores} cores ({model}), {mem} RAM, {os}, kernel {}\n- Disk: data directories on the local disk (the work dir's file system); fdatasync of 4 KiB writes measured before each round, appending to a growing file (size changes, so the journal commits too: how a RocksDB WAL writes) and overwriting a preallocated file (no size change: how etcd's WAL segments and MetaStore's raft WAL segments, both allocated up front, write) — {}",
         kernel.trim(),
         probes.join("; ")
     )

@@ -259,9 +259,9 @@ async fn wait_serving(endpoint: &str) -> Result<(), String> {
 
 /// fdatasync latency in `dir` over `n` 4 KiB writes, two ways (ms: p50,
 /// p99 each): appending to a growing file (the size changes, so the file
-/// system journal commits too — how RocksDB's WAL writes) and overwriting a
-/// preallocated, already-synced file (data only — how etcd's WAL, whose
-/// segments are preallocated, writes).
+/// system journal commits too — how a RocksDB WAL writes) and overwriting a
+/// preallocated, already-synced file (no size change — how etcd's WAL and
+/// MetaStore's raft WAL, whose segments are allocated up front, write).
 pub fn fsync_probe(dir: &Path, n: usize) -> Option<FsyncProbe> {
     std::fs::create_dir_all(dir).ok()?;
     let buf = vec![0x5au8; 4096];
