@@ -156,7 +156,7 @@ impl RaftLog {
                         log.truncated.set((prev_index, prev_term));
                     }
                 }
-                Record::Entry(e) => log.hold(std::slice::from_ref(&e)),
+                Record::Entry(e) => log.hold(vec![e]),
                 Record::HardState(hs) => *log.hard_state.borrow_mut() = hs,
                 Record::ConfState(cs) => *log.conf_state.borrow_mut() = cs,
             }
@@ -181,18 +181,18 @@ impl RaftLog {
     }
 
     /// Puts `entries` in memory, replacing any from the first one's index.
-    fn hold(&self, new: &[Entry]) {
-        let Some(first) = new.first() else {
+    fn hold(&self, new: Vec<Entry>) {
+        let Some(first) = new.first().map(|e| e.index) else {
             return;
         };
         let mut entries = self.entries.borrow_mut();
         let mut bytes = self.bytes.get();
-        while entries.back().is_some_and(|e| e.index >= first.index) {
+        while entries.back().is_some_and(|e| e.index >= first) {
             bytes -= held_bytes(&entries.pop_back().unwrap());
         }
         for e in new {
-            bytes += held_bytes(e);
-            entries.push_back(e.clone());
+            bytes += held_bytes(&e);
+            entries.push_back(e);
         }
         self.bytes.set(bytes);
     }
@@ -222,9 +222,12 @@ impl RaftLog {
 
     /// Appends `entries`, replacing any existing entries from the first
     /// one's index on. Durable after the next sync.
-    pub fn append(&self, entries: &[Entry]) -> raft::Result<()> {
-        for e in entries {
-            self.push(&Record::Entry(e.clone()))?;
+    pub fn append(&self, entries: Vec<Entry>) -> raft::Result<()> {
+        if let Some(wal) = &self.wal {
+            let mut wal = wal.borrow_mut();
+            for e in &entries {
+                wal.push_entry(e)?;
+            }
         }
         self.hold(entries);
         Ok(())
@@ -513,10 +516,10 @@ mod tests {
         for log in [RaftLog::in_memory(), durable(dir.path())] {
             assert_eq!(log.first_index().unwrap(), 1);
             assert_eq!(log.last_index().unwrap(), 0);
-            log.append(&run(1, 3, 1)).unwrap();
+            log.append(run(1, 3, 1)).unwrap();
             log.sync().unwrap();
             // A new leader overwrites from index 2.
-            log.append(&[entry(2, 2)]).unwrap();
+            log.append(vec![entry(2, 2)]).unwrap();
             log.sync().unwrap();
             assert_eq!(log.last_index().unwrap(), 2);
             assert_eq!(log.term(2).unwrap(), 2);
@@ -546,13 +549,13 @@ mod tests {
             commit: 4600,
             ..Default::default()
         };
-        log.append(&run(1, 3000, 1)).unwrap();
+        log.append(run(1, 3000, 1)).unwrap();
         log.sync().unwrap();
-        log.append(&run(3001, 5000, 1)).unwrap();
-        log.append(&run(4500, 4600, 2)).unwrap();
+        log.append(run(3001, 5000, 1)).unwrap();
+        log.append(run(4500, 4600, 2)).unwrap();
         log.set_hard_state(&hs).unwrap();
         log.sync().unwrap();
-        log.append(&run(4601, 4700, 2)).unwrap();
+        log.append(run(4601, 4700, 2)).unwrap();
         log.sync().unwrap();
         log.truncate_before(1000).unwrap();
         assert!(log.wal.as_ref().unwrap().borrow().segment_count() > 10);
@@ -588,7 +591,7 @@ mod tests {
         {
             let log = durable(dir.path());
             log.bootstrap(&[1]).unwrap();
-            log.append(&run(1, 2, 1)).unwrap();
+            log.append(run(1, 2, 1)).unwrap();
             log.set_hard_state(&HardState {
                 term: 1,
                 vote: 1,
@@ -602,10 +605,10 @@ mod tests {
             // Written (a tick's write) but not synced: in the page cache,
             // so a process crash keeps it.
             log.set_commit(3).unwrap();
-            log.append(&[entry(3, 1)]).unwrap();
+            log.append(vec![entry(3, 1)]).unwrap();
             log.write_unsynced().unwrap();
             // Pushed only: lost with the process.
-            log.append(&[entry(4, 1)]).unwrap();
+            log.append(vec![entry(4, 1)]).unwrap();
         }
         let log = durable(dir.path());
         let st = log.initial_state().unwrap();
@@ -622,7 +625,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let log = durable(dir.path());
-            log.append(&run(1, 3, 1)).unwrap();
+            log.append(run(1, 3, 1)).unwrap();
             log.sync().unwrap();
             log.set_commit(3).unwrap();
         }
@@ -639,7 +642,7 @@ mod tests {
     fn released_segments_are_gone_and_the_log_restarts_after_them() {
         let dir = tempfile::tempdir().unwrap();
         let log = durable(dir.path());
-        log.append(&run(1, 1000, 3)).unwrap();
+        log.append(run(1, 1000, 3)).unwrap();
         log.sync().unwrap();
         log.truncate_before(700).unwrap();
         assert!(log.releasable(700));
@@ -758,7 +761,7 @@ mod tests {
             ..Default::default()
         };
         let n = LOG_KEEP_BYTES / (1 << 20) + 10;
-        log.append(&(1..=n).map(big).collect::<Vec<_>>()).unwrap();
+        log.append((1..=n).map(big).collect()).unwrap();
         // Nothing applied: nothing to drop, whatever the size.
         assert_eq!(log.truncation_index(0), None);
         let index = log.truncation_index(n).unwrap();
@@ -768,7 +771,7 @@ mod tests {
         assert_eq!(log.last_index().unwrap(), n);
         // Applied only up to 5: only entries before 5 may go.
         let log = RaftLog::in_memory();
-        log.append(&(1..=n).map(big).collect::<Vec<_>>()).unwrap();
+        log.append((1..=n).map(big).collect()).unwrap();
         assert_eq!(log.truncation_index(5), Some(5));
     }
 }

@@ -436,11 +436,13 @@ impl Shard {
                 }
                 let mut rd = node.ready();
                 let committed = rd.take_committed_entries();
-                node.store().append(rd.entries())?;
+                // New entries, or a new term or vote (not a commit index
+                // alone: that is rebuilt after a restart).
+                let must_sync = rd.must_sync();
+                node.store().append(rd.take_entries())?;
                 if let Some(hs) = rd.hs() {
                     node.store().set_hard_state(hs)?;
                 }
-                let must_sync = !rd.entries().is_empty() || rd.hs().is_some();
                 (rd, committed, must_sync)
             };
             // Entries committed by an earlier Ready are durable already.

@@ -81,37 +81,43 @@ pub enum WalError {
     Invalid { path: PathBuf, what: String },
 }
 
+/// Appends one framed record of `kind` to `out`, its payload written by
+/// `payload`.
+fn frame(out: &mut Vec<u8>, kind: u8, payload: impl FnOnce(&mut Vec<u8>)) {
+    let start = out.len();
+    out.extend_from_slice(&[0u8; HEADER]);
+    out[start + 8] = kind;
+    payload(out);
+    let len = (out.len() - start - 8) as u32;
+    let crc = crc32fast::hash(&out[start + 8..]);
+    out[start..start + 4].copy_from_slice(&len.to_le_bytes());
+    out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+}
+
+fn encode_entry(e: &Entry, out: &mut Vec<u8>) {
+    frame(out, KIND_ENTRY, |o| {
+        e.write_to_vec(o).expect("encode entry")
+    });
+}
+
 impl Record {
     fn encode_into(&self, out: &mut Vec<u8>) {
-        let start = out.len();
-        out.extend_from_slice(&[0u8; HEADER]);
-        let kind = match self {
-            Record::Entry(e) => {
-                e.write_to_vec(out).expect("encode entry");
-                KIND_ENTRY
-            }
-            Record::HardState(hs) => {
-                hs.write_to_vec(out).expect("encode hard state");
-                KIND_HARD_STATE
-            }
-            Record::ConfState(cs) => {
-                cs.write_to_vec(out).expect("encode conf state");
-                KIND_CONF_STATE
-            }
+        match self {
+            Record::Entry(e) => encode_entry(e, out),
+            Record::HardState(hs) => frame(out, KIND_HARD_STATE, |o| {
+                hs.write_to_vec(o).expect("encode hard state")
+            }),
+            Record::ConfState(cs) => frame(out, KIND_CONF_STATE, |o| {
+                cs.write_to_vec(o).expect("encode conf state")
+            }),
             Record::Start {
                 prev_index,
                 prev_term,
-            } => {
-                out.extend_from_slice(&prev_index.to_le_bytes());
-                out.extend_from_slice(&prev_term.to_le_bytes());
-                KIND_START
-            }
-        };
-        out[start + 8] = kind;
-        let len = (out.len() - start - 8) as u32;
-        let crc = crc32fast::hash(&out[start + 8..]);
-        out[start..start + 4].copy_from_slice(&len.to_le_bytes());
-        out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+            } => frame(out, KIND_START, |o| {
+                o.extend_from_slice(&prev_index.to_le_bytes());
+                o.extend_from_slice(&prev_term.to_le_bytes());
+            }),
+        }
     }
 
     fn decode(kind: u8, payload: &[u8]) -> Option<Record> {
@@ -366,16 +372,32 @@ impl Wal {
     pub fn push(&mut self, r: &Record) -> Result<(), WalError> {
         let before = self.pending.len();
         r.encode_into(&mut self.pending);
+        self.place(before, matches!(r, Record::Entry(_)))?;
+        self.observe(r);
+        Ok(())
+    }
+
+    /// `push(&Record::Entry(e.clone()))` without the clone.
+    pub fn push_entry(&mut self, e: &Entry) -> Result<(), WalError> {
+        let before = self.pending.len();
+        encode_entry(e, &mut self.pending);
+        self.place(before, true)?;
+        self.last_entry = (e.index, e.term);
+        Ok(())
+    }
+
+    /// Moves the record just encoded at `before` in `pending` to a new
+    /// segment if it would not fit in the current one.
+    fn place(&mut self, before: usize, entry: bool) -> Result<(), WalError> {
         let end = self.offset + self.pending.len() as u64;
         if end > self.segment_bytes && self.segment_entries > 0 {
             let encoded = self.pending.split_off(before);
             self.roll()?;
             self.pending.extend_from_slice(&encoded);
         }
-        if matches!(r, Record::Entry(_)) {
+        if entry {
             self.segment_entries += 1;
         }
-        self.observe(r);
         Ok(())
     }
 
