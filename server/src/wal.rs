@@ -51,6 +51,9 @@ use raft::eraftpb::{ConfState, Entry, HardState};
 /// Size a segment is allocated to (etcd's WAL uses the same).
 pub const SEGMENT_BYTES: u64 = 64 << 20;
 
+/// Capacity of the write buffer kept from one batch to the next.
+const PENDING_KEEP: usize = 1 << 20;
+
 const HEADER: usize = 9;
 const KIND_ENTRY: u8 = 1;
 const KIND_HARD_STATE: u8 = 2;
@@ -440,14 +443,22 @@ impl Wal {
         }
         self.file.write_all_at(&self.pending, self.offset)?;
         self.offset += self.pending.len() as u64;
+        // Keep the buffer for the next batch (freeing and regrowing one of
+        // 100 KiB or more per batch costs malloc more than it saves), but
+        // not one a burst of large entries grew.
         self.pending.clear();
+        if self.pending.capacity() > PENDING_KEEP {
+            self.pending.shrink_to(PENDING_KEEP);
+        }
         self.unsynced = true;
         Ok(())
     }
 
     /// Writes pushed records and makes everything written durable.
     pub fn sync(&mut self) -> Result<(), WalError> {
-        self.sync_job().run()?;
+        self.write()?;
+        self.file.sync_data()?;
+        self.unsynced = false;
         Ok(())
     }
 
