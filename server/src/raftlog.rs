@@ -126,7 +126,9 @@ impl RaftLog {
     /// moved into the WAL.
     pub fn open(wal: &WalOptions, engine: &Rc<dyn Engine>) -> raft::Result<RaftLog> {
         let (mut wal, mut records) = Wal::open(&wal.dir, wal.segment_bytes)?;
-        let mut migrated = false;
+        // Moved from the engine now, or by an open that died before it
+        // deleted the engine's copy (the WAL was synced first).
+        let mut migrated = !wal.is_new() && engine_has_log(engine.as_ref())?;
         if wal.is_new() {
             records = engine_log(engine.as_ref())?;
             migrated = !records.is_empty();
@@ -348,6 +350,14 @@ impl RaftLog {
             None => Ok(0),
         }
     }
+}
+
+/// True if the engine holds a log kept there by an older version (its
+/// conf state was always written first).
+fn engine_has_log(engine: &dyn Engine) -> raft::Result<bool> {
+    let key = |k: &[u8]| [&[keyspace::RAFT_HARD_STATE][..], k].concat();
+    Ok(engine.get(&key(b"cs")).map_err(store_err)?.is_some()
+        || engine.get(&key(b"hs")).map_err(store_err)?.is_some())
 }
 
 /// The log an older version kept in the engine, as WAL records (start,
@@ -692,10 +702,26 @@ mod tests {
         );
         let trunc = [10u64.to_be_bytes(), 4u64.to_be_bytes()].concat();
         b.put(key(keyspace::RAFT_HARD_STATE, b"trunc"), trunc);
-        engine.write(b, true).unwrap();
+        engine.write(b.clone(), true).unwrap();
 
+        let old_keys = b;
         let wal_dir = dir.path().join("wal");
-        for _ in 0..2 {
+        for round in 0..3 {
+            if round == 2 {
+                // As if the first open had died after syncing the WAL but
+                // before deleting the engine's copy: the copy goes now,
+                // and the WAL is what is read.
+                let mut stale = old_keys.clone();
+                let hs99 = HardState {
+                    commit: 99,
+                    ..hs.clone()
+                };
+                stale.put(
+                    key(keyspace::RAFT_HARD_STATE, b"hs"),
+                    hs99.write_to_bytes().unwrap(),
+                );
+                engine.write(stale, true).unwrap();
+            }
             // Moved on the first open; read from the WAL on the second.
             let log = RaftLog::open(&WalOptions::new(&wal_dir), &engine).unwrap();
             let st = log.initial_state().unwrap();
