@@ -46,7 +46,7 @@ use crate::wal::{Record, SyncJob, Wal, WalError, SEGMENT_BYTES};
 /// Applied entries kept when the log is truncated ...
 pub const LOG_KEEP: u64 = 10_000;
 /// ... and at most this many bytes of them (entries are held in memory).
-pub const LOG_KEEP_BYTES: u64 = 64 << 20;
+pub const LOG_KEEP_BYTES: u64 = 16 << 20;
 /// The log is truncated once this many entries beyond [`LOG_KEEP`] have
 /// accumulated, so a truncation is a batch, not one removal per write.
 pub const TRUNCATE_STEP: u64 = 1_000;
