@@ -106,7 +106,7 @@ pub struct Shard {
     oracle: Arc<RevisionOracle>,
     topology: Arc<Topology>,
     /// The engine every part of this shard uses; the Ready loop holds its
-    /// unsynced writes for one batch (see `drive`).
+    /// unsynced writes until enough are held or the tick (see `drive`).
     buffer: Rc<BufferedEngine>,
     /// Run the raft fsync inline on this core instead of the blocking pool.
     fsync_on_core: Cell<bool>,

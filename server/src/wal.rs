@@ -51,9 +51,6 @@ use raft::eraftpb::{ConfState, Entry, HardState};
 /// Size a segment is allocated to (etcd's WAL uses the same).
 pub const SEGMENT_BYTES: u64 = 64 << 20;
 
-/// Capacity of the write buffer kept from one batch to the next.
-const PENDING_KEEP: usize = 1 << 20;
-
 const HEADER: usize = 9;
 const KIND_ENTRY: u8 = 1;
 const KIND_HARD_STATE: u8 = 2;
@@ -171,7 +168,6 @@ fn read_segment(path: &Path) -> Result<(Vec<Record>, u64, bool), WalError> {
 
 struct Segment {
     seq: u64,
-    path: PathBuf,
     /// Index of the entry before this segment's first (its `Start`).
     prev_index: u64,
 }
@@ -189,8 +185,8 @@ pub struct Wal {
     pending: Vec<u8>,
     /// Written but not yet synced.
     unsynced: bool,
-    /// Entries in the current segment (it rolls only once it has one).
-    segment_entries: u64,
+    /// The current segment holds an entry (it rolls only once it does).
+    segment_has_entry: bool,
     /// What a new segment starts with.
     last_entry: (u64, u64),
     hard_state: HardState,
@@ -277,7 +273,7 @@ impl Wal {
             offset: 0,
             pending: Vec::new(),
             unsynced: false,
-            segment_entries: 0,
+            segment_has_entry: false,
             last_entry: (0, 0),
             hard_state: HardState::default(),
             conf_state: ConfState::default(),
@@ -315,11 +311,7 @@ impl Wal {
                 wal.observe(r);
             }
             all.extend(records);
-            wal.segments.push(Segment {
-                seq,
-                path,
-                prev_index,
-            });
+            wal.segments.push(Segment { seq, prev_index });
             if newest && !torn {
                 wal.file = Arc::new(
                     OpenOptions::new()
@@ -328,7 +320,7 @@ impl Wal {
                         .open(segment_path(dir, seq))?,
                 );
                 wal.offset = end;
-                wal.segment_entries = 1;
+                wal.segment_has_entry = true;
             }
         }
         if !all.is_empty() && (torn || wal.offset == 0) {
@@ -393,14 +385,12 @@ impl Wal {
     /// segment if it would not fit in the current one.
     fn place(&mut self, before: usize, entry: bool) -> Result<(), WalError> {
         let end = self.offset + self.pending.len() as u64;
-        if end > self.segment_bytes && self.segment_entries > 0 {
+        if end > self.segment_bytes && self.segment_has_entry {
             let encoded = self.pending.split_off(before);
             self.roll()?;
             self.pending.extend_from_slice(&encoded);
         }
-        if entry {
-            self.segment_entries += 1;
-        }
+        self.segment_has_entry |= entry;
         Ok(())
     }
 
@@ -414,13 +404,9 @@ impl Wal {
         let file = create_segment(&self.dir, seq, self.segment_bytes)?;
         self.file = Arc::new(file);
         self.offset = 0;
-        self.segment_entries = 0;
+        self.segment_has_entry = false;
         let (prev_index, prev_term) = self.last_entry;
-        self.segments.push(Segment {
-            seq,
-            path: segment_path(&self.dir, seq),
-            prev_index,
-        });
+        self.segments.push(Segment { seq, prev_index });
         let (hs, cs) = (self.hard_state.clone(), self.conf_state.clone());
         self.encode(&Record::Start {
             prev_index,
@@ -443,22 +429,14 @@ impl Wal {
         }
         self.file.write_all_at(&self.pending, self.offset)?;
         self.offset += self.pending.len() as u64;
-        // Keep the buffer for the next batch (freeing and regrowing one of
-        // 100 KiB or more per batch costs malloc more than it saves), but
-        // not one a burst of large entries grew.
         self.pending.clear();
-        if self.pending.capacity() > PENDING_KEEP {
-            self.pending.shrink_to(PENDING_KEEP);
-        }
         self.unsynced = true;
         Ok(())
     }
 
     /// Writes pushed records and makes everything written durable.
     pub fn sync(&mut self) -> Result<(), WalError> {
-        self.write()?;
-        self.file.sync_data()?;
-        self.unsynced = false;
+        self.sync_job().run()?;
         Ok(())
     }
 
@@ -489,7 +467,7 @@ impl Wal {
         let mut n = 0;
         while self.releasable(index) {
             let s = self.segments.remove(0);
-            fs::remove_file(&s.path)?;
+            fs::remove_file(segment_path(&self.dir, s.seq))?;
             n += 1;
         }
         if n > 0 {
@@ -598,7 +576,7 @@ mod tests {
                 wal.push(&entry(i, 1, 50)).unwrap();
             }
             wal.sync().unwrap();
-            path = wal.segments[0].path.clone();
+            path = segment_path(dir.path(), wal.segments[0].seq);
             // A fourth record half on disk: its length, and garbage.
             let mut torn = Vec::new();
             entry(4, 1, 50).encode_into(&mut torn);
@@ -631,7 +609,7 @@ mod tests {
                 wal.push(&entry(i, 1, 200)).unwrap();
             }
             wal.sync().unwrap();
-            first = wal.segments[0].path.clone();
+            first = segment_path(dir.path(), wal.segments[0].seq);
         }
         let f = OpenOptions::new().write(true).open(&first).unwrap();
         f.write_all_at(&[0xee; 4], 40).unwrap();

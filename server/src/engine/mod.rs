@@ -4,9 +4,9 @@
 //! thread (hence `Rc<dyn Engine>` and interior mutability instead of locks).
 //! Several users share that instance — the shard's own state and the MVCC
 //! store (the raft log has its own WAL, `crate::wal`) — and each keeps to
-//! its own key namespace, a single leading byte listed in [`keyspace`]. Because the
-//! engine is shared, nothing above it may assume it is the only writer of
-//! the engine, only of its own namespace.
+//! its own key namespace, a single leading byte listed in [`keyspace`].
+//! Because the engine is shared, nothing above it may assume it is the only
+//! writer of the engine, only of its own namespace.
 //!
 //! # Invariants
 //!

@@ -912,16 +912,13 @@ impl MvccWrite<'_> {
                 .iter()
                 .map(|c| {
                     Ok(match c.source {
-                        Source::Stored(_) | Source::Pending(_) if req.prev_kv => {
-                            Prev::Read(self.mvcc.materialize(c)?)
-                        }
-                        Source::Pending(kv) => Prev::Read(kv.clone()),
-                        Source::Stored(rev) => Prev::Stored {
+                        Source::Stored(rev) if !req.prev_kv => Prev::Stored {
                             rev,
                             create: c.create,
                             version: c.version,
                             lease: c.lease,
                         },
+                        _ => Prev::Read(self.mvcc.materialize(c)?),
                     })
                     .map(|prev| (c.key.to_vec().into(), prev))
                 })
