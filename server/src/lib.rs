@@ -14,6 +14,7 @@ pub mod net;
 pub mod oracle;
 pub mod raftlog;
 pub mod shard;
+pub mod signal;
 pub mod state;
 pub mod wal;
 pub mod watch;

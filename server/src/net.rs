@@ -1,21 +1,22 @@
 //! The shard's TCP front: frames in, `Shard::handle`, frames out.
 //!
 //! Framing (see proto/protos/shardpb/shard.proto): a 4-byte little-endian
-//! length, then one prost-encoded `ShardRequest`/`ShardResponse`. Each
-//! request runs as its own task on the shard's executor, so one connection
-//! carries many requests at once and a slow one (a read waiting for the
-//! watermark) never holds up the others; responses go back through one
-//! writer task that coalesces whatever is ready into one socket write.
-//! Frames are read through a buffer, so a burst of requests costs one
-//! socket read, not two per frame.
+//! length, then one prost-encoded `ShardRequest`/`ShardResponse`. One
+//! connection carries many requests at once, and a slow one (a read
+//! waiting for the watermark) never holds up the others: a single-shard
+//! write (Put, DeleteRange, Txn) is queued for raft by the reader itself
+//! and answered by the raft task once applied; every other request runs
+//! as its own task. Answers are encoded straight into the connection's
+//! [`Outbox`], whose writer sends whatever is there in one socket write.
+//! Frames are read through a buffer and decoded from it, so a burst of
+//! requests costs one socket read and no copy per frame.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
+use std::pin::Pin;
 use std::rc::Rc;
 
-use futures::channel::mpsc;
-use futures::io::{AsyncReadExt, AsyncWriteExt};
-use futures::StreamExt;
+use futures::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use glommio::net::{TcpListener, TcpStream};
 use metastore_proto::shardpb::{
     shard_error::Code, shard_request, shard_response::Body, ShardError, ShardRequest,
@@ -23,7 +24,8 @@ use metastore_proto::shardpb::{
 };
 use prost::Message;
 
-use crate::shard::{Shard, SubscriptionHandle};
+use crate::shard::{Reply, Shard, SubscriptionHandle};
+use crate::signal::Signal;
 
 /// Frames larger than this are refused (the gateway limits requests to a
 /// few MiB; this only guards against garbage).
@@ -67,116 +69,197 @@ async fn read_frame<R: futures::io::AsyncRead + Unpin>(r: &mut R) -> std::io::Re
 }
 
 fn frame(msg: &impl Message) -> Vec<u8> {
-    let len = msg.encoded_len();
-    let mut buf = Vec::with_capacity(4 + len);
-    buf.extend_from_slice(&(len as u32).to_le_bytes());
-    msg.encode(&mut buf).expect("vec has room");
+    let mut buf = Vec::new();
+    push_frame(&mut buf, msg);
     buf
+}
+
+fn push_frame(buf: &mut Vec<u8>, msg: &impl Message) {
+    let len = msg.encoded_len();
+    buf.reserve(4 + len);
+    buf.extend_from_slice(&(len as u32).to_le_bytes());
+    msg.encode(buf).expect("vec has room");
+}
+
+/// A connection's responses waiting for its writer: frames are encoded
+/// straight into one buffer, which the writer sends whole. Whoever may
+/// still answer on the connection (the reader, a request's task, a
+/// proposal, a subscription) holds an [`OutboxSender`]; the writer ends
+/// once the buffer is empty and no sender is left, or the socket fails.
+#[derive(Default)]
+pub struct Outbox {
+    buf: RefCell<Vec<u8>>,
+    ready: Signal,
+    /// The socket failed: nothing more will be sent.
+    closed: Cell<bool>,
+}
+
+/// A handle to answer on a connection (see [`Outbox`]).
+pub struct OutboxSender(Rc<Outbox>);
+
+impl OutboxSender {
+    /// Queues `resp` for the connection's writer; false once the
+    /// connection is gone.
+    pub fn send(&self, resp: &ShardResponse) -> bool {
+        if self.0.closed.get() {
+            return false;
+        }
+        push_frame(&mut self.0.buf.borrow_mut(), resp);
+        self.0.ready.notify();
+        true
+    }
+}
+
+impl Clone for OutboxSender {
+    fn clone(&self) -> Self {
+        OutboxSender(self.0.clone())
+    }
+}
+
+impl Drop for OutboxSender {
+    fn drop(&mut self) {
+        // The writer may be waiting for the last sender to go.
+        self.0.ready.notify();
+    }
+}
+
+impl Outbox {
+    /// Sends queued frames until no sender is left (or the socket fails).
+    async fn write_all_to(self: Rc<Self>, mut writer: impl futures::io::AsyncWrite + Unpin) {
+        let mut out = Vec::new();
+        loop {
+            std::mem::swap(&mut out, &mut self.buf.borrow_mut());
+            if out.is_empty() {
+                // Only this writer's own reference is left: all answered.
+                if Rc::strong_count(&self) == 1 {
+                    return;
+                }
+                self.ready.wait().await;
+                continue;
+            }
+            if writer.write_all(&out).await.is_err() {
+                self.closed.set(true);
+                return;
+            }
+            out.clear();
+        }
+    }
 }
 
 async fn connection(shard: Rc<Shard>, stream: TcpStream) -> std::io::Result<()> {
     stream.set_nodelay(true)?;
-    let (reader, mut writer) = stream.split();
+    let (reader, writer) = stream.split();
     // Frames are small and arrive in bursts: read them from a buffer, one
     // socket read for many frames, not two reads per frame.
     let mut reader = futures::io::BufReader::with_capacity(READ_BUFFER, reader);
-    let (tx, mut rx) = mpsc::unbounded::<Vec<u8>>();
-    let writer_task = glommio::spawn_local(async move {
-        while let Some(first) = rx.next().await {
-            let mut buf = first;
-            while let Ok(more) = rx.try_recv() {
-                buf.extend_from_slice(&more);
-            }
-            if writer.write_all(&buf).await.is_err() {
-                break;
-            }
-        }
-    });
+    let outbox = Rc::new(Outbox::default());
+    let tx = OutboxSender(outbox.clone());
+    let writer_task = glommio::spawn_local(outbox.write_all_to(writer));
     let subs: Rc<RefCell<HashMap<u64, Rc<SubscriptionHandle>>>> = Default::default();
     loop {
-        let bytes = match read_frame(&mut reader).await {
-            Ok(b) => b,
+        // A frame wholly in the read buffer is decoded from there; one
+        // that straddles the buffer's end is read out (and copied) first.
+        let decoded = match whole_frame(reader.buffer()) {
+            Ok(Some(len)) => {
+                let decoded = ShardRequest::decode(&reader.buffer()[4..4 + len]);
+                Pin::new(&mut reader).consume(4 + len);
+                decoded
+            }
+            Ok(None) if reader.buffer().is_empty() => match reader.fill_buf().await {
+                Ok([]) | Err(_) => break,
+                Ok(_) => continue,
+            },
+            Ok(None) => match read_frame(&mut reader).await {
+                Ok(bytes) => ShardRequest::decode(bytes.as_slice()),
+                Err(_) => break,
+            },
             Err(_) => break,
         };
-        let decoded = ShardRequest::decode(bytes.as_slice());
-        // Watch control messages are per connection and answered by the
-        // subscription's stream, not by a response.
-        if let Ok(req) = &decoded {
-            let handle_of = |id: u64| subs.borrow().get(&id).cloned();
-            match &req.body {
-                Some(shard_request::Body::WatchAck(a)) => {
-                    if let Some(h) = handle_of(a.subscription_id) {
-                        h.acked.set(h.acked.get().max(a.seq));
-                        h.wake();
-                    }
-                    continue;
-                }
-                Some(shard_request::Body::WatchProgress(p)) => {
-                    if let Some(h) = handle_of(p.subscription_id) {
-                        h.progress.set(Some(
-                            h.progress.get().map_or(p.revision, |r| r.max(p.revision)),
-                        ));
-                        h.wake();
-                    }
-                    continue;
-                }
-                Some(shard_request::Body::WatchCancel(c)) => {
-                    if let Some(h) = subs.borrow_mut().remove(&c.subscription_id) {
-                        h.cancelled.set(true);
-                        h.wake();
-                    }
-                    continue;
-                }
-                Some(shard_request::Body::WatchSubscribe(w)) => {
-                    let handle = Rc::new(SubscriptionHandle::default());
-                    subs.borrow_mut().insert(req.id, handle.clone());
-                    let (id, w, tx, shard, subs) =
-                        (req.id, w.clone(), tx.clone(), shard.clone(), subs.clone());
-                    glommio::spawn_local(async move {
-                        let send = |f: WatchEventsResponse| {
-                            tx.unbounded_send(frame(&ShardResponse {
-                                id,
-                                body: Some(Body::WatchEvents(f)),
-                            }))
-                            .is_ok()
-                        };
-                        shard.run_subscription(w, handle, &send).await;
-                        subs.borrow_mut().remove(&id);
-                    })
-                    .detach();
-                    continue;
-                }
-                _ => {}
-            }
-        }
-        let tx = tx.clone();
-        let shard = shard.clone();
-        glommio::spawn_local(async move {
-            let resp = match decoded {
-                Ok(req) => {
-                    let body = match req.body {
-                        Some(body) => shard.handle(body).await,
-                        None => Body::Error(ShardError {
-                            code: Code::InvalidArgument as i32,
-                            message: "empty request".into(),
-                        }),
-                    };
-                    ShardResponse {
-                        id: req.id,
-                        body: Some(body),
-                    }
-                }
-                Err(e) => ShardResponse {
+        let req = match decoded {
+            Ok(req) => req,
+            Err(e) => {
+                tx.send(&ShardResponse {
                     id: 0,
                     body: Some(Body::Error(ShardError {
                         code: Code::InvalidArgument as i32,
                         message: format!("undecodable request: {e}"),
                     })),
-                },
-            };
-            let _ = tx.unbounded_send(frame(&resp));
-        })
-        .detach();
+                });
+                continue;
+            }
+        };
+        let handle_of = |id: u64| subs.borrow().get(&id).cloned();
+        let body = match req.body {
+            None => {
+                tx.send(&ShardResponse {
+                    id: req.id,
+                    body: Some(Body::Error(ShardError {
+                        code: Code::InvalidArgument as i32,
+                        message: "empty request".into(),
+                    })),
+                });
+                continue;
+            }
+            Some(body) => body,
+        };
+        match body {
+            // Watch control messages are per connection and answered by the
+            // subscription's stream, not by a response.
+            shard_request::Body::WatchAck(a) => {
+                if let Some(h) = handle_of(a.subscription_id) {
+                    h.acked.set(h.acked.get().max(a.seq));
+                    h.wake();
+                }
+            }
+            shard_request::Body::WatchProgress(p) => {
+                if let Some(h) = handle_of(p.subscription_id) {
+                    h.progress.set(Some(
+                        h.progress.get().map_or(p.revision, |r| r.max(p.revision)),
+                    ));
+                    h.wake();
+                }
+            }
+            shard_request::Body::WatchCancel(c) => {
+                if let Some(h) = subs.borrow_mut().remove(&c.subscription_id) {
+                    h.cancelled.set(true);
+                    h.wake();
+                }
+            }
+            shard_request::Body::WatchSubscribe(w) => {
+                let handle = Rc::new(SubscriptionHandle::default());
+                subs.borrow_mut().insert(req.id, handle.clone());
+                let (id, tx, shard, subs) = (req.id, tx.clone(), shard.clone(), subs.clone());
+                glommio::spawn_local(async move {
+                    let send = |f: WatchEventsResponse| {
+                        tx.send(&ShardResponse {
+                            id,
+                            body: Some(Body::WatchEvents(f)),
+                        })
+                    };
+                    shard.run_subscription(w, handle, &send).await;
+                    subs.borrow_mut().remove(&id);
+                })
+                .detach();
+            }
+            // Single-shard writes need no task: the proposal answers on
+            // this connection once applied.
+            body @ (shard_request::Body::Put(_)
+            | shard_request::Body::DeleteRange(_)
+            | shard_request::Body::Txn(_)) => {
+                shard.submit_write(body, Reply::Frame(req.id, tx.clone()));
+            }
+            body => {
+                let (id, tx, shard) = (req.id, tx.clone(), shard.clone());
+                glommio::spawn_local(async move {
+                    let body = shard.handle(body).await;
+                    tx.send(&ShardResponse {
+                        id,
+                        body: Some(body),
+                    });
+                })
+                .detach();
+            }
+        }
     }
     for (_, h) in subs.borrow_mut().drain() {
         h.cancelled.set(true);
@@ -185,6 +268,21 @@ async fn connection(shard: Rc<Shard>, stream: TcpStream) -> std::io::Result<()> 
     drop(tx);
     writer_task.await;
     Ok(())
+}
+
+/// The length of the frame at the start of `buf` if all of it is there.
+fn whole_frame(buf: &[u8]) -> std::io::Result<Option<usize>> {
+    let Some(len) = buf.get(..4) else {
+        return Ok(None);
+    };
+    let len = u32::from_le_bytes(len.try_into().expect("4 bytes")) as usize;
+    if len > MAX_FRAME {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "frame too large",
+        ));
+    }
+    Ok((buf.len() >= 4 + len).then_some(len))
 }
 
 /// One request to another shard over a fresh connection (used rarely: a

@@ -39,8 +39,7 @@ use std::rc::Rc;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use futures::channel::{mpsc, oneshot};
-use futures::StreamExt;
+use futures::channel::oneshot;
 use metastore_proto::etcdserverpb::{RangeRequest, ResponseHeader, TxnRequest};
 use metastore_proto::router::ShardRouter;
 use metastore_proto::shardpb::{
@@ -48,8 +47,8 @@ use metastore_proto::shardpb::{
     CommitRequest, CompactRequest, CurrentRevisionResponse, LeaseKeepAliveResponse,
     LeaseKeysResponse, LeaseListResponse, LeaseRevokeResponse, LeaseTimeToLiveResponse,
     PrepareRequest, RaftCommand, ResolveRequest, ResolveResponse, ShardError, ShardRequest,
-    StatusResponse, TopologyResponse, TxnEvaluateResponse, TxnReadResponse, WatchEventsResponse,
-    WatchSubscribeRequest,
+    ShardResponse, StatusResponse, TopologyResponse, TxnEvaluateResponse, TxnReadResponse,
+    WatchEventsResponse, WatchSubscribeRequest,
 };
 use metastore_proto::txn;
 use prost::Message;
@@ -58,8 +57,10 @@ use raft::{Config, RawNode, Storage};
 
 use crate::engine::buffered::BufferedEngine;
 use crate::engine::Engine;
+use crate::net::OutboxSender;
 use crate::oracle::RevisionOracle;
 use crate::raftlog::{RaftLog, WalOptions};
+use crate::signal::Signal;
 use crate::state::{mvcc_error, ShardState, StateError, TxnId};
 use crate::watch::{Poll, Subscription, WatchRing, RING_BATCHES, RING_BYTES};
 
@@ -99,6 +100,30 @@ pub enum ShardFailure {
     CatchUp { applied: u64, target: u64 },
 }
 
+/// Where a proposal's answer goes once it is applied.
+pub enum Reply {
+    /// A task waiting for it (`propose`).
+    Waiter(oneshot::Sender<Body>),
+    /// Straight onto a connection as the response to request `id`.
+    Frame(u64, OutboxSender),
+}
+
+impl Reply {
+    fn send(self, body: Body) {
+        match self {
+            Reply::Waiter(tx) => {
+                let _ = tx.send(body);
+            }
+            Reply::Frame(id, out) => {
+                out.send(&ShardResponse {
+                    id,
+                    body: Some(body),
+                });
+            }
+        }
+    }
+}
+
 /// One shard; see the module essay.
 pub struct Shard {
     id: u32,
@@ -113,7 +138,7 @@ pub struct Shard {
     node: RefCell<RawNode<RaftLog>>,
     state: RefCell<ShardState>,
     queue: RefCell<Vec<RaftCommand>>,
-    waiters: RefCell<HashMap<u64, oneshot::Sender<Body>>>,
+    waiters: RefCell<HashMap<u64, Reply>>,
     next_proposal: Cell<u64>,
     /// Revisions allocated by this shard and not yet applied → proposal id.
     inflight: RefCell<BTreeMap<i64, u64>>,
@@ -121,8 +146,8 @@ pub struct Shard {
     floors: RefCell<HashMap<TxnId, (i64, Instant)>>,
     read_waiters: RefCell<Vec<(i64, oneshot::Sender<()>)>>,
     resolving: RefCell<std::collections::HashSet<TxnId>>,
-    wake: mpsc::UnboundedSender<()>,
-    wake_rx: RefCell<Option<mpsc::UnboundedReceiver<()>>>,
+    /// Proposals were queued: the raft task has work.
+    wake: Signal,
     /// Every applied event, for watch subscriptions.
     ring: RefCell<WatchRing>,
     /// Subscriptions waiting for new events or a moved watermark.
@@ -219,7 +244,6 @@ impl Shard {
         let mut node = RawNode::new(&config, log, &slog_logger())?;
         // One voter: campaigning makes it leader at once.
         node.campaign()?;
-        let (wake, wake_rx) = mpsc::unbounded();
         let shard = Rc::new(Shard {
             id,
             router,
@@ -236,8 +260,7 @@ impl Shard {
             floors: RefCell::new(HashMap::new()),
             read_waiters: RefCell::new(Vec::new()),
             resolving: RefCell::new(Default::default()),
-            wake,
-            wake_rx: RefCell::new(Some(wake_rx)),
+            wake: Signal::default(),
             ring: RefCell::new(WatchRing::new(max_rev, RING_BATCHES, RING_BYTES)),
             watch_waiters: RefCell::new(Vec::new()),
             lease_deadlines: RefCell::new(HashMap::new()),
@@ -353,6 +376,15 @@ impl Shard {
     /// Queues `op` for raft at `revision` (`None`: allocate one now) and
     /// waits for it to be applied.
     async fn propose(&self, op: Op, revision: Option<i64>) -> Body {
+        let (tx, rx) = oneshot::channel();
+        self.queue_proposal(op, revision, Reply::Waiter(tx));
+        rx.await
+            .unwrap_or_else(|_| error(Code::Unavailable, "shard stopped"))
+    }
+
+    /// Queues `op` for raft at `revision` (`None`: allocate one now); its
+    /// answer goes to `reply` once applied.
+    fn queue_proposal(&self, op: Op, revision: Option<i64>, reply: Reply) {
         let (rev, allocated) = match revision {
             Some(r) => (r, false),
             None => (self.oracle.allocate(), true),
@@ -362,25 +394,49 @@ impl Shard {
         if allocated {
             self.inflight.borrow_mut().insert(rev, id);
         }
-        let (tx, rx) = oneshot::channel();
-        self.waiters.borrow_mut().insert(id, tx);
+        self.waiters.borrow_mut().insert(id, reply);
         self.queue.borrow_mut().push(RaftCommand {
             revision: rev,
             proposal_id: id,
             op: Some(op),
         });
-        let _ = self.wake.unbounded_send(());
-        rx.await
-            .unwrap_or_else(|_| error(Code::Unavailable, "shard stopped"))
+        self.wake.notify();
+    }
+
+    /// Starts a single-shard write (Put, DeleteRange or Txn) without a
+    /// task of its own: it is checked and queued now, and `reply` gets
+    /// the answer (an error at once, or the result once applied).
+    pub fn submit_write(&self, req: shard_request::Body, reply: Reply) {
+        match self.write_op(req) {
+            Ok(op) => self.queue_proposal(op, None, reply),
+            Err(why) => reply.send(error(Code::InvalidArgument, why)),
+        }
+    }
+
+    /// The raft op of a single-shard write, or why it is refused
+    /// (`InvalidArgument`: the gateway routes writes to their shard).
+    fn write_op(&self, req: shard_request::Body) -> Result<Op, &'static str> {
+        use shard_request::Body as R;
+        match req {
+            R::Put(p) if !self.router.owns(self.id, &p.key) => Err("key belongs to another shard"),
+            R::Put(p) => Ok(Op::Put(p)),
+            R::DeleteRange(d)
+                if self.router.shard_count() > 1
+                    && (!d.range_end.is_empty() || !self.router.owns(self.id, &d.key)) =>
+            {
+                Err("delete spans other shards")
+            }
+            R::DeleteRange(d) => Ok(Op::DeleteRange(d)),
+            R::Txn(t) if !self.state.borrow().owns_all(&t) => {
+                Err("txn touches keys of other shards")
+            }
+            R::Txn(t) => Ok(Op::Txn(t)),
+            _ => Err("not a single-shard write"),
+        }
     }
 
     /// The raft task: runs until the process ends.
     pub async fn run_raft(self: Rc<Self>) {
-        let mut wake_rx = self
-            .wake_rx
-            .borrow_mut()
-            .take()
-            .expect("raft task started twice");
         let mut next_tick = Instant::now() + TICK;
         loop {
             let now = Instant::now();
@@ -401,11 +457,11 @@ impl Shard {
             } else {
                 let sleep = glommio::timer::sleep(next_tick - now);
                 futures::pin_mut!(sleep);
-                let _ = futures::future::select(wake_rx.next(), sleep).await;
+                let _ = futures::future::select(std::pin::pin!(self.wake.wait()), sleep).await;
                 // Let other tasks queue more proposals: one fsync for all.
                 futures_lite_yield().await;
             }
-            while wake_rx.try_recv().is_ok() {}
+            self.wake.take();
             if let Err(e) = self.drive().await {
                 eprintln!("shard {}: fatal: {e}", self.id);
                 std::process::exit(1);
@@ -618,7 +674,8 @@ impl Shard {
                 inflight.remove(&cmd.revision);
             }
         }
-        if let Some(tx) = self.waiters.borrow_mut().remove(&cmd.proposal_id) {
+        let reply = self.waiters.borrow_mut().remove(&cmd.proposal_id);
+        if let Some(reply) = reply {
             let body = match body {
                 Body::Put(mut r) => {
                     r.header = self.header(r.header);
@@ -634,7 +691,7 @@ impl Shard {
                 }
                 other => other,
             };
-            let _ = tx.send(body);
+            reply.send(body);
         }
     }
 
@@ -988,26 +1045,10 @@ impl Shard {
                 history_id: self.topology.history_id,
             }),
             R::Range(r) => self.range(r).await,
-            R::Put(p) => {
-                if !self.router.owns(self.id, &p.key) {
-                    return error(Code::InvalidArgument, "key belongs to another shard");
-                }
-                self.propose(Op::Put(p), None).await
-            }
-            R::DeleteRange(d) => {
-                if self.router.shard_count() > 1
-                    && (!d.range_end.is_empty() || !self.router.owns(self.id, &d.key))
-                {
-                    return error(Code::InvalidArgument, "delete spans other shards");
-                }
-                self.propose(Op::DeleteRange(d), None).await
-            }
-            R::Txn(t) => {
-                if !self.state.borrow().owns_all(&t) {
-                    return error(Code::InvalidArgument, "txn touches keys of other shards");
-                }
-                self.propose(Op::Txn(t), None).await
-            }
+            R::Put(_) | R::DeleteRange(_) | R::Txn(_) => match self.write_op(req) {
+                Ok(op) => self.propose(op, None).await,
+                Err(why) => error(Code::InvalidArgument, why),
+            },
             R::TxnEvaluate(e) => {
                 let t = e.txn.unwrap_or_default();
                 match self.read_at(e.revision).await {
