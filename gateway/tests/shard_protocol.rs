@@ -7,7 +7,8 @@
 //! and the connection keeps serving. They also pipeline many writes in one
 //! socket write, with frames that straddle the server's 64 KiB read buffer
 //! and one larger than it, and check every one is answered, under its own
-//! id, and applied.
+//! id, and applied; and that a write is answered only after the watch
+//! events it caused were sent.
 
 #[macro_use]
 mod common;
@@ -18,6 +19,7 @@ use metastore_proto::etcdserverpb::{DeleteRangeRequest, PutRequest};
 use metastore_proto::router::ShardRouter;
 use metastore_proto::shardpb::{
     shard_error::Code, shard_request, shard_response, ShardRequest, ShardResponse,
+    WatchSubscribeRequest,
 };
 use prost::Message;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -178,6 +180,58 @@ both_engines!(
             let kv = &got.kvs()[0];
             assert_eq!(kv.value(), values[key].as_slice(), "key {i}");
             assert_eq!(kv.mod_revision(), revisions[&(1000 + i as u64)], "key {i}");
+        }
+    }
+);
+
+both_engines!(
+    async fn a_write_is_answered_after_its_watch_events(node: TestNode) {
+        // On one connection (as the gateway uses it): a subscription to a
+        // key, then puts to it, one at a time. The frame carrying each
+        // put's event must come before the put's answer, so a watcher
+        // behind the gateway sees the event no later than the writer
+        // sees its acknowledgement.
+        let addr = &node.server_addrs()[0];
+        let mut s = TcpStream::connect(addr).await.expect("connect to shard 0");
+        let key = keys_of(0, 1).remove(0);
+        let subscribe = ShardRequest {
+            id: 1,
+            body: Some(shard_request::Body::WatchSubscribe(WatchSubscribeRequest {
+                key: key.clone(),
+                window: 1000,
+                ..Default::default()
+            })),
+        };
+        s.write_all(&frame(&subscribe)).await.unwrap();
+        for i in 0..20u64 {
+            let id = 100 + i;
+            s.write_all(&frame(&put(id, &key, vec![b'v'; 10])))
+                .await
+                .unwrap();
+            let mut event_revision = None;
+            let answered_revision = loop {
+                let resp = read_response(&mut s).await;
+                match resp.body {
+                    Some(shard_response::Body::WatchEvents(w)) => {
+                        assert_eq!(resp.id, 1);
+                        for e in &w.events {
+                            let kv = e.kv.as_ref().expect("kv");
+                            assert_eq!(kv.key.as_ref(), key.as_slice());
+                            event_revision = Some(kv.mod_revision);
+                        }
+                    }
+                    Some(shard_response::Body::Put(p)) => {
+                        assert_eq!(resp.id, id);
+                        break p.header.expect("header").revision;
+                    }
+                    other => panic!("unexpected frame {other:?}"),
+                }
+            };
+            assert_eq!(
+                event_revision,
+                Some(answered_revision),
+                "put {i}: its event came before its answer"
+            );
         }
     }
 );

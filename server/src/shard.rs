@@ -124,6 +124,16 @@ impl Reply {
     }
 }
 
+/// Answers to applied proposals that go straight onto a connection, sent
+/// by their own task (`run_answers`) so that they leave after the watch
+/// events of the same entries: the subscriptions woken by an apply run
+/// before this task does.
+#[derive(Default)]
+struct Answers {
+    queued: RefCell<Vec<(Reply, Body)>>,
+    ready: Signal,
+}
+
 /// One shard; see the module essay.
 pub struct Shard {
     id: u32,
@@ -139,6 +149,7 @@ pub struct Shard {
     state: RefCell<ShardState>,
     queue: RefCell<Vec<RaftCommand>>,
     waiters: RefCell<HashMap<u64, Reply>>,
+    answers: Answers,
     next_proposal: Cell<u64>,
     /// Revisions allocated by this shard and not yet applied → proposal id.
     inflight: RefCell<BTreeMap<i64, u64>>,
@@ -261,6 +272,7 @@ impl Shard {
             read_waiters: RefCell::new(Vec::new()),
             resolving: RefCell::new(Default::default()),
             wake: Signal::default(),
+            answers: Answers::default(),
             ring: RefCell::new(WatchRing::new(max_rev, RING_BATCHES, RING_BYTES)),
             watch_waiters: RefCell::new(Vec::new()),
             lease_deadlines: RefCell::new(HashMap::new()),
@@ -437,6 +449,7 @@ impl Shard {
 
     /// The raft task: runs until the process ends.
     pub async fn run_raft(self: Rc<Self>) {
+        glommio::spawn_local(self.clone().run_answers()).detach();
         let mut next_tick = Instant::now() + TICK;
         loop {
             let now = Instant::now();
@@ -465,6 +478,18 @@ impl Shard {
             if let Err(e) = self.drive().await {
                 eprintln!("shard {}: fatal: {e}", self.id);
                 std::process::exit(1);
+            }
+        }
+    }
+
+    /// Sends the answers of applied proposals (see [`Answers`]).
+    async fn run_answers(self: Rc<Self>) {
+        let mut batch = Vec::new();
+        loop {
+            self.answers.ready.wait().await;
+            std::mem::swap(&mut batch, &mut *self.answers.queued.borrow_mut());
+            for (reply, body) in batch.drain(..) {
+                reply.send(body);
             }
         }
     }
@@ -691,7 +716,15 @@ impl Shard {
                 }
                 other => other,
             };
-            reply.send(body);
+            match reply {
+                // The waiting task runs after the subscriptions woken
+                // before it anyway.
+                Reply::Waiter(_) => reply.send(body),
+                Reply::Frame(..) => {
+                    self.answers.queued.borrow_mut().push((reply, body));
+                    self.answers.ready.notify();
+                }
+            }
         }
     }
 
