@@ -414,15 +414,12 @@ impl ShardState {
                     }
                 }
             }
-            let e = &we.event;
-            if let Some(kv) = &e.kv {
-                let is_put = e.r#type == metastore_proto::mvccpb::event::EventType::Put as i32;
-                if is_put && kv.lease != 0 {
-                    self.attached
-                        .entry(kv.lease)
-                        .or_default()
-                        .insert(kv.key.to_vec());
-                }
+            let is_put = we.kind == metastore_proto::mvccpb::event::EventType::Put;
+            if is_put && we.kv.lease != 0 {
+                self.attached
+                    .entry(we.kv.lease)
+                    .or_default()
+                    .insert(we.kv.key.to_vec());
             }
         }
     }

@@ -52,7 +52,7 @@ use std::time::{Duration, Instant};
 use metastore_proto::mvccpb::{Event, KeyValue};
 use metastore_proto::shardpb::WatchEventsResponse;
 
-use crate::mvcc::{Mvcc, MvccError, WriteEvent};
+use crate::mvcc::{Mvcc, MvccError, Replaced, WriteEvent};
 
 /// Batches the ring keeps at most.
 pub const RING_BATCHES: usize = 16_384;
@@ -86,18 +86,18 @@ impl RingEvent {
     /// `prev_kv` (read now if nobody has yet), else without.
     fn to_send(&self, prev_kv: bool, mvcc: &Mvcc) -> Event {
         let w = &self.write;
-        let prev = match (&w.event.prev_kv, &w.stored_prev) {
-            (_, _) if !prev_kv => None,
-            (Some(p), _) => Some(p.clone()),
-            (None, Some(stored)) => self
+        let prev = match &w.replaced {
+            _ if !prev_kv => None,
+            Replaced::Read(kv) => Some(kv.clone()),
+            Replaced::Stored(stored) => self
                 .prev_read
                 .get_or_init(|| mvcc.read_prev(w.key(), stored))
                 .clone(),
-            (None, None) => None,
+            Replaced::Nothing => None,
         };
         Event {
-            r#type: w.event.r#type,
-            kv: w.event.kv.clone(),
+            r#type: w.kind as i32,
+            kv: Some(w.kv.clone()),
             prev_kv: prev,
         }
     }
@@ -122,14 +122,13 @@ fn event_revision(e: &Event) -> i64 {
 /// Bytes an event holds in the ring: a previous version not read yet is
 /// counted as the size of the new one (it is read into the ring later).
 fn event_size(w: &WriteEvent) -> usize {
-    let kv = |k: Option<&KeyValue>| k.map(|kv| kv.key.len() + kv.value.len() + 48).unwrap_or(0);
-    let e = &w.event;
-    let prev = match (&e.prev_kv, &w.stored_prev) {
-        (Some(p), _) => kv(Some(p)),
-        (None, Some(_)) => kv(e.kv.as_ref()),
-        (None, None) => 0,
+    let kv = |kv: &KeyValue| kv.key.len() + kv.value.len() + 48;
+    let prev = match &w.replaced {
+        Replaced::Read(p) => kv(p),
+        Replaced::Stored(_) => kv(&w.kv),
+        Replaced::Nothing => 0,
     };
-    kv(e.kv.as_ref()) + prev + 16
+    kv(&w.kv) + prev + 16
 }
 
 impl WatchRing {
@@ -148,7 +147,7 @@ impl WatchRing {
     /// Appends the events of one applied revision.
     pub fn push(&mut self, events: Vec<WriteEvent>) {
         let Some(first) = events.first() else { return };
-        let revision = event_revision(&first.event);
+        let revision = first.revision();
         let bytes = events.iter().map(event_size).sum();
         let events = events
             .into_iter()
@@ -351,7 +350,7 @@ impl Subscription {
                 let matching: Vec<Event> = batch
                     .events
                     .iter()
-                    .filter(|e| self.matches_event(&e.write.event))
+                    .filter(|e| self.matches(e.write.key()))
                     .map(|e| e.to_send(self.prev_kv, mvcc))
                     .collect();
                 if !matching.is_empty() {

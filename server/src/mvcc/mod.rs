@@ -169,29 +169,46 @@ pub struct StoredPrev {
     pub lease: i64,
 }
 
+/// The version a change replaced, as far as the write learned it (see "A
+/// write's events, and their `prev_kv`").
+#[derive(Debug, Clone, PartialEq)]
+pub enum Replaced {
+    /// The key did not exist (or its latest version was a deletion).
+    Nothing,
+    /// The write read it: the request asked for `prev_kv` or
+    /// `ignore_value`, or it was the write's own earlier change.
+    Read(KeyValue),
+    /// Known to the key index only: [`Mvcc::read_prev`] reads it.
+    Stored(StoredPrev),
+}
+
 /// One change of a finished write, as a watch delivers it (see "A write's
 /// events, and their `prev_kv`").
 #[derive(Debug, Clone, PartialEq)]
 pub struct WriteEvent {
-    /// `prev_kv` is set when the write read the replaced version.
-    pub event: Event,
-    /// The replaced version, when there was one and `prev_kv` is not set.
-    pub stored_prev: Option<StoredPrev>,
+    pub kind: EventType,
+    /// The new version; for a deletion, the key at the deleting revision.
+    pub kv: KeyValue,
+    pub replaced: Replaced,
 }
 
 impl WriteEvent {
     /// The lease of the version this change replaced (0: none, or the key
     /// did not exist).
     pub fn prev_lease(&self) -> i64 {
-        match (&self.event.prev_kv, &self.stored_prev) {
-            (Some(p), _) => p.lease,
-            (None, Some(p)) => p.lease,
-            (None, None) => 0,
+        match &self.replaced {
+            Replaced::Read(kv) => kv.lease,
+            Replaced::Stored(p) => p.lease,
+            Replaced::Nothing => 0,
         }
     }
 
     pub fn key(&self) -> &[u8] {
-        self.event.kv.as_ref().map_or(&[], |kv| &kv.key[..])
+        &self.kv.key
+    }
+
+    pub fn revision(&self) -> i64 {
+        self.kv.mod_revision
     }
 }
 
@@ -1050,22 +1067,18 @@ impl MvccWrite<'_> {
                     tombstone: c.tombstone,
                 },
             );
-            let (prev_kv, stored_prev) = match c.prev {
-                Prev::None => (None, None),
-                Prev::Read(kv) => (Some(kv), None),
-                Prev::Stored { rev, lease, .. } => (None, Some(StoredPrev { rev, lease })),
-            };
             events.push(WriteEvent {
-                event: Event {
-                    r#type: if c.tombstone {
-                        EventType::Delete
-                    } else {
-                        EventType::Put
-                    } as i32,
-                    kv: Some(c.kv),
-                    prev_kv,
+                kind: if c.tombstone {
+                    EventType::Delete
+                } else {
+                    EventType::Put
                 },
-                stored_prev,
+                kv: c.kv,
+                replaced: match c.prev {
+                    Prev::None => Replaced::Nothing,
+                    Prev::Read(kv) => Replaced::Read(kv),
+                    Prev::Stored { rev, lease, .. } => Replaced::Stored(StoredPrev { rev, lease }),
+                },
             });
         }
         mvcc.current = mvcc.current.max(rev);

@@ -851,29 +851,35 @@ fn write_reads_see_own_writes_and_history() {
             events
                 .iter()
                 .map(|e| (
-                    e.event.r#type,
+                    e.kind,
                     e.key().to_vec(),
-                    e.event.prev_kv.is_some(),
-                    e.stored_prev.map(|p| p.rev.main)
+                    match &e.replaced {
+                        Replaced::Stored(p) => Some(p.rev.main),
+                        Replaced::Nothing => None,
+                        Replaced::Read(kv) => panic!("{k}: read {kv:?}"),
+                    }
                 ))
                 .collect::<Vec<_>>(),
             vec![
-                (EventType::Put as i32, b("c"), false, None),
-                (EventType::Put as i32, b("a"), false, Some(3)),
-                (EventType::Delete as i32, b("b"), false, Some(5))
+                (EventType::Put, b("c"), None),
+                (EventType::Put, b("a"), Some(3)),
+                (EventType::Delete, b("b"), Some(5))
             ],
             "{k}"
         );
         assert_eq!(
-            events[2].event.kv,
-            Some(KeyValue {
+            events[2].kv,
+            KeyValue {
                 key: b("b").into(),
                 mod_revision: 8,
                 ..Default::default()
-            }),
+            },
             "{k}"
         );
-        let read = |e: &WriteEvent| s.mvcc.read_prev(e.key(), &e.stored_prev.unwrap());
+        let read = |e: &WriteEvent| match &e.replaced {
+            Replaced::Stored(p) => s.mvcc.read_prev(e.key(), p),
+            other => panic!("{k}: not stored: {other:?}"),
+        };
         assert_eq!(read(&events[1]), Some(kv("a", "1", 3, 3, 1)), "{k}");
         assert_eq!(read(&events[2]), Some(kv("b", "1", 5, 5, 1)), "{k}");
         assert_eq!(keys(&s.range("a", "z", 0)), vec!["a", "c"], "{k}");
@@ -1772,8 +1778,8 @@ fn plain_puts_and_deletes_read_no_version_and_their_events_name_it() {
         assert_eq!(reads(), 0, "{k}");
         assert_eq!(s.get("a", 5), Some(kv("a", "2", 3, 5, 2)), "{k}");
         assert_eq!(
-            events[0].stored_prev,
-            Some(StoredPrev {
+            events[0].replaced,
+            Replaced::Stored(StoredPrev {
                 rev: Revision { main: 3, sub: 0 },
                 lease: 7
             }),
@@ -1795,8 +1801,11 @@ fn plain_puts_and_deletes_read_no_version_and_their_events_name_it() {
         s.engine.write(batch, false).unwrap();
         assert_eq!(reads(), before + 1, "{k}");
         assert_eq!(resp.prev_kv, Some(kv("a", "2", 3, 5, 2)), "{k}");
-        assert_eq!(events[0].event.prev_kv, resp.prev_kv, "{k}");
-        assert_eq!(events[0].stored_prev, None, "{k}");
+        assert_eq!(
+            Some(events[0].replaced.clone()),
+            resp.prev_kv.map(Replaced::Read),
+            "{k}"
+        );
         s.apply(7, |w| {
             w.put(&PutRequest {
                 ignore_value: true,
