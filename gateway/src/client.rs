@@ -86,13 +86,16 @@ pub const MAX_FRAME_BYTES: usize = 1 << 30;
 
 /// Writer batches stop growing at this size.
 const MAX_BATCH_BYTES: usize = 1 << 20;
+/// Sweeps per request timeout (see `Pending::sweep`).
+const SWEEPS_PER_TIMEOUT: u64 = 4;
 
 /// Timeouts of a shard client.
 #[derive(Clone, Debug)]
 pub struct ClientConfig {
     /// How long to wait for a TCP connection.
     pub connect_timeout: Duration,
-    /// How long to wait for a response once the request is queued.
+    /// How long to wait for a response once the request is queued (at
+    /// least; at most a quarter more: see `Pending::sweep`).
     pub request_timeout: Duration,
 }
 
@@ -160,14 +163,24 @@ impl std::fmt::Debug for SubscriptionSink {
     }
 }
 
+/// A caller waiting for the response to its request: the response, or
+/// the timeout the sweep gives it (see [`Pending::sweep`]).
+struct Waiter {
+    tx: oneshot::Sender<Result<ShardResponse>>,
+    /// The sweep generation the request was sent in.
+    since: u64,
+}
+
 /// Waiters and streams of one connection.
 #[derive(Default)]
 struct Pending {
-    waiters: HashMap<u64, oneshot::Sender<ShardResponse>>,
+    waiters: HashMap<u64, Waiter>,
     streams: HashMap<u64, SubscriptionSink>,
     closed: bool,
     /// Shard id, for the error streams end with.
     shard: u32,
+    /// Sweeps so far (see [`Pending::sweep`]).
+    generation: u64,
 }
 
 impl Pending {
@@ -181,11 +194,29 @@ impl Pending {
         self.streams.drain().map(|(_, sink)| sink).collect()
     }
 
+    /// Requests time out by sweeps, not by a timer each: a timer per
+    /// request costs the runtime a timer-wheel entry, and at low load
+    /// (each new timer the earliest) an eventfd write and an extra epoll
+    /// round to wake its driver. A sweep every [`SWEEPS_PER_TIMEOUT`]th of
+    /// the request timeout fails the waiters sent that many sweeps ago or
+    /// earlier, so a request times out between one and 1 + 1 /
+    /// `SWEEPS_PER_TIMEOUT` request timeouts after it was sent.
+    fn sweep(&mut self) {
+        self.generation += 1;
+        let (now, shard) = (self.generation, self.shard);
+        let expired = self
+            .waiters
+            .extract_if(|_, w| w.since + SWEEPS_PER_TIMEOUT < now);
+        for (_, w) in expired {
+            let _ = w.tx.send(Err(GatewayError::Timeout { shard }));
+        }
+    }
+
     /// Routes one response: completes its waiter, or returns the stream
     /// and the event it gets (handed over once the lock is released).
     fn dispatch(&mut self, resp: ShardResponse) -> Option<(SubscriptionSink, SubscriptionEvent)> {
-        if let Some(tx) = self.waiters.remove(&resp.id) {
-            let _ = tx.send(resp);
+        if let Some(w) = self.waiters.remove(&resp.id) {
+            let _ = w.tx.send(Ok(resp));
             return None;
         }
         let Some(sink) = self.streams.get(&resp.id) else {
@@ -241,6 +272,7 @@ struct Conn {
     pending: Arc<Mutex<Pending>>,
     reader: JoinHandle<()>,
     writer: JoinHandle<()>,
+    sweeper: JoinHandle<()>,
 }
 
 impl Conn {
@@ -253,6 +285,7 @@ impl Drop for Conn {
     fn drop(&mut self) {
         self.reader.abort();
         self.writer.abort();
+        self.sweeper.abort();
         close(&self.pending);
     }
 }
@@ -293,14 +326,15 @@ impl ShardClient {
         // A connection that turns out closed before our frame was queued
         // costs nothing: try a fresh one, once.
         let mut attempts = 0;
-        let (conn, rx) = loop {
+        let (_conn, rx) = loop {
             attempts += 1;
             let conn = self.connection().await?;
             let (tx, rx) = oneshot::channel();
             {
                 let mut p = conn.pending.lock().unwrap();
                 if !p.closed {
-                    p.waiters.insert(id, tx);
+                    let since = p.generation;
+                    p.waiters.insert(id, Waiter { tx, since });
                 }
             }
             if !conn.is_closed() && conn.frames.send(frame.clone()).is_ok() {
@@ -315,13 +349,10 @@ impl ShardClient {
                 });
             }
         };
-        let resp = match tokio::time::timeout(self.inner.config.request_timeout, rx).await {
-            Ok(Ok(resp)) => resp,
-            Ok(Err(_)) => return Err(GatewayError::ConnectionLost { shard }),
-            Err(_) => {
-                conn.pending.lock().unwrap().waiters.remove(&id);
-                return Err(GatewayError::Timeout { shard });
-            }
+        let resp = match rx.await {
+            Ok(answer) => answer?,
+            // Dropped unanswered: the connection closed.
+            Err(_) => return Err(GatewayError::ConnectionLost { shard }),
         };
         match resp.body {
             Some(shard_response::Body::Error(e)) => Err(GatewayError::from_shard(e)),
@@ -428,11 +459,14 @@ impl ShardClient {
         let (frames, rx) = mpsc::unbounded_channel();
         let writer = tokio::spawn(write_loop(inner.shard, write_half, rx, pending.clone()));
         let reader = tokio::spawn(read_loop(inner.shard, read_half, pending.clone()));
+        let sweep_every = inner.config.request_timeout / SWEEPS_PER_TIMEOUT as u32;
+        let sweeper = tokio::spawn(sweep_loop(sweep_every, pending.clone()));
         Ok(Conn {
             frames,
             pending,
             reader,
             writer,
+            sweeper,
         })
     }
 }
@@ -497,6 +531,21 @@ async fn write_loop(
         }
     }
     close(&pending);
+}
+
+/// Times out the connection's requests (see [`Pending::sweep`]).
+async fn sweep_loop(every: Duration, pending: Arc<Mutex<Pending>>) {
+    let mut ticks = tokio::time::interval(every.max(Duration::from_millis(1)));
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticks.tick().await; // the first tick is immediate
+    loop {
+        ticks.tick().await;
+        let mut p = pending.lock().unwrap();
+        if p.closed {
+            return;
+        }
+        p.sweep();
+    }
 }
 
 async fn read_loop(shard: u32, sock: tokio::net::tcp::OwnedReadHalf, pending: Arc<Mutex<Pending>>) {
@@ -761,6 +810,44 @@ mod tests {
         // The next call reconnects transparently.
         assert!(c.call(put("y")).await.is_ok());
         server.abort();
+    }
+
+    #[test]
+    fn a_sweep_times_out_exactly_the_requests_sent_long_enough_ago() {
+        let mut p = Pending::default();
+        let mut answers = Vec::new();
+        // Request i is sent after i sweeps.
+        for i in 0..3u64 {
+            let (tx, rx) = oneshot::channel();
+            p.waiters.insert(
+                i,
+                Waiter {
+                    tx,
+                    since: p.generation,
+                },
+            );
+            answers.push(rx);
+            p.sweep();
+        }
+        // Request 0 has seen 3 sweeps; it times out at the 5th (more than
+        // SWEEPS_PER_TIMEOUT whole sweep intervals after it was sent).
+        p.sweep();
+        assert_eq!(p.waiters.len(), 3, "nothing is due after 4 sweeps");
+        p.sweep();
+        assert_eq!(
+            answers[0].try_recv().unwrap().unwrap_err(),
+            GatewayError::Timeout { shard: 0 }
+        );
+        assert_eq!(p.waiters.len(), 2);
+        p.sweep();
+        assert!(answers[1].try_recv().unwrap().is_err());
+        assert!(p.waiters.contains_key(&2));
+        // An answered request is no longer swept.
+        assert!(p.dispatch(ShardResponse { id: 2, body: None }).is_none());
+        assert!(answers[2].try_recv().unwrap().is_ok());
+        p.sweep();
+        p.sweep();
+        assert!(p.waiters.is_empty());
     }
 
     #[tokio::test]
