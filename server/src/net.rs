@@ -34,6 +34,9 @@ pub const MAX_FRAME: usize = 64 << 20;
 /// Size of a connection's read buffer.
 const READ_BUFFER: usize = 64 << 10;
 
+/// Largest write buffer a connection keeps between batches.
+const KEEP_OUT_BUFFER: usize = 1 << 20;
+
 /// Accepts connections for `shard` until the process ends.
 pub async fn serve(shard: Rc<Shard>, listener: TcpListener) {
     loop {
@@ -141,7 +144,13 @@ impl Outbox {
                 self.closed.set(true);
                 return;
             }
-            out.clear();
+            // Keep a buffer for the next batch, unless a large answer (a
+            // big range) grew it: that memory goes back.
+            if out.capacity() > KEEP_OUT_BUFFER {
+                out = Vec::new();
+            } else {
+                out.clear();
+            }
         }
     }
 }
