@@ -8,12 +8,17 @@
 //!
 //! The write path: a request takes a revision from the oracle (except
 //! prepares, aborts, compactions and participant commits, whose revision is
-//! given or not needed), is queued as a [`RaftCommand`] and waits. The raft
-//! task drains the queue into `propose`, handles `Ready`: appends new
-//! entries and hard state to the raft log and syncs its WAL (`crate::wal`;
-//! group commit: every proposal queued meanwhile shares that fsync), then
-//! applies committed entries through `ShardState::apply` and answers their
-//! waiters. The apply writes (and raft's commit index) are unsynced; the
+//! given or not needed) and is queued as a [`RaftCommand`] with a
+//! [`Reply`]: a task waiting for the answer, or, for a single-shard write
+//! from a connection, the connection itself (`submit_write`: no task per
+//! write). The raft task drains the queue into `propose`, handles `Ready`:
+//! appends new entries and hard state to the raft log and syncs its WAL
+//! (`crate::wal`; group commit: every proposal queued meanwhile shares that
+//! fsync), then applies committed entries through `ShardState::apply`,
+//! wakes the watch subscriptions their events concern, and answers them.
+//! An answer to a connection leaves from the `run_answers` task, which runs
+//! after those subscriptions, so a write's events are sent before its
+//! acknowledgement. The apply writes (and raft's commit index) are unsynced; the
 //! shard's [`BufferedEngine`] holds them and they reach the engine together
 //! once enough are held or at the next tick. raft-rs does no I/O; this loop
 //! owns it, and a 100 ms tick drives raft's timers, writes what is still
