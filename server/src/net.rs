@@ -5,8 +5,8 @@
 //! connection carries many requests at once, and a slow one (a read
 //! waiting for the watermark) never holds up the others: a single-shard
 //! write (Put, DeleteRange, Txn) is queued for raft by the reader itself
-//! and answered by the raft task once applied; every other request runs
-//! as its own task. Answers are encoded straight into the connection's
+//! and answered by the shard once applied (`Shard::submit_write`); every
+//! other request runs as its own task. Answers are encoded straight into the connection's
 //! [`Outbox`], whose writer sends whatever is there in one socket write.
 //! Frames are read through a buffer and decoded from it, so a burst of
 //! requests costs one socket read and no copy per frame.
@@ -19,12 +19,12 @@ use std::rc::Rc;
 use futures::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use glommio::net::{TcpListener, TcpStream};
 use metastore_proto::shardpb::{
-    shard_error::Code, shard_request, shard_response::Body, ShardError, ShardRequest,
-    ShardResponse, WatchEventsResponse,
+    shard_error::Code, shard_request, shard_response::Body, ShardRequest, ShardResponse,
+    WatchEventsResponse,
 };
 use prost::Message;
 
-use crate::shard::{Reply, Shard, SubscriptionHandle};
+use crate::shard::{error, Reply, Shard, SubscriptionHandle};
 use crate::signal::Signal;
 
 /// Frames larger than this are refused (the gateway limits requests to a
@@ -187,12 +187,10 @@ async fn connection(shard: Rc<Shard>, stream: TcpStream) -> std::io::Result<()> 
         let req = match decoded {
             Ok(req) => req,
             Err(e) => {
+                let message = format!("undecodable request: {e}");
                 tx.send(&ShardResponse {
                     id: 0,
-                    body: Some(Body::Error(ShardError {
-                        code: Code::InvalidArgument as i32,
-                        message: format!("undecodable request: {e}"),
-                    })),
+                    body: Some(error(Code::InvalidArgument, message)),
                 });
                 continue;
             }
@@ -202,10 +200,7 @@ async fn connection(shard: Rc<Shard>, stream: TcpStream) -> std::io::Result<()> 
             None => {
                 tx.send(&ShardResponse {
                     id: req.id,
-                    body: Some(Body::Error(ShardError {
-                        code: Code::InvalidArgument as i32,
-                        message: "empty request".into(),
-                    })),
+                    body: Some(error(Code::InvalidArgument, "empty request")),
                 });
                 continue;
             }

@@ -197,7 +197,7 @@ impl SubscriptionHandle {
     }
 }
 
-fn error(code: Code, message: impl Into<String>) -> Body {
+pub(crate) fn error(code: Code, message: impl Into<String>) -> Body {
     Body::Error(ShardError {
         code: code as i32,
         message: message.into(),
