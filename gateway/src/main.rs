@@ -47,7 +47,9 @@ struct Args {
     /// Seconds to keep trying to reach the server at start-up.
     #[arg(long, default_value_t = 30)]
     connect_wait_secs: u64,
-    /// Per-request timeout towards a shard, in milliseconds.
+    /// Per-request timeout towards a shard, in milliseconds (a request
+    /// fails after 1 to 1.25 times this: timeouts are swept, not timed
+    /// one by one).
     #[arg(long, default_value_t = 10_000)]
     shard_timeout_ms: u64,
     /// Interval of progress notifications to watches created with
