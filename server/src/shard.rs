@@ -1063,7 +1063,9 @@ impl Shard {
         }
     }
 
-    /// Answers one request of the shard protocol.
+    /// Answers one request of the shard protocol (not a single-shard write,
+    /// which goes through [`Shard::submit_write`], nor a watch message,
+    /// which belongs to its connection).
     pub async fn handle(self: &Rc<Self>, req: shard_request::Body) -> Body {
         use shard_request::Body as R;
         match req {
@@ -1083,10 +1085,11 @@ impl Shard {
                 history_id: self.topology.history_id,
             }),
             R::Range(r) => self.range(r).await,
-            R::Put(_) | R::DeleteRange(_) | R::Txn(_) => match self.write_op(req) {
-                Ok(op) => self.propose(op, None).await,
-                Err(why) => error(Code::InvalidArgument, why),
-            },
+            // Queued without a task of their own: `submit_write`.
+            R::Put(_) | R::DeleteRange(_) | R::Txn(_) => error(
+                Code::InvalidArgument,
+                "single-shard writes are submitted per connection",
+            ),
             R::TxnEvaluate(e) => {
                 let t = e.txn.unwrap_or_default();
                 match self.read_at(e.revision).await {
