@@ -26,6 +26,7 @@ pub mod etcdserverpb {
     tonic::include_proto!("etcdserverpb");
 }
 
+pub mod authority;
 pub mod backend;
 pub mod client;
 pub mod codec;

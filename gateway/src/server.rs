@@ -16,9 +16,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio_stream::StreamExt;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::Server;
 
+use crate::authority::RewriteStream;
 use crate::backend::{Backend, Identity};
 use crate::client::ClientConfig;
 use crate::etcdserverpb::{
@@ -184,7 +186,11 @@ impl Gateway {
         let lease = LeaseServer::new(crate::lease::LeaseService::new(b.clone()))
             .max_decoding_message_size(limit);
         let auth = AuthServer::new(UnimplementedAuth).max_decoding_message_size(limit);
-        let incoming = TcpIncoming::from(self.listener).with_nodelay(Some(true));
+        // Each connection's `:authority` is repaired where h2 would refuse
+        // it (`crate::authority`).
+        let incoming = TcpIncoming::from(self.listener)
+            .with_nodelay(Some(true))
+            .map(|conn| conn.map(RewriteStream::new));
         Server::builder()
             .layer(tower::util::MapResponseLayer::new(
                 oversized_as_resource_exhausted,
