@@ -514,6 +514,48 @@ impl<S: Connected> Connected for RewriteStream<S> {
 mod tests {
     use super::*;
     use loona_hpack::Encoder;
+    use std::collections::VecDeque;
+
+    /// Encodes as Go's HPACK encoder does: every field indexed, `:authority`
+    /// by its static name (index 1), known fields referred to by their
+    /// dynamic-table index, the oldest entries evicted past 4 KiB.
+    #[derive(Default)]
+    struct GoLikeEncoder {
+        table: VecDeque<(Vec<u8>, Vec<u8>)>,
+        /// Authority literals sent so far.
+        authority_literals: usize,
+    }
+
+    impl GoLikeEncoder {
+        fn encode(&mut self, fields: &[(&[u8], &[u8])]) -> Vec<u8> {
+            let mut out = Vec::new();
+            for &(name, value) in fields {
+                let pos = self.table.iter().position(|(n, v)| n == name && v == value);
+                if let Some(pos) = pos {
+                    encode_integer_into(62 + pos, 7, 0x80, &mut out).unwrap();
+                    continue;
+                }
+                if name == b":authority" {
+                    out.push(0x41);
+                    self.authority_literals += 1;
+                } else {
+                    out.push(0x40);
+                    encode_integer_into(name.len(), 7, 0, &mut out).unwrap();
+                    out.extend_from_slice(name);
+                }
+                encode_integer_into(value.len(), 7, 0, &mut out).unwrap();
+                out.extend_from_slice(value);
+                self.table.push_front((name.to_vec(), value.to_vec()));
+                let size = |t: &VecDeque<(Vec<u8>, Vec<u8>)>| {
+                    t.iter().map(|(n, v)| n.len() + v.len() + 32).sum::<usize>()
+                };
+                while size(&self.table) > HPACK_TABLE_BYTES {
+                    self.table.pop_back();
+                }
+            }
+            out
+        }
+    }
 
     fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
         let mut f = (payload.len() as u32).to_be_bytes()[1..].to_vec();
@@ -534,13 +576,17 @@ mod tests {
     /// What a Go client sends: preface, SETTINGS, then per request a
     /// header block (its HPACK state carried from request to request) and a
     /// DATA frame.
-    fn client_stream(authority: &str, requests: u32, enc: &mut Encoder<'_>) -> Vec<u8> {
+    fn client_stream(
+        authority: &str,
+        requests: u32,
+        mut encode: impl FnMut(&[(&[u8], &[u8])]) -> Vec<u8>,
+    ) -> Vec<u8> {
         let mut bytes = PREFACE.to_vec();
         bytes.extend(frame(SETTINGS, 0, 0, &[0, 4, 0, 0x40, 0, 0]));
         for i in 0..requests {
             let stream = 1 + 2 * i;
             let timeout = format!("{}m", 100 + i);
-            let block = enc.encode([
+            let block = encode(&[
                 h(":method", "POST"),
                 h(":scheme", "http"),
                 h(":path", "/etcdserverpb.Maintenance/Status"),
@@ -618,7 +664,8 @@ mod tests {
 
     #[test]
     fn a_valid_authority_passes_byte_for_byte_in_any_split() {
-        let input = client_stream("127.0.0.1:2379", 3, &mut Encoder::new());
+        let mut go = GoLikeEncoder::default();
+        let input = client_stream("127.0.0.1:2379", 3, |f| go.encode(f));
         for step in [1, 2, 7, 9, 10, 64, input.len()] {
             let (out, rw) = run(&input, step);
             assert_eq!(out, input, "split every {step} bytes");
@@ -639,18 +686,25 @@ mod tests {
     #[test]
     fn a_url_authority_is_repaired_in_every_block() {
         // The Go client indexes the authority once and refers to the entry
-        // afterwards, so every request must be decoded with its state.
-        let mut enc = Encoder::new();
-        let input = client_stream("http://127.0.0.1:2379", 4, &mut enc);
+        // afterwards, so every request must be decoded with its state; over
+        // 200 requests the changing grpc-timeout values push the entry out of
+        // the 4 KiB table, and the client sends the authority again.
+        let mut go = GoLikeEncoder::default();
+        let input = client_stream("http://127.0.0.1:2379", 200, |f| go.encode(f));
+        assert!(
+            go.authority_literals > 1,
+            "the entry was evicted and sent again"
+        );
         for step in [1, 3, 9, 100, input.len()] {
             let (out, rw) = run(&input, step);
             assert!(rw.is_rewriting(), "split every {step}");
             let seen = frames_seen(&out);
             let kinds: Vec<u8> = seen.iter().map(|f| f.kind).collect();
-            assert_eq!(
-                kinds,
-                [SETTINGS, HEADERS, DATA, HEADERS, DATA, HEADERS, DATA, HEADERS, DATA]
-            );
+            let mut expected = vec![SETTINGS];
+            for _ in 0..200 {
+                expected.extend([HEADERS, DATA]);
+            }
+            assert_eq!(kinds, expected);
             for (i, req) in seen.iter().filter(|f| f.kind == HEADERS).enumerate() {
                 assert_eq!(req.stream, 1 + 2 * i as u32);
                 assert_eq!(req.flags, END_HEADERS);
@@ -677,7 +731,8 @@ mod tests {
     #[test]
     fn authorities_with_nothing_usable_are_dropped() {
         for bad in ["#initially=[http://127.0.0.1:2379]", "http://", "a b"] {
-            let input = client_stream(bad, 2, &mut Encoder::new());
+            let mut go = GoLikeEncoder::default();
+            let input = client_stream(bad, 2, |f| go.encode(f));
             let (out, rw) = run(&input, 5);
             assert!(rw.is_rewriting(), "{bad}");
             for req in frames_seen(&out).iter().filter(|f| f.kind == HEADERS) {
@@ -781,15 +836,16 @@ mod tests {
         assert_eq!(run(&input, 1).0, input);
 
         // A connection cut in the middle of a frame: held bytes go on.
-        let input = client_stream("127.0.0.1:1", 1, &mut Encoder::new());
+        let mut go = GoLikeEncoder::default();
+        let input = client_stream("127.0.0.1:1", 1, |f| go.encode(f));
         let cut = &input[..input.len() - 2];
         assert_eq!(run(cut, 1).0, cut);
     }
 
     #[test]
     fn a_rewritten_connection_fails_on_what_it_cannot_forward() {
-        let mut enc = Encoder::new();
-        let input = client_stream("http://h:1", 1, &mut enc);
+        let mut go = GoLikeEncoder::default();
+        let input = client_stream("http://h:1", 1, |f| go.encode(f));
         let mut rw = AuthorityRewriter::default();
         let mut out = Vec::new();
         rw.feed(&input, &mut out).unwrap();
