@@ -184,24 +184,30 @@ impl RocksEngine {
     fn rocks_batch(&self, batch: WriteBatch) -> Result<::rocksdb::WriteBatch, EngineError> {
         let mut wb = ::rocksdb::WriteBatch::default();
         // The largest key put so far by this batch: an open-ended range
-        // delete must cover it too, and the DB cannot see it yet.
-        let mut max_put: Option<Vec<u8>> = None;
-        for op in batch.ops {
+        // delete must cover it too, and the DB cannot see it yet. Tracked
+        // only when the batch has such a delete (rare; most batches are
+        // thousands of puts).
+        let open_ended = batch
+            .ops
+            .iter()
+            .any(|op| matches!(op, BatchOp::DeleteRange(_, end) if end.is_empty()));
+        let mut max_put: Option<&Vec<u8>> = None;
+        for op in &batch.ops {
             match op {
                 BatchOp::Put(k, v) => {
-                    if max_put.as_ref().is_none_or(|m| &k > m) {
-                        max_put = Some(k.clone());
+                    if open_ended && max_put.is_none_or(|m| k > m) {
+                        max_put = Some(k);
                     }
                     wb.put(k, v)
                 }
                 BatchOp::Delete(k) => wb.delete(k),
                 BatchOp::DeleteRange(start, end) => {
                     if end.is_empty() {
-                        let stored = self.last_key_from(&start)?;
-                        let pending = max_put.clone().filter(|m| *m >= start);
+                        let stored = self.last_key_from(start)?;
+                        let pending = max_put.filter(|m| *m >= start).cloned();
                         if let Some(mut last) = stored.max(pending) {
                             last.push(0);
-                            wb.delete_range(start, last);
+                            wb.delete_range(start, &last);
                         }
                     } else if start < end {
                         wb.delete_range(start, end);
