@@ -18,7 +18,10 @@
 //! - [`codec`]: the services' prost codec (small starting buffers);
 //! - [`service`]: the tonic services (the only place errors become
 //!   `Status`, via [`error`]);
-//! - [`server`]: start-up (discover, bind, ready line) and serving.
+//! - [`server`]: start-up (discover, bind, ready line) and serving;
+//! - [`authority`]: each accepted connection's bytes pass through it, so an
+//!   HTTP/2 `:authority` h2 would refuse (etcdctl 3.4's `http://…`) is
+//!   repaired.
 
 /// tonic service traits generated from etcd's `rpc.proto` by `build.rs`;
 /// messages are `metastore_proto::etcdserverpb`.
