@@ -100,7 +100,8 @@ enum Mode {
 
 /// A header block being collected: HEADERS then any CONTINUATIONs.
 struct Block {
-    /// The frames as received, to hand on unchanged after inspection.
+    /// The frames as received, to hand on unchanged after inspection
+    /// (kept only while inspecting; a rewritten block is re-encoded).
     frames: Vec<u8>,
     fragment: Vec<u8>,
     stream_id: [u8; 4],
@@ -138,7 +139,8 @@ impl AuthorityRewriter {
     }
 
     /// Whether the connection is being rewritten.
-    pub fn is_rewriting(&self) -> bool {
+    #[cfg(test)]
+    fn is_rewriting(&self) -> bool {
         self.mode == Mode::Rewrite
     }
 
@@ -203,7 +205,7 @@ impl AuthorityRewriter {
             let frame = &self.input[at..at + frame_len];
             let flags = frame[4];
             let step = match (self.block.is_some(), frame[3]) {
-                (false, HEADERS) => Self::start_block(frame).map(|b| {
+                (false, HEADERS) => Self::start_block(frame, self.mode == Mode::Inspect).map(|b| {
                     self.block = Some(b);
                 }),
                 (true, CONTINUATION) => {
@@ -248,7 +250,7 @@ impl AuthorityRewriter {
         result
     }
 
-    fn start_block(frame: &[u8]) -> Result<Block, AuthorityRewriteError> {
+    fn start_block(frame: &[u8], keep_frames: bool) -> Result<Block, AuthorityRewriteError> {
         let flags = frame[4];
         let payload = &frame[FRAME_HEADER_BYTES..];
         let mut start = 0;
@@ -280,7 +282,11 @@ impl AuthorityRewriter {
             ));
         }
         Ok(Block {
-            frames: frame.to_vec(),
+            frames: if keep_frames {
+                frame.to_vec()
+            } else {
+                Vec::new()
+            },
             fragment: payload[start..end].to_vec(),
             stream_id: frame[5..9].try_into().expect("four bytes"),
             end_stream: flags & END_STREAM != 0,
