@@ -73,6 +73,11 @@ use crate::watch::{Poll, Subscription, WatchRing, RING_BATCHES, RING_BYTES};
 /// run of applies (entries committed in a burst, or many small batches
 /// within one tick) does not grow the overlay until the next tick.
 const MAX_HELD_OPS: usize = 4096;
+
+/// The proposal queue keeps its buffer between passes up to this many
+/// commands, so that a busy shard does not grow it again (a `realloc`
+/// per doubling) on every pass; a larger burst's buffer is let go.
+const KEPT_QUEUE_CAPACITY: usize = 2048;
 /// How often raft ticks and waiting work is re-checked.
 pub const TICK: Duration = Duration::from_millis(100);
 /// A prepared txn older than this is resolved by the shard itself (the
@@ -500,11 +505,17 @@ impl Shard {
     }
 
     async fn drive(&self) -> Result<(), ShardFailure> {
-        let queued: Vec<RaftCommand> = std::mem::take(&mut *self.queue.borrow_mut());
-        for cmd in queued {
+        let mut queued: Vec<RaftCommand> = std::mem::take(&mut *self.queue.borrow_mut());
+        for cmd in queued.drain(..) {
             let res = self.node.borrow_mut().propose(vec![], cmd.encode_to_vec());
             if let Err(e) = res {
                 self.finish_proposal(&cmd, error(Code::NotLeader, format!("propose: {e}")));
+            }
+        }
+        {
+            let mut queue = self.queue.borrow_mut();
+            if queue.is_empty() && queued.capacity() <= KEPT_QUEUE_CAPACITY {
+                *queue = queued;
             }
         }
         // Applying entries makes unsynced engine writes: they are held and
