@@ -78,6 +78,7 @@ const MAX_HELD_OPS: usize = 4096;
 /// commands, so that a busy shard does not grow it again (a `realloc`
 /// per doubling) on every pass; a larger burst's buffer is let go.
 const KEPT_QUEUE_CAPACITY: usize = 2048;
+
 /// How often raft ticks and waiting work is re-checked.
 pub const TICK: Duration = Duration::from_millis(100);
 /// A prepared txn older than this is resolved by the shard itself (the
