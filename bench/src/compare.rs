@@ -1047,6 +1047,11 @@ impl Report<'_> {
             }
             s.push('\n');
         }
+        let _ = writeln!(
+            s,
+            "## Profiles and tuning\n\n`bench/results/TUNING.md` records each change made against a target's shortfall, with its before/after measurements, and what was tried and not kept. Its sections \"Put at 1,000 clients: the floor under the gateway\" and \"Put at 1 client: what a hop costs on this machine\" measure why the put targets are out of reach on this machine. Flamegraphs of put at 1,000 clients, with their top frames: `bench/results/flamegraphs/`."
+        );
+        s.push('\n');
 
         // Extras per workload.
         let _ = writeln!(s, "## Further figures\n");

@@ -364,6 +364,10 @@ fn bench_compare_writes_report() {
         report.contains("not durable"),
         "memory engine must be labelled not durable"
     );
+    assert!(
+        report.contains("bench/results/TUNING.md"),
+        "the report must point to the tuning log"
+    );
     for svg in ["throughput.svg", "latency.svg", "cpu.svg"] {
         let body = std::fs::read_to_string(out.join(svg)).unwrap_or_default();
         assert!(
