@@ -6,8 +6,9 @@
 //! waiting for the watermark) never holds up the others: a single-shard
 //! write (Put, DeleteRange, Txn) is queued for raft by the reader itself
 //! and answered by the shard once applied (`Shard::submit_write`); every
-//! other request runs as its own task. Answers are encoded straight into the connection's
-//! [`Outbox`], whose writer sends whatever is there in one socket write.
+//! other request runs as its own task. Answers are encoded straight into
+//! the connection's [`Outbox`], whose writer sends whatever is there in
+//! one socket write.
 //! Frames are read through a buffer and decoded from it, so a burst of
 //! requests costs one socket read and no copy per frame.
 

@@ -18,15 +18,15 @@
 //! wakes the watch subscriptions their events concern, and answers them.
 //! An answer to a connection leaves from the `run_answers` task, which runs
 //! after those subscriptions, so a write's events are sent before its
-//! acknowledgement. The apply writes (and raft's commit index) are unsynced; the
-//! shard's [`BufferedEngine`] holds them and they reach the engine together
-//! once enough are held or at the next tick. raft-rs does no I/O; this loop
-//! owns it, and a 100 ms tick drives raft's timers, writes what is still
-//! held, truncates the log (syncing the engine before it deletes WAL
-//! segments: see `on_tick`), and re-checks everything a lost wake-up could
-//! have left waiting. Before serving (`start`), the shard applies its whole
-//! raft log past its applied index: whatever a previous process had not
-//! written, or held when it died, is re-applied from it.
+//! acknowledgement. The apply writes (and raft's commit index) are
+//! unsynced; the shard's [`BufferedEngine`] holds them and they reach the
+//! engine together once enough are held or at the next tick. raft-rs does
+//! no I/O; this loop owns it, and a 100 ms tick drives raft's timers, writes
+//! what is still held, truncates the log (syncing the engine before it
+//! deletes WAL segments: see `on_tick`), and re-checks everything a lost
+//! wake-up could have left waiting. Before serving (`start`), the shard
+//! applies its whole raft log past its applied index: whatever a previous
+//! process had not written, or held when it died, is re-applied from it.
 //!
 //! Resolved watermark: `resolved() = min(oracle.current(), every revision
 //! this shard allocated and has not applied yet − 1, the floor of every
