@@ -16,6 +16,8 @@
 //! (`crate::wal`; group commit: every proposal queued meanwhile shares that
 //! fsync), then applies committed entries through `ShardState::apply`,
 //! wakes the watch subscriptions their events concern, and answers them.
+//! The leader applies its own proposals from the commands it proposed, kept
+//! by log index and term, instead of decoding their entries again.
 //! An answer to a connection leaves from the `run_answers` task, which runs
 //! after those subscriptions, so a write's events are sent before its
 //! acknowledgement. The apply writes (and raft's commit index) are
@@ -39,7 +41,7 @@
 //! value at once.
 
 use std::cell::{Cell, RefCell};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::rc::Rc;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -159,6 +161,11 @@ pub struct Shard {
     node: RefCell<RawNode<RaftLog>>,
     state: RefCell<ShardState>,
     queue: RefCell<Vec<RaftCommand>>,
+    /// This leader's proposals not yet applied, as (index, term, command),
+    /// in log order: applying one of them uses the command as proposed
+    /// instead of decoding its entry again (same index and term, same
+    /// entry). Entries that do not match are decoded as usual.
+    proposed: RefCell<VecDeque<(u64, u64, RaftCommand)>>,
     waiters: RefCell<HashMap<u64, Reply>>,
     answers: Answers,
     next_proposal: Cell<u64>,
@@ -276,6 +283,7 @@ impl Shard {
             node: RefCell::new(node),
             state: RefCell::new(state),
             queue: RefCell::new(Vec::new()),
+            proposed: RefCell::new(VecDeque::new()),
             waiters: RefCell::new(HashMap::new()),
             next_proposal: Cell::new(1),
             inflight: RefCell::new(BTreeMap::new()),
@@ -508,9 +516,17 @@ impl Shard {
     async fn drive(&self) -> Result<(), ShardFailure> {
         let mut queued: Vec<RaftCommand> = std::mem::take(&mut *self.queue.borrow_mut());
         for cmd in queued.drain(..) {
-            let res = self.node.borrow_mut().propose(vec![], cmd.encode_to_vec());
-            if let Err(e) = res {
-                self.finish_proposal(&cmd, error(Code::NotLeader, format!("propose: {e}")));
+            let mut node = self.node.borrow_mut();
+            match node.propose(vec![], cmd.encode_to_vec()) {
+                // The leader appended it as its last entry.
+                Ok(()) => {
+                    let at = (node.raft.raft_log.last_index(), node.raft.term);
+                    self.proposed.borrow_mut().push_back((at.0, at.1, cmd));
+                }
+                Err(e) => {
+                    drop(node);
+                    self.finish_proposal(&cmd, error(Code::NotLeader, format!("propose: {e}")));
+                }
             }
         }
         {
@@ -669,7 +685,7 @@ impl Shard {
     fn apply_entries(&self, entries: Vec<raft::eraftpb::Entry>) -> Result<(), ShardFailure> {
         for e in entries {
             let cmd = if e.get_entry_type() == EntryType::EntryNormal {
-                decode_entry(&e)
+                self.take_proposed(&e).or_else(|| decode_entry(&e))
             } else {
                 None
             };
@@ -707,6 +723,12 @@ impl Shard {
             self.finish_proposal(&cmd, body);
         }
         Ok(())
+    }
+
+    /// The command this leader proposed as entry `e`, if it did (see
+    /// [`take_proposed`]).
+    fn take_proposed(&self, e: &raft::eraftpb::Entry) -> Option<RaftCommand> {
+        take_proposed(&mut self.proposed.borrow_mut(), e.index, e.term)
     }
 
     fn finish_proposal(&self, cmd: &RaftCommand, body: Body) {
@@ -1307,9 +1329,75 @@ async fn futures_lite_yield() {
     glommio::yield_if_needed().await;
 }
 
+/// Takes the command proposed as the entry at `index` in `term` from
+/// `proposed` (index, term, command; in log order), if it is there.
+/// Proposals at lower indexes are dropped: the log moved past them, so a
+/// later leader's entries replaced them (and are decoded, if they commit).
+fn take_proposed(
+    proposed: &mut VecDeque<(u64, u64, RaftCommand)>,
+    index: u64,
+    term: u64,
+) -> Option<RaftCommand> {
+    while let Some(&(at, in_term, _)) = proposed.front() {
+        if at > index {
+            return None;
+        }
+        let (_, _, cmd) = proposed.pop_front()?;
+        if at == index && in_term == term {
+            return Some(cmd);
+        }
+    }
+    None
+}
+
 fn decode_entry(e: &raft::eraftpb::Entry) -> Option<RaftCommand> {
     if e.data.is_empty() {
         return None;
     }
     RaftCommand::decode(&e.data[..]).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cmd(proposal_id: u64) -> RaftCommand {
+        RaftCommand {
+            proposal_id,
+            ..Default::default()
+        }
+    }
+
+    fn ids(proposed: &VecDeque<(u64, u64, RaftCommand)>) -> Vec<u64> {
+        proposed.iter().map(|(_, _, c)| c.proposal_id).collect()
+    }
+
+    #[test]
+    fn an_applied_proposal_is_taken_as_proposed() {
+        let mut proposed = VecDeque::from([(5, 2, cmd(50)), (6, 2, cmd(60))]);
+        assert_eq!(take_proposed(&mut proposed, 5, 2), Some(cmd(50)));
+        assert_eq!(ids(&proposed), [60]);
+        assert_eq!(take_proposed(&mut proposed, 6, 2), Some(cmd(60)));
+        assert!(proposed.is_empty());
+    }
+
+    #[test]
+    fn an_entry_before_the_first_proposal_leaves_them_all() {
+        // The new leader's empty entry, or a follower's entries.
+        let mut proposed = VecDeque::from([(5, 2, cmd(50))]);
+        assert_eq!(take_proposed(&mut proposed, 4, 2), None);
+        assert_eq!(ids(&proposed), [50]);
+    }
+
+    #[test]
+    fn a_replaced_proposal_is_dropped_and_its_entry_decoded() {
+        // Entries 5 and 6 were proposed in term 2; another leader's term-3
+        // entries took their places. Nothing of term 2 is used for them.
+        let mut proposed = VecDeque::from([(5, 2, cmd(50)), (6, 2, cmd(60)), (9, 4, cmd(90))]);
+        assert_eq!(take_proposed(&mut proposed, 5, 3), None);
+        assert_eq!(ids(&proposed), [60, 90]);
+        assert_eq!(take_proposed(&mut proposed, 7, 3), None);
+        assert_eq!(ids(&proposed), [90]);
+        assert_eq!(take_proposed(&mut proposed, 9, 4), Some(cmd(90)));
+    }
 }
