@@ -520,8 +520,8 @@ impl Shard {
             match node.propose(vec![], cmd.encode_to_vec()) {
                 // The leader appended it as its last entry.
                 Ok(()) => {
-                    let at = (node.raft.raft_log.last_index(), node.raft.term);
-                    self.proposed.borrow_mut().push_back((at.0, at.1, cmd));
+                    let (index, term) = (node.raft.raft_log.last_index(), node.raft.term);
+                    self.proposed.borrow_mut().push_back((index, term, cmd));
                 }
                 Err(e) => {
                     drop(node);
