@@ -685,7 +685,8 @@ impl Shard {
     fn apply_entries(&self, entries: Vec<raft::eraftpb::Entry>) -> Result<(), ShardFailure> {
         for e in entries {
             let cmd = if e.get_entry_type() == EntryType::EntryNormal {
-                self.take_proposed(&e).or_else(|| decode_entry(&e))
+                take_proposed(&mut self.proposed.borrow_mut(), e.index, e.term)
+                    .or_else(|| decode_entry(&e))
             } else {
                 None
             };
@@ -723,12 +724,6 @@ impl Shard {
             self.finish_proposal(&cmd, body);
         }
         Ok(())
-    }
-
-    /// The command this leader proposed as entry `e`, if it did (see
-    /// [`take_proposed`]).
-    fn take_proposed(&self, e: &raft::eraftpb::Entry) -> Option<RaftCommand> {
-        take_proposed(&mut self.proposed.borrow_mut(), e.index, e.term)
     }
 
     fn finish_proposal(&self, cmd: &RaftCommand, body: Body) {
