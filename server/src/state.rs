@@ -32,6 +32,7 @@
 //!   revisions still only grow (the key was locked).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::ops::Bound;
 use std::rc::Rc;
 
 use metastore_proto::etcdserverpb::{
@@ -85,46 +86,108 @@ impl Span {
             end: end.to_vec(),
         }
     }
-    /// The exclusive upper bound, `None` for unbounded.
-    fn upper(&self) -> Option<Vec<u8>> {
-        if self.end.is_empty() {
-            let mut k = self.start.clone();
-            k.push(0);
-            Some(k)
+    /// Whether this span is a single key.
+    fn is_key(&self) -> bool {
+        self.end.is_empty()
+    }
+    /// Whether every key of this span sorts before `key`. A single key `k`
+    /// is the span `[k, k\0)`, and `k\0 <= key` exactly when `k < key`.
+    fn below(&self, key: &[u8]) -> bool {
+        if self.is_key() {
+            self.start.as_slice() < key
         } else if self.end == [0] {
-            None
+            false
         } else {
-            Some(self.end.clone())
+            self.end.as_slice() <= key
         }
     }
     fn overlaps(&self, other: &Span) -> bool {
-        let below = |a: &Span, b: &Span| match a.upper() {
-            Some(u) => u <= b.start,
-            None => false,
-        };
-        !(below(self, other) || below(other, self))
+        !(self.below(&other.start) || other.below(&self.start))
     }
 }
 
 /// Locks held by prepared transactions on this shard.
+///
+/// Nearly every lock is a single key (each key a txn puts, deletes or
+/// compares); those sit in an ordered map, so checking a key is one lookup
+/// and checking a range walks only the locked keys inside it. Range locks
+/// (a txn's ranged delete or compare) are rare and kept in a list that every
+/// check walks. Every write checks the table, and a few hundred txns in
+/// flight hold a thousand locks: a plain list of them made each check a scan
+/// (40% of the shard's CPU under 4-key cross-shard txns).
 #[derive(Default)]
 struct LockTable {
-    held: Vec<(Span, TxnId)>,
+    /// Locked single keys → the txns holding them (normally one: a lock is
+    /// only granted when nothing else holds it, but a txn may name a key
+    /// twice, and locks restored from intents are not re-checked).
+    keys: BTreeMap<Vec<u8>, Vec<TxnId>>,
+    /// Range locks and their txns.
+    ranges: Vec<(Span, TxnId)>,
+    /// Every span each txn holds, to release them.
+    by_txn: HashMap<TxnId, Vec<Span>>,
 }
 
 impl LockTable {
     fn conflicts(&self, span: &Span, except: Option<&[u8]>) -> bool {
-        self.held
+        let other = |id: &TxnId| Some(id.as_slice()) != except;
+        if self
+            .ranges
             .iter()
-            .any(|(s, id)| Some(id.as_slice()) != except && s.overlaps(span))
+            .any(|(s, id)| other(id) && s.overlaps(span))
+        {
+            return true;
+        }
+        if self.keys.is_empty() {
+            return false;
+        }
+        if span.is_key() {
+            return self
+                .keys
+                .get(span.start.as_slice())
+                .is_some_and(|ids| ids.iter().any(other));
+        }
+        let upper = if span.end == [0] {
+            Bound::Unbounded
+        } else if span.end <= span.start {
+            return false; // an empty range
+        } else {
+            Bound::Excluded(span.end.as_slice())
+        };
+        self.keys
+            .range::<[u8], _>((Bound::Included(span.start.as_slice()), upper))
+            .any(|(_, ids)| ids.iter().any(other))
     }
     fn add(&mut self, spans: Vec<Span>, id: &[u8]) {
-        for s in spans {
-            self.held.push((s, id.to_vec()));
+        for s in &spans {
+            if s.is_key() {
+                self.keys
+                    .entry(s.start.clone())
+                    .or_default()
+                    .push(id.to_vec());
+            } else {
+                self.ranges.push((s.clone(), id.to_vec()));
+            }
         }
+        self.by_txn.entry(id.to_vec()).or_default().extend(spans);
     }
     fn release(&mut self, id: &[u8]) {
-        self.held.retain(|(_, t)| t.as_slice() != id);
+        let Some(spans) = self.by_txn.remove(id) else {
+            return;
+        };
+        let mut had_range = false;
+        for s in spans {
+            if !s.is_key() {
+                had_range = true;
+            } else if let Some(ids) = self.keys.get_mut(&s.start) {
+                ids.retain(|t| t.as_slice() != id);
+                if ids.is_empty() {
+                    self.keys.remove(&s.start);
+                }
+            }
+        }
+        if had_range {
+            self.ranges.retain(|(_, t)| t.as_slice() != id);
+        }
     }
 }
 
@@ -894,6 +957,80 @@ mod tests {
     //! including "crashes" (reopening a state from its engine) between
     //! steps.
     use super::*;
+
+    /// The lock rule the table must keep: a span conflicts with every
+    /// overlapping span held by another txn. Spans as (start, end) with
+    /// etcd's conventions; the reference bounds a key `k` by `k\0`.
+    type RawSpan = (Vec<u8>, Vec<u8>);
+
+    fn reference_overlaps(a: &RawSpan, b: &RawSpan) -> bool {
+        let upper = |s: &RawSpan| -> Option<Vec<u8>> {
+            if s.1.is_empty() {
+                Some([s.0.as_slice(), &[0]].concat())
+            } else if s.1 == [0] {
+                None
+            } else {
+                Some(s.1.clone())
+            }
+        };
+        let below =
+            |x: &(Vec<u8>, Vec<u8>), y: &(Vec<u8>, Vec<u8>)| upper(x).is_some_and(|u| u <= y.0);
+        !(below(a, b) || below(b, a))
+    }
+
+    #[test]
+    fn lock_table_matches_a_list_of_spans() {
+        // Keys over a small alphabet so that spans meet often, including
+        // keys that are prefixes of others and "\0"-suffixed neighbours.
+        let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        let key = |next: &mut dyn FnMut(u64) -> u64| -> Vec<u8> {
+            (0..next(3))
+                .map(|_| [0u8, b'a', b'b'][next(3) as usize])
+                .collect()
+        };
+        let mut table = LockTable::default();
+        let mut held: Vec<(RawSpan, TxnId)> = Vec::new();
+        for step in 0..4000 {
+            let start = key(&mut next);
+            let end = match next(4) {
+                0 | 1 => Vec::new(),
+                2 => vec![0],
+                _ => key(&mut next),
+            };
+            let span = (start, end);
+            let id = vec![next(6) as u8];
+            let except = (next(2) == 0).then(|| id.clone());
+            let want = held.iter().any(|(s, t)| {
+                Some(t.as_slice()) != except.as_deref() && reference_overlaps(s, &span)
+            });
+            let got = table.conflicts(&Span::new(&span.0, &span.1), except.as_deref());
+            assert_eq!(
+                got, want,
+                "step {step}: {span:?} except {except:?} over {held:?}"
+            );
+            match next(3) {
+                0 => {
+                    table.release(&id);
+                    held.retain(|(_, t)| *t != id);
+                }
+                _ if !got => {
+                    table.add(vec![Span::new(&span.0, &span.1)], &id);
+                    held.push((span, id));
+                }
+                _ => {}
+            }
+        }
+        for id in 0..6u8 {
+            table.release(&[id]);
+        }
+        assert!(table.keys.is_empty() && table.ranges.is_empty() && table.by_txn.is_empty());
+    }
     use crate::engine::{open, EngineKind};
     use metastore_proto::etcdserverpb::{
         compare, request_op, Compare, PutRequest, RangeRequest, RequestOp,
