@@ -13,6 +13,7 @@
 //! unexpected as `MvccError::Corrupt` rather than guessing.
 
 use metastore_proto::mvccpb::KeyValue;
+use prost::bytes::Bytes;
 use prost::Message;
 
 use super::key_index::Revision;
@@ -83,6 +84,24 @@ pub fn decode_record(bytes: &[u8]) -> Result<(bool, KeyValue), MvccError> {
     Ok((tombstone, kv))
 }
 
+/// [`decode_record`] of a record the caller owns: the decoded key and
+/// value share its buffer instead of being copied out of it.
+pub fn decode_record_owned(bytes: Vec<u8>) -> Result<(bool, KeyValue), MvccError> {
+    let mut buf = Bytes::from(bytes);
+    if buf.is_empty() {
+        return Err(MvccError::Corrupt("empty version record".into()));
+    }
+    let flag = buf.split_to(1)[0];
+    let tombstone = match flag {
+        PUT => false,
+        TOMBSTONE => true,
+        other => return Err(MvccError::Corrupt(format!("bad record flag {other:#x}"))),
+    };
+    let kv = KeyValue::decode(buf)
+        .map_err(|e| MvccError::Corrupt(format!("undecodable version record: {e}")))?;
+    Ok((tombstone, kv))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -125,10 +144,18 @@ mod tests {
         );
         assert_eq!(
             decode_record(&encode_record(&kv, true)).unwrap(),
-            (true, kv)
+            (true, kv.clone())
         );
+        for tombstone in [false, true] {
+            assert_eq!(
+                decode_record_owned(encode_record(&kv, tombstone)).unwrap(),
+                (tombstone, kv.clone())
+            );
+        }
         assert!(decode_record(b"").is_err());
         assert!(decode_record(b"x").is_err());
+        assert!(decode_record_owned(Vec::new()).is_err());
+        assert!(decode_record_owned(b"x".to_vec()).is_err());
         assert_eq!(decode_rev_value(&encode_rev_value(42)).unwrap(), 42);
         assert!(decode_rev_value(b"123").is_err());
     }

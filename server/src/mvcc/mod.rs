@@ -96,6 +96,7 @@ use metastore_proto::etcdserverpb::{
 };
 use metastore_proto::mvccpb::{event::EventType, Event, KeyValue};
 use metastore_proto::shardpb::CompareOutcome;
+use prost::bytes::Bytes;
 
 use crate::engine::{keyspace, Engine, EngineError, WriteBatch};
 use key_index::{Entry, KeyHistory, KeyIndex, Revision};
@@ -245,6 +246,19 @@ impl<'a> Candidate<'a> {
         }
     }
 
+    /// The version's `KeyValue` without its value (for `keys_only`): all
+    /// of it is known without reading the record.
+    fn without_value(&self) -> KeyValue {
+        KeyValue {
+            key: Bytes::copy_from_slice(self.key),
+            create_revision: self.create,
+            mod_revision: self.modr,
+            version: self.version,
+            lease: self.lease,
+            value: Bytes::new(),
+        }
+    }
+
     fn pending(kv: &'a KeyValue) -> Candidate<'a> {
         Candidate {
             key: &kv.key,
@@ -375,7 +389,7 @@ impl Mvcc {
                 rev.main, rev.sub
             ))
         })?;
-        let (tombstone, kv) = codec::decode_record(&bytes)?;
+        let (tombstone, kv) = codec::decode_record_owned(bytes)?;
         if tombstone || kv.key != key {
             return Err(MvccError::Corrupt(format!(
                 "version record {}.{} does not hold key {key:?}",
@@ -1208,12 +1222,18 @@ fn build_range(
             cands.truncate(req.limit as usize);
             more = true;
         }
-        kvs = cands
-            .iter()
-            .map(|c| mvcc.materialize(c))
-            .collect::<Result<_, _>>()?;
+        kvs = if req.keys_only {
+            // Everything but the value is in the key index: no record read.
+            cands.iter().map(Candidate::without_value).collect()
+        } else {
+            cands
+                .iter()
+                .map(|c| mvcc.materialize(c))
+                .collect::<Result<_, _>>()?
+        };
     }
     if req.keys_only {
+        // Values read for sorting by value.
         for kv in &mut kvs {
             kv.value = Default::default();
         }

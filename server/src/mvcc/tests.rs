@@ -431,7 +431,7 @@ fn range_key_forms() {
 fn range_limit_more_count_count_only_keys_only() {
     for env in engines() {
         let k = env.kind;
-        let s = range_fixture(&env);
+        let mut s = range_fixture(&env);
         let r = range_with(&s, |r| r.limit = 2);
         assert_eq!(keys(&r), vec!["a", "b"], "{k}");
         assert!(r.more, "{k}");
@@ -459,6 +459,16 @@ fn range_limit_more_count_count_only_keys_only() {
         assert_eq!(r.kvs[1].version, 3, "{k}");
         assert_eq!(r.kvs[1].mod_revision, 10, "{k}");
         assert_eq!(r.kvs[1].create_revision, 2, "{k}");
+        // Built from the key index without reading records: the same
+        // versions as a full read, values aside.
+        s.put_lease(12, "c", "2", 7);
+        let r = range_with(&s, |r| r.keys_only = true);
+        assert_eq!(r.kvs[2].lease, 7, "{k}");
+        let mut full = range_with(&s, |_| {});
+        for kv in &mut full.kvs {
+            kv.value = Default::default();
+        }
+        assert_eq!(r.kvs, full.kvs, "{k}");
     }
 }
 
