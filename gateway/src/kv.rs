@@ -38,7 +38,7 @@ use metastore_proto::etcdserverpb::{
     DeleteRangeResponse, PutRequest, PutResponse, RangeRequest, RangeResponse, RequestOp,
     TxnRequest,
 };
-use metastore_proto::shardpb::CompactRequest;
+use metastore_proto::shardpb::{CompactRequest, RangeHeadRequest};
 
 use crate::backend::Backend;
 use crate::error::{GatewayError, Result};
@@ -137,12 +137,38 @@ impl Backend {
         };
         let mut shard_req = merge::shard_range_request(&req).into_owned();
         shard_req.revision = rev;
+        let budget = merge::value_budget(&req, shards.len());
         let parts = try_join_all(shards.iter().map(|&s| {
             let r = shard_req.clone();
-            self.retry_idempotent(move || shards::range(self.t(), s, r.clone()))
+            self.retry_idempotent(move || {
+                let r = r.clone();
+                async move {
+                    match budget {
+                        Some(valued) => {
+                            let head = RangeHeadRequest {
+                                range: Some(r),
+                                valued,
+                            };
+                            shards::range_head(self.t(), s, head).await
+                        }
+                        None => shards::range(self.t(), s, r).await,
+                    }
+                }
+            })
         }))
         .await?;
         let mut resp = merge::merge_range(&req, parts);
+        if let Some(valued) = budget {
+            // The kvs kept beyond a shard's budget: read their values at
+            // the same revision (rare; see `merge`).
+            for (s, run) in merge::unvalued(&resp.kvs, &self.router, valued) {
+                let r = merge::values_request(&shard_req, &resp.kvs, &run);
+                let answer = self
+                    .retry_idempotent(|| shards::range(self.t(), s, r.clone()))
+                    .await?;
+                merge::fill_values(&mut resp.kvs, &run, answer)?;
+            }
+        }
         let h = resp.header.unwrap_or_default();
         let revision = if snapshot { rev } else { h.revision };
         resp.header = Some(self.header(revision, h.raft_term.max(term)));

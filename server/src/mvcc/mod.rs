@@ -460,9 +460,22 @@ impl Mvcc {
         rev: Rev,
         owns: Owns<'_>,
     ) -> Result<RangeResponse, MvccError> {
+        self.range_head(req, rev, owns, usize::MAX)
+    }
+
+    /// [`Mvcc::range`] with the values of the answer's first `valued` kvs
+    /// only: the others carry every field but the value, and their records
+    /// are not read (the shard protocol's `RangeHeadRequest`).
+    pub fn range_head(
+        &self,
+        req: &RangeRequest,
+        rev: Rev,
+        owns: Owns<'_>,
+        valued: usize,
+    ) -> Result<RangeResponse, MvccError> {
         let rev = self.check_read_rev(rev)?;
         let cands = self.candidates_at(KeyRange::new(&req.key, &req.range_end), rev, owns);
-        build_range(self, req, cands)
+        build_range(self, req, cands, valued)
     }
 
     /// The live value of `key` at `rev` (`rev <= 0` = latest), ignoring
@@ -993,7 +1006,7 @@ impl MvccWrite<'_> {
             return self.mvcc.range(req, req.revision, owns);
         }
         let cands = self.candidates(KeyRange::new(&req.key, &req.range_end), owns);
-        build_range(self.mvcc, req, cands)
+        build_range(self.mvcc, req, cands, usize::MAX)
     }
 
     /// Applies the txn's ops along `path` (etcd's compare path, see
@@ -1151,6 +1164,7 @@ fn build_range(
     mvcc: &Mvcc,
     req: &RangeRequest,
     mut cands: Vec<Candidate<'_>>,
+    valued: usize,
 ) -> Result<RangeResponse, MvccError> {
     use range_request::{SortOrder, SortTarget};
     let count = cands.len() as i64;
@@ -1222,15 +1236,20 @@ fn build_range(
             cands.truncate(req.limit as usize);
             more = true;
         }
-        kvs = if req.keys_only {
-            // Everything but the value is in the key index: no record read.
-            cands.iter().map(Candidate::without_value).collect()
-        } else {
-            cands
-                .iter()
-                .map(|c| mvcc.materialize(c))
-                .collect::<Result<_, _>>()?
-        };
+        // Everything but the value is in the key index: a kv without its
+        // value reads no record.
+        let valued = if req.keys_only { 0 } else { valued };
+        kvs = cands
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                if i < valued {
+                    mvcc.materialize(c)
+                } else {
+                    Ok(c.without_value())
+                }
+            })
+            .collect::<Result<_, _>>()?;
     }
     if req.keys_only {
         // Values read for sorting by value.
