@@ -90,43 +90,44 @@ impl Figure {
 /// One row of the workload table.
 struct Spec {
     name: &'static str,
-    title: &'static str,
+    title: String,
     /// The command line (global options + subcommand), as for the binary.
     args: String,
     /// etcd's figure in ANCHORS.md.
     anchor: &'static str,
 }
 
-fn specs(quick: bool, secs: f64) -> Vec<Spec> {
+fn specs(quick: bool, secs: f64, shards: usize) -> Vec<Spec> {
     let d = format!("{secs}s");
     let kv = "--key-size 8 --val-size 256 --sequential-keys --key-space-size 100000";
     let watch_puts = 1000;
     let lat_puts = if quick { 400 } else { 1000 };
+    let deletes = if quick { 20_000 } else { 60_000 };
     vec![
         // First, so that round 1 measures it on fresh nodes: RSS growth
         // says nothing on a node whose earlier workloads freed memory the
         // watchers then reuse.
         Spec {
             name: "watch-memory",
-            title: "idle watchers: 100 streams × 100 watchers, 10 puts (fresh node)",
+            title: "idle watchers: 100 streams × 100 watchers, 10 puts (fresh node)".into(),
             args: "--conns 10 --val-size 256 watch --streams 100 --watchers-per-stream 100 --put-total 10 --put-clients 1".into(),
             anchor: "≈ 350 B per watcher + 18 KB per stream",
         },
         Spec {
             name: "put-1c",
-            title: "put, 1 conn, 1 client",
+            title: "put, 1 conn, 1 client".into(),
             args: format!("--conns 1 --clients 1 --duration {d} {kv} put"),
             anchor: "970–1,330 QPS; p50 0.47–0.56 ms; p99 4.5–5.1 ms",
         },
         Spec {
             name: "put-1000c",
-            title: "put, 100 conns, 1000 clients",
+            title: "put, 100 conns, 1000 clients".into(),
             args: format!("--conns 100 --clients 1000 --duration {d} {kv} put"),
             anchor: "12.2k–13.5k QPS; p99 148–187 ms",
         },
         Spec {
             name: "range-l-1c",
-            title: "range one key, linearizable, 1 client",
+            title: "range one key, linearizable, 1 client".into(),
             args: format!(
                 "--conns 1 --clients 1 --duration {d} --val-size 256 range --consistency l"
             ),
@@ -134,7 +135,7 @@ fn specs(quick: bool, secs: f64) -> Vec<Spec> {
         },
         Spec {
             name: "range-s-1000c",
-            title: "range one key, serializable, 1000 clients",
+            title: "range one key, serializable, 1000 clients".into(),
             args: format!(
                 "--conns 100 --clients 1000 --duration {d} --val-size 256 range --consistency s"
             ),
@@ -142,13 +143,40 @@ fn specs(quick: bool, secs: f64) -> Vec<Spec> {
         },
         Spec {
             name: "txn-put-1000c",
-            title: "txn-put (1 op), 1000 clients",
+            title: "txn-put (1 op), 1000 clients".into(),
             args: format!("--conns 100 --clients 1000 --duration {d} {kv} txn-put --txn-ops 1"),
             anchor: "3.5k–3.9k QPS",
         },
+        // The other KV workloads, with no ANCHORS figure: a list
+        // of one page (a prefix spans every shard: the gateway merges),
+        // a transaction whose puts land on every shard, and deletes.
+        Spec {
+            name: "range-prefix-100c",
+            title: "range prefix of 1,000 keys, limit 100, linearizable, 100 clients".into(),
+            args: format!(
+                "--conns 10 --clients 100 --duration {d} --val-size 256 range --prefix --key /bench/list/ --prefill 1000 --limit 100 --consistency l"
+            ),
+            anchor: "(no anchor)",
+        },
+        Spec {
+            name: "txn-put-4op-1000c",
+            title: format!("txn-put, 4 ops over {shards} shard(s), 1000 clients"),
+            args: format!(
+                "--conns 100 --clients 1000 --duration {d} {kv} txn-put --txn-ops 4 --shards {shards}"
+            ),
+            anchor: "(no anchor)",
+        },
+        Spec {
+            name: "delete-1000c",
+            title: format!("delete, 100 conns, 1000 clients ({deletes} pre-written keys, each once)"),
+            args: format!(
+                "--conns 100 --clients 1000 --total {deletes} --key-size 8 --val-size 256 --sequential-keys --key-space-size {deletes} delete"
+            ),
+            anchor: "(no anchor)",
+        },
         Spec {
             name: "watch-fanout",
-            title: "watch: 100 streams × 10 watchers, one key",
+            title: "watch: 100 streams × 10 watchers, one key".into(),
             args: format!(
                 "--conns 10 --val-size 256 watch --streams 100 --watchers-per-stream 10 --put-total {watch_puts} --put-clients 10"
             ),
@@ -156,7 +184,7 @@ fn specs(quick: bool, secs: f64) -> Vec<Spec> {
         },
         Spec {
             name: "watch-latency",
-            title: "watch latency: 100 watchers, 200 puts/s",
+            title: "watch latency: 100 watchers, 200 puts/s".into(),
             args: format!(
                 "--conns 10 --val-size 256 watch-latency --streams 10 --watchers-per-stream 10 --put-rate 200 --put-total {lat_puts}"
             ),
@@ -164,13 +192,13 @@ fn specs(quick: bool, secs: f64) -> Vec<Spec> {
         },
         Spec {
             name: "lease-keepalive",
-            title: "lease keep-alive, 100 clients",
+            title: "lease keep-alive, 100 clients".into(),
             args: format!("--conns 10 --clients 100 --duration {d} lease-keepalive"),
             anchor: "9.3k–9.6k QPS",
         },
         Spec {
             name: "mixed-k8s",
-            title: "Kubernetes-like mix, 100 updaters",
+            title: "Kubernetes-like mix, 100 updaters".into(),
             args: format!(
                 "--conns 10 --clients 100 --duration {d} --val-size 512 mixed-k8s --objects 4000 --listers 1"
             ),
@@ -331,7 +359,7 @@ async fn run(_common: &Common, a: &CompareArgs) -> std::process::ExitCode {
     });
     let rounds = a.rounds.unwrap_or(if a.quick { 1 } else { 2 }).max(1);
     let secs = a.seconds.unwrap_or(if a.quick { 2.0 } else { 4.0 });
-    let mut specs = specs(a.quick, secs);
+    let mut specs = specs(a.quick, secs, shards);
     if !a.only.is_empty() {
         specs.retain(|s| a.only.iter().any(|o| o == s.name));
     }
