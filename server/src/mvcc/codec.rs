@@ -71,17 +71,7 @@ pub fn encode_record(kv: &KeyValue, tombstone: bool) -> Vec<u8> {
 
 /// Returns (tombstone, kv).
 pub fn decode_record(bytes: &[u8]) -> Result<(bool, KeyValue), MvccError> {
-    let (flag, rest) = bytes
-        .split_first()
-        .ok_or_else(|| MvccError::Corrupt("empty version record".into()))?;
-    let tombstone = match *flag {
-        PUT => false,
-        TOMBSTONE => true,
-        other => return Err(MvccError::Corrupt(format!("bad record flag {other:#x}"))),
-    };
-    let kv = KeyValue::decode(rest)
-        .map_err(|e| MvccError::Corrupt(format!("undecodable version record: {e}")))?;
-    Ok((tombstone, kv))
+    decode_record_owned(bytes.to_vec())
 }
 
 /// [`decode_record`] of a record the caller owns: the decoded key and
