@@ -183,6 +183,14 @@ fn specs(quick: bool, secs: f64, shards: usize) -> Vec<Spec> {
             anchor: "101k–117k events/s (1000 puts, 1M events)",
         },
         Spec {
+            name: "watch-prefix",
+            title: "watch: 100 streams × 10 watchers on a prefix of 1,000 keys (every shard)".into(),
+            args: format!(
+                "--conns 10 --val-size 256 --key-space-size 1000 watch --streams 100 --watchers-per-stream 10 --prefix --key /bench/wp/ --put-total {watch_puts} --put-clients 10"
+            ),
+            anchor: "(no anchor)",
+        },
+        Spec {
             name: "watch-latency",
             title: "watch latency: 100 watchers, 200 puts/s".into(),
             args: format!(
