@@ -130,6 +130,9 @@ struct LockTable {
 impl LockTable {
     fn conflicts(&self, span: &Span, except: Option<&[u8]>) -> bool {
         let other = |id: &TxnId| Some(id.as_slice()) != except;
+        if span.is_key() {
+            return self.key_conflicts(&span.start, except);
+        }
         if self
             .ranges
             .iter()
@@ -139,12 +142,6 @@ impl LockTable {
         }
         if self.keys.is_empty() {
             return false;
-        }
-        if span.is_key() {
-            return self
-                .keys
-                .get(span.start.as_slice())
-                .is_some_and(|ids| ids.iter().any(other));
         }
         let upper = if span.end == [0] {
             Bound::Unbounded
@@ -156,6 +153,15 @@ impl LockTable {
         self.keys
             .range::<[u8], _>((Bound::Included(span.start.as_slice()), upper))
             .any(|(_, ids)| ids.iter().any(other))
+    }
+    /// [`LockTable::conflicts`] of a single key, without making it a span
+    /// (every put asks).
+    fn key_conflicts(&self, key: &[u8], except: Option<&[u8]>) -> bool {
+        let other = |id: &TxnId| Some(id.as_slice()) != except;
+        self.ranges
+            .iter()
+            .any(|(s, id)| other(id) && s.start.as_slice() <= key && !s.below(key))
+            || self.keys.get(key).is_some_and(|ids| ids.iter().any(other))
     }
     fn add(&mut self, spans: Vec<Span>, id: &[u8]) {
         for s in &spans {
@@ -674,7 +680,7 @@ impl ShardState {
         rev: i64,
         batch: &mut WriteBatch,
     ) -> Result<Body, StateError> {
-        if self.locked(&[Span::new(&req.key, &[])], None) {
+        if self.locks.key_conflicts(&req.key, None) {
             return Ok(conflict());
         }
         if req.lease != 0 && !req.ignore_lease {
