@@ -15,7 +15,10 @@
 //!     answer is exactly the writes with revision ≤ R. The header revision
 //!     is `R` when the client asked for 0 (so "list, then watch from
 //!     header.revision + 1" misses nothing), otherwise the newest revision
-//!     the shards reported, like etcd's "current revision" header.
+//!     the shards reported, like etcd's "current revision" header. A read
+//!     of "now" that a compaction overtook (above `R`, between two shards'
+//!     reads) is taken again at a newer `R`: etcd never answers one as
+//!     compacted.
 //!   * DeleteRange: one revision for the whole range means one write across
 //!     shards: it runs as the cross-shard txn `{success: [delete_range]}`
 //!     and the txn's single answer is unwrapped. With one shard it is
@@ -44,6 +47,9 @@ use crate::backend::Backend;
 use crate::error::{GatewayError, Result};
 use crate::merge;
 use crate::shards;
+
+/// Snapshot reads taken again after a compaction overtook them.
+const SNAPSHOT_TRIES: u32 = 3;
 
 /// Refuses a request whose encoding exceeds `max_bytes` (etcd's
 /// `--max-request-bytes`).
@@ -130,14 +136,39 @@ impl Backend {
             return Ok(resp);
         }
         let snapshot = req.revision == 0;
-        let (rev, term) = if snapshot {
-            self.current_revision().await?
-        } else {
-            (req.revision, 0)
+        // etcd never answers a read of "now" as compacted. Here the shards
+        // read one snapshot at moments apart (and a page may take a second
+        // request), so a compaction above the snapshot can land between
+        // them; such a read is taken again at a newer snapshot.
+        let mut tries = 0;
+        let (rev, term, mut resp) = loop {
+            let (rev, term) = if snapshot {
+                self.current_revision().await?
+            } else {
+                (req.revision, 0)
+            };
+            match self.scatter_range(&req, &shards, rev).await {
+                Err(GatewayError::Compacted) if snapshot && tries < SNAPSHOT_TRIES => tries += 1,
+                r => break (rev, term, r?),
+            }
         };
-        let mut shard_req = merge::shard_range_request(&req).into_owned();
+        let h = resp.header.unwrap_or_default();
+        let revision = if snapshot { rev } else { h.revision };
+        resp.header = Some(self.header(revision, h.raft_term.max(term)));
+        Ok(resp)
+    }
+
+    /// Reads `req` at `rev` from every shard in `shards` and merges the
+    /// answers (see the module docs and `merge`).
+    async fn scatter_range(
+        &self,
+        req: &RangeRequest,
+        shards: &[u32],
+        rev: i64,
+    ) -> Result<RangeResponse> {
+        let mut shard_req = merge::shard_range_request(req).into_owned();
         shard_req.revision = rev;
-        let budget = merge::value_budget(&req, shards.len());
+        let budget = merge::value_budget(req, shards.len());
         let parts = try_join_all(shards.iter().map(|&s| {
             let r = shard_req.clone();
             self.retry_idempotent(move || {
@@ -157,7 +188,7 @@ impl Backend {
             })
         }))
         .await?;
-        let mut resp = merge::merge_range(&req, parts);
+        let mut resp = merge::merge_range(req, parts);
         if let Some(valued) = budget {
             // The kvs kept beyond a shard's budget: read their values at
             // the same revision (rare; see `merge`).
@@ -169,9 +200,6 @@ impl Backend {
                 merge::fill_values(&mut resp.kvs, &run, answer)?;
             }
         }
-        let h = resp.header.unwrap_or_default();
-        let revision = if snapshot { rev } else { h.revision };
-        resp.header = Some(self.header(revision, h.raft_term.max(term)));
         Ok(resp)
     }
 
@@ -429,6 +457,55 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(resp.header.unwrap().revision, 61);
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_read_overtaken_by_a_compaction_is_taken_again() {
+        // The first snapshot is 50; a compaction to 55 reaches shard 1
+        // before its read, so the read is taken again at 60.
+        let snapshots = std::sync::Arc::new(AtomicUsize::new(0));
+        let s = snapshots.clone();
+        let fake = FakeShards::new(2, move |shard, req| match req {
+            Req::CurrentRevision(_) => {
+                let rev = if s.fetch_add(1, Ordering::SeqCst) == 0 {
+                    50
+                } else {
+                    60
+                };
+                Ok(Resp::CurrentRevision(CurrentRevisionResponse {
+                    revision: rev,
+                    raft_term: 2,
+                    ..Default::default()
+                }))
+            }
+            Req::Range(r) if shard == 1 && r.revision < 55 => Err(GatewayError::Compacted),
+            Req::Range(r) => Ok(Resp::Range(RangeResponse {
+                header: Some(ResponseHeader {
+                    revision: r.revision.max(60),
+                    ..Default::default()
+                }),
+                kvs: vec![kv(&format!("k{shard}"))],
+                more: false,
+                count: 1,
+            })),
+            other => panic!("unexpected {other:?}"),
+        });
+        let b = backend(fake);
+        let list = |revision: i64| RangeRequest {
+            key: b"a".to_vec(),
+            range_end: b"z".to_vec(),
+            revision,
+            ..Default::default()
+        };
+        let resp = b.range(list(0)).await.unwrap();
+        assert_eq!(resp.header.unwrap().revision, 60);
+        assert_eq!(resp.count, 2);
+        assert_eq!(snapshots.load(Ordering::SeqCst), 2);
+        // A read at a revision the client chose stays compacted.
+        assert!(matches!(
+            b.range(list(50)).await,
+            Err(GatewayError::Compacted)
+        ));
     }
 
     #[tokio::test]
