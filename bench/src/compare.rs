@@ -1403,6 +1403,29 @@ fn machine_description(fsync: &[Option<FsyncProbe>]) -> String {
 mod tests {
     use super::*;
 
+    /// A spec that does not parse fails only when `compare` runs it, as a
+    /// failed cell of the report: check every one here.
+    #[test]
+    fn every_spec_parses_as_run() {
+        for quick in [false, true] {
+            let specs = specs(quick, 4.0, 2);
+            let mut names: Vec<&str> = specs.iter().map(|s| s.name).collect();
+            names.sort();
+            names.dedup();
+            assert_eq!(names.len(), specs.len(), "spec names are unique");
+            for spec in &specs {
+                let mut argv = vec!["metastore-bench".to_string()];
+                argv.extend(spec.args.split_whitespace().map(str::to_string));
+                argv.extend(
+                    ["--endpoints", "127.0.0.1:1", "--server-pids", "x=1"].map(String::from),
+                );
+                if let Err(e) = Cli::try_parse_from(&argv) {
+                    panic!("{} does not parse: {e}", spec.name);
+                }
+            }
+        }
+    }
+
     #[test]
     fn median_of_skips_missing_rounds() {
         assert_eq!(median_of(&[]), None);
