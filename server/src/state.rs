@@ -104,6 +104,10 @@ impl Span {
     fn overlaps(&self, other: &Span) -> bool {
         !(self.below(&other.start) || other.below(&self.start))
     }
+    /// [`Span::overlaps`] with the single key `key`.
+    fn contains(&self, key: &[u8]) -> bool {
+        self.start.as_slice() <= key && !self.below(key)
+    }
 }
 
 /// Locks held by prepared transactions on this shard.
@@ -129,10 +133,10 @@ struct LockTable {
 
 impl LockTable {
     fn conflicts(&self, span: &Span, except: Option<&[u8]>) -> bool {
-        let other = |id: &TxnId| Some(id.as_slice()) != except;
         if span.is_key() {
             return self.key_conflicts(&span.start, except);
         }
+        let other = |id: &TxnId| Some(id.as_slice()) != except;
         if self
             .ranges
             .iter()
@@ -160,7 +164,7 @@ impl LockTable {
         let other = |id: &TxnId| Some(id.as_slice()) != except;
         self.ranges
             .iter()
-            .any(|(s, id)| other(id) && s.start.as_slice() <= key && !s.below(key))
+            .any(|(s, id)| other(id) && s.contains(key))
             || self.keys.get(key).is_some_and(|ids| ids.iter().any(other))
     }
     fn add(&mut self, spans: Vec<Span>, id: &[u8]) {
