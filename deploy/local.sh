@@ -66,7 +66,7 @@ done
 # --- dependencies -----------------------------------------------------------
 # shellcheck source=deploy/lib.sh
 source "$ROOT/deploy/lib.sh"
-ensure_deps librocksdb-dev libsnappy-dev libclang-dev protobuf-compiler
+ensure_deps librocksdb-dev libsnappy-dev libclang-dev protobuf-compiler libprotobuf-dev
 
 ensure_cargo
 

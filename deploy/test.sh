@@ -13,7 +13,7 @@ cd "$ROOT"
 # shellcheck source=deploy/lib.sh
 source "$ROOT/deploy/lib.sh"
 # etcd-client provides etcdctl, which the etcdctl suite drives.
-ensure_deps librocksdb-dev libsnappy-dev libclang-dev protobuf-compiler etcd-client
+ensure_deps librocksdb-dev libsnappy-dev libclang-dev protobuf-compiler libprotobuf-dev etcd-client
 
 ensure_cargo
 command -v etcdctl >/dev/null 2>&1 || { echo "etcdctl not found (package etcd-client)" >&2; exit 1; }
