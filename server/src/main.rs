@@ -56,6 +56,11 @@ struct Args {
     /// A record larger than a segment gets one to itself.
     #[arg(long, default_value_t = metastore_server::wal::SEGMENT_BYTES)]
     wal_segment_bytes: u64,
+    /// Memory for each shard's cache of recently read version records, in
+    /// MiB (0 turns it off). Repeated lists read their records from it
+    /// instead of the engine.
+    #[arg(long, default_value_t = (metastore_server::mvcc::DEFAULT_RECORD_CACHE_BYTES >> 20) as u64)]
+    record_cache_mib: u64,
 }
 
 fn main() {
@@ -73,6 +78,10 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         "core" => true,
         other => return Err(format!("--fsync must be blocking-pool or core, not {other}").into()),
     };
+    let record_cache_bytes = usize::try_from(args.record_cache_mib)
+        .ok()
+        .and_then(|m| m.checked_mul(1 << 20))
+        .ok_or("--record-cache-mib is too large")?;
     let cores = core_affinity::get_core_ids().unwrap_or_default();
     let core_count = cores.len().max(1);
     std::fs::create_dir_all(&args.data_dir)?;
@@ -133,6 +142,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
                 let shard = match opened_shard {
                     Ok((shard, max_rev)) => {
                         shard.set_fsync_on_core(fsync_on_core);
+                        shard.set_record_cache_bytes(record_cache_bytes);
                         let _ = report_tx.send(Ok((id, max_rev)));
                         shard
                     }

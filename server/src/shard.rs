@@ -360,6 +360,15 @@ impl Shard {
         self.fsync_on_core.set(on_core);
     }
 
+    /// Bounds the cache of recently read version records (see
+    /// `mvcc::record_cache`); 0 turns it off.
+    pub fn set_record_cache_bytes(&self, bytes: usize) {
+        self.state
+            .borrow_mut()
+            .mvcc_mut()
+            .set_record_cache_bytes(bytes);
+    }
+
     fn owns_fn(&self) -> impl Fn(&[u8]) -> bool {
         let (shard, router) = (self.id, self.router);
         move |k: &[u8]| router.owns(shard, k)

@@ -413,6 +413,9 @@ impl ShardState {
     pub fn mvcc(&self) -> &Mvcc {
         &self.mvcc
     }
+    pub fn mvcc_mut(&mut self) -> &mut Mvcc {
+        &mut self.mvcc
+    }
     pub fn engine(&self) -> &Rc<dyn Engine> {
         &self.engine
     }

@@ -71,13 +71,13 @@ pub fn encode_record(kv: &KeyValue, tombstone: bool) -> Vec<u8> {
 
 /// Returns (tombstone, kv).
 pub fn decode_record(bytes: &[u8]) -> Result<(bool, KeyValue), MvccError> {
-    decode_record_owned(bytes.to_vec())
+    decode_record_owned(Bytes::copy_from_slice(bytes))
 }
 
 /// [`decode_record`] of a record the caller owns: the decoded key and
 /// value share its buffer instead of being copied out of it.
-pub fn decode_record_owned(bytes: Vec<u8>) -> Result<(bool, KeyValue), MvccError> {
-    let mut buf = Bytes::from(bytes);
+pub fn decode_record_owned(bytes: Bytes) -> Result<(bool, KeyValue), MvccError> {
+    let mut buf = bytes;
     if buf.is_empty() {
         return Err(MvccError::Corrupt("empty version record".into()));
     }
@@ -138,14 +138,14 @@ mod tests {
         );
         for tombstone in [false, true] {
             assert_eq!(
-                decode_record_owned(encode_record(&kv, tombstone)).unwrap(),
+                decode_record_owned(encode_record(&kv, tombstone).into()).unwrap(),
                 (tombstone, kv.clone())
             );
         }
         assert!(decode_record(b"").is_err());
         assert!(decode_record(b"x").is_err());
-        assert!(decode_record_owned(Vec::new()).is_err());
-        assert!(decode_record_owned(b"x".to_vec()).is_err());
+        assert!(decode_record_owned(Bytes::new()).is_err());
+        assert!(decode_record_owned(Bytes::from_static(b"x")).is_err());
         assert_eq!(decode_rev_value(&encode_rev_value(42)).unwrap(), 42);
         assert!(decode_rev_value(b"123").is_err());
     }

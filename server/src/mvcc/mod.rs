@@ -12,6 +12,9 @@
 //!   revisions, so a read at R finds the right version with one binary
 //!   search and one engine read. It is rebuilt by scanning the `v` records
 //!   in revision order on [`Mvcc::open`].
+//! * **The record cache** ([`record_cache`]) keeps the records reads
+//!   fetched, by revision, so lists that come back find them without the
+//!   engine read. Records are immutable, so it never goes stale.
 //! * **Meta** (`m` namespace) holds the compacted revision and the current
 //!   revision (the latter because compaction may delete the newest records,
 //!   e.g. when the last write was a delete).
@@ -82,9 +85,11 @@
 
 mod codec;
 pub mod key_index;
+mod record_cache;
 #[cfg(test)]
 mod tests;
 
+use std::cell::RefCell;
 use std::cmp::Ordering;
 use std::collections::BTreeMap;
 use std::rc::Rc;
@@ -100,6 +105,7 @@ use prost::bytes::Bytes;
 
 use crate::engine::{keyspace, Engine, EngineError, WriteBatch};
 use key_index::{Entry, KeyHistory, KeyIndex, Revision};
+use record_cache::RecordCache;
 
 /// A revision (etcd's main revision).
 pub type Rev = i64;
@@ -277,7 +283,12 @@ pub struct Mvcc {
     index: KeyIndex,
     current: Rev,
     compacted: Rev,
+    /// Records reads fetched recently (see `record_cache`).
+    cache: RefCell<RecordCache>,
 }
+
+/// The default bound of a store's [`RecordCache`], in bytes.
+pub const DEFAULT_RECORD_CACHE_BYTES: usize = 16 << 20;
 
 impl std::fmt::Debug for Mvcc {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -335,7 +346,14 @@ impl Mvcc {
             index,
             current: current.max(compacted),
             compacted,
+            cache: RefCell::new(RecordCache::new(DEFAULT_RECORD_CACHE_BYTES)),
         })
+    }
+
+    /// Bounds the cache of recently read version records to `bytes` (0
+    /// turns it off), emptying it.
+    pub fn set_record_cache_bytes(&mut self, bytes: usize) {
+        self.cache = RefCell::new(RecordCache::new(bytes));
     }
 
     /// The highest revision that changed anything on this shard (or the
@@ -381,20 +399,29 @@ impl Mvcc {
         Ok(rev)
     }
 
-    /// Reads the full version record at `rev` of `key`.
+    /// Reads the full version record at `rev` of `key`, from the record
+    /// cache or else the engine (then caching it).
     fn fetch(&self, key: &[u8], rev: Revision) -> Result<KeyValue, MvccError> {
-        let bytes = self.engine.get(&codec::version_key(rev))?.ok_or_else(|| {
-            MvccError::Corrupt(format!(
-                "missing version record {}.{} of key {key:?}",
-                rev.main, rev.sub
-            ))
-        })?;
-        let (tombstone, kv) = codec::decode_record_owned(bytes)?;
+        let cached = self.cache.borrow_mut().get(rev);
+        let hit = cached.is_some();
+        let bytes = match cached {
+            Some(b) => b,
+            None => Bytes::from(self.engine.get(&codec::version_key(rev))?.ok_or_else(|| {
+                MvccError::Corrupt(format!(
+                    "missing version record {}.{} of key {key:?}",
+                    rev.main, rev.sub
+                ))
+            })?),
+        };
+        let (tombstone, kv) = codec::decode_record_owned(bytes.clone())?;
         if tombstone || kv.key != key {
             return Err(MvccError::Corrupt(format!(
                 "version record {}.{} does not hold key {key:?}",
                 rev.main, rev.sub
             )));
+        }
+        if !hit {
+            self.cache.borrow_mut().insert(rev, bytes);
         }
         Ok(kv)
     }
@@ -618,8 +645,10 @@ impl Mvcc {
             return Err(MvccError::Compacted);
         }
         let mut batch = WriteBatch::new();
+        let cache = self.cache.get_mut();
         self.index.compact(rev, &mut |_, r| {
             batch.delete(codec::version_key(r));
+            cache.remove(r);
         });
         self.compacted = rev;
         batch.put(codec::meta_compact_key(), codec::encode_rev_value(rev));
