@@ -12,7 +12,7 @@
 //!   revisions, so a read at R finds the right version with one binary
 //!   search and one engine read. It is rebuilt by scanning the `v` records
 //!   in revision order on [`Mvcc::open`].
-//! * **The record cache** ([`record_cache`]) keeps the records reads
+//! * **The record cache** (`record_cache`) keeps the records reads
 //!   fetched, by revision, so lists that come back find them without the
 //!   engine read. Records are immutable, so it never goes stale.
 //! * **Meta** (`m` namespace) holds the compacted revision and the current
@@ -287,7 +287,7 @@ pub struct Mvcc {
     cache: RefCell<RecordCache>,
 }
 
-/// The default bound of a store's [`RecordCache`], in bytes.
+/// The default bound of a store's record cache (`RecordCache`), in bytes.
 pub const DEFAULT_RECORD_CACHE_BYTES: usize = 16 << 20;
 
 impl std::fmt::Debug for Mvcc {
