@@ -454,27 +454,43 @@ impl Mvcc {
         rev: Rev,
         owns: Owns<'_>,
     ) -> Vec<Candidate<'a>> {
+        self.counted_candidates_at(range, rev, owns, usize::MAX).0
+    }
+
+    /// The first `keep` of [`Mvcc::candidates_at`], and how many there are
+    /// in all (a list's `count` visits every key; its page needs only the
+    /// first ones).
+    fn counted_candidates_at<'a>(
+        &'a self,
+        range: KeyRange<'_>,
+        rev: Rev,
+        owns: Owns<'_>,
+        keep: usize,
+    ) -> (Vec<Candidate<'a>>, usize) {
         let mut out = Vec::new();
+        let mut count = 0;
+        let mut visit = |k: &'a [u8], h: &'a KeyHistory| {
+            if owns(k) {
+                if let Some(e) = h.live_at(rev) {
+                    if count < keep {
+                        out.push(Candidate::stored(k, e));
+                    }
+                    count += 1;
+                }
+            }
+        };
         match range {
             KeyRange::Single(key) => {
                 if let Some((k, h)) = self.index.get_key_value(key) {
-                    if owns(k) {
-                        if let Some(e) = h.live_at(rev) {
-                            out.push(Candidate::stored(k, e));
-                        }
-                    }
+                    visit(k, h);
                 }
             }
             KeyRange::Span(start, end) => self.index.range(start, end, &mut |k, h| {
-                if owns(k) {
-                    if let Some(e) = h.live_at(rev) {
-                        out.push(Candidate::stored(k, e));
-                    }
-                }
+                visit(k, h);
                 true
             }),
         }
-        out
+        (out, count)
     }
 
     /// etcd's Range for the keys this shard owns, at revision `rev` (the
@@ -501,8 +517,13 @@ impl Mvcc {
         valued: usize,
     ) -> Result<RangeResponse, MvccError> {
         let rev = self.check_read_rev(rev)?;
-        let cands = self.candidates_at(KeyRange::new(&req.key, &req.range_end), rev, owns);
-        build_range(self, req, cands, valued)
+        let (cands, count) = self.counted_candidates_at(
+            KeyRange::new(&req.key, &req.range_end),
+            rev,
+            owns,
+            candidates_needed(req),
+        );
+        build_range(self, req, cands, count, valued)
     }
 
     /// The live value of `key` at `rev` (`rev <= 0` = latest), ignoring
@@ -1035,7 +1056,8 @@ impl MvccWrite<'_> {
             return self.mvcc.range(req, req.revision, owns);
         }
         let cands = self.candidates(KeyRange::new(&req.key, &req.range_end), owns);
-        build_range(self.mvcc, req, cands, usize::MAX)
+        let count = cands.len();
+        build_range(self.mvcc, req, cands, count, usize::MAX)
     }
 
     /// Applies the txn's ops along `path` (etcd's compare path, see
@@ -1189,14 +1211,39 @@ fn walk_txn(
 
 /// etcd's Range post-processing (v3.5 `applierV3backend.Range`) over the
 /// live, owned keys of the range in key order.
+/// How many of a range's candidates (in key order) [`build_range`] needs:
+/// none for `count_only`, `limit + 1` for a limited range in key order
+/// without filters (the page, and one more to learn `more`), else all.
+fn candidates_needed(req: &RangeRequest) -> usize {
+    use range_request::{SortOrder, SortTarget};
+    let order = SortOrder::try_from(req.sort_order).unwrap_or(SortOrder::None);
+    let target = SortTarget::try_from(req.sort_target).unwrap_or(SortTarget::Key);
+    let key_order =
+        order == SortOrder::None || (order == SortOrder::Ascend && target == SortTarget::Key);
+    let filtered = req.min_mod_revision != 0
+        || req.max_mod_revision != 0
+        || req.min_create_revision != 0
+        || req.max_create_revision != 0;
+    if req.count_only {
+        0
+    } else if key_order && !filtered && req.limit > 0 {
+        usize::try_from(req.limit).map_or(usize::MAX, |l| l.saturating_add(1))
+    } else {
+        usize::MAX
+    }
+}
+
+/// etcd's Range answer from `cands` (in key order; at least the first
+/// [`candidates_needed`] of the `count` live keys in range).
 fn build_range(
     mvcc: &Mvcc,
     req: &RangeRequest,
     mut cands: Vec<Candidate<'_>>,
+    count: usize,
     valued: usize,
 ) -> Result<RangeResponse, MvccError> {
     use range_request::{SortOrder, SortTarget};
-    let count = cands.len() as i64;
+    let count = count as i64;
     if req.count_only {
         return Ok(RangeResponse {
             header: None,

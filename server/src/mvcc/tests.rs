@@ -444,6 +444,16 @@ fn range_limit_more_count_count_only_keys_only() {
         let r = range_with(&s, |r| r.limit = 50);
         assert!(!r.more, "{k}");
         assert_eq!(r.count, 5, "{k}");
+        // Ascending by key is key order: the page and the count as without
+        // a sort.
+        let r = range_with(&s, |r| {
+            r.limit = 2;
+            r.sort_order = SortOrder::Ascend as i32;
+            r.sort_target = SortTarget::Key as i32;
+        });
+        assert_eq!(keys(&r), vec!["a", "b"], "{k}");
+        assert!(r.more, "{k}");
+        assert_eq!(r.count, 5, "{k}");
 
         let r = range_with(&s, |r| {
             r.count_only = true;
