@@ -16,7 +16,9 @@
 //!    order is the request's, except that a non-KEY sort target with order
 //!    NONE sorts ASCEND (etcd does the same), and NONE/KEY is key order. The
 //!    kvs are first put in key order, then *stably* sorted by the target, so
-//!    ties come out in key order;
+//!    ties come out in key order. In key order (either direction) every
+//!    shard's kvs arrive in that order already, so they are merged head by
+//!    head up to `limit` instead of sorted;
 //! 2. `count` = the sum of the shards' counts (shards own disjoint keys);
 //! 3. truncates to `limit` (when > 0); `more` = truncated here, or any
 //!    shard reported `more`. This is exact: a shard that had more than
@@ -112,6 +114,50 @@ pub fn sort_kvs(kvs: &mut [KeyValue], req: &RangeRequest) {
     }
 }
 
+/// The first `take` kvs of `runs` merged by key, ascending (`descending`:
+/// descending); each run is in that order already and no key is in two
+/// runs (a key lives on one shard). Compares about `take` heads instead of
+/// sorting every kv the shards sent.
+fn merge_key_runs(mut runs: Vec<Vec<KeyValue>>, take: usize, descending: bool) -> Vec<KeyValue> {
+    let total: usize = runs.iter().map(Vec::len).sum();
+    if runs.len() == 1 {
+        let mut run = runs.pop().unwrap_or_default();
+        run.truncate(take);
+        return run;
+    }
+    let mut next = vec![0usize; runs.len()];
+    let mut out = Vec::with_capacity(total.min(take));
+    while out.len() < take {
+        let mut best: Option<usize> = None;
+        for (i, run) in runs.iter().enumerate() {
+            let Some(kv) = run.get(next[i]) else { continue };
+            let better = match best {
+                None => true,
+                Some(b) => {
+                    let o = kv.key.cmp(&runs[b][next[b]].key);
+                    if descending {
+                        o == Ordering::Greater
+                    } else {
+                        o == Ordering::Less
+                    }
+                }
+            };
+            if better {
+                best = Some(i);
+            }
+        }
+        let Some(b) = best else { break };
+        out.push(std::mem::take(&mut runs[b][next[b]]));
+        next[b] += 1;
+    }
+    debug_assert!(out.windows(2).all(|w| if descending {
+        w[0].key > w[1].key
+    } else {
+        w[0].key < w[1].key
+    }));
+    out
+}
+
 /// Whether the shards must be asked for values the client did not ask for:
 /// `keys_only` with a VALUE sort (the merge sorts by value, then strips).
 pub fn needs_values_for_sort(req: &RangeRequest) -> bool {
@@ -196,16 +242,36 @@ pub fn merge_range(req: &RangeRequest, parts: Vec<RangeResponse>) -> RangeRespon
     let header = merge_headers(parts.iter().map(|p| p.header.as_ref()));
     let mut count = 0;
     let mut more = false;
-    let mut kvs = Vec::with_capacity(parts.iter().map(|p| p.kvs.len()).sum());
+    let total: usize = parts.iter().map(|p| p.kvs.len()).sum();
+    let limit = usize::try_from(req.limit).ok().filter(|&l| l > 0);
+    let mut runs = Vec::with_capacity(parts.len());
     for p in parts {
         count += p.count;
         more |= p.more;
-        kvs.extend(p.kvs);
+        runs.push(p.kvs);
     }
-    sort_kvs(&mut kvs, req);
-    if req.limit > 0 && kvs.len() > req.limit as usize {
-        kvs.truncate(req.limit as usize);
-        more = true;
+    let mut kvs = match effective_sort(req) {
+        // Every shard answers in this order already: merge the runs,
+        // stopping at the limit.
+        (SortTarget::Key, order) => merge_key_runs(
+            runs,
+            limit.unwrap_or(usize::MAX),
+            order == SortOrder::Descend,
+        ),
+        _ => {
+            let mut kvs = Vec::with_capacity(total);
+            for run in runs {
+                kvs.extend(run);
+            }
+            sort_kvs(&mut kvs, req);
+            kvs
+        }
+    };
+    if let Some(limit) = limit {
+        if total > limit {
+            kvs.truncate(limit);
+            more = true;
+        }
     }
     if req.keys_only {
         for kv in &mut kvs {
@@ -553,12 +619,62 @@ mod tests {
             (Value, Descend, "abcd"),
         ];
         for (target, order, want) in cases {
-            let r = merge_range(&req(target, order), shard_parts());
+            let mut parts = shard_parts();
+            if (target, order) == (Key, Descend) {
+                // A shard answers a descending key sort in that order.
+                for p in &mut parts {
+                    p.kvs.reverse();
+                }
+            }
+            let r = merge_range(&req(target, order), parts);
             assert_eq!(keys(&r).concat(), want, "{target:?} {order:?}");
             assert_eq!(r.count, 4);
             assert!(!r.more);
             let h = r.header.unwrap();
             assert_eq!((h.revision, h.raft_term), (12, 12));
+        }
+    }
+
+    #[test]
+    fn key_runs_merge_like_a_sort_up_to_take() {
+        // Pseudo-random keys dealt to 1-3 runs, each run in key order (as
+        // shards answer), merged against sorting everything.
+        let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = || {
+            seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+            seed >> 33
+        };
+        for round in 0..200 {
+            let runs_n = 1 + round % 3;
+            let n = (next() % 40) as usize;
+            let mut runs: Vec<Vec<KeyValue>> = vec![Vec::new(); runs_n];
+            let mut all = Vec::new();
+            for i in 0..n {
+                let k = kv(&format!("k{:05}-{i}", next() % 100_000), "v", 1, 1, 1);
+                runs[(next() % runs_n as u64) as usize].push(k.clone());
+                all.push(k);
+            }
+            all.sort_by(|a, b| a.key.cmp(&b.key));
+            let take = (next() % 45) as usize;
+            for descending in [false, true] {
+                let mut runs = runs.clone();
+                let mut want = all.clone();
+                for r in &mut runs {
+                    r.sort_by(|a, b| a.key.cmp(&b.key));
+                    if descending {
+                        r.reverse();
+                    }
+                }
+                if descending {
+                    want.reverse();
+                }
+                want.truncate(take);
+                assert_eq!(
+                    merge_key_runs(runs, take, descending),
+                    want,
+                    "round {round}"
+                );
+            }
         }
     }
 
