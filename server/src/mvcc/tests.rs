@@ -913,6 +913,26 @@ fn write_reads_see_own_writes_and_history() {
     }
 }
 
+/// Reads `version` (stored at its mod revision) as a watch event's
+/// `prev_kv`, compacts at `at` (above it), and checks that it now reads as
+/// absent: etcd sends such an event without its `prev_kv`.
+fn prev_reads_as_absent_after_compaction(s: &mut Store, version: KeyValue, at: Rev, k: EngineKind) {
+    let named = StoredPrev {
+        rev: Revision {
+            main: version.mod_revision,
+            sub: 0,
+        },
+        lease: version.lease,
+    };
+    assert_eq!(
+        s.mvcc.read_prev(&version.key, &named),
+        Some(version.clone()),
+        "{k}"
+    );
+    s.compact(at).unwrap();
+    assert_eq!(s.mvcc.read_prev(&version.key, &named), None, "{k}");
+}
+
 #[test]
 fn record_cache_answers_as_the_engine_and_forgets_compacted_versions() {
     for env in engines() {
@@ -935,19 +955,9 @@ fn record_cache_answers_as_the_engine_and_forgets_compacted_versions() {
             engine: env.engine.clone(),
         };
         assert_eq!(first, plain.snapshot(&revs), "{k}");
-        // Compaction deletes a@3 from the engine and from the cache: a
-        // watch event naming it as its previous version finds it gone.
-        let a3 = StoredPrev {
-            rev: Revision { main: 3, sub: 0 },
-            lease: 0,
-        };
-        assert_eq!(
-            s.mvcc.read_prev(b"a", &a3),
-            Some(kv("a", "1", 3, 3, 1)),
-            "{k}"
-        );
-        s.compact(7).unwrap();
-        assert_eq!(s.mvcc.read_prev(b"a", &a3), None, "{k}");
+        // Compaction deletes a@3 from the engine and from the cache (which
+        // reading it as a prev_kv has just filled).
+        prev_reads_as_absent_after_compaction(&mut s, kv("a", "1", 3, 3, 1), 7, k);
         assert_eq!(s.get("a", 0), Some(kv("a", "2", 3, 7, 2)), "{k}");
     }
 }
@@ -1878,18 +1888,6 @@ fn plain_puts_and_deletes_read_no_version_and_their_events_name_it() {
         });
         assert_eq!(reads(), before + 2, "{k}");
         assert_eq!(s.get("a", 7), Some(kv("a", "3", 3, 7, 4)), "{k}");
-        // A named version compacted away is read as absent (etcd sends
-        // such an event without prev_kv).
-        let named = StoredPrev {
-            rev: Revision { main: 5, sub: 0 },
-            lease: 0,
-        };
-        assert_eq!(
-            s.mvcc.read_prev(b"a", &named),
-            Some(kv("a", "2", 3, 5, 2)),
-            "{k}"
-        );
-        s.compact(7).unwrap();
-        assert_eq!(s.mvcc.read_prev(b"a", &named), None, "{k}");
+        prev_reads_as_absent_after_compaction(&mut s, kv("a", "2", 3, 5, 2), 7, k);
     }
 }
