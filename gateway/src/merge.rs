@@ -102,15 +102,15 @@ fn cmp_target(a: &KeyValue, b: &KeyValue, target: SortTarget) -> Ordering {
     }
 }
 
-/// Orders `kvs` as etcd would answer `req`.
-pub fn sort_kvs(kvs: &mut [KeyValue], req: &RangeRequest) {
-    let (target, order) = effective_sort(req);
+/// Orders `kvs` by a target other than the key, as etcd answers such a
+/// sort: stably, so ties stay in key order. (Key order needs no sort: see
+/// [`merge_key_runs`].)
+fn sort_by_target(kvs: &mut [KeyValue], target: SortTarget, order: SortOrder) {
     kvs.sort_by(|a, b| a.key.cmp(&b.key));
-    match (target, order) {
-        (_, SortOrder::None) | (SortTarget::Key, SortOrder::Ascend) => {}
-        (SortTarget::Key, SortOrder::Descend) => kvs.reverse(),
-        (t, SortOrder::Ascend) => kvs.sort_by(|a, b| cmp_target(a, b, t)),
-        (t, SortOrder::Descend) => kvs.sort_by(|a, b| cmp_target(b, a, t)),
+    if order == SortOrder::Descend {
+        kvs.sort_by(|a, b| cmp_target(b, a, target));
+    } else {
+        kvs.sort_by(|a, b| cmp_target(a, b, target));
     }
 }
 
@@ -258,12 +258,12 @@ pub fn merge_range(req: &RangeRequest, parts: Vec<RangeResponse>) -> RangeRespon
             limit.unwrap_or(usize::MAX),
             order == SortOrder::Descend,
         ),
-        _ => {
+        (target, order) => {
             let mut kvs = Vec::with_capacity(total);
             for run in runs {
                 kvs.extend(run);
             }
-            sort_kvs(&mut kvs, req);
+            sort_by_target(&mut kvs, target, order);
             kvs
         }
     };
