@@ -7,6 +7,12 @@
 //! Targets: `etcd` (a real single-node etcd, data on the local disk),
 //! `rocksdb` (MetaStore, durable: fsync before ack, like etcd) and
 //! `memory` (MetaStore's memory engine — not durable, reported apart).
+//!
+//! `compare` also runs the workloads of the CPU and latency targets
+//! ([`FLOOR_SPECS`]) against the gRPC floor (`floor.rs`), a server that
+//! does nothing behind tonic, right after the targets' runs of the same
+//! workload: the report then shows, from the same rounds, how close to each
+//! target a server can come that pays only for gRPC.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -58,7 +64,14 @@ pub struct CompareArgs {
     /// Seconds per duration-bound workload [default: 2 with --quick, else 4].
     #[arg(long)]
     pub seconds: Option<f64>,
+    /// Skip the gRPC floor's runs (`compare` only; `engines` never runs it).
+    #[arg(long)]
+    pub no_floor: bool,
 }
+
+/// The workloads also run against the gRPC floor: those of the targets
+/// that bound MetaStore's CPU per operation or its latency.
+const FLOOR_SPECS: [&str; 3] = ["put-1c", "put-1000c", "range-s-1000c"];
 
 /// The figure of a run a target row compares.
 #[derive(Clone, Copy)]
@@ -339,6 +352,7 @@ pub async fn engines(common: &Common, a: &CompareArgs) -> std::process::ExitCode
             "watch-latency".into(),
         ];
     }
+    a.no_floor = true;
     run(common, &a).await
 }
 
@@ -395,10 +409,24 @@ async fn run(_common: &Common, a: &CompareArgs) -> std::process::ExitCode {
         }
     }
 
+    let mut floor = None;
+    if !a.no_floor && specs.iter().any(|s| FLOOR_SPECS.contains(&s.name)) {
+        eprintln!("starting the gRPC floor ...");
+        match Node::grpc_floor(&a.work_dir).await {
+            Ok(node) => floor = Some(node),
+            Err(e) => {
+                eprintln!("metastore-bench: cannot start the gRPC floor: {e}");
+                return std::process::ExitCode::FAILURE;
+            }
+        }
+    }
+
     let mut cells: Vec<Vec<Cell>> = specs
         .iter()
         .map(|_| targets.iter().map(|_| Cell { runs: Vec::new() }).collect())
         .collect();
+    // The gRPC floor's runs, by spec (none for specs outside FLOOR_SPECS).
+    let mut floor_cells: Vec<Cell> = specs.iter().map(|_| Cell { runs: Vec::new() }).collect();
     let mut fsync = Vec::new();
     for round in 0..rounds {
         let probe = fsync_probe(&a.work_dir, 200);
@@ -436,38 +464,17 @@ async fn run(_common: &Common, a: &CompareArgs) -> std::process::ExitCode {
                     }
                 }
                 let node = t.node.as_ref().expect("node");
-                eprintln!(
-                    "== round {}/{rounds}: {} @ {} ==",
-                    round + 1,
-                    spec.name,
-                    t.label
-                );
-                let res = run_spec(spec, node).await;
-                match &res {
-                    Ok(r) => eprintln!(
-                        "   {:.0} {}  p50 {:.3} ms  p99 {:.3} ms  server CPU {} µs/op  errors {}{}",
-                        r.throughput,
-                        r.unit,
-                        r.main_latency().map(|l| l.p50).unwrap_or(0.0),
-                        r.main_latency().map(|l| l.p99).unwrap_or(0.0),
-                        r.server_cpu_us_per_op()
-                            .map(|v| format!("{v:.1}"))
-                            .unwrap_or("-".into()),
-                        r.errors,
-                        if r.violations.is_empty() {
-                            String::new()
-                        } else {
-                            format!("  VIOLATIONS {}", r.violations.len())
-                        }
-                    ),
-                    Err(e) => eprintln!("   failed: {}", first_line(e)),
-                }
-                cells[si][ti].runs.push(res.map(|mut r| {
-                    r.target = t.name.clone();
-                    r
-                }));
+                let res = run_logged(spec, node, (round, rounds), t.label, &t.name).await;
+                cells[si][ti].runs.push(res);
+            }
+            if floor.is_some() && FLOOR_SPECS.contains(&spec.name) {
+                let res = run_floor(spec, &mut floor, &a.work_dir, round, rounds).await;
+                floor_cells[si].runs.push(res);
             }
         }
+    }
+    if let Some(mut n) = floor.take() {
+        n.stop();
     }
     let mut versions = Vec::new();
     let load_at_end = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
@@ -498,6 +505,7 @@ async fn run(_common: &Common, a: &CompareArgs) -> std::process::ExitCode {
         specs: &specs,
         targets: &targets,
         cells: &cells,
+        floor: &floor_cells,
         fsync: &fsync,
         rounds,
         secs,
@@ -518,6 +526,66 @@ async fn run(_common: &Common, a: &CompareArgs) -> std::process::ExitCode {
         }
     }
     std::process::ExitCode::SUCCESS
+}
+
+/// Runs `spec` against the gRPC floor (restarted first if it died).
+async fn run_floor(
+    spec: &Spec,
+    floor: &mut Option<Node>,
+    work_dir: &Path,
+    round: usize,
+    rounds: usize,
+) -> Result<RunResult, String> {
+    if !floor.as_mut().is_some_and(|n| n.alive()) {
+        // The old node (its directory included) goes before a new one
+        // takes the same directory.
+        if let Some(n) = floor.take() {
+            eprintln!("the gRPC floor exited; its log:\n{}", n.log_tail());
+        }
+        *floor = Some(Node::grpc_floor(work_dir).await?);
+    }
+    let node = floor.as_ref().expect("started above");
+    run_logged(spec, node, (round, rounds), "gRPC floor", "grpc-floor").await
+}
+
+/// Runs `spec` against `node` with a progress line before and after; the
+/// result is tagged with `target`.
+async fn run_logged(
+    spec: &Spec,
+    node: &Node,
+    (round, rounds): (usize, usize),
+    label: &str,
+    target: &str,
+) -> Result<RunResult, String> {
+    eprintln!(
+        "== round {}/{rounds}: {} @ {label} ==",
+        round + 1,
+        spec.name
+    );
+    let res = run_spec(spec, node).await;
+    match &res {
+        Ok(r) => eprintln!(
+            "   {:.0} {}  p50 {:.3} ms  p99 {:.3} ms  server CPU {} µs/op  errors {}{}",
+            r.throughput,
+            r.unit,
+            r.main_latency().map(|l| l.p50).unwrap_or(0.0),
+            r.main_latency().map(|l| l.p99).unwrap_or(0.0),
+            r.server_cpu_us_per_op()
+                .map(|v| format!("{v:.1}"))
+                .unwrap_or("-".into()),
+            r.errors,
+            if r.violations.is_empty() {
+                String::new()
+            } else {
+                format!("  VIOLATIONS {}", r.violations.len())
+            }
+        ),
+        Err(e) => eprintln!("   failed: {}", first_line(e)),
+    }
+    res.map(|mut r| {
+        r.target = target.to_string();
+        r
+    })
 }
 
 /// Runs one workload spec against a node (in this process), bounded in time.
@@ -553,6 +621,8 @@ struct Report<'a> {
     specs: &'a [Spec],
     targets: &'a [Target],
     cells: &'a [Vec<Cell>],
+    /// The gRPC floor's runs, by spec (see [`FLOOR_SPECS`]).
+    floor: &'a [Cell],
     fsync: &'a [Option<FsyncProbe>],
     rounds: usize,
     secs: f64,
@@ -592,6 +662,24 @@ fn ratio(a: Option<f64>, b: Option<f64>) -> Option<f64> {
     }
 }
 
+/// `fig` of `a`'s run ÷ `fig` of `etcd`'s run, round by round (the runs of
+/// one round ran back to back, so the machine's drift between rounds
+/// cancels).
+fn round_ratios(a: Option<&Cell>, etcd: Option<&Cell>, fig: Figure) -> Vec<Option<f64>> {
+    match (a, etcd) {
+        (Some(a), Some(e)) => a
+            .runs
+            .iter()
+            .zip(&e.runs)
+            .map(|(a, e)| match (a, e) {
+                (Ok(a), Ok(e)) => ratio(fig.of(a), fig.of(e)),
+                _ => None,
+            })
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
 /// The median of the known values (the mean of the middle two for an
 /// even count).
 fn median_of(values: &[Option<f64>]) -> Option<f64> {
@@ -613,6 +701,70 @@ fn fmt_ratio(r: Option<f64>) -> String {
 }
 
 impl Report<'_> {
+    /// The gRPC floor's runs of `spec`, if it ran that workload.
+    fn floor_cell(&self, spec: &str) -> Option<&Cell> {
+        let si = self.specs.iter().position(|s| s.name == spec)?;
+        self.floor.get(si).filter(|c| !c.runs.is_empty())
+    }
+
+    fn has_floor(&self) -> bool {
+        self.floor.iter().any(|c| !c.runs.is_empty())
+    }
+
+    /// "The gRPC floor": what a server that does nothing behind gRPC
+    /// reached in the same rounds (see `floor.rs`).
+    fn floor_section(&self, s: &mut String) {
+        if !self.has_floor() {
+            return;
+        }
+        let _ = writeln!(
+            s,
+            "## The gRPC floor\n\n`metastore-bench grpc-floor` serves etcd's KV API through the same tonic stack as the gateway (the same generated service and codec, `TCP_NODELAY`, one runtime thread) and does nothing behind it: Put stores the value in a hash map, Range of one key reads it back. Each of these workloads ran against it right after the other targets' runs of the same workload, in every round, with the same client. Whatever the floor costs, a server behind this gRPC layer pays as well: where the floor's own ratio to etcd (last column of the targets table) misses a target, so does any server built on it on this machine. Representative runs:\n"
+        );
+        let (mut head, mut rule) = (String::new(), String::new());
+        let shown: Vec<&Target> = self.targets.iter().filter(|t| t.name != "memory").collect();
+        for t in &shown {
+            let _ = write!(head, " {} |", t.label);
+            rule.push_str("---|");
+        }
+        let _ = writeln!(s, "| workload | figure | gRPC floor |{head}");
+        let _ = writeln!(s, "|---|---|---|{rule}");
+        for spec in self.specs {
+            let Some(fc) = self.floor_cell(spec.name) else {
+                continue;
+            };
+            let figures: [(&str, Figure); 3] = [
+                ("ops/s", Figure::Throughput),
+                ("server CPU µs/op", Figure::Cpu),
+                ("p50 ms", Figure::P50),
+            ];
+            for (label, fig) in figures {
+                let fmt = |v: Option<f64>| match (v, fig) {
+                    (None, _) => "–".to_string(),
+                    (Some(v), Figure::P50 | Figure::P99) => fmt_ms(v),
+                    (Some(v), _) => fmt_num(v),
+                };
+                let mut row = format!(
+                    "| {} | {label} | {} |",
+                    spec.name,
+                    fmt(fig.representative(fc))
+                );
+                for t in &shown {
+                    let v = self
+                        .cell(spec.name, &t.name)
+                        .and_then(|c| fig.representative(c));
+                    let _ = write!(row, " {} |", fmt(v));
+                }
+                let _ = writeln!(s, "{row}");
+            }
+            let problems = fc.problems();
+            if !problems.is_empty() {
+                let _ = writeln!(s, "\n{} @ gRPC floor: {}\n", spec.name, problems.join("; "));
+            }
+        }
+        s.push('\n');
+    }
+
     /// Whether target `t`'s column is followed by a ratio (÷ etcd) column.
     fn has_ratio(&self, t: &Target) -> bool {
         t.name != "etcd" && self.idx("etcd").is_some()
@@ -704,25 +856,33 @@ impl Report<'_> {
     }
 
     fn json(&self) -> Json {
+        // Every run of every cell: the targets' (by spec, target), then the
+        // gRPC floor's.
         let mut runs = Vec::new();
+        let mut add = |spec: &Spec, target: &str, cell: &Cell| {
+            for (round, r) in cell.runs.iter().enumerate() {
+                let mut j = match r {
+                    Ok(r) => r.to_json(),
+                    Err(e) => {
+                        let mut j = Json::obj();
+                        j.set("failed", e.as_str());
+                        j
+                    }
+                };
+                j.set("name", spec.name)
+                    .set("target", target)
+                    .set("round", round + 1)
+                    .set("command", spec.args.as_str());
+                runs.push(j);
+            }
+        };
         for (si, spec) in self.specs.iter().enumerate() {
             for (ti, t) in self.targets.iter().enumerate() {
-                for (round, r) in self.cells[si][ti].runs.iter().enumerate() {
-                    let mut j = match r {
-                        Ok(r) => r.to_json(),
-                        Err(e) => {
-                            let mut j = Json::obj();
-                            j.set("failed", e.as_str());
-                            j
-                        }
-                    };
-                    j.set("name", spec.name)
-                        .set("target", t.name.as_str())
-                        .set("round", round + 1)
-                        .set("command", spec.args.as_str());
-                    runs.push(j);
-                }
+                add(spec, &t.name, &self.cells[si][ti]);
             }
+        }
+        for (spec, cell) in self.specs.iter().zip(self.floor) {
+            add(spec, "grpc-floor", cell);
         }
         let mut o = Json::obj();
         o.set("date", self.date.as_str())
@@ -912,11 +1072,17 @@ impl Report<'_> {
                 s,
                 "Each target is judged on the median of its per-round ratios: a round runs etcd and MetaStore back to back, so the ratio within a round cancels the machine's drift between rounds. The verdict also counts the rounds whose own ratio meets the target: a target met in only some of them is within the machine's noise of its limit. *Representative runs* divides the two targets' representative runs (each chosen on its own, possibly from different rounds), as the tables above do.\n"
             );
+            let floor_col = self.has_floor();
             let _ = writeln!(
                 s,
-                "| target | required | rocksdb ÷ etcd (median of rounds) | verdict | per round | representative runs | memory (not durable) |"
+                "| target | required | rocksdb ÷ etcd (median of rounds) | verdict | per round | representative runs | memory (not durable) |{}",
+                if floor_col { " gRPC floor ÷ etcd |" } else { "" }
             );
-            let _ = writeln!(s, "|---|---|---|---|---|---|---|");
+            let _ = writeln!(
+                s,
+                "|---|---|---|---|---|---|---|{}",
+                if floor_col { "---|" } else { "" }
+            );
             // Round 1's run of `watch-memory`, on a fresh node (later
             // rounds reuse memory earlier workloads freed).
             let rss = |t: &str| {
@@ -998,20 +1164,8 @@ impl Report<'_> {
                 let meets = |v: f64| (higher && v >= bound) || (!higher && v <= bound);
                 // The ratio within each round: the targets ran back to back
                 // there, so the machine's drift between rounds cancels.
-                let per_round = |t: &str| -> Vec<Option<f64>> {
-                    match (self.cell(spec, t), self.cell(spec, "etcd")) {
-                        (Some(m), Some(e)) => m
-                            .runs
-                            .iter()
-                            .zip(&e.runs)
-                            .map(|(m, e)| match (m, e) {
-                                (Ok(m), Ok(e)) => ratio(fig.of(m), fig.of(e)),
-                                _ => None,
-                            })
-                            .collect(),
-                        _ => Vec::new(),
-                    }
-                };
+                let per_round =
+                    |t: &str| round_ratios(self.cell(spec, t), self.cell(spec, "etcd"), fig);
                 let rounds = per_round("rocksdb");
                 let rv = if has("rocksdb") {
                     median_of(&rounds)
@@ -1041,9 +1195,21 @@ impl Report<'_> {
                     .map(|r| r.map(|r| format!("{r:.2}")).unwrap_or("–".into()))
                     .collect::<Vec<_>>()
                     .join(" / ");
+                let floor = if !floor_col {
+                    String::new()
+                } else if self.floor_cell(spec).is_some() {
+                    let fv = median_of(&round_ratios(
+                        self.floor_cell(spec),
+                        self.cell(spec, "etcd"),
+                        fig,
+                    ));
+                    format!(" {} |", fmt_ratio(fv))
+                } else {
+                    " |".to_string()
+                };
                 let _ = writeln!(
                     s,
-                    "| {name} | {req} | {} | {verdict} | {rounds} | {} | {} |",
+                    "| {name} | {req} | {} | {verdict} | {rounds} | {} | {} |{floor}",
                     fmt_ratio(rv),
                     fmt_ratio(rep_ratio),
                     fmt_ratio(mv)
@@ -1063,7 +1229,7 @@ impl Report<'_> {
             let mv = if has("memory") { rss("memory") } else { None };
             let _ = writeln!(
                 s,
-                "| server memory per watcher, streams included (RSS growth ÷ watchers) | ≤ etcd's ≈ 350 B + 18 KB per stream = {ANCHOR_BYTES_PER_WATCHER:.0} B at 100 per stream | {} | {} | round 1 only (fresh node) | | {} |",
+                "| server memory per watcher, streams included (RSS growth ÷ watchers) | ≤ etcd's ≈ 350 B + 18 KB per stream = {ANCHOR_BYTES_PER_WATCHER:.0} B at 100 per stream | {} | {} | round 1 only (fresh node) | | {} |{}",
                 bytes(rv),
                 match rv {
                     Some(v) if v <= 0.0 => "no data",
@@ -1071,7 +1237,8 @@ impl Report<'_> {
                     Some(v) if v <= ANCHOR_BYTES_PER_WATCHER => "met (indicative)",
                     Some(_) => "**missed**",
                 },
-                bytes(mv)
+                bytes(mv),
+                if floor_col { " |" } else { "" }
             );
             if let (Some(e), r) = (rss("etcd"), rss("rocksdb")) {
                 let _ = writeln!(
@@ -1083,9 +1250,10 @@ impl Report<'_> {
             }
             s.push('\n');
         }
+        self.floor_section(&mut s);
         let _ = writeln!(
             s,
-            "## Profiles and tuning\n\n`bench/results/TUNING.md` records each change made against a target's shortfall, with its before/after measurements, and what was tried and not kept. Its sections \"Put at 1,000 clients: the floor under the gateway\" and \"Put at 1 client: what a hop costs on this machine\" measure why the put targets are out of reach on this machine. Flamegraphs of put at 1,000 clients, with their top frames: `bench/results/flamegraphs/`."
+            "## Profiles and tuning\n\n`bench/results/TUNING.md` records each change made against a target's shortfall, with its before/after measurements, and what was tried and not kept. Its sections \"Put at 1,000 clients: the floor under the gateway\", \"Put at 1 client: what a hop costs on this machine\" and \"Serializable range on this machine: the gRPC floor\" measure why those targets are out of reach on this machine. Flamegraphs of put at 1,000 clients, with their top frames: `bench/results/flamegraphs/`."
         );
         s.push('\n');
 

@@ -18,6 +18,7 @@
 
 mod compare;
 mod flame;
+mod floor;
 mod json;
 mod k8s;
 mod kv;
@@ -206,6 +207,10 @@ pub enum Cmd {
     /// Render a CPU flamegraph (SVG + folded stacks) from `perf script`
     /// output (see `bench/flamegraph`).
     Flamegraph(flame::FlameArgs),
+    /// Serve an etcd KV endpoint that does nothing behind gRPC (Put into a
+    /// hash map, single-key Range from it): the floor `compare` measures
+    /// the gRPC layer's own cost with (see `floor.rs`).
+    GrpcFloor(floor::FloorArgs),
 }
 
 /// Generates keys: `prefix` + zero-padded hex index, `size` bytes in all
@@ -325,7 +330,7 @@ pub async fn run_workload(common: &Common, cmd: &Cmd) -> Result<RunResult, Strin
         Cmd::LeaseKeepalive(a) => lease::keepalive(common, a).await,
         Cmd::LeaseExpiry(a) => lease::expiry(common, a).await,
         Cmd::MixedK8s(a) => k8s::mixed(common, a).await,
-        Cmd::Engines(_) | Cmd::Compare(_) | Cmd::Flamegraph(_) => {
+        Cmd::Engines(_) | Cmd::Compare(_) | Cmd::Flamegraph(_) | Cmd::GrpcFloor(_) => {
             Err("not a single workload".into())
         }
     }
@@ -333,8 +338,10 @@ pub async fn run_workload(common: &Common, cmd: &Cmd) -> Result<RunResult, Strin
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Cmd::Flamegraph(a) = &cli.cmd {
-        return flame::main(a);
+    match &cli.cmd {
+        Cmd::Flamegraph(a) => return flame::main(a),
+        Cmd::GrpcFloor(a) => return floor::main(a),
+        _ => {}
     }
     let mut rt = tokio::runtime::Builder::new_multi_thread();
     if cli.common.threads > 0 {

@@ -1,7 +1,8 @@
 //! Servers the benchmark starts itself: a MetaStore node (shard server +
-//! gateway, on ephemeral ports) or a single-node etcd. Each runs in its own
-//! directory under the work dir (logs included), and is stopped (SIGTERM,
-//! then SIGKILL) and its directory removed when dropped.
+//! gateway, on ephemeral ports), a single-node etcd, or the gRPC floor
+//! (`floor.rs`). Each runs in its own directory under the work dir (logs
+//! included), and is stopped (SIGTERM, then SIGKILL) and its directory
+//! removed when dropped.
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
@@ -25,6 +26,18 @@ pub struct Node {
 }
 
 impl Node {
+    /// A node with no process yet, in a fresh directory of its own.
+    fn new(work_dir: &Path, label: String) -> Result<Node, String> {
+        let dir = fresh_dir(work_dir, &label)?;
+        Ok(Node {
+            label,
+            endpoint: String::new(),
+            pids: Vec::new(),
+            children: Vec::new(),
+            dir,
+        })
+    }
+
     /// Starts `metastore-server` (engine, `shards`, `--port 0`) and a
     /// `metastore-gateway` on `127.0.0.1:0` in front of it.
     pub async fn metastore(
@@ -33,17 +46,9 @@ impl Node {
         shards: usize,
         work_dir: &Path,
     ) -> Result<Node, String> {
-        let label = format!("metastore-{engine}");
-        let dir = fresh_dir(work_dir, &label)?;
-        let data = dir.join("data");
+        let mut node = Node::new(work_dir, format!("metastore-{engine}"))?;
+        let data = node.dir.join("data");
         std::fs::create_dir_all(&data).map_err(|e| format!("mkdir {}: {e}", data.display()))?;
-        let mut node = Node {
-            label,
-            endpoint: String::new(),
-            pids: Vec::new(),
-            children: Vec::new(),
-            dir,
-        };
         let server_bin = bin_dir.join("metastore-server");
         let mut cmd = Command::new(&server_bin);
         cmd.arg("--engine")
@@ -85,15 +90,8 @@ impl Node {
     /// Starts a single-node etcd with its data dir on the local disk,
     /// clients on `127.0.0.1:port`, peers on `port + 1`.
     pub async fn etcd(etcd_bin: &str, port: u16, work_dir: &Path) -> Result<Node, String> {
-        let label = "etcd".to_string();
-        let dir = fresh_dir(work_dir, &label)?;
-        let mut node = Node {
-            label,
-            endpoint: format!("127.0.0.1:{port}"),
-            pids: Vec::new(),
-            children: Vec::new(),
-            dir,
-        };
+        let mut node = Node::new(work_dir, "etcd".into())?;
+        node.endpoint = format!("127.0.0.1:{port}");
         let client = format!("http://127.0.0.1:{port}");
         let peer = format!("http://127.0.0.1:{}", port + 1);
         let mut cmd = Command::new(etcd_bin);
@@ -114,6 +112,24 @@ impl Node {
             .arg("--quota-backend-bytes")
             .arg((8u64 << 30).to_string());
         node.spawn(cmd, "etcd", None)?;
+        wait_serving(&node.endpoint).await?;
+        Ok(node)
+    }
+
+    /// Starts this binary's `grpc-floor` server (see `floor.rs`) on
+    /// `127.0.0.1:0`.
+    pub async fn grpc_floor(work_dir: &Path) -> Result<Node, String> {
+        let mut node = Node::new(work_dir, "grpc-floor".into())?;
+        let exe = std::env::current_exe().map_err(|e| format!("this binary's path: {e}"))?;
+        let mut cmd = Command::new(exe);
+        cmd.arg("grpc-floor").arg("--listen").arg("127.0.0.1:0");
+        let line = node.spawn(cmd, "floor", Some(crate::floor::READY))?;
+        node.endpoint = line
+            .trim()
+            .strip_prefix(crate::floor::READY)
+            .unwrap_or("")
+            .trim()
+            .to_string();
         wait_serving(&node.endpoint).await?;
         Ok(node)
     }

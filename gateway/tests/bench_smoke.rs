@@ -3,8 +3,8 @@
 //! server and the gateway on ephemeral ports, temp data dir), on both engines, and must
 //! finish with the exact op count, no errors and no failed checks (the
 //! workloads verify what they see, e.g. every watch event exactly once).
-//! Speed is not asserted. A last test runs `compare` against one node to
-//! check that the report and charts get written.
+//! Speed is not asserted. A last test runs `compare` against one node and
+//! the gRPC floor to check that the report and charts get written.
 //!
 //! Needs every binary built first (`cargo build --workspace --all-targets`,
 //! as `deploy/test.sh` does).
@@ -338,7 +338,7 @@ fn bench_compare_writes_report() {
         "--targets",
         "memory",
         "--only",
-        "put-1c,watch-latency",
+        "put-1c,range-s-1000c,watch-latency",
         "--quick",
         "--seconds",
         "0.5",
@@ -377,4 +377,15 @@ fn bench_compare_writes_report() {
     }
     let json = std::fs::read_to_string(out.join("results.json")).expect("results.json");
     assert!(json.contains("\"name\": \"put-1c\""), "{json}");
+    // The gRPC floor (`bench/src/floor.rs`) ran put-1c and range-s-1000c
+    // with the same client and checks, cleanly.
+    assert!(
+        report.contains("## The gRPC floor"),
+        "report lacks the gRPC floor:\n{report}"
+    );
+    assert!(
+        !report.contains("@ gRPC floor:"),
+        "the gRPC floor's runs had problems:\n{report}"
+    );
+    assert!(json.contains("\"target\": \"grpc-floor\""), "{json}");
 }
