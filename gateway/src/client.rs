@@ -481,9 +481,12 @@ pub fn encode_frame<M: Message>(msg: &M) -> BytesMut {
 }
 
 /// Reads one frame's payload; `Ok(None)` on a clean EOF between frames.
+/// The payload is read into uninitialised capacity of its own allocation:
+/// nothing is zeroed first (a 100-key list answer is tens of KiB), and the
+/// `Bytes` it becomes is the one keys and values are sliced from.
 pub async fn read_frame<R: tokio::io::AsyncRead + Unpin>(
     r: &mut R,
-) -> std::io::Result<Option<Vec<u8>>> {
+) -> std::io::Result<Option<Bytes>> {
     let mut len = [0u8; 4];
     match r.read_exact(&mut len).await {
         Ok(_) => {}
@@ -497,9 +500,14 @@ pub async fn read_frame<R: tokio::io::AsyncRead + Unpin>(
             format!("frame of {len} bytes exceeds the limit"),
         ));
     }
-    let mut buf = vec![0u8; len];
-    r.read_exact(&mut buf).await?;
-    Ok(Some(buf))
+    let mut buf = BytesMut::with_capacity(len);
+    while buf.len() < len {
+        let room = len - buf.len();
+        if r.read_buf(&mut (&mut buf).limit(room)).await? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+    Ok(Some(buf.freeze()))
 }
 
 async fn write_loop(
@@ -567,7 +575,7 @@ async fn read_loop(shard: u32, sock: tokio::net::tcp::OwnedReadHalf, pending: Ar
         // Decoded from `Bytes`, keys and values are slices of the frame
         // (`mvccpb.KeyValue` uses `bytes::Bytes`): no copy here, and a
         // watch event fanned out to many watchers is shared, not copied.
-        let resp = match ShardResponse::decode(Bytes::from(frame)) {
+        let resp = match ShardResponse::decode(frame) {
             Ok(r) => r,
             Err(e) => {
                 tracing::warn!(shard, error = %e, "undecodable frame from shard; closing connection");
@@ -678,7 +686,7 @@ mod tests {
                     let mut r = BufReader::new(r);
                     let mut held: Option<ShardResponse> = None;
                     while let Ok(Some(frame)) = read_frame(&mut r).await {
-                        let req = ShardRequest::decode(frame.as_slice()).unwrap();
+                        let req = ShardRequest::decode(frame).unwrap();
                         let body = match req.body.unwrap() {
                             shard_request::Body::CurrentRevision(_) => {
                                 shard_response::Body::CurrentRevision(CurrentRevisionResponse {
@@ -883,6 +891,27 @@ mod tests {
         assert_eq!(read_frame(&mut r).await.unwrap(), None);
     }
 
+    /// A frame arriving a few bytes at a time is read whole; one cut off
+    /// mid-payload is an error, not a short frame.
+    #[tokio::test]
+    async fn frames_are_read_across_partial_reads() {
+        let payload: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
+        let mut wire = (payload.len() as u32).to_le_bytes().to_vec();
+        wire.extend_from_slice(&payload);
+        let whole = wire.clone();
+        // A pipe that holds 7 bytes at a time: every read is partial.
+        let (mut tx, mut rx) = tokio::io::duplex(7);
+        let writer = tokio::spawn(async move {
+            tx.write_all(&whole).await.unwrap();
+            tx.write_all(&whole[..100]).await.unwrap(); // a cut-off frame
+        });
+        assert_eq!(read_frame(&mut rx).await.unwrap().unwrap(), payload);
+        // The writer ends (closing its side) once the cut-off frame is read.
+        let e = read_frame(&mut rx).await.unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof);
+        writer.await.unwrap();
+    }
+
     /// Records what a consumer is handed, in order.
     struct Recorder(mpsc::UnboundedSender<String>);
 
@@ -920,9 +949,9 @@ mod tests {
                 })
             };
             while let Ok(Some(f)) = read_frame(&mut r).await {
-                match ShardRequest::decode(f.as_slice()).unwrap().body.unwrap() {
+                match ShardRequest::decode(f.clone()).unwrap().body.unwrap() {
                     shard_request::Body::WatchSubscribe(_) => {
-                        sub_id = ShardRequest::decode(f.as_slice()).unwrap().id;
+                        sub_id = ShardRequest::decode(f).unwrap().id;
                         let mut burst = frame(sub_id, 1);
                         burst.extend_from_slice(&frame(sub_id, 2));
                         burst.extend_from_slice(&frame(sub_id, 3));

@@ -310,7 +310,7 @@ mod tests {
                 tokio::spawn(async move {
                     let (mut r, mut w) = sock.into_split();
                     while let Ok(Some(f)) = read_frame(&mut r).await {
-                        let req = ShardRequest::decode(f.as_slice()).unwrap();
+                        let req = ShardRequest::decode(f).unwrap();
                         let body = {
                             let mut st = state.lock().unwrap();
                             let hdr = |rev| {
