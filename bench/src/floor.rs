@@ -14,8 +14,9 @@
 //! is MetaStore's own work:
 //! - the generated KV service with the gateway's codec
 //!   (`metastore_gateway::etcdserverpb`, `metastore_gateway::codec`);
-//! - tonic's server with `TCP_NODELAY`, one tokio runtime thread (the
-//!   gateway's default on 2 cores: half the cores, at least one).
+//! - tonic's server with `TCP_NODELAY`, on the gateway's default runtime
+//!   (`metastore_gateway::runtime(default_threads())`: half the cores, at
+//!   least one; single-threaded on 2 cores).
 //!
 //! What it does behind gRPC: Put stores the value in a hash map and Range
 //! of one key returns it, so workloads that check what they read still
@@ -138,10 +139,7 @@ impl Kv for FloorKv {
 /// Serves until killed (`compare` stops it with SIGTERM, whose default
 /// action ends the process).
 pub fn main(a: &FloorArgs) -> ExitCode {
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let rt = match metastore_gateway::runtime(metastore_gateway::default_threads()) {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("metastore-bench grpc-floor: runtime: {e}");

@@ -47,4 +47,4 @@ pub mod watch;
 mod testing;
 
 pub use error::GatewayError;
-pub use server::{ready_line, Config, Gateway};
+pub use server::{default_threads, ready_line, runtime, Config, Gateway};

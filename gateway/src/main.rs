@@ -20,7 +20,7 @@ use clap::Parser;
 use metastore_gateway::client::ClientConfig;
 use metastore_gateway::server::DEFAULT_MAX_REQUEST_BYTES;
 use metastore_gateway::watch::{parse_duration, WatchConfig};
-use metastore_gateway::{ready_line, Config, Gateway};
+use metastore_gateway::{default_threads, ready_line, runtime, Config, Gateway};
 
 /// How long a graceful shutdown may take before the process exits anyway.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -71,19 +71,6 @@ struct Args {
     threads: Option<usize>,
 }
 
-/// The gateway's tokio runtime, with `threads` threads (see the module
-/// comment).
-fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
-    let mut builder = if threads == 1 {
-        tokio::runtime::Builder::new_current_thread()
-    } else {
-        let mut b = tokio::runtime::Builder::new_multi_thread();
-        b.worker_threads(threads);
-        b
-    };
-    builder.enable_all().build()
-}
-
 /// SIGINT and SIGTERM, listened for from the moment this is called (so a
 /// signal that arrives right after the ready line still stops the gateway
 /// gracefully, not by the default action); the future resolves on either.
@@ -126,10 +113,7 @@ fn main() -> std::process::ExitCode {
         )
         .init();
     let args = Args::parse();
-    let threads = args
-        .threads
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()) / 2)
-        .max(1);
+    let threads = args.threads.unwrap_or_else(default_threads).max(1);
     match runtime(threads) {
         Ok(rt) => rt.block_on(serve(args, threads)),
         Err(e) => {

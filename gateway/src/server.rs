@@ -206,6 +206,26 @@ impl Gateway {
     }
 }
 
+/// The gateway's default runtime threads: half the cores (the shard
+/// server runs one shard per core beside it), at least one.
+pub fn default_threads() -> usize {
+    (std::thread::available_parallelism().map_or(1, |n| n.get()) / 2).max(1)
+}
+
+/// The gateway's tokio runtime with `threads` threads: tokio's
+/// single-threaded runtime for one (see `main.rs` for why), the
+/// multi-threaded one otherwise.
+pub fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = if threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(threads);
+        b
+    };
+    builder.enable_all().build()
+}
+
 fn identity(t: &Topology) -> Identity {
     Identity {
         cluster_id: t.cluster_id,
