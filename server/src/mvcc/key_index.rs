@@ -6,7 +6,9 @@
 //! of [`Entry`]s sorted by revision, in which a tombstone entry closes a
 //! generation; the next put after it opens the next generation. The two are
 //! equivalent, and the flat list makes the one query that matters — "the
-//! newest entry at or below revision R" — a single binary search.
+//! newest entry at or below revision R" — a single binary search, or none
+//! at all when R is at or past the newest entry, which [`KeyHistory`] keeps
+//! inline in the map's nodes.
 //!
 //! Invariants:
 //! * Per key, entries are strictly increasing by [`Revision`] (main, then
@@ -47,56 +49,106 @@ pub struct Entry {
     pub tombstone: bool,
 }
 
-/// The history of one key.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// The history of one key: its newest entry, held inline, and the older
+/// ones.
+///
+/// The newest entry is what almost every read wants (reads of the latest
+/// state, a list's `count`, a put's previous version), so it sits in the
+/// index's own nodes: counting a range of N keys walks N nodes' slots, not
+/// N separate allocations, and a key written once costs no allocation for
+/// its history. `older` is empty until the key is written again.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyHistory {
-    pub entries: Vec<Entry>,
+    /// Entries before `newest`, oldest first.
+    older: Vec<Entry>,
+    newest: Entry,
 }
 
 impl KeyHistory {
+    /// A history of one entry.
+    pub fn new(entry: Entry) -> KeyHistory {
+        KeyHistory {
+            older: Vec::new(),
+            newest: entry,
+        }
+    }
+
+    /// The newest entry (live or a tombstone).
+    pub fn newest(&self) -> &Entry {
+        &self.newest
+    }
+
+    /// The entries, oldest first.
+    #[cfg(test)]
+    pub fn entries(&self) -> impl Iterator<Item = &Entry> {
+        self.older.iter().chain(std::iter::once(&self.newest))
+    }
+
     /// The newest entry with `main <= rev`, if it is a live version.
     pub fn live_at(&self, rev: Rev) -> Option<&Entry> {
-        let i = self.entries.partition_point(|e| e.rev.main <= rev);
-        if i == 0 {
-            return None;
-        }
-        let e = &self.entries[i - 1];
+        let e = if self.newest.rev.main <= rev {
+            &self.newest
+        } else {
+            let i = self.older.partition_point(|e| e.rev.main <= rev);
+            self.older.get(i.checked_sub(1)?)?
+        };
         (!e.tombstone).then_some(e)
     }
 
     /// The newest entry, if it is a live version.
     pub fn live_latest(&self) -> Option<&Entry> {
-        self.entries.last().filter(|e| !e.tombstone)
+        Some(&self.newest).filter(|e| !e.tombstone)
     }
 
     /// The live version just before `rev` (the previous version of the
     /// change at `rev`), if any.
     pub fn live_before(&self, rev: Revision) -> Option<&Entry> {
-        let i = self.entries.partition_point(|e| e.rev < rev);
-        if i == 0 {
-            return None;
-        }
-        let e = &self.entries[i - 1];
+        let e = if self.newest.rev < rev {
+            &self.newest
+        } else {
+            let i = self.older.partition_point(|e| e.rev < rev);
+            self.older.get(i.checked_sub(1)?)?
+        };
         (!e.tombstone).then_some(e)
+    }
+
+    /// Appends `entry`, which the caller guarantees is newer than every
+    /// entry (checked in debug builds).
+    fn push(&mut self, entry: Entry) {
+        debug_assert!(self.newest.rev < entry.rev);
+        self.older.push(std::mem::replace(&mut self.newest, entry));
     }
 
     /// Drops, as etcd's compaction does, every entry that no read at
     /// `>= rev` can see: everything older than the newest entry at or below
     /// `rev`, and that entry itself if it is a tombstone. Calls `removed`
-    /// with each dropped revision.
-    pub fn compact(&mut self, rev: Rev, removed: &mut dyn FnMut(Revision)) {
-        let i = self.entries.partition_point(|e| e.rev.main <= rev);
-        if i == 0 {
-            return;
+    /// with each dropped revision. False if nothing is left (the newest
+    /// entry was a tombstone at or below `rev`): the key must go.
+    #[must_use]
+    pub fn compact(&mut self, rev: Rev, removed: &mut dyn FnMut(Revision)) -> bool {
+        if self.newest.rev.main <= rev {
+            for e in self.older.drain(..) {
+                removed(e.rev);
+            }
+            if self.newest.tombstone {
+                removed(self.newest.rev);
+                return false;
+            }
+            return true;
         }
-        let keep_from = if self.entries[i - 1].tombstone {
+        let i = self.older.partition_point(|e| e.rev.main <= rev);
+        if i == 0 {
+            return true;
+        }
+        let keep_from = if self.older[i - 1].tombstone {
             i
         } else {
             i - 1
         };
-        for e in self.entries.drain(..keep_from) {
+        for e in self.older.drain(..keep_from) {
             removed(e.rev);
         }
+        true
     }
 }
 
@@ -125,15 +177,9 @@ impl KeyIndex {
     /// than every entry of that key (checked in debug builds).
     pub fn push(&mut self, key: &[u8], entry: Entry) {
         if let Some(h) = self.keys.get_mut(key) {
-            debug_assert!(h.entries.last().is_none_or(|l| l.rev < entry.rev));
-            h.entries.push(entry);
+            h.push(entry);
         } else if !entry.tombstone {
-            self.keys.insert(
-                key.to_vec(),
-                KeyHistory {
-                    entries: vec![entry],
-                },
-            );
+            self.keys.insert(key.to_vec(), KeyHistory::new(entry));
         }
         // A tombstone for a key with no history has nothing to end: it can
         // only come from a record whose live version was compacted away,
@@ -163,10 +209,8 @@ impl KeyIndex {
     /// Compacts every key at `rev` (see [`KeyHistory::compact`]), removing
     /// keys left without history. Calls `removed` for each dropped version.
     pub fn compact(&mut self, rev: Rev, removed: &mut dyn FnMut(&[u8], Revision)) {
-        self.keys.retain(|k, h| {
-            h.compact(rev, &mut |r| removed(k, r));
-            !h.entries.is_empty()
-        });
+        self.keys
+            .retain(|k, h| h.compact(rev, &mut |r| removed(k, r)));
     }
 
     pub fn len(&self) -> usize {
@@ -202,9 +246,15 @@ mod tests {
     }
 
     fn history() -> KeyHistory {
-        KeyHistory {
-            entries: vec![put(3, 3, 1), put(7, 3, 2), tomb(8), put(20, 20, 1)],
+        let mut h = KeyHistory::new(put(3, 3, 1));
+        for e in [put(7, 3, 2), tomb(8), put(20, 20, 1)] {
+            h.push(e);
         }
+        h
+    }
+
+    fn entries(h: &KeyHistory) -> Vec<Entry> {
+        h.entries().copied().collect()
     }
 
     #[test]
@@ -233,15 +283,20 @@ mod tests {
     fn compact_keeps_newest_live_version() {
         let mut removed = Vec::new();
         let mut h = history();
-        h.compact(7, &mut |r| removed.push(r.main));
+        assert!(h.compact(7, &mut |r| removed.push(r.main)));
         assert_eq!(removed, vec![3]);
-        assert_eq!(h.entries.len(), 3);
+        assert_eq!(entries(&h).len(), 3);
         // The tombstone at 8 goes together with the version it ended.
-        h.compact(10, &mut |r| removed.push(r.main));
+        assert!(h.compact(10, &mut |r| removed.push(r.main)));
         assert_eq!(removed, vec![3, 7, 8]);
-        assert_eq!(h.entries, vec![put(20, 20, 1)]);
-        h.compact(30, &mut |r| removed.push(r.main));
-        assert_eq!(h.entries, vec![put(20, 20, 1)]);
+        assert_eq!(entries(&h), vec![put(20, 20, 1)]);
+        assert!(h.compact(30, &mut |r| removed.push(r.main)));
+        assert_eq!(entries(&h), vec![put(20, 20, 1)]);
+        // A newest tombstone at or below the compaction goes, and the key
+        // with it.
+        h.push(tomb(31));
+        assert!(!h.compact(31, &mut |r| removed.push(r.main)));
+        assert_eq!(removed, vec![3, 7, 8, 20, 31]);
     }
 
     #[test]

@@ -12,9 +12,10 @@
 //!   revisions, so a read at R finds the right version with one binary
 //!   search and one engine read. It is rebuilt by scanning the `v` records
 //!   in revision order on [`Mvcc::open`].
-//! * **The record cache** (`record_cache`) keeps the records reads
-//!   fetched, by revision, so lists that come back find them without the
-//!   engine read. Records are immutable, so it never goes stale.
+//! * **The record cache** (`record_cache`) keeps the versions reads
+//!   fetched, decoded, by revision, so lists that come back find them
+//!   without the engine read. Records are immutable, so it never goes
+//!   stale.
 //! * **Meta** (`m` namespace) holds the compacted revision and the current
 //!   revision (the latter because compaction may delete the newest records,
 //!   e.g. when the last write was a delete).
@@ -402,27 +403,23 @@ impl Mvcc {
     /// Reads the full version record at `rev` of `key`, from the record
     /// cache or else the engine (then caching it).
     fn fetch(&self, key: &[u8], rev: Revision) -> Result<KeyValue, MvccError> {
-        let cached = self.cache.borrow_mut().get(rev);
-        let hit = cached.is_some();
-        let bytes = match cached {
-            Some(b) => b,
-            None => Bytes::from(self.engine.get(&codec::version_key(rev))?.ok_or_else(|| {
-                MvccError::Corrupt(format!(
-                    "missing version record {}.{} of key {key:?}",
-                    rev.main, rev.sub
-                ))
-            })?),
-        };
-        let (tombstone, kv) = codec::decode_record_owned(bytes.clone())?;
+        if let Some(kv) = self.cache.borrow_mut().get(rev) {
+            return Ok(kv);
+        }
+        let bytes = self.engine.get(&codec::version_key(rev))?.ok_or_else(|| {
+            MvccError::Corrupt(format!(
+                "missing version record {}.{} of key {key:?}",
+                rev.main, rev.sub
+            ))
+        })?;
+        let (tombstone, kv) = codec::decode_record_owned(Bytes::from(bytes))?;
         if tombstone || kv.key != key {
             return Err(MvccError::Corrupt(format!(
                 "version record {}.{} does not hold key {key:?}",
                 rev.main, rev.sub
             )));
         }
-        if !hit {
-            self.cache.borrow_mut().insert(rev, bytes);
-        }
+        self.cache.borrow_mut().insert(rev, kv.clone());
         Ok(kv)
     }
 
@@ -858,7 +855,7 @@ impl MvccWrite<'_> {
         if self.latest.contains_key(key) {
             return Ok(());
         }
-        match self.mvcc.index.get(key).and_then(|h| h.entries.last()) {
+        match self.mvcc.index.get(key).map(|h| h.newest()) {
             Some(e) if e.rev.main >= self.rev => Err(MvccError::StaleRevision {
                 rev: self.rev,
                 latest: e.rev.main,

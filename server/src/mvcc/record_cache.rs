@@ -1,4 +1,4 @@
-//! `RecordCache`: the version records reads fetched recently, by revision.
+//! `RecordCache`: the versions reads fetched recently, by revision.
 //!
 //! A list reads one version record per key it returns, a point read of the
 //! engine by revision (see `codec`). On RocksDB that read walks the
@@ -8,12 +8,15 @@
 //! about twice as expensive on an aged node as on a fresh one
 //! (`bench/results/TUNING.md`). Lists of the same prefix come back again
 //! and again (controllers relisting, paginated lists, watch `prev_kv`), so
-//! the records a read fetched are kept here and the next read of them is a
-//! hash lookup.
+//! the versions a read fetched are kept here, decoded, and the next read of
+//! them is a hash lookup and a clone of two `Bytes` handles.
 //!
 //! # Invariants
 //!
-//! * **A cached record is the engine's record, byte for byte.** A version
+//! * **A cached version is the engine's record, decoded.** It is the
+//!   `KeyValue` decoded from the record (its key and value share the
+//!   record's buffer), checked against the key that names it before it is
+//!   inserted, so a hit is neither decoded nor checked again. A version
 //!   record is written once under its revision and never rewritten: the
 //!   store gives every change a fresh `{main, sub}` (sub-revisions of a
 //!   revision written again continue after the stored ones), so there is
@@ -22,8 +25,9 @@
 //!   event's `prev_kv`) misses as it would in the engine.
 //! * **Read-through only.** Writes do not fill the cache: a write costs
 //!   nothing more, and a record is cached only once something read it.
-//! * **Bounded.** The records' bytes plus a fixed per-entry overhead stay
-//!   within the capacity; a record larger than an eighth of it is not
+//! * **Bounded.** The versions' keys and values plus a fixed per-entry
+//!   overhead stay within the capacity; a version larger than an eighth of
+//!   it is not
 //!   cached (a few large values would otherwise evict everything else).
 //!   Capacity 0 caches nothing.
 //! * **Eviction is CLOCK** (second chance): entries sit in a ring in
@@ -31,21 +35,55 @@
 //!   marked entry once (clearing the mark) before it takes it. Records
 //!   read again and again stay; records read once leave first.
 //!
+//! * **Revisions are hashed cheaply** ([`RevisionHasher`]): they are
+//!   assigned by the store, not chosen by clients, so the map needs no
+//!   defence against crafted collisions, and SipHash was a tenth of the
+//!   cost of a cached read.
+//!
 //! [`Mvcc::compact`]: super::Mvcc::compact
 
 use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
 
-use prost::bytes::Bytes;
+use metastore_proto::mvccpb::KeyValue;
 
 use super::key_index::Revision;
 
-/// What an entry costs beyond its record's bytes: its map slot (key,
-/// `Bytes` handle, mark) and its place in the ring, rounded up.
-const ENTRY_OVERHEAD: usize = 96;
+/// What an entry costs beyond its key and value: its map slot (revision,
+/// `KeyValue`, mark), the record's flag and metadata, and its place in
+/// the ring, rounded up.
+const ENTRY_OVERHEAD: usize = 128;
+
+/// A multiply-rotate hash (as in Firefox's FxHash) of the two integers of
+/// a [`Revision`].
+#[derive(Default)]
+pub struct RevisionHasher(u64);
+
+const SEED: u64 = 0x517c_c1b7_2722_0a95;
+
+impl Hasher for RevisionHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.write_u64(u64::from(*b));
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(SEED);
+    }
+
+    fn write_i64(&mut self, n: i64) {
+        self.write_u64(n as u64);
+    }
+}
 
 #[derive(Debug)]
 struct Slot {
-    record: Bytes,
+    kv: KeyValue,
     referenced: bool,
 }
 
@@ -53,7 +91,7 @@ struct Slot {
 pub struct RecordCache {
     capacity: usize,
     used: usize,
-    map: HashMap<Revision, Slot>,
+    map: HashMap<Revision, Slot, BuildHasherDefault<RevisionHasher>>,
     /// Revisions in insertion order (the CLOCK's hand is the front). May
     /// hold revisions no longer in `map` (removed by compaction); they are
     /// skipped when reached and purged when they outnumber the live ones.
@@ -66,26 +104,27 @@ impl RecordCache {
         RecordCache {
             capacity,
             used: 0,
-            map: HashMap::new(),
+            map: HashMap::default(),
             ring: VecDeque::new(),
         }
     }
 
-    fn cost(record: &Bytes) -> usize {
-        record.len() + ENTRY_OVERHEAD
+    fn cost(kv: &KeyValue) -> usize {
+        kv.key.len() + kv.value.len() + ENTRY_OVERHEAD
     }
 
-    /// The record stored at `rev`, if cached (and marks it as used).
-    pub fn get(&mut self, rev: Revision) -> Option<Bytes> {
+    /// The version stored at `rev`, if cached (and marks it as used).
+    pub fn get(&mut self, rev: Revision) -> Option<KeyValue> {
         let slot = self.map.get_mut(&rev)?;
         slot.referenced = true;
-        Some(slot.record.clone())
+        Some(slot.kv.clone())
     }
 
-    /// Caches `record`, the engine's record at `rev`, evicting others as
-    /// needed. Records too large for the cache are ignored.
-    pub fn insert(&mut self, rev: Revision, record: Bytes) {
-        let cost = Self::cost(&record);
+    /// Caches `kv`, the version the engine's record at `rev` holds (the
+    /// caller has checked it), evicting others as needed. Versions too
+    /// large for the cache are ignored.
+    pub fn insert(&mut self, rev: Revision, kv: KeyValue) {
+        let cost = Self::cost(&kv);
         if cost > self.capacity / 8 || self.map.contains_key(&rev) {
             return;
         }
@@ -98,7 +137,7 @@ impl RecordCache {
         self.map.insert(
             rev,
             Slot {
-                record,
+                kv,
                 referenced: false,
             },
         );
@@ -117,7 +156,7 @@ impl RecordCache {
                 continue;
             }
             let slot = self.map.remove(&rev).expect("present");
-            self.used -= Self::cost(&slot.record);
+            self.used -= Self::cost(&slot.kv);
             return true;
         }
         false
@@ -126,7 +165,7 @@ impl RecordCache {
     /// Forgets the record at `rev` (compaction deleted it).
     pub fn remove(&mut self, rev: Revision) {
         if let Some(slot) = self.map.remove(&rev) {
-            self.used -= Self::cost(&slot.record);
+            self.used -= Self::cost(&slot.kv);
             if self.ring.len() > 2 * self.map.len() + 64 {
                 let map = &self.map;
                 self.ring.retain(|r| map.contains_key(r));
@@ -155,16 +194,26 @@ mod tests {
         Revision { main, sub: 0 }
     }
 
-    fn record(len: usize) -> Bytes {
-        Bytes::from(vec![7u8; len])
+    /// A version whose key and value hold `len` bytes.
+    fn record(len: usize) -> KeyValue {
+        KeyValue {
+            value: vec![7u8; len].into(),
+            ..Default::default()
+        }
     }
 
     #[test]
     fn hit_returns_the_inserted_record() {
         let mut c = RecordCache::new(10_000);
         assert!(c.get(rev(1)).is_none());
-        c.insert(rev(1), Bytes::from_static(b"abc"));
-        assert_eq!(c.get(rev(1)).as_deref(), Some(&b"abc"[..]));
+        let kv = KeyValue {
+            key: "k".into(),
+            value: "abc".into(),
+            mod_revision: 1,
+            ..Default::default()
+        };
+        c.insert(rev(1), kv.clone());
+        assert_eq!(c.get(rev(1)), Some(kv));
         assert!(c.get(Revision { main: 1, sub: 1 }).is_none());
     }
 
