@@ -41,7 +41,7 @@ use metastore_proto::etcdserverpb::{
     DeleteRangeResponse, PutRequest, PutResponse, RangeRequest, RangeResponse, RequestOp,
     TxnRequest,
 };
-use metastore_proto::shardpb::{CompactRequest, RangeHeadRequest};
+use metastore_proto::shardpb::CompactRequest;
 
 use crate::backend::Backend;
 use crate::error::{GatewayError, Result};
@@ -168,39 +168,28 @@ impl Backend {
     ) -> Result<RangeResponse> {
         let mut shard_req = merge::shard_range_request(req).into_owned();
         shard_req.revision = rev;
-        let budget = merge::value_budget(req, shards.len());
-        let parts = try_join_all(shards.iter().map(|&s| {
-            let r = shard_req.clone();
-            self.retry_idempotent(move || {
-                let r = r.clone();
-                async move {
-                    match budget {
-                        Some(valued) => {
-                            let head = RangeHeadRequest {
-                                range: Some(r),
-                                valued,
-                            };
-                            shards::range_head(self.t(), s, head).await
-                        }
-                        None => shards::range(self.t(), s, r).await,
-                    }
-                }
-            })
+        if let Some(budget) = merge::page_budget(req, shards.len()) {
+            shard_req.limit = budget;
+        }
+        let shard_req = &shard_req;
+        let mut parts = try_join_all(shards.iter().map(|&s| {
+            self.retry_idempotent(move || shards::range(self.t(), s, shard_req.clone()))
         }))
         .await?;
-        let mut resp = merge::merge_range(req, parts);
-        if let Some(valued) = budget {
-            // The kvs kept beyond a shard's budget: read their values at
-            // the same revision (rare; see `merge`).
-            for (s, run) in merge::unvalued(&resp.kvs, &self.router, valued) {
-                let r = merge::values_request(&shard_req, &resp.kvs, &run);
-                let answer = self
-                    .retry_idempotent(|| shards::range(self.t(), s, r.clone()))
-                    .await?;
-                merge::fill_values(&mut resp.kvs, &run, answer)?;
+        if shard_req.limit != req.limit {
+            // Shards that stopped at their budget short of the page's end
+            // read on at the same revision (rare; see `merge`).
+            let next = merge::continuations(req, shard_req, &parts);
+            let answers = try_join_all(next.iter().map(|(i, r)| {
+                let s = shards[*i];
+                self.retry_idempotent(move || shards::range(self.t(), s, r.clone()))
+            }))
+            .await?;
+            for ((i, _), answer) in next.into_iter().zip(answers) {
+                merge::continue_part(&mut parts[i], answer);
             }
         }
-        Ok(resp)
+        Ok(merge::merge_range(req, parts))
     }
 
     /// etcd's Put: forwarded to the key's owner, retried while the key is

@@ -254,18 +254,6 @@ typed_call!(
 );
 typed_call!(range, pb::RangeRequest, Range, pb::RangeResponse);
 
-/// A range whose answer has the values of its first `valued` kvs only
-/// (`RangeHeadRequest`); answered like [`range`].
-pub async fn range_head(
-    t: &dyn Transport,
-    shard: u32,
-    req: spb::RangeHeadRequest,
-) -> Result<pb::RangeResponse> {
-    match t.call(shard, Req::RangeHead(req)).await? {
-        Resp::Range(r) => Ok(r),
-        other => Err(unexpected("range_head", &other)),
-    }
-}
 typed_call!(put, pb::PutRequest, Put, pb::PutResponse);
 typed_call!(
     delete_range,

@@ -1122,11 +1122,7 @@ impl Shard {
                 raft_term: self.term(),
                 history_id: self.topology.history_id,
             }),
-            R::Range(r) => self.range(r, usize::MAX).await,
-            R::RangeHead(h) => {
-                let valued = usize::try_from(h.valued).unwrap_or(usize::MAX);
-                self.range(h.range.unwrap_or_default(), valued).await
-            }
+            R::Range(r) => self.range(r).await,
             // Queued without a task of their own: `submit_write`.
             R::Put(_) | R::DeleteRange(_) | R::Txn(_) => error(
                 Code::InvalidArgument,
@@ -1290,8 +1286,8 @@ impl Shard {
         Ok(rev.max(1))
     }
 
-    /// A range whose answer has the values of its first `valued` kvs.
-    async fn range(&self, r: RangeRequest, valued: usize) -> Body {
+    /// A range over this shard's keys.
+    async fn range(&self, r: RangeRequest) -> Body {
         let requested = r.revision;
         let rev = match self.read_at(requested).await {
             Ok(rev) => rev,
@@ -1301,11 +1297,7 @@ impl Shard {
         // (every write is filtered by ownership, and a data directory keeps
         // its shard count), so hashing each key of a span again would change
         // nothing — and it cost a tenth of the shard's CPU on prefix lists.
-        let result = self
-            .state
-            .borrow()
-            .mvcc()
-            .range_head(&r, rev, &|_| true, valued);
+        let result = self.state.borrow().mvcc().range(&r, rev, &|_| true);
         match result {
             Ok(mut resp) => {
                 // Revision 0 reads report their snapshot revision; explicit

@@ -500,19 +500,6 @@ impl Mvcc {
         rev: Rev,
         owns: Owns<'_>,
     ) -> Result<RangeResponse, MvccError> {
-        self.range_head(req, rev, owns, usize::MAX)
-    }
-
-    /// [`Mvcc::range`] with the values of the answer's first `valued` kvs
-    /// only: the others carry every field but the value, and their records
-    /// are not read (the shard protocol's `RangeHeadRequest`).
-    pub fn range_head(
-        &self,
-        req: &RangeRequest,
-        rev: Rev,
-        owns: Owns<'_>,
-        valued: usize,
-    ) -> Result<RangeResponse, MvccError> {
         let rev = self.check_read_rev(rev)?;
         let (cands, count) = self.counted_candidates_at(
             KeyRange::new(&req.key, &req.range_end),
@@ -520,7 +507,7 @@ impl Mvcc {
             owns,
             candidates_needed(req),
         );
-        build_range(self, req, cands, count, valued)
+        build_range(self, req, cands, count)
     }
 
     /// The live value of `key` at `rev` (`rev <= 0` = latest), ignoring
@@ -1054,7 +1041,7 @@ impl MvccWrite<'_> {
         }
         let cands = self.candidates(KeyRange::new(&req.key, &req.range_end), owns);
         let count = cands.len();
-        build_range(self.mvcc, req, cands, count, usize::MAX)
+        build_range(self.mvcc, req, cands, count)
     }
 
     /// Applies the txn's ops along `path` (etcd's compare path, see
@@ -1241,7 +1228,6 @@ fn build_range(
     req: &RangeRequest,
     mut cands: Vec<Candidate<'_>>,
     count: usize,
-    valued: usize,
 ) -> Result<RangeResponse, MvccError> {
     use range_request::{SortOrder, SortTarget};
     let count = count as i64;
@@ -1310,17 +1296,15 @@ fn build_range(
             cands.truncate(req.limit as usize);
             more = true;
         }
-        // Everything but the value is in the key index: a kv without its
-        // value reads no record.
-        let valued = if req.keys_only { 0 } else { valued };
+        // Everything but the value is in the key index: keys only reads
+        // no record.
         kvs = cands
             .iter()
-            .enumerate()
-            .map(|(i, c)| {
-                if i < valued {
-                    mvcc.materialize(c)
-                } else {
+            .map(|c| {
+                if req.keys_only {
                     Ok(c.without_value())
+                } else {
+                    mvcc.materialize(c)
                 }
             })
             .collect::<Result<_, _>>()?;
