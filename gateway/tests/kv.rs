@@ -906,11 +906,11 @@ both_engines!(
 );
 
 both_engines!(
-    /// A list with a limit over shards reads each shard's values for about
-    /// limit / shards kvs only, and the rest in a second request when the
-    /// page holds more of one shard's keys than that (see the gateway's
-    /// `merge` docs). Keys nearly all on one shard force that second
-    /// request; every page must equal the same page read without a limit.
+    /// A list with a limit over shards asks each shard for about limit /
+    /// shards kvs, and reads on from a shard that stopped there short of
+    /// the page's end (see the gateway's `merge` docs). Keys nearly all on
+    /// one shard force that second request; every page must equal the same
+    /// page read without a limit.
     async fn limited_lists_read_skewed_pages_whole(node: TestNode) {
         let router = ShardRouter::new(common::SHARDS as u32);
         let mut c = node.client().await;
@@ -936,12 +936,13 @@ both_engines!(
         let all = get_kvs(&mut c, "sk/", prefix()).await;
         assert_eq!(all.len(), 96);
         let end = prefix_end("sk/");
-        for (limit, descend, min_mod) in [
-            (60, false, 0),
-            (60, true, 0),
-            (95, false, 0),
-            (40, false, all[3].modr),
-            (96, false, 0),
+        for (limit, descend, min_mod, keys_only) in [
+            (60, false, 0, false),
+            (60, true, 0, false),
+            (95, false, 0, false),
+            (40, false, all[3].modr, false),
+            (96, false, 0, false),
+            (60, false, 0, true),
         ] {
             let mut opts = GetOptions::new().with_range(end.clone()).with_limit(limit);
             if descend {
@@ -950,14 +951,23 @@ both_engines!(
             if min_mod > 0 {
                 opts = opts.with_min_mod_revision(min_mod);
             }
+            if keys_only {
+                opts = opts.with_keys_only();
+            }
             let page = c.get("sk/", Some(opts)).await.unwrap();
             let mut expect: Vec<Kv> = all.iter().filter(|k| k.modr >= min_mod).cloned().collect();
             if descend {
                 expect.reverse();
             }
+            if keys_only {
+                for kv in &mut expect {
+                    kv.value.clear();
+                }
+            }
             let more = expect.len() > limit as usize;
             expect.truncate(limit as usize);
-            let what = format!("limit {limit} descend {descend} min_mod {min_mod}");
+            let what =
+                format!("limit {limit} descend {descend} min_mod {min_mod} keys_only {keys_only}");
             assert_eq!(kvs(&page), expect, "{what}");
             assert_eq!(page.more(), more, "{what}");
         }
