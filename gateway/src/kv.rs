@@ -168,7 +168,8 @@ impl Backend {
     ) -> Result<RangeResponse> {
         let mut shard_req = merge::shard_range_request(req).into_owned();
         shard_req.revision = rev;
-        if let Some(budget) = merge::page_budget(req, shards.len()) {
+        let budget = merge::page_budget(req, shards.len());
+        if let Some(budget) = budget {
             shard_req.limit = budget;
         }
         let shard_req = &shard_req;
@@ -176,7 +177,7 @@ impl Backend {
             self.retry_idempotent(move || shards::range(self.t(), s, shard_req.clone()))
         }))
         .await?;
-        if shard_req.limit != req.limit {
+        if budget.is_some() {
             // Shards that stopped at their budget short of the page's end
             // read on at the same revision (rare; see `merge`).
             let next = merge::continuations(req, shard_req, &parts);

@@ -27,14 +27,12 @@
 //!   nothing more, and a record is cached only once something read it.
 //! * **Bounded.** The versions' keys and values plus a fixed per-entry
 //!   overhead stay within the capacity; a version larger than an eighth of
-//!   it is not
-//!   cached (a few large values would otherwise evict everything else).
-//!   Capacity 0 caches nothing.
+//!   it is not cached (a few large values would otherwise evict everything
+//!   else). Capacity 0 caches nothing.
 //! * **Eviction is CLOCK** (second chance): entries sit in a ring in
 //!   insertion order; a hit marks its entry, and eviction passes over a
 //!   marked entry once (clearing the mark) before it takes it. Records
 //!   read again and again stay; records read once leave first.
-//!
 //! * **Revisions are hashed cheaply** ([`RevisionHasher`]): they are
 //!   assigned by the store, not chosen by clients, so the map needs no
 //!   defence against crafted collisions, and SipHash was a tenth of the
