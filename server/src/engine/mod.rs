@@ -502,6 +502,87 @@ mod tests {
         }
     }
 
+    /// The RocksDB engine keeps the MVCC versions namespace in a column
+    /// family of its own; scans, reverse scans, early stops and range
+    /// deletes across its bounds must still see one ordered keyspace.
+    #[test]
+    fn scans_and_deletes_cross_the_versions_namespace() {
+        let v = keyspace::MVCC_VERSION;
+        let all: Vec<Vec<u8>> = vec![
+            b"\x00".to_vec(),
+            vec![v - 1, 0xff],
+            vec![v],
+            vec![v, 0],
+            vec![v, 9, 9],
+            vec![v, 0xff, 0xff],
+            vec![v + 1],
+            vec![v + 1, 0],
+            b"\xff".to_vec(),
+        ];
+        for (kind, e, _dir) in each_engine() {
+            let mut b = WriteBatch::new();
+            for k in all.iter().rev() {
+                b.put(k.clone(), [&k[..], b"-v"].concat());
+            }
+            e.write(b, false).unwrap();
+            assert_eq!(keys(&collect(&*e, b"", b"")), all, "{kind}");
+            let mut rev = all.clone();
+            rev.reverse();
+            assert_eq!(collect_rev(&*e, b"", b""), rev, "{kind}");
+            // Bounds inside, straddling, and around the namespace.
+            assert_eq!(
+                keys(&collect(&*e, &[v, 0], &[v, 0xff])),
+                all[3..5],
+                "{kind}"
+            );
+            assert_eq!(keys(&collect(&*e, &[v - 1], &[v, 1])), all[1..4], "{kind}");
+            assert_eq!(
+                keys(&collect(&*e, &[v, 1], &[v + 1, 1])),
+                all[4..8],
+                "{kind}"
+            );
+            assert_eq!(collect_rev(&*e, &[v, 1], &[v + 1, 1]), rev[1..5], "{kind}");
+            assert_eq!(keys(&collect(&*e, &[v, 1], b"")), all[4..], "{kind}");
+            assert_eq!(e.get(&[v, 9, 9]).unwrap(), Some(vec![v, 9, 9, b'-', b'v']));
+            // An early stop in one piece ends the whole scan.
+            let mut seen = Vec::new();
+            e.scan(b"", b"", &mut |k, _| {
+                seen.push(k.to_vec());
+                k[0] != v
+            })
+            .unwrap();
+            assert_eq!(seen, all[..3], "{kind}");
+            let mut seen = Vec::new();
+            e.scan_rev(b"", b"", &mut |k, _| {
+                seen.push(k.to_vec());
+                k[0] != v
+            })
+            .unwrap();
+            assert_eq!(seen, rev[..4], "{kind}");
+            // A range delete across the lower bound, then an open-ended one
+            // from inside the namespace (with a key put in the same batch).
+            let mut b = WriteBatch::new();
+            b.delete_range(vec![v - 1], vec![v, 1]);
+            e.write(b, false).unwrap();
+            assert_eq!(
+                keys(&collect(&*e, b"", b"")),
+                [&all[..1], &all[4..]].concat(),
+                "{kind}"
+            );
+            let mut b = WriteBatch::new();
+            b.put(b"\xff\xff".to_vec(), b"new".to_vec())
+                .put(vec![v, 5], b"in".to_vec())
+                .delete_range(vec![v, 5], b"")
+                .put(vec![v + 2], b"after".to_vec());
+            e.write(b, false).unwrap();
+            assert_eq!(
+                keys(&collect(&*e, b"", b"")),
+                vec![all[0].clone(), vec![v + 2]],
+                "{kind}"
+            );
+        }
+    }
+
     #[test]
     fn memory_size_tracks_contents() {
         let e = memory::MemoryEngine::new();

@@ -8,9 +8,23 @@
 //! * **WAL always on.** Every batch goes to the write-ahead log; `sync`
 //!   decides whether the WAL is fsync'd before `write` returns. A batch is
 //!   atomic in the WAL too, so recovery never exposes half a batch.
+//! * **MVCC versions in a column family of their own.** Version records
+//!   (`keyspace::MVCC_VERSION`) are keyed by revision, so they arrive in
+//!   key order and each memtable flush covers a key range of its own. The
+//!   shard's small, rewritten-every-batch keys (applied index, MVCC meta,
+//!   leases, intents) live in the default family. Were they in one family,
+//!   every flushed file would span from those keys to the newest revision,
+//!   overlap all of level 1, and each L0→L1 compaction would rewrite the
+//!   whole of level 1 (up to 256 MiB) for 12 MiB of new data: write
+//!   amplification that grew with the store's age. The engine's callers
+//!   see one ordered keyspace: a scan or range delete is cut at the
+//!   namespace's bounds into at most three pieces, each in one family,
+//!   taken in key order. A directory from before the split has its
+//!   versions moved over on open ([`RocksEngine::adopt_versions`]).
 //! * **Modest memory.** Many instances live in one process (one per core,
-//!   and tests open dozens): small memtables (16 MiB × 2), a small private
-//!   block cache, bounded open files and info-log files.
+//!   and tests open dozens): small memtables (16 MiB × 2 for versions,
+//!   4 MiB × 2 for the rest), one small block cache shared by both
+//!   families, bounded open files and info-log files.
 //! * **Bounded iterators.** Scans set RocksDB's iterate lower/upper bounds,
 //!   so a scan over one namespace never walks into (or pays for tombstones
 //!   of) another.
@@ -22,16 +36,74 @@
 use std::path::Path;
 
 use ::rocksdb::{
-    BlockBasedOptions, Cache, DBCompressionType, Options, ReadOptions, WriteOptions, DB,
+    BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, DBCompressionType, Options,
+    ReadOptions, WriteOptions, DB, DEFAULT_COLUMN_FAMILY_NAME,
 };
 
-use super::{BatchOp, Engine, EngineError, EngineKind, WriteBatch};
+use super::{keyspace, BatchOp, Engine, EngineError, EngineKind, WriteBatch};
 
-/// Block cache per instance.
+/// Block cache per instance, shared by its column families.
 const BLOCK_CACHE_BYTES: usize = 8 << 20;
-/// Memtable size (and count) per instance.
-const WRITE_BUFFER_BYTES: usize = 16 << 20;
+/// Memtable size (and count) of the versions family.
+const VERSIONS_WRITE_BUFFER_BYTES: usize = 16 << 20;
+/// Memtable size of the default family: small keys, mostly rewritten.
+const DEFAULT_WRITE_BUFFER_BYTES: usize = 4 << 20;
 const MAX_WRITE_BUFFERS: i32 = 2;
+
+/// The column family of the MVCC version records.
+const VERSIONS_CF: &str = "versions";
+/// The versions namespace: `[VERSIONS_START, VERSIONS_END)`.
+const VERSIONS_START: &[u8] = &[keyspace::MVCC_VERSION];
+const VERSIONS_END: &[u8] = &[keyspace::MVCC_VERSION + 1];
+/// How many version records one batch of [`RocksEngine::adopt_versions`]
+/// moves.
+const ADOPT_BATCH: usize = 4096;
+
+/// One of the engine's two column families.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Family {
+    Default,
+    Versions,
+}
+
+impl Family {
+    fn of(key: &[u8]) -> Family {
+        if key.first() == Some(&keyspace::MVCC_VERSION) {
+            Family::Versions
+        } else {
+            Family::Default
+        }
+    }
+}
+
+/// `k < end`, where an empty `end` is past every key.
+fn below(k: &[u8], end: &[u8]) -> bool {
+    end.is_empty() || k < end
+}
+
+/// `[start, end)` (empty `end` = to the end) cut into its pieces in each
+/// family, in key order: the keys before the versions namespace, those in
+/// it, and those after it. Empty pieces are left out; only the last piece
+/// can be open-ended.
+fn pieces<'a>(start: &'a [u8], end: &'a [u8]) -> Vec<(Family, &'a [u8], &'a [u8])> {
+    let parts: [(Family, &'a [u8], &'a [u8]); 3] = [
+        (Family::Default, b"", VERSIONS_START),
+        (Family::Versions, VERSIONS_START, VERSIONS_END),
+        (Family::Default, VERSIONS_END, b""),
+    ];
+    parts
+        .into_iter()
+        .filter_map(|(family, lo, hi)| {
+            let from = start.max(lo);
+            let to = match (end.is_empty(), hi.is_empty()) {
+                (true, _) => hi,
+                (false, true) => end,
+                (false, false) => end.min(hi),
+            };
+            below(from, to).then_some((family, from, to))
+        })
+        .collect()
+}
 
 pub struct RocksEngine {
     db: DB,
@@ -41,14 +113,29 @@ impl RocksEngine {
     /// Opens (creating if missing) the database in `dir`.
     pub fn open(dir: &Path) -> Result<RocksEngine, EngineError> {
         std::fs::create_dir_all(dir)?;
-        let db = DB::open(&Self::options()?, dir)?;
-        Ok(RocksEngine { db })
+        let cache = Cache::new_lru_cache(BLOCK_CACHE_BYTES)?;
+        let mut db_opts = Self::options(&cache, DEFAULT_WRITE_BUFFER_BYTES);
+        db_opts.create_if_missing(true);
+        db_opts.create_missing_column_families(true);
+        let families = [
+            ColumnFamilyDescriptor::new(
+                DEFAULT_COLUMN_FAMILY_NAME,
+                Self::options(&cache, DEFAULT_WRITE_BUFFER_BYTES),
+            ),
+            ColumnFamilyDescriptor::new(
+                VERSIONS_CF,
+                Self::options(&cache, VERSIONS_WRITE_BUFFER_BYTES),
+            ),
+        ];
+        let db = DB::open_cf_descriptors(&db_opts, dir, families)?;
+        let engine = RocksEngine { db };
+        engine.adopt_versions()?;
+        Ok(engine)
     }
 
-    fn options() -> Result<Options, EngineError> {
+    fn options(cache: &Cache, write_buffer_bytes: usize) -> Options {
         let mut opts = Options::default();
-        opts.create_if_missing(true);
-        opts.set_write_buffer_size(WRITE_BUFFER_BYTES);
+        opts.set_write_buffer_size(write_buffer_bytes);
         opts.set_max_write_buffer_number(MAX_WRITE_BUFFERS);
         opts.set_max_background_jobs(2);
         opts.set_max_open_files(256);
@@ -66,10 +153,61 @@ impl RocksEngine {
         // segments are deleted (`Engine::sync`).
         opts.set_compression_type(DBCompressionType::Snappy);
         let mut table = BlockBasedOptions::default();
-        table.set_block_cache(&Cache::new_lru_cache(BLOCK_CACHE_BYTES)?);
+        table.set_block_cache(cache);
         table.set_bloom_filter(10.0, false);
         opts.set_block_based_table_factory(&table);
-        Ok(opts)
+        opts
+    }
+
+    fn family(&self, family: Family) -> &ColumnFamily {
+        let name = match family {
+            Family::Default => DEFAULT_COLUMN_FAMILY_NAME,
+            Family::Versions => VERSIONS_CF,
+        };
+        self.db
+            .cf_handle(name)
+            .expect("both column families are opened with the DB")
+    }
+
+    /// Moves version records that a directory from before the versions
+    /// family keeps in the default family into the versions family. Each
+    /// batch moves its records and deletes them from the default family
+    /// atomically, so a crash part-way leaves every record in exactly one
+    /// family, and the next open carries on.
+    fn adopt_versions(&self) -> Result<(), EngineError> {
+        let (default, versions) = (self.family(Family::Default), self.family(Family::Versions));
+        let mut moved = false;
+        loop {
+            let mut wb = ::rocksdb::WriteBatch::default();
+            let mut last: Option<Vec<u8>> = None;
+            let mut first: Option<Vec<u8>> = None;
+            let mut it = self
+                .db
+                .raw_iterator_cf_opt(default, Self::read_options(VERSIONS_START, VERSIONS_END));
+            it.seek(VERSIONS_START);
+            while it.valid() && wb.len() < ADOPT_BATCH {
+                let (Some(k), Some(v)) = (it.key(), it.value()) else {
+                    break;
+                };
+                wb.put_cf(versions, k, v);
+                first.get_or_insert_with(|| k.to_vec());
+                last = Some(k.to_vec());
+                it.next();
+            }
+            it.status()?;
+            drop(it);
+            let (Some(first), Some(mut last)) = (first, last) else {
+                break;
+            };
+            last.push(0);
+            wb.delete_range_cf(default, &first, &last);
+            self.db.write(wb)?;
+            moved = true;
+        }
+        if moved {
+            self.db.flush_wal(true)?;
+        }
+        Ok(())
     }
 
     fn read_options(start: &[u8], end: &[u8]) -> ReadOptions {
@@ -83,9 +221,11 @@ impl RocksEngine {
         ro
     }
 
-    /// The last key `>= start`, if any.
-    fn last_key_from(&self, start: &[u8]) -> Result<Option<Vec<u8>>, EngineError> {
-        let mut it = self.db.raw_iterator_opt(Self::read_options(start, &[]));
+    /// The last key `>= start` in `family`, if any.
+    fn last_key_from(&self, family: Family, start: &[u8]) -> Result<Option<Vec<u8>>, EngineError> {
+        let mut it = self
+            .db
+            .raw_iterator_cf_opt(self.family(family), Self::read_options(start, &[]));
         it.seek_to_last();
         let key = if it.valid() {
             it.key().map(|k| k.to_vec())
@@ -95,47 +235,39 @@ impl RocksEngine {
         it.status()?;
         Ok(key)
     }
-}
 
-impl Engine for RocksEngine {
-    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, EngineError> {
-        Ok(self.db.get_pinned(key)?.map(|v| v.to_vec()))
-    }
-
-    fn scan(
+    /// Scans one piece (see [`pieces`]); false once `f` has asked to stop.
+    fn scan_piece(
         &self,
-        start: &[u8],
-        end: &[u8],
+        (family, start, end): (Family, &[u8], &[u8]),
         f: &mut dyn FnMut(&[u8], &[u8]) -> bool,
-    ) -> Result<(), EngineError> {
-        if !end.is_empty() && start >= end {
-            return Ok(());
-        }
-        let mut it = self.db.raw_iterator_opt(Self::read_options(start, end));
+    ) -> Result<bool, EngineError> {
+        let mut it = self
+            .db
+            .raw_iterator_cf_opt(self.family(family), Self::read_options(start, end));
         it.seek(start);
         while it.valid() {
             let (Some(k), Some(v)) = (it.key(), it.value()) else {
                 break;
             };
             if !f(k, v) {
-                return Ok(());
+                return Ok(false);
             }
             it.next();
         }
         it.status()?;
-        Ok(())
+        Ok(true)
     }
 
-    fn scan_rev(
+    /// [`scan_piece`](Self::scan_piece) backwards.
+    fn scan_piece_rev(
         &self,
-        start: &[u8],
-        end: &[u8],
+        (family, start, end): (Family, &[u8], &[u8]),
         f: &mut dyn FnMut(&[u8], &[u8]) -> bool,
-    ) -> Result<(), EngineError> {
-        if !end.is_empty() && start >= end {
-            return Ok(());
-        }
-        let mut it = self.db.raw_iterator_opt(Self::read_options(start, end));
+    ) -> Result<bool, EngineError> {
+        let mut it = self
+            .db
+            .raw_iterator_cf_opt(self.family(family), Self::read_options(start, end));
         // With an upper bound set, seek_to_last lands on the last key < end.
         it.seek_to_last();
         while it.valid() {
@@ -146,11 +278,48 @@ impl Engine for RocksEngine {
                 break;
             }
             if !f(k, v) {
-                return Ok(());
+                return Ok(false);
             }
             it.prev();
         }
         it.status()?;
+        Ok(true)
+    }
+}
+
+impl Engine for RocksEngine {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, EngineError> {
+        Ok(self
+            .db
+            .get_pinned_cf(self.family(Family::of(key)), key)?
+            .map(|v| v.to_vec()))
+    }
+
+    fn scan(
+        &self,
+        start: &[u8],
+        end: &[u8],
+        f: &mut dyn FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<(), EngineError> {
+        for piece in pieces(start, end) {
+            if !self.scan_piece(piece, f)? {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn scan_rev(
+        &self,
+        start: &[u8],
+        end: &[u8],
+        f: &mut dyn FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<(), EngineError> {
+        for piece in pieces(start, end).into_iter().rev() {
+            if !self.scan_piece_rev(piece, f)? {
+                break;
+            }
+        }
         Ok(())
     }
 
@@ -168,9 +337,20 @@ impl Engine for RocksEngine {
     }
 
     fn size_bytes(&self) -> u64 {
-        let prop = |name| self.db.property_int_value(name).ok().flatten().unwrap_or(0);
-        prop(::rocksdb::properties::TOTAL_SST_FILES_SIZE)
-            + prop(::rocksdb::properties::CUR_SIZE_ALL_MEM_TABLES)
+        [Family::Default, Family::Versions]
+            .into_iter()
+            .map(|family| {
+                let prop = |name| {
+                    self.db
+                        .property_int_value_cf(self.family(family), name)
+                        .ok()
+                        .flatten()
+                        .unwrap_or(0)
+                };
+                prop(::rocksdb::properties::TOTAL_SST_FILES_SIZE)
+                    + prop(::rocksdb::properties::CUR_SIZE_ALL_MEM_TABLES)
+            })
+            .sum()
     }
 
     fn kind(&self) -> EngineKind {
@@ -192,29 +372,144 @@ impl RocksEngine {
             .iter()
             .any(|op| matches!(op, BatchOp::DeleteRange(_, end) if end.is_empty()));
         let mut max_put: Option<&Vec<u8>> = None;
+        let (default, versions) = (self.family(Family::Default), self.family(Family::Versions));
+        let handle = |family| match family {
+            Family::Default => default,
+            Family::Versions => versions,
+        };
         for op in &batch.ops {
             match op {
                 BatchOp::Put(k, v) => {
                     if open_ended && max_put.is_none_or(|m| k > m) {
                         max_put = Some(k);
                     }
-                    wb.put(k, v)
+                    wb.put_cf(handle(Family::of(k)), k, v)
                 }
-                BatchOp::Delete(k) => wb.delete(k),
+                BatchOp::Delete(k) => wb.delete_cf(handle(Family::of(k)), k),
                 BatchOp::DeleteRange(start, end) => {
-                    if end.is_empty() {
-                        let stored = self.last_key_from(start)?;
-                        let pending = max_put.filter(|m| *m >= start).cloned();
-                        if let Some(mut last) = stored.max(pending) {
-                            last.push(0);
-                            wb.delete_range(start, &last);
+                    for (family, from, to) in pieces(start, end) {
+                        if to.is_empty() {
+                            // Only the last piece is open-ended, and it
+                            // starts past the versions namespace: every
+                            // key `>= from` is in its family.
+                            let stored = self.last_key_from(family, from)?;
+                            let pending = max_put.filter(|m| m.as_slice() >= from).cloned();
+                            if let Some(mut last) = stored.max(pending) {
+                                last.push(0);
+                                wb.delete_range_cf(handle(family), from, &last);
+                            }
+                        } else {
+                            wb.delete_range_cf(handle(family), from, to);
                         }
-                    } else if start < end {
-                        wb.delete_range(start, end);
                     }
                 }
             }
         }
         Ok(wb)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tempfile::TempDir;
+
+    const V: u8 = keyspace::MVCC_VERSION;
+
+    #[test]
+    fn pieces_cut_a_range_at_the_versions_namespace() {
+        use Family::{Default as D, Versions as Vs};
+        let (v, w) = (&[V][..], &[V + 1][..]);
+        assert_eq!(
+            pieces(b"", b""),
+            vec![(D, &b""[..], v), (Vs, v, w), (D, w, &b""[..])]
+        );
+        assert_eq!(pieces(b"a", b"b"), vec![(D, &b"a"[..], &b"b"[..])]);
+        assert_eq!(
+            pieces(&[V, 1], &[V, 2]),
+            vec![(Vs, &[V, 1][..], &[V, 2][..])]
+        );
+        assert_eq!(
+            pieces(&[V, 1], b""),
+            vec![(Vs, &[V, 1][..], w), (D, w, &b""[..])]
+        );
+        assert_eq!(
+            pieces(b"a", &[V, 0]),
+            vec![(D, &b"a"[..], v), (Vs, v, &[V, 0][..])]
+        );
+        assert_eq!(pieces(b"a", v), vec![(D, &b"a"[..], v)]);
+        assert_eq!(pieces(w, b""), vec![(D, w, &b""[..])]);
+        assert!(pieces(b"b", b"a").is_empty());
+        assert!(pieces(&[V, 1], &[V, 1]).is_empty());
+    }
+
+    /// The keys of `family`, read straight from RocksDB.
+    fn family_keys(e: &RocksEngine, family: Family) -> Vec<Vec<u8>> {
+        let mut it = e.db.raw_iterator_cf(e.family(family));
+        it.seek_to_first();
+        let mut out = Vec::new();
+        while it.valid() {
+            out.push(it.key().unwrap().to_vec());
+            it.next();
+        }
+        out
+    }
+
+    #[test]
+    fn version_records_live_in_their_own_family() {
+        let dir = TempDir::new().unwrap();
+        let e = RocksEngine::open(dir.path()).unwrap();
+        let mut b = WriteBatch::new();
+        b.put(vec![V, 1], b"one".to_vec())
+            .put(b"Sapplied".to_vec(), b"1".to_vec())
+            .put(b"mcurrent".to_vec(), b"1".to_vec());
+        e.write(b, true).unwrap();
+        assert_eq!(family_keys(&e, Family::Versions), vec![vec![V, 1]]);
+        assert_eq!(
+            family_keys(&e, Family::Default),
+            vec![b"Sapplied".to_vec(), b"mcurrent".to_vec()]
+        );
+    }
+
+    /// A directory written before the versions family existed keeps its
+    /// version records in the default family; opening it moves them, in
+    /// more than one batch, and every key still reads back in order.
+    #[test]
+    fn open_adopts_versions_from_the_default_family() {
+        let dir = TempDir::new().unwrap();
+        let n = ADOPT_BATCH * 2 + 7;
+        let version = |i: usize| [&[V][..], &(i as u64).to_be_bytes()].concat();
+        {
+            let mut opts = Options::default();
+            opts.create_if_missing(true);
+            let old = DB::open(&opts, dir.path()).unwrap();
+            let mut wb = ::rocksdb::WriteBatch::default();
+            for i in 0..n {
+                wb.put(version(i), i.to_string());
+            }
+            wb.put(b"Sapplied", b"9");
+            wb.put(b"zz", b"after");
+            old.write(wb).unwrap();
+        }
+        for _ in 0..2 {
+            let e = RocksEngine::open(dir.path()).unwrap();
+            assert_eq!(
+                family_keys(&e, Family::Default),
+                vec![b"Sapplied".to_vec(), b"zz".to_vec()]
+            );
+            assert_eq!(family_keys(&e, Family::Versions).len(), n);
+            let mut seen = Vec::new();
+            e.scan(b"", b"", &mut |k, v| {
+                seen.push((k.to_vec(), v.to_vec()));
+                true
+            })
+            .unwrap();
+            assert_eq!(seen.len(), n + 2);
+            assert_eq!(seen[0].0, b"Sapplied");
+            for (i, (k, v)) in seen[1..=n].iter().enumerate() {
+                assert_eq!((k, v), (&version(i), &i.to_string().into_bytes()));
+            }
+            assert_eq!(seen[n + 1].0, b"zz");
+        }
     }
 }
