@@ -82,7 +82,9 @@ fn push_frame(buf: &mut Vec<u8>, msg: &impl Message) {
     let len = msg.encoded_len();
     buf.reserve(4 + len);
     buf.extend_from_slice(&(len as u32).to_le_bytes());
-    msg.encode(buf).expect("vec has room");
+    // `encode` would measure the message a second time to check for room;
+    // the reservation above already made it.
+    msg.encode_raw(buf);
 }
 
 /// A connection's responses waiting for its writer: frames are encoded
