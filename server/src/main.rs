@@ -15,7 +15,7 @@ use std::sync::{mpsc, Arc, Barrier};
 use clap::Parser;
 use glommio::{LocalExecutorBuilder, Placement};
 use metastore_proto::router::{fnv1a64, ShardRouter};
-use metastore_server::engine::{self, EngineKind};
+use metastore_server::engine::{self, EngineKind, EngineOptions};
 use metastore_server::oracle::RevisionOracle;
 use metastore_server::raftlog::WalOptions;
 use metastore_server::shard::{Shard, Topology};
@@ -61,6 +61,11 @@ struct Args {
     /// instead of the engine.
     #[arg(long, default_value_t = (metastore_server::mvcc::DEFAULT_RECORD_CACHE_BYTES >> 20) as u64)]
     record_cache_mib: u64,
+    /// Memory for each shard's RocksDB block cache, in MiB (rocksdb). It
+    /// fills only as blocks are read; lists whose versions the record
+    /// cache does not hold read them through it.
+    #[arg(long, default_value_t = (metastore_server::engine::rocksdb::DEFAULT_BLOCK_CACHE_BYTES >> 20) as u64)]
+    block_cache_mib: u64,
 }
 
 fn main() {
@@ -71,6 +76,14 @@ fn main() {
     }
 }
 
+/// `mib` MiB in bytes, or an error naming `flag` if that does not fit.
+fn mib_to_bytes(mib: u64, flag: &str) -> Result<usize, String> {
+    usize::try_from(mib)
+        .ok()
+        .and_then(|m| m.checked_mul(1 << 20))
+        .ok_or(format!("{flag} is too large"))
+}
+
 fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let kind: EngineKind = args.engine.parse()?;
     let fsync_on_core = match args.fsync.as_str() {
@@ -78,10 +91,10 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         "core" => true,
         other => return Err(format!("--fsync must be blocking-pool or core, not {other}").into()),
     };
-    let record_cache_bytes = usize::try_from(args.record_cache_mib)
-        .ok()
-        .and_then(|m| m.checked_mul(1 << 20))
-        .ok_or("--record-cache-mib is too large")?;
+    let record_cache_bytes = mib_to_bytes(args.record_cache_mib, "--record-cache-mib")?;
+    let engine_options = EngineOptions {
+        block_cache_bytes: mib_to_bytes(args.block_cache_mib, "--block-cache-mib")?,
+    };
     let cores = core_affinity::get_core_ids().unwrap_or_default();
     let core_count = cores.len().max(1);
     std::fs::create_dir_all(&args.data_dir)?;
@@ -133,7 +146,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             .name(&format!("shard-{id}"))
             .io_memory(1 << 20)
             .spawn(move || async move {
-                let opened_shard = engine::open(kind, &dir)
+                let opened_shard = engine::open_with(kind, &dir, engine_options)
                     .map_err(|e| e.to_string())
                     .and_then(|engine| {
                         Shard::open(id, router, engine, &wal, oracle, topology)

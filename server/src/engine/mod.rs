@@ -246,12 +246,36 @@ pub(crate) fn map_bounds<'a>(start: &'a [u8], end: &'a [u8]) -> Option<SliceBoun
     }
 }
 
-/// Opens an engine of `kind`. RocksDB keeps its files in `dir` (created if
-/// missing); the memory engine ignores `dir`.
+/// How an engine is opened. Only RocksDB has anything to set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EngineOptions {
+    /// RocksDB's block cache (uncompressed blocks), in bytes.
+    pub block_cache_bytes: usize,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions {
+            block_cache_bytes: rocksdb::DEFAULT_BLOCK_CACHE_BYTES,
+        }
+    }
+}
+
+/// Opens an engine of `kind` with default options. RocksDB keeps its files
+/// in `dir` (created if missing); the memory engine ignores `dir`.
 pub fn open(kind: EngineKind, dir: &Path) -> Result<Rc<dyn Engine>, EngineError> {
+    open_with(kind, dir, EngineOptions::default())
+}
+
+/// [`open`] with `options`.
+pub fn open_with(
+    kind: EngineKind,
+    dir: &Path,
+    options: EngineOptions,
+) -> Result<Rc<dyn Engine>, EngineError> {
     Ok(match kind {
         EngineKind::Memory => Rc::new(memory::MemoryEngine::new()),
-        EngineKind::RocksDb => Rc::new(rocksdb::RocksEngine::open(dir)?),
+        EngineKind::RocksDb => Rc::new(rocksdb::RocksEngine::open(dir, options.block_cache_bytes)?),
     })
 }
 

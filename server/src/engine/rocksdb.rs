@@ -21,10 +21,12 @@
 //!   namespace's bounds into at most three pieces, each in one family,
 //!   taken in key order. A directory from before the split has its
 //!   versions moved over on open ([`RocksEngine::adopt_versions`]).
-//! * **Modest memory.** Many instances live in one process (one per core,
+//! * **Bounded memory.** Many instances live in one process (one per core,
 //!   and tests open dozens): small memtables (16 MiB × 2 for versions,
-//!   4 MiB × 2 for the rest), one small block cache shared by both
-//!   families, bounded open files and info-log files.
+//!   4 MiB × 2 for the rest), one block cache shared by both families
+//!   (64 MiB by default, filled only as blocks are read: lists that span
+//!   more than the record cache read their versions from it),
+//!   bounded open files and info-log files.
 //! * **Bounded iterators.** Scans set RocksDB's iterate lower/upper bounds,
 //!   so a scan over one namespace never walks into (or pays for tombstones
 //!   of) another.
@@ -42,8 +44,9 @@ use ::rocksdb::{
 
 use super::{keyspace, BatchOp, Engine, EngineError, EngineKind, WriteBatch};
 
-/// Block cache per instance, shared by its column families.
-const BLOCK_CACHE_BYTES: usize = 8 << 20;
+/// Block cache per instance, shared by its column families, unless the
+/// caller asks for another size (`metastore-server --block-cache-mib`).
+pub const DEFAULT_BLOCK_CACHE_BYTES: usize = 64 << 20;
 /// Memtable size (and count) of the versions family.
 const VERSIONS_WRITE_BUFFER_BYTES: usize = 16 << 20;
 /// Memtable size of the default family: small keys, mostly rewritten.
@@ -110,10 +113,11 @@ pub struct RocksEngine {
 }
 
 impl RocksEngine {
-    /// Opens (creating if missing) the database in `dir`.
-    pub fn open(dir: &Path) -> Result<RocksEngine, EngineError> {
+    /// Opens (creating if missing) the database in `dir`, with a block
+    /// cache of `block_cache_bytes`.
+    pub fn open(dir: &Path, block_cache_bytes: usize) -> Result<RocksEngine, EngineError> {
         std::fs::create_dir_all(dir)?;
-        let cache = Cache::new_lru_cache(BLOCK_CACHE_BYTES)?;
+        let cache = Cache::new_lru_cache(block_cache_bytes)?;
         let mut db_opts = Self::options(&cache, DEFAULT_WRITE_BUFFER_BYTES);
         db_opts.create_if_missing(true);
         db_opts.create_missing_column_families(true);
@@ -458,7 +462,7 @@ mod tests {
     #[test]
     fn version_records_live_in_their_own_family() {
         let dir = TempDir::new().unwrap();
-        let e = RocksEngine::open(dir.path()).unwrap();
+        let e = RocksEngine::open(dir.path(), DEFAULT_BLOCK_CACHE_BYTES).unwrap();
         let mut b = WriteBatch::new();
         b.put(vec![V, 1], b"one".to_vec())
             .put(b"Sapplied".to_vec(), b"1".to_vec())
@@ -492,7 +496,7 @@ mod tests {
             old.write(wb).unwrap();
         }
         for _ in 0..2 {
-            let e = RocksEngine::open(dir.path()).unwrap();
+            let e = RocksEngine::open(dir.path(), DEFAULT_BLOCK_CACHE_BYTES).unwrap();
             assert_eq!(
                 family_keys(&e, Family::Default),
                 vec![b"Sapplied".to_vec(), b"zz".to_vec()]
