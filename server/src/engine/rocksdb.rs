@@ -88,24 +88,24 @@ fn below(k: &[u8], end: &[u8]) -> bool {
 /// family, in key order: the keys before the versions namespace, those in
 /// it, and those after it. Empty pieces are left out; only the last piece
 /// can be open-ended.
-fn pieces<'a>(start: &'a [u8], end: &'a [u8]) -> Vec<(Family, &'a [u8], &'a [u8])> {
+fn pieces<'a>(
+    start: &'a [u8],
+    end: &'a [u8],
+) -> impl DoubleEndedIterator<Item = (Family, &'a [u8], &'a [u8])> {
     let parts: [(Family, &'a [u8], &'a [u8]); 3] = [
         (Family::Default, b"", VERSIONS_START),
         (Family::Versions, VERSIONS_START, VERSIONS_END),
         (Family::Default, VERSIONS_END, b""),
     ];
-    parts
-        .into_iter()
-        .filter_map(|(family, lo, hi)| {
-            let from = start.max(lo);
-            let to = match (end.is_empty(), hi.is_empty()) {
-                (true, _) => hi,
-                (false, true) => end,
-                (false, false) => end.min(hi),
-            };
-            below(from, to).then_some((family, from, to))
-        })
-        .collect()
+    parts.into_iter().filter_map(|(family, lo, hi)| {
+        let from = start.max(lo);
+        let to = match (end.is_empty(), hi.is_empty()) {
+            (true, _) => hi,
+            (false, true) => end,
+            (false, false) => end.min(hi),
+        };
+        below(from, to).then_some((family, from, to))
+    })
 }
 
 pub struct RocksEngine {
@@ -319,7 +319,7 @@ impl Engine for RocksEngine {
         end: &[u8],
         f: &mut dyn FnMut(&[u8], &[u8]) -> bool,
     ) -> Result<(), EngineError> {
-        for piece in pieces(start, end).into_iter().rev() {
+        for piece in pieces(start, end).rev() {
             if !self.scan_piece_rev(piece, f)? {
                 break;
             }
@@ -423,28 +423,28 @@ mod tests {
     #[test]
     fn pieces_cut_a_range_at_the_versions_namespace() {
         use Family::{Default as D, Versions as Vs};
+        fn cut<'a>(start: &'a [u8], end: &'a [u8]) -> Vec<(Family, &'a [u8], &'a [u8])> {
+            pieces(start, end).collect()
+        }
         let (v, w) = (&[V][..], &[V + 1][..]);
         assert_eq!(
-            pieces(b"", b""),
+            cut(b"", b""),
             vec![(D, &b""[..], v), (Vs, v, w), (D, w, &b""[..])]
         );
-        assert_eq!(pieces(b"a", b"b"), vec![(D, &b"a"[..], &b"b"[..])]);
+        assert_eq!(cut(b"a", b"b"), vec![(D, &b"a"[..], &b"b"[..])]);
+        assert_eq!(cut(&[V, 1], &[V, 2]), vec![(Vs, &[V, 1][..], &[V, 2][..])]);
         assert_eq!(
-            pieces(&[V, 1], &[V, 2]),
-            vec![(Vs, &[V, 1][..], &[V, 2][..])]
-        );
-        assert_eq!(
-            pieces(&[V, 1], b""),
+            cut(&[V, 1], b""),
             vec![(Vs, &[V, 1][..], w), (D, w, &b""[..])]
         );
         assert_eq!(
-            pieces(b"a", &[V, 0]),
+            cut(b"a", &[V, 0]),
             vec![(D, &b"a"[..], v), (Vs, v, &[V, 0][..])]
         );
-        assert_eq!(pieces(b"a", v), vec![(D, &b"a"[..], v)]);
-        assert_eq!(pieces(w, b""), vec![(D, w, &b""[..])]);
-        assert!(pieces(b"b", b"a").is_empty());
-        assert!(pieces(&[V, 1], &[V, 1]).is_empty());
+        assert_eq!(cut(b"a", v), vec![(D, &b"a"[..], v)]);
+        assert_eq!(cut(w, b""), vec![(D, w, &b""[..])]);
+        assert!(cut(b"b", b"a").is_empty());
+        assert!(cut(&[V, 1], &[V, 1]).is_empty());
     }
 
     /// The keys of `family`, read straight from RocksDB.
