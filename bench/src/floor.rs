@@ -14,7 +14,9 @@
 //! is MetaStore's own work:
 //! - the generated KV service with the gateway's codec
 //!   (`metastore_gateway::etcdserverpb`, `metastore_gateway::codec`);
-//! - tonic's server with `TCP_NODELAY`, on the gateway's default runtime
+//! - the gateway's gRPC server (`metastore_gateway::grpc::serve`: hyper's
+//!   HTTP/2 with `TCP_NODELAY`, each call routed by its path to the
+//!   generated service), on the gateway's default runtime
 //!   (`metastore_gateway::runtime(default_threads())`: half the cores, at
 //!   least one; single-threaded on 2 cores).
 //!
@@ -35,13 +37,14 @@ use std::sync::Mutex;
 use bytes::Bytes;
 use clap::Args;
 use metastore_gateway::etcdserverpb::kv_server::{Kv, KvServer};
+use metastore_gateway::grpc::{self, CallFuture, CallRequest, GrpcRoutes};
 use metastore_proto::etcdserverpb::{
     CompactionRequest, CompactionResponse, DeleteRangeRequest, DeleteRangeResponse, PutRequest,
     PutResponse, RangeRequest, RangeResponse, ResponseHeader, TxnRequest, TxnResponse,
 };
 use metastore_proto::mvccpb::KeyValue;
-use tonic::transport::server::TcpIncoming;
-use tonic::transport::Server;
+use tonic::codegen::Service;
+use tonic::server::NamedService;
 use tonic::{Request, Response, Status};
 
 /// The line printed once the floor serves (the address follows it).
@@ -136,6 +139,19 @@ impl Kv for FloorKv {
     }
 }
 
+/// The floor's one service, routed as the gateway routes the etcd API.
+#[derive(Clone)]
+struct FloorRoutes(KvServer<FloorKv>);
+
+impl GrpcRoutes for FloorRoutes {
+    fn route(&self, req: CallRequest) -> CallFuture {
+        match grpc::service_name(req.uri().path()) {
+            Some(KvServer::<FloorKv>::NAME) => self.0.clone().call(req),
+            _ => grpc::unimplemented_call(),
+        }
+    }
+}
+
 /// Serves until killed (`compare` stops it with SIGTERM, whose default
 /// action ends the process).
 pub fn main(a: &FloorArgs) -> ExitCode {
@@ -162,17 +178,12 @@ pub fn main(a: &FloorArgs) -> ExitCode {
             .map(|a| a.to_string())
             .unwrap_or_default();
         println!("{READY}{addr}");
-        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-        match Server::builder()
-            .add_service(KvServer::new(FloorKv::default()))
-            .serve_with_incoming(incoming)
-            .await
-        {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("metastore-bench grpc-floor: {e}");
-                ExitCode::FAILURE
-            }
-        }
+        grpc::serve(
+            listener,
+            FloorRoutes(KvServer::new(FloorKv::default())),
+            std::future::pending(),
+        )
+        .await;
+        ExitCode::SUCCESS
     })
 }

@@ -35,6 +35,7 @@ pub mod client;
 pub mod codec;
 pub mod coordinator;
 pub mod error;
+pub mod grpc;
 pub mod kv;
 pub mod lease;
 pub mod merge;

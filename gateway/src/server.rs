@@ -16,17 +16,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio_stream::StreamExt;
-use tonic::transport::server::TcpIncoming;
-use tonic::transport::Server;
-
-use crate::authority::RewriteStream;
 use crate::backend::{Backend, Identity};
 use crate::client::ClientConfig;
 use crate::etcdserverpb::{
     auth_server::AuthServer, cluster_server::ClusterServer, kv_server::KvServer,
     lease_server::LeaseServer, maintenance_server::MaintenanceServer, watch_server::WatchServer,
 };
+use crate::grpc::{self, EtcdApi};
 use crate::service::{
     ClusterService, KvService, MaintenanceService, UnimplementedAuth, WatchService,
 };
@@ -164,11 +160,8 @@ impl Gateway {
     /// Serves until `shutdown` resolves. Requests above `max_request_bytes`
     /// are refused by the services (`etcdserver: request is too large`);
     /// those above it plus etcd's gRPC overhead never reach them (see
-    /// [`oversized_as_resource_exhausted`]).
-    pub async fn serve(
-        self,
-        shutdown: impl Future<Output = ()>,
-    ) -> Result<(), tonic::transport::Error> {
+    /// `grpc::oversized_as_resource_exhausted`).
+    pub async fn serve(self, shutdown: impl Future<Output = ()>) {
         let limit = self.config.max_request_bytes + GRPC_OVERHEAD_BYTES;
         let b = self.backend.clone();
         let client_url = self.client_url();
@@ -186,23 +179,15 @@ impl Gateway {
         let lease = LeaseServer::new(crate::lease::LeaseService::new(b.clone()))
             .max_decoding_message_size(limit);
         let auth = AuthServer::new(UnimplementedAuth).max_decoding_message_size(limit);
-        // Each connection's `:authority` is repaired where h2 would refuse
-        // it (`crate::authority`).
-        let incoming = TcpIncoming::from(self.listener)
-            .with_nodelay(Some(true))
-            .map(|conn| conn.map(RewriteStream::new));
-        Server::builder()
-            .layer(tower::util::MapResponseLayer::new(
-                oversized_as_resource_exhausted,
-            ))
-            .add_service(kv)
-            .add_service(watch)
-            .add_service(lease)
-            .add_service(cluster)
-            .add_service(maintenance)
-            .add_service(auth)
-            .serve_with_incoming_shutdown(incoming, shutdown)
-            .await
+        let api = EtcdApi {
+            kv,
+            watch,
+            lease,
+            cluster,
+            maintenance,
+            auth,
+        };
+        grpc::serve(self.listener, api, shutdown).await;
     }
 }
 
@@ -233,68 +218,6 @@ fn identity(t: &Topology) -> Identity {
         member_name: t.member_name.clone(),
         history_id: t.history_id,
     }
-}
-
-/// tonic refuses a message above its decoding limit with `OutOfRange`;
-/// grpc-go, and so etcd, with `ResourceExhausted` ("grpc: received message
-/// larger than max"). etcd clients read `OutOfRange` as "revision
-/// compacted", so the status is rewritten at the edge to what they expect.
-/// tonic sends the refusal as a trailers-only response: the status is in
-/// the headers.
-fn oversized_as_resource_exhausted(
-    mut resp: tonic::codegen::http::Response<tonic::body::Body>,
-) -> tonic::codegen::http::Response<tonic::body::Body> {
-    const TONIC_TOO_LARGE: &str = "Error, decoded message length too large";
-    let headers = resp.headers_mut();
-    let out_of_range = headers
-        .get("grpc-status")
-        .is_some_and(|v| v == (tonic::Code::OutOfRange as i32).to_string().as_str());
-    let message = headers
-        .get("grpc-message")
-        .and_then(|v| v.to_str().ok())
-        .map(percent_decode);
-    if let (true, Some(message)) = (out_of_range, message) {
-        if let Some(rest) = message.strip_prefix(TONIC_TOO_LARGE) {
-            // "...: found N bytes, the limit is: M bytes"
-            let numbers: Vec<&str> = rest
-                .split(|c: char| !c.is_ascii_digit())
-                .filter(|s| !s.is_empty())
-                .collect();
-            let text = match numbers.as_slice() {
-                [found, limit] => {
-                    format!("grpc: received message larger than max ({found} vs. {limit})")
-                }
-                _ => "grpc: received message larger than max".to_string(),
-            };
-            let status = tonic::Status::resource_exhausted(text);
-            let mut fresh = tonic::codegen::http::HeaderMap::new();
-            if status.add_header(&mut fresh).is_ok() {
-                headers.remove("grpc-status");
-                headers.remove("grpc-message");
-                headers.extend(fresh);
-            }
-        }
-    }
-    resp
-}
-
-/// Decodes gRPC's percent-encoded `grpc-message`.
-fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' && i + 2 < bytes.len() {
-            if let Ok(b) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
-                out.push(b);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 #[cfg(test)]
@@ -576,7 +499,6 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(5), serving)
             .await
             .expect("graceful shutdown")
-            .unwrap()
             .unwrap();
     }
 

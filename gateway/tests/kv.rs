@@ -2274,3 +2274,37 @@ both_engines!(
         .unwrap();
     }
 );
+
+both_engines!(
+    /// A call to a service the gateway does not serve (here gRPC's health
+    /// check, which etcd serves and MetaStore does not) is answered
+    /// `Unimplemented`, and the connection goes on serving the KV API.
+    async fn a_call_to_an_unknown_service_is_unimplemented(node: TestNode) {
+        use metastore_proto::etcdserverpb::{RangeRequest, RangeResponse};
+        let channel = tonic::transport::Endpoint::from_shared(node.client_url())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut grpc = tonic::client::Grpc::new(channel.clone());
+        grpc.ready().await.unwrap();
+        let codec = tonic_prost::ProstCodec::<RangeRequest, RangeResponse>::default();
+        let path =
+            tonic::codegen::http::uri::PathAndQuery::from_static("/grpc.health.v1.Health/Check");
+        let err = grpc
+            .unary(tonic::Request::new(RangeRequest::default()), path, codec)
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::Unimplemented, "{err:?}");
+        let mut kv = metastore_gateway::etcdserverpb::kv_client::KvClient::new(channel);
+        let got = kv
+            .range(RangeRequest {
+                key: b"nothing".to_vec(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(got.kvs.is_empty());
+    }
+);

@@ -287,6 +287,25 @@ both_engines!(
 );
 
 both_engines!(
+    /// More watch streams on one connection than hyper allows by default
+    /// (200): the gateway sets no limit, as etcd sets none, so each is
+    /// created and gets its event instead of waiting for a free stream.
+    async fn three_hundred_watch_streams_on_one_connection(node: TestNode) {
+        const STREAMS: usize = 300;
+        let mut c = node.client().await;
+        let mut streams = Vec::with_capacity(STREAMS);
+        for _ in 0..STREAMS {
+            streams.push(watch(&mut c, "many/key", None).await);
+        }
+        let rev = put(&mut c, "many/key", "v").await;
+        for (ws, id) in &mut streams {
+            let got = events(ws, *id, 1).await;
+            assert_eq!((got[0].key.as_str(), got[0].rev), ("many/key", rev));
+        }
+    }
+);
+
+both_engines!(
     /// 100 watchers on a prefix (10 streams of 10), 1000 Puts over all
     /// shards: every watcher gets all 1000 events exactly once, in order.
     async fn hundred_prefix_watchers_thousand_puts(node: TestNode) {
