@@ -25,6 +25,12 @@
 //!   is sent GOAWAY and finishes its calls in flight, and [`serve`] returns
 //!   once all have closed (the binary bounds the wait; see `main.rs`).
 //!
+//! One setting differs on purpose: tonic lifts hyper's limit on streams a
+//! connection makes the server reset for errors (1,024, then GOAWAY); this
+//! server keeps it, and h2's limit on streams a client resets before they
+//! are accepted, as hyper advises against floods of resets
+//! (RUSTSEC-2024-0003). A well-behaved client never comes near either.
+//!
 //! Every connection passes through [`RewriteStream`] (see
 //! `crate::authority`) before h2 reads it, and every answer through
 //! [`oversized_as_resource_exhausted`].
@@ -91,7 +97,7 @@ pub fn service_name(path: &str) -> Option<&str> {
     (!service.is_empty() && !method.is_empty() && !method.contains('/')).then_some(service)
 }
 
-/// Routes a call to `service` if the path names it.
+/// Hands a call to one generated service.
 fn call<S>(service: &S, req: Request<Incoming>) -> CallFuture
 where
     S: Service<
@@ -208,11 +214,11 @@ pub async fn serve<R: GrpcRoutes>(
     shutdown: impl Future<Output = ()>,
 ) {
     let mut builder = http2::Builder::new(TokioExecutor::new());
+    // The limits on reset streams stay hyper's and h2's (see the module
+    // docs); only the stream limit is lifted.
     builder
         .timer(TokioTimer::new())
-        .max_concurrent_streams(None)
-        .max_pending_accept_reset_streams(None)
-        .max_local_error_reset_streams(None);
+        .max_concurrent_streams(None);
     // Every connection holds a receiver; the sender's `closed` resolves
     // once all are gone.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
