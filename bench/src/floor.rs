@@ -37,14 +37,12 @@ use std::sync::Mutex;
 use bytes::Bytes;
 use clap::Args;
 use metastore_gateway::etcdserverpb::kv_server::{Kv, KvServer};
-use metastore_gateway::grpc::{self, CallFuture, CallRequest, GrpcRoutes};
+use metastore_gateway::grpc;
 use metastore_proto::etcdserverpb::{
     CompactionRequest, CompactionResponse, DeleteRangeRequest, DeleteRangeResponse, PutRequest,
     PutResponse, RangeRequest, RangeResponse, ResponseHeader, TxnRequest, TxnResponse,
 };
 use metastore_proto::mvccpb::KeyValue;
-use tonic::codegen::Service;
-use tonic::server::NamedService;
 use tonic::{Request, Response, Status};
 
 /// The line printed once the floor serves (the address follows it).
@@ -139,19 +137,6 @@ impl Kv for FloorKv {
     }
 }
 
-/// The floor's one service, routed as the gateway routes the etcd API.
-#[derive(Clone)]
-struct FloorRoutes(KvServer<FloorKv>);
-
-impl GrpcRoutes for FloorRoutes {
-    fn route(&self, req: CallRequest) -> CallFuture {
-        match grpc::service_name(req.uri().path()) {
-            Some(KvServer::<FloorKv>::NAME) => self.0.clone().call(req),
-            _ => grpc::unimplemented_call(),
-        }
-    }
-}
-
 /// Serves until killed (`compare` stops it with SIGTERM, whose default
 /// action ends the process).
 pub fn main(a: &FloorArgs) -> ExitCode {
@@ -180,7 +165,7 @@ pub fn main(a: &FloorArgs) -> ExitCode {
         println!("{READY}{addr}");
         grpc::serve(
             listener,
-            FloorRoutes(KvServer::new(FloorKv::default())),
+            grpc::SingleService(KvServer::new(FloorKv::default())),
             std::future::pending(),
         )
         .await;

@@ -71,8 +71,8 @@ pub type CallRequest = Request<Incoming>;
 /// A call's answer as the generated services produce it.
 pub type CallFuture = BoxFuture<Response<Body>, Infallible>;
 
-/// Something that answers gRPC calls: the etcd API ([`EtcdApi`]), or any
-/// single generated service (the bench's gRPC floor serves one).
+/// Something that answers gRPC calls: the etcd API ([`EtcdApi`]), or one
+/// generated service alone ([`SingleService`]; the bench's gRPC floor).
 pub trait GrpcRoutes: Clone + Send + Sync + 'static {
     /// Answers `req`, a call to the method its path names.
     fn route(&self, req: CallRequest) -> CallFuture;
@@ -90,8 +90,30 @@ pub struct EtcdApi {
     pub auth: AuthServer<UnimplementedAuth>,
 }
 
+/// One generated service alone; a path naming any other is answered
+/// `Unimplemented`.
+#[derive(Clone)]
+pub struct SingleService<S>(pub S);
+
+impl<S> GrpcRoutes for SingleService<S>
+where
+    S: Service<CallRequest, Response = Response<Body>, Error = Infallible, Future = CallFuture>
+        + NamedService
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+{
+    fn route(&self, req: CallRequest) -> CallFuture {
+        match service_name(req.uri().path()) {
+            Some(name) if name == S::NAME => call(&self.0, req),
+            _ => unimplemented_call(),
+        }
+    }
+}
+
 /// The service a gRPC path names: `/pkg.Service/Method` → `pkg.Service`.
-pub fn service_name(path: &str) -> Option<&str> {
+fn service_name(path: &str) -> Option<&str> {
     let rest = path.strip_prefix('/')?;
     let (service, method) = rest.split_once('/')?;
     (!service.is_empty() && !method.is_empty() && !method.contains('/')).then_some(service)
@@ -128,7 +150,7 @@ impl GrpcRoutes for EtcdApi {
 /// The answer to a path naming no service served here: tonic's router
 /// answers `Unimplemented` with an empty message, as grpc-go does for an
 /// unknown service.
-pub fn unimplemented_call() -> CallFuture {
+fn unimplemented_call() -> CallFuture {
     Box::pin(std::future::ready(Ok(
         tonic::Status::unimplemented("").into_http()
     )))
