@@ -32,7 +32,8 @@
 //! (RUSTSEC-2024-0003). A well-behaved client never comes near either.
 //!
 //! Every connection passes through [`RewriteStream`] (see
-//! `crate::authority`) before h2 reads it, and every answer through
+//! `crate::authority`) before h2 reads it and through [`CoalescedWrites`]
+//! (see `crate::coalesce`) as h2 writes it, and every answer through
 //! [`oversized_as_resource_exhausted`].
 
 use std::convert::Infallible;
@@ -51,6 +52,7 @@ use tonic::server::NamedService;
 use tower::Service;
 
 use crate::authority::RewriteStream;
+use crate::coalesce::CoalescedWrites;
 use crate::etcdserverpb::{
     auth_server::AuthServer, cluster_server::ClusterServer, kv_server::KvServer,
     lease_server::LeaseServer, maintenance_server::MaintenanceServer, watch_server::WatchServer,
@@ -261,7 +263,7 @@ pub async fn serve<R: GrpcRoutes>(
         if let Err(e) = sock.set_nodelay(true) {
             tracing::debug!("TCP_NODELAY: {e}");
         }
-        let io = TokioIo::new(RewriteStream::new(sock));
+        let io = TokioIo::new(CoalescedWrites::new(RewriteStream::new(sock)));
         let conn = builder.serve_connection(io, Connection(routes.clone()));
         let mut stop = stop_rx.clone();
         tokio::spawn(async move {

@@ -32,6 +32,7 @@ pub mod etcdserverpb {
 pub mod authority;
 pub mod backend;
 pub mod client;
+pub mod coalesce;
 pub mod codec;
 pub mod coordinator;
 pub mod error;
