@@ -367,7 +367,7 @@ pub async fn compare(common: &Common, a: &CompareArgs) -> std::process::ExitCode
     run(common, &a).await
 }
 
-async fn run(_common: &Common, a: &CompareArgs) -> std::process::ExitCode {
+async fn run(common: &Common, a: &CompareArgs) -> std::process::ExitCode {
     let bin_dir = a.bin_dir.clone().unwrap_or_else(|| {
         std::env::current_exe()
             .ok()
@@ -384,6 +384,11 @@ async fn run(_common: &Common, a: &CompareArgs) -> std::process::ExitCode {
     let mut specs = specs(a.quick, secs, shards);
     if !a.only.is_empty() {
         specs.retain(|s| a.only.iter().any(|o| o == s.name));
+    }
+    if common.balanced_channel {
+        for s in &mut specs {
+            s.args.push_str(" --balanced-channel");
+        }
     }
     let started = Instant::now();
     let date = shell("date", &["-u", "+%Y-%m-%d %H:%M UTC"]);
@@ -514,6 +519,7 @@ async fn run(_common: &Common, a: &CompareArgs) -> std::process::ExitCode {
         date,
         versions,
         wall,
+        balanced_channel: common.balanced_channel,
     };
     println!("{}", report.summary_table());
     if let Some(out) = &a.out {
@@ -631,6 +637,8 @@ struct Report<'a> {
     date: String,
     versions: Vec<String>,
     wall: Duration,
+    /// The client connected through `etcd-client`'s balanced channel.
+    balanced_channel: bool,
 }
 
 fn fmt_num(v: f64) -> String {
@@ -912,7 +920,12 @@ impl Report<'_> {
             let _ = writeln!(s, "- {v}");
         }
         let _ = writeln!(s, "- MetaStore: {}, {} shards (one per core), gateway in front; server CPU below = shard server + gateway processes", git_describe(), self.shards);
-        let _ = writeln!(s, "- Client: `metastore-bench` (Rust, `etcd-client` 0.21) on the same 2 cores; every target is driven by the same client with the same settings.\n");
+        let transport = if self.balanced_channel {
+            "each connection `etcd-client`'s own balanced channel (`--balanced-channel`)"
+        } else {
+            "each connection one direct HTTP/2 connection with coalesced writes (`bench/src/transport.rs`)"
+        };
+        let _ = writeln!(s, "- Client: `metastore-bench` (Rust, `etcd-client` 0.21; {transport}) on the same 2 cores; every target is driven by the same client with the same settings.\n");
         let _ = writeln!(s, "## Durability\n");
         let _ = writeln!(s, "- **etcd** fsyncs its WAL before acknowledging a write.");
         let _ = writeln!(s, "- **MetaStore rocksdb** fsyncs each raft batch to its raft WAL before anything in it is applied or acknowledged: equal durability, the fair comparison. Ratios below are MetaStore rocksdb ÷ etcd unless marked.");

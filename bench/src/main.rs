@@ -26,13 +26,14 @@ mod lease;
 mod nodes;
 mod stats;
 mod svg;
+mod transport;
 mod watch;
 
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use etcd_client::{Client, ConnectOptions};
+use etcd_client::Client;
 use rand::Rng;
 
 use crate::stats::RunResult;
@@ -106,6 +107,11 @@ pub struct Common {
     /// Client runtime worker threads (0 = one per core).
     #[arg(long, global = true, default_value_t = 0)]
     pub threads: usize,
+    /// Connect through `etcd-client`'s own balanced channel instead of one
+    /// direct HTTP/2 connection with coalesced writes (the client of
+    /// reports made before the change; see `transport.rs`).
+    #[arg(long, global = true)]
+    pub balanced_channel: bool,
 }
 
 impl Common {
@@ -276,34 +282,22 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(v * mult))
 }
 
-/// Opens `n` separate gRPC connections to the endpoints.
+/// Opens `n` separate gRPC connections, spread over the endpoints round
+/// robin (see `transport.rs`).
 pub async fn connect_pool(common: &Common, n: usize) -> Result<Vec<Client>, String> {
+    if common.endpoints.is_empty() {
+        return Err("no endpoints".into());
+    }
     let mut out = Vec::with_capacity(n);
-    for _ in 0..n.max(1) {
-        out.push(connect(common).await?);
+    for i in 0..n.max(1) {
+        let endpoint = &common.endpoints[i % common.endpoints.len()];
+        out.push(if common.balanced_channel {
+            transport::connect_balanced(endpoint).await?
+        } else {
+            transport::connect(endpoint).await?
+        });
     }
     Ok(out)
-}
-
-/// Opens one gRPC connection to the endpoints.
-pub async fn connect(common: &Common) -> Result<Client, String> {
-    let eps: Vec<String> = common
-        .endpoints
-        .iter()
-        .map(|e| {
-            if e.contains("://") {
-                e.clone()
-            } else {
-                format!("http://{e}")
-            }
-        })
-        .collect();
-    let opts = ConnectOptions::new()
-        .with_connect_timeout(Duration::from_secs(10))
-        .with_keep_alive(Duration::from_secs(30), Duration::from_secs(30));
-    Client::connect(eps.clone(), Some(opts))
-        .await
-        .map_err(|e| format!("connect to {eps:?}: {e}"))
 }
 
 /// Awaits `f` under the run's per-op timeout, flattening errors to strings.
