@@ -54,7 +54,8 @@ pub struct Cli {
 /// Options shared by every workload (etcd `benchmark`'s global flags).
 #[derive(Args, Debug, Clone)]
 pub struct Common {
-    /// Endpoints, comma-separated (HOST:PORT or http://HOST:PORT).
+    /// Endpoints, comma-separated (HOST:PORT or http://HOST:PORT); the
+    /// connections (--conns) are spread over them round robin.
     #[arg(
         long,
         global = true,
