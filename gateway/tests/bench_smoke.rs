@@ -199,6 +199,12 @@ type Case = (
 
 const CASES: &[Case] = &[
     ("put", "--conns 2 --clients 4 --total 200 --val-size 64 --key-space-size 1000 put", 200.0, &[]),
+    (
+        "put through etcd-client's balanced channel",
+        "--conns 2 --clients 4 --total 100 --balanced-channel put",
+        100.0,
+        &[],
+    ),
     ("range linearizable", "--clients 2 --total 100 range --consistency l", 100.0, &[]),
     (
         "range serializable prefix+limit",
