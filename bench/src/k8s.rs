@@ -30,7 +30,7 @@ use tokio::task::JoinSet;
 
 use crate::kv::{drive_then, warm_pool};
 use crate::stats::{new_histogram, record, Latency, Recorder, RunResult};
-use crate::{parse_duration, random_printable, timed, Common};
+use crate::{parse_duration, random_printable, threads, timed, Common};
 
 const RESOURCES: &[&str] = &[
     "pods",
@@ -204,7 +204,8 @@ pub async fn mixed(common: &Common, a: &K8sArgs) -> Result<RunResult, String> {
     let mut watchers = JoinSet::new();
     let mut created = Vec::new();
     for r in 0..resources {
-        let mut wc = pool[r % pool.len()].watch_client();
+        let conn = r % pool.len();
+        let mut wc = pool[conn].watch_client();
         let opts = WatchOptions::new()
             .with_prefix()
             .with_prev_key()
@@ -227,7 +228,7 @@ pub async fn mixed(common: &Common, a: &K8sArgs) -> Result<RunResult, String> {
         created.push(r);
         let (shared, progress_rec, interval) =
             (shared.clone(), progress_rec.clone(), a.progress_interval);
-        watchers.spawn(async move {
+        threads::spawn(&mut watchers, conn, async move {
             let prefix = prefix_of(r);
             let mut out = WatchOutcome::default();
             let mut last_rev = setup_rev;
@@ -314,7 +315,8 @@ pub async fn mixed(common: &Common, a: &K8sArgs) -> Result<RunResult, String> {
     let pages = Arc::new(std::sync::Mutex::new(new_histogram()));
     let mut listers = JoinSet::new();
     for l in 0..a.listers {
-        let kv = pool[l % pool.len()].kv_client();
+        let conn = l % pool.len();
+        let kv = pool[conn].kv_client();
         let (shared, lists, pages, common, limit) = (
             shared.clone(),
             lists.clone(),
@@ -322,7 +324,7 @@ pub async fn mixed(common: &Common, a: &K8sArgs) -> Result<RunResult, String> {
             common.clone(),
             a.list_limit.max(1),
         );
-        listers.spawn(async move {
+        threads::spawn(&mut listers, conn, async move {
             let mut r = l % resources;
             let expect: Vec<u64> = (0..resources)
                 .map(|r| shared.objects.per_resource(r))

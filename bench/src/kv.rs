@@ -13,7 +13,7 @@ use rand::Rng;
 use tokio::task::JoinSet;
 
 use crate::stats::{CpuProbe, Recorder, RunResult};
-use crate::{connect_pool, timed, Common};
+use crate::{connect_pool, threads, timed, Common};
 
 #[derive(Args, Debug, Clone)]
 pub struct RangeArgs {
@@ -92,9 +92,10 @@ where
     let op = Arc::new(op);
     let mut tasks = JoinSet::new();
     for c in 0..common.clients.max(1) {
-        let kv = pool[c % pool.len()].kv_client();
+        let conn = c % pool.len();
+        let kv = pool[conn].kv_client();
         let (rec, pacer, op, common) = (rec.clone(), pacer.clone(), op.clone(), common.clone());
-        tasks.spawn(async move {
+        threads::spawn(&mut tasks, conn, async move {
             while let Some(i) = pacer.next().await {
                 let t = Instant::now();
                 match timed(&common, op(c, i, kv.clone())).await {

@@ -19,7 +19,7 @@ use tokio::task::JoinSet;
 
 use crate::kv::warm_pool;
 use crate::stats::{CpuProbe, Pacer, Recorder, RunResult};
-use crate::{random_printable, timed, Common};
+use crate::{random_printable, threads, timed, Common};
 
 #[derive(Args, Debug, Clone)]
 pub struct LeaseArgs {
@@ -33,9 +33,10 @@ pub async fn keepalive(common: &Common, a: &LeaseArgs) -> Result<RunResult, Stri
     // Grant the leases and open the streams before timing.
     let mut set = JoinSet::new();
     for c in 0..common.clients.max(1) {
-        let mut lc = pool[c % pool.len()].lease_client();
+        let conn = c % pool.len();
+        let mut lc = pool[conn].lease_client();
         let (common, ttl) = (common.clone(), a.ttl);
-        set.spawn(async move {
+        threads::spawn(&mut set, conn, async move {
             let g = timed(&common, lc.grant(ttl, None))
                 .await
                 .map_err(|e| format!("lease grant: {e}"))?;
@@ -45,7 +46,7 @@ pub async fn keepalive(common: &Common, a: &LeaseArgs) -> Result<RunResult, Stri
             let (keeper, stream) = timed(&common, lc.keep_alive(g.id()))
                 .await
                 .map_err(|e| format!("lease keep-alive stream: {e}"))?;
-            Ok::<_, String>((lc, g.id(), keeper, stream))
+            Ok::<_, String>((conn, lc, g.id(), keeper, stream))
         });
     }
     let mut clients = Vec::new();
@@ -60,9 +61,9 @@ pub async fn keepalive(common: &Common, a: &LeaseArgs) -> Result<RunResult, Stri
     let guard = rec.progress("lease-keepalive", common.quiet);
     let mut tasks = JoinSet::new();
     let ttl = a.ttl;
-    for (lc, id, mut keeper, mut stream) in clients {
+    for (conn, lc, id, mut keeper, mut stream) in clients {
         let (rec, pacer, common) = (rec.clone(), pacer.clone(), common.clone());
-        tasks.spawn(async move {
+        threads::spawn(&mut tasks, conn, async move {
             while let Some(_i) = pacer.next().await {
                 let t = Instant::now();
                 let res = timed(&common, async {
@@ -268,11 +269,12 @@ pub async fn expiry(common: &Common, a: &LeaseExpiryArgs) -> Result<RunResult, S
     let guard = during.progress("lease-expiry puts (during the storm)", common.quiet);
     let mut puts = JoinSet::new();
     for c in 0..a.put_clients.max(1) {
-        let mut kv = pool[c % pool.len()].kv_client();
+        let conn = c % pool.len();
+        let mut kv = pool[conn].kv_client();
         let (common, pacer, drain) = (common.clone(), pacer.clone(), drain.clone());
         let (before, during) = (before.clone(), during.clone());
         let value = random_printable(common.val_size);
-        puts.spawn(async move {
+        threads::spawn(&mut puts, conn, async move {
             while let Some(i) = pacer.next().await {
                 let storm = drain.lock().unwrap().first.is_some();
                 let t = Instant::now();

@@ -26,6 +26,7 @@ mod lease;
 mod nodes;
 mod stats;
 mod svg;
+mod threads;
 mod transport;
 mod watch;
 
@@ -105,7 +106,8 @@ pub struct Common {
     /// Per-request timeout.
     #[arg(long, global = true, value_parser = parse_duration, default_value = "30s")]
     pub op_timeout: Duration,
-    /// Client runtime worker threads (0 = one per core).
+    /// Client threads (0 = one per core): each runs its share of the
+    /// connections and the clients that use them (see `threads.rs`).
     #[arg(long, global = true, default_value_t = 0)]
     pub threads: usize,
     /// Connect through `etcd-client`'s own balanced channel instead of one
@@ -292,11 +294,19 @@ pub async fn connect_pool(common: &Common, n: usize) -> Result<Vec<Client>, Stri
     let mut out = Vec::with_capacity(n);
     for i in 0..n.max(1) {
         let endpoint = &common.endpoints[i % common.endpoints.len()];
-        out.push(if common.balanced_channel {
-            transport::connect_balanced(endpoint).await?
-        } else {
-            transport::connect(endpoint).await?
-        });
+        let (endpoint, balanced) = (endpoint.clone(), common.balanced_channel);
+        // Opened on its thread, so hyper's connection task runs there.
+        let client = threads::for_connection(i)
+            .spawn(async move {
+                if balanced {
+                    transport::connect_balanced(&endpoint).await
+                } else {
+                    transport::connect(&endpoint).await
+                }
+            })
+            .await
+            .map_err(|e| format!("connect task: {e}"))??;
+        out.push(client);
     }
     Ok(out)
 }
@@ -343,6 +353,7 @@ fn main() -> ExitCode {
         rt.worker_threads(cli.common.threads);
     }
     let rt = rt.enable_all().build().expect("tokio runtime");
+    threads::start(cli.common.threads);
     rt.block_on(async move {
         match &cli.cmd {
             Cmd::Engines(a) => compare::engines(&cli.common, a).await,

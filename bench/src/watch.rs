@@ -27,7 +27,7 @@ use tokio::task::JoinSet;
 use crate::stats::{
     new_histogram, proc_rss_bytes, record, CpuProbe, Latency, Pacer, Recorder, RunResult,
 };
-use crate::{connect_pool, parse_duration, timed, Common};
+use crate::{connect_pool, parse_duration, threads, timed, Common};
 
 #[derive(Args, Debug, Clone)]
 pub struct WatchArgs {
@@ -134,9 +134,10 @@ pub async fn watch(
     }
     let mut set = JoinSet::new();
     for i in 0..s.streams {
-        let mut wc = pool[i % pool.len()].watch_client();
+        let conn = i % pool.len();
+        let mut wc = pool[conn].watch_client();
         let (key, opts, per, common) = (a.key.clone(), opts.clone(), s.per_stream, common.clone());
-        set.spawn(async move {
+        threads::spawn(&mut set, conn, async move {
             let mut stream = timed(&common, wc.watch(key.clone(), Some(opts.clone()))).await?;
             for _ in 1..per {
                 timed(&common, stream.watch(key.clone(), Some(opts.clone()))).await?;
@@ -167,10 +168,10 @@ pub async fn watch(
             if uniq.len() != ids.len() {
                 return Err(format!("duplicate watch ids on one stream: {ids:?}"));
             }
-            Ok::<_, String>((stream, ids))
+            Ok::<_, String>((conn, stream, ids))
         });
     }
-    let mut streams: Vec<(WatchStream, Vec<i64>)> = Vec::new();
+    let mut streams: Vec<(usize, WatchStream, Vec<i64>)> = Vec::new();
     while let Some(r) = set.join_next().await {
         streams.push(
             r.map_err(|e| e.to_string())?
@@ -189,12 +190,12 @@ pub async fn watch(
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let expected = s.put_total;
     let mut receivers = JoinSet::new();
-    for (mut stream, ids) in streams {
+    for (conn, mut stream, ids) in streams {
         let (delivered, send_lat, mut stop_rx) =
             (delivered.clone(), send_lat.clone(), stop_rx.clone());
         let key = a.key.clone().into_bytes();
         let prefix = a.prefix;
-        receivers.spawn(async move {
+        threads::spawn(&mut receivers, conn, async move {
             let mut out = StreamOutcome::default();
             let mut state: HashMap<i64, (u64, i64)> = ids.iter().map(|&id| (id, (0, 0))).collect();
             let mut complete = 0usize;
@@ -297,7 +298,8 @@ pub async fn watch(
         let gen = common.keys();
         let key = a.key.clone();
         let prefix = a.prefix;
-        putters.spawn(async move {
+        // `put_pool` is a pool of its own: its one connection is its 0th.
+        threads::spawn(&mut putters, 0, async move {
             while let Some(i) = pacer.next().await {
                 let k = if prefix {
                     let mut k = key.clone().into_bytes();
