@@ -925,7 +925,7 @@ impl Report<'_> {
         } else {
             "each connection one direct HTTP/2 connection with coalesced writes (`bench/src/transport.rs`)"
         };
-        let _ = writeln!(s, "- Client: `metastore-bench` (Rust, `etcd-client` 0.21; {transport}) on the same 2 cores; every target is driven by the same client with the same settings.\n");
+        let _ = writeln!(s, "- Client: `metastore-bench` (Rust, `etcd-client` 0.21; {transport}; a single-threaded runtime per core, each running its share of the connections and the clients that use them, `bench/src/threads.rs`) on the same 2 cores; every target is driven by the same client with the same settings.\n");
         let _ = writeln!(s, "## Durability\n");
         let _ = writeln!(s, "- **etcd** fsyncs its WAL before acknowledging a write.");
         let _ = writeln!(s, "- **MetaStore rocksdb** fsyncs each raft batch to its raft WAL before anything in it is applied or acknowledged: equal durability, the fair comparison. Ratios below are MetaStore rocksdb ÷ etcd unless marked.");
