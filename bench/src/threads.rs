@@ -13,20 +13,19 @@
 //! Here connection `i` of a pool (see `connect_pool`) is opened on thread
 //! `i % n`, so hyper spawns its connection task there, and a workload that
 //! drives clients spawns client `c`, which uses connection `c % conns`, on
-//! that same thread ([`for_connection`]). A request then goes from its
-//! client to its connection and back within one thread; the threads share
-//! only the pacer's counter and the latency recorder. etcd's own
-//! `benchmark` tool has the same shape under Go's scheduler, which keeps a
-//! goroutine and the ones it wakes on one processor where it can.
+//! that same thread ([`spawn`]). A request then goes from its client to
+//! its connection and back within one thread; the threads share only the
+//! pacer's counter and the latency recorder. This took about a fifth off
+//! the client's CPU per put and per range (bench/results/TUNING.md, "The
+//! bench client: a thread per core").
 //!
 //! Invariant: the threads live until the process exits; a handle taken
 //! from [`for_connection`] is always one of a running runtime. Before
 //! [`start`] (unit tests, code outside the client), [`for_connection`]
 //! answers the current runtime, which is where everything ran before.
 
-use std::sync::OnceLock;
-
 use std::future::Future;
+use std::sync::OnceLock;
 
 use tokio::runtime::{Builder, Handle};
 use tokio::task::JoinSet;
