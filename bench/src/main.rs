@@ -293,8 +293,8 @@ pub async fn connect_pool(common: &Common, n: usize) -> Result<Vec<Client>, Stri
     }
     let mut out = Vec::with_capacity(n);
     for i in 0..n.max(1) {
-        let endpoint = &common.endpoints[i % common.endpoints.len()];
-        let (endpoint, balanced) = (endpoint.clone(), common.balanced_channel);
+        let endpoint = common.endpoints[i % common.endpoints.len()].clone();
+        let balanced = common.balanced_channel;
         // Opened on its thread, so hyper's connection task runs there.
         let client = threads::for_connection(i)
             .spawn(async move {
@@ -348,11 +348,11 @@ fn main() -> ExitCode {
         Cmd::GrpcFloor(a) => return floor::main(a),
         _ => {}
     }
-    let mut rt = tokio::runtime::Builder::new_multi_thread();
-    if cli.common.threads > 0 {
-        rt.worker_threads(cli.common.threads);
-    }
-    let rt = rt.enable_all().build().expect("tokio runtime");
+    // Orchestration and set-up; the clients run on `threads`.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
     threads::start(cli.common.threads);
     rt.block_on(async move {
         match &cli.cmd {

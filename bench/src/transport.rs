@@ -26,10 +26,10 @@
 //! Under put at 1,000 clients this took the client from about 73 to 52 µs
 //! of CPU per put against a MetaStore node, and from 76 to 54 against etcd
 //! (bench/results/TUNING.md, "The bench client: one direct connection,
-//! writes coalesced"). The same
-//! client drives MetaStore and etcd, so both servers are still measured
-//! alike; `--balanced-channel` goes back to `Client::connect` for a run
-//! comparable with reports made before this change.
+//! writes coalesced"). The same client drives MetaStore and etcd, so both
+//! servers are still measured alike; `--balanced-channel` goes back to
+//! `Client::connect` for a run comparable with reports made before this
+//! change.
 //!
 //! A pool of connections spreads over the endpoints round robin, as
 //! etcd's `benchmark` tool spreads its clients.
