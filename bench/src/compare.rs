@@ -923,7 +923,7 @@ impl Report<'_> {
         let transport = if self.balanced_channel {
             "each connection `etcd-client`'s own balanced channel (`--balanced-channel`)"
         } else {
-            "each connection one direct HTTP/2 connection with coalesced writes (`bench/src/transport.rs`)"
+            "each connection one HTTP/2 connection driven through h2 from the calling task, each unary request one HEADERS and one DATA frame as grpc-go sends them, writes coalesced (`bench/src/transport.rs`)"
         };
         let _ = writeln!(s, "- Client: `metastore-bench` (Rust, `etcd-client` 0.21; {transport}; a single-threaded runtime per core, each running its share of the connections and the clients that use them, `bench/src/threads.rs`) on the same 2 cores; every target is driven by the same client with the same settings.\n");
         let _ = writeln!(s, "## Durability\n");

@@ -295,7 +295,7 @@ pub async fn connect_pool(common: &Common, n: usize) -> Result<Vec<Client>, Stri
     for i in 0..n.max(1) {
         let endpoint = common.endpoints[i % common.endpoints.len()].clone();
         let balanced = common.balanced_channel;
-        // Opened on its thread, so hyper's connection task runs there.
+        // Opened on its thread, so the connection's h2 task runs there.
         let client = threads::for_connection(i)
             .spawn(async move {
                 if balanced {

@@ -11,7 +11,7 @@
 //! shared task lists were touched from both threads.
 //!
 //! Here connection `i` of a pool (see `connect_pool`) is opened on thread
-//! `i % n`, so hyper spawns its connection task there, and a workload that
+//! `i % n`, so its connection task is spawned there, and a workload that
 //! drives clients spawns client `c`, which uses connection `c % conns`, on
 //! that same thread ([`spawn`]). A request then goes from its client to
 //! its connection and back within one thread; the threads share only the
