@@ -380,6 +380,95 @@ mod tests {
         assert_eq!(data[0].1 & 1, 1, "its DATA frame does not end the stream");
     }
 
+    /// An answer with no message, only a status (trailers-only, as
+    /// servers send errors), reaches the caller as that status.
+    #[tokio::test]
+    async fn a_status_only_answer_is_the_calls_error() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let mut conn = h2::server::handshake(tcp).await.unwrap();
+            let (_req, mut respond) = conn.accept().await.unwrap().unwrap();
+            let head = Response::builder()
+                .header("content-type", "application/grpc")
+                .header("grpc-status", "11")
+                .header(
+                    "grpc-message",
+                    "etcdserver: mvcc: required revision is a future revision",
+                )
+                .body(())
+                .unwrap();
+            respond.send_response(head, true).unwrap();
+            while conn.accept().await.is_some() {}
+        });
+        let mut client = connect(&addr.to_string()).await.unwrap();
+        let err = client.get("k", None).await.unwrap_err();
+        let etcd_client::Error::GRpcStatus(status) = err else {
+            panic!("not a gRPC status: {err}");
+        };
+        assert_eq!(status.code(), tonic::Code::OutOfRange);
+        assert_eq!(
+            status.message(),
+            "etcdserver: mvcc: required revision is a future revision"
+        );
+    }
+
+    /// A streaming call's later requests (here lease keep-alives sent
+    /// after the call began) reach the server one by one, each answered
+    /// on the open stream, and the stream ends when the caller drops its
+    /// sender.
+    #[tokio::test]
+    async fn a_streaming_calls_requests_follow_as_they_are_sent() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let mut conn = h2::server::handshake(tcp).await.unwrap();
+            let (req, mut respond) = conn.accept().await.unwrap().unwrap();
+            tokio::spawn(async move { while conn.accept().await.is_some() {} });
+            assert_eq!(req.uri().path(), "/etcdserverpb.Lease/LeaseKeepAlive");
+            let head = Response::builder()
+                .header("content-type", "application/grpc")
+                .body(())
+                .unwrap();
+            let mut tx = respond.send_response(head, false).unwrap();
+            let mut body = req.into_body();
+            let mut buf = Vec::new();
+            let mut requests = 0;
+            while let Some(chunk) = body.data().await {
+                let chunk = chunk.unwrap();
+                let _ = body.flow_control().release_capacity(chunk.len());
+                buf.extend_from_slice(&chunk);
+                // Each LeaseKeepAliveRequest { ID: 5 } (7 bytes framed)
+                // is answered LeaseKeepAliveResponse { ID: 5, TTL: 10 }.
+                while buf.len() >= 7 {
+                    assert_eq!(&buf[..7], b"\0\0\0\0\x02\x08\x05");
+                    buf.drain(..7);
+                    requests += 1;
+                    tx.send_data(Bytes::from_static(b"\0\0\0\0\x04\x10\x05\x18\x0a"), false)
+                        .unwrap();
+                }
+            }
+            let mut trailers = HeaderMap::new();
+            trailers.insert("grpc-status", HeaderValue::from_static("0"));
+            tx.send_trailers(trailers).unwrap();
+            requests
+        });
+        let mut client = connect(&addr.to_string()).await.unwrap();
+        let (mut keeper, mut answers) = client.lease_keep_alive(5).await.unwrap();
+        for _ in 0..3 {
+            keeper.keep_alive().await.unwrap();
+            let answer = answers.message().await.unwrap().unwrap();
+            assert_eq!((answer.id(), answer.ttl()), (5, 10));
+        }
+        drop(keeper);
+        assert!(answers.message().await.unwrap().is_none());
+        // The request `lease_keep_alive` sends as it opens the stream (it
+        // takes that answer itself), then the three.
+        assert_eq!(server.await.unwrap(), 4);
+    }
+
     /// A socket whose reads are also copied aside.
     struct Recorded {
         io: tokio::net::TcpStream,
