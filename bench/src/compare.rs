@@ -1266,7 +1266,7 @@ impl Report<'_> {
         self.floor_section(&mut s);
         let _ = writeln!(
             s,
-            "## Profiles and tuning\n\n`bench/results/TUNING.md` records each change made against a target's shortfall, with its before/after measurements, and what was tried and not kept. Its sections \"Put at 1,000 clients: the floor under the gateway\", \"Put at 1 client: what a hop costs on this machine\" and \"Serializable range on this machine: the gRPC floor\" measure why those targets are out of reach on this machine. Flamegraphs of put at 1,000 clients, with their top frames: `bench/results/flamegraphs/`."
+            "## Profiles and tuning\n\n`bench/results/TUNING.md` records each change made against a target's shortfall, with its before/after measurements, and what was tried and not kept. Its sections \"Put at 1,000 clients: the floor under the gateway\", \"Put at 1 client: what a hop costs on this machine\" and \"Serializable range on this machine: the gRPC floor\" measure what the gRPC layer alone, and on this machine each wake-up of an idle CPU, cost against those targets (they were measured with the client of their day; the floor's ratios with this report's client are in the targets table above). Flamegraphs of put at 1,000 clients, with their top frames: `bench/results/flamegraphs/`."
         );
         s.push('\n');
 
