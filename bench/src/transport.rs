@@ -342,17 +342,11 @@ mod tests {
             // A gRPC message: no compression, its length, then PutRequest
             // { key: "k" (field 1), value: "v" (field 2) }.
             assert_eq!(&message[..], b"\0\0\0\0\x06\x0a\x01k\x12\x01v");
-            let head = Response::builder()
-                .header("content-type", "application/grpc")
-                .body(())
-                .unwrap();
-            let mut tx = respond.send_response(head, false).unwrap();
+            let mut tx = respond.send_response(grpc_head(), false).unwrap();
             // PutResponse { header: { revision: 7 } }.
             tx.send_data(Bytes::from_static(b"\0\0\0\0\x04\x0a\x02\x18\x07"), false)
                 .unwrap();
-            let mut trailers = HeaderMap::new();
-            trailers.insert("grpc-status", HeaderValue::from_static("0"));
-            tx.send_trailers(trailers).unwrap();
+            tx.send_trailers(ok_status()).unwrap();
             // Everything the client sent, once it has closed the connection.
             serving.await.unwrap();
             let read = read.lock().unwrap().clone();
@@ -428,11 +422,7 @@ mod tests {
             let (req, mut respond) = conn.accept().await.unwrap().unwrap();
             tokio::spawn(async move { while conn.accept().await.is_some() {} });
             assert_eq!(req.uri().path(), "/etcdserverpb.Lease/LeaseKeepAlive");
-            let head = Response::builder()
-                .header("content-type", "application/grpc")
-                .body(())
-                .unwrap();
-            let mut tx = respond.send_response(head, false).unwrap();
+            let mut tx = respond.send_response(grpc_head(), false).unwrap();
             let mut body = req.into_body();
             let mut buf = Vec::new();
             let mut requests = 0;
@@ -450,9 +440,7 @@ mod tests {
                         .unwrap();
                 }
             }
-            let mut trailers = HeaderMap::new();
-            trailers.insert("grpc-status", HeaderValue::from_static("0"));
-            tx.send_trailers(trailers).unwrap();
+            tx.send_trailers(ok_status()).unwrap();
             requests
         });
         let mut client = connect(&addr.to_string()).await.unwrap();
@@ -467,6 +455,21 @@ mod tests {
         // The request `lease_keep_alive` sends as it opens the stream (it
         // takes that answer itself), then the three.
         assert_eq!(server.await.unwrap(), 4);
+    }
+
+    /// An answer's HEADERS as a gRPC server sends them.
+    fn grpc_head() -> Response<()> {
+        Response::builder()
+            .header("content-type", "application/grpc")
+            .body(())
+            .unwrap()
+    }
+
+    /// The trailers of a call that succeeded.
+    fn ok_status() -> HeaderMap {
+        let mut trailers = HeaderMap::new();
+        trailers.insert("grpc-status", HeaderValue::from_static("0"));
+        trailers
     }
 
     /// A socket whose reads are also copied aside.
