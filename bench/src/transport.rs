@@ -62,7 +62,7 @@ use etcd_client::{Channel, Client, ConnectOptions};
 use h2::client::SendRequest;
 use h2::{RecvStream, SendStream};
 use http::uri::{Authority, PathAndQuery, Scheme, Uri};
-use http_body::{Body as _, Frame, SizeHint};
+use http_body::{Body as _, Frame};
 use metastore_gateway::coalesce::CoalescedWrites;
 use tower::util::BoxCloneSyncService;
 use tower::{BoxError, Service};
@@ -219,8 +219,8 @@ async fn send_body(mut body: Body, mut tx: SendStream<Bytes>) -> Result<(), BoxE
         tx.send_data(prev, false)?;
     }
     tokio::spawn(async move {
-        // Ends with the body, or when the stream is reset (the server
-        // answered, or the call was dropped).
+        // Ends when the body does (its sender dropped), or when the
+        // server resets the stream.
         let _ = stream_body(body, tx).await;
     });
     Ok(())
@@ -300,10 +300,6 @@ impl http_body::Body for ResponseBody {
 
     fn is_end_stream(&self) -> bool {
         self.recv.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        SizeHint::default()
     }
 }
 
