@@ -12,8 +12,11 @@ cd "$ROOT"
 
 # shellcheck source=deploy/lib.sh
 source "$ROOT/deploy/lib.sh"
-# etcd-client provides etcdctl, which the etcdctl suite drives.
-ensure_deps librocksdb-dev libsnappy-dev libclang-dev protobuf-compiler libprotobuf-dev etcd-client
+# etcd-client provides etcdctl, which the etcdctl suite drives; golang-go
+# and golang-etcd-server-dev build bench/goclient (etcd's Go client
+# library), which the bench smoke suite runs.
+ensure_deps librocksdb-dev libsnappy-dev libclang-dev protobuf-compiler libprotobuf-dev etcd-client \
+    golang-go golang-etcd-server-dev
 
 ensure_cargo
 command -v etcdctl >/dev/null 2>&1 || { echo "etcdctl not found (package etcd-client)" >&2; exit 1; }

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use clap::{Args, Parser};
 
+use crate::goclient::{self, GO_SPECS};
 use crate::json::Json;
 use crate::nodes::{fsync_probe, FsyncProbe, Node};
 use crate::stats::RunResult;
@@ -67,6 +68,11 @@ pub struct CompareArgs {
     /// Skip the gRPC floor's runs (`compare` only; `engines` never runs it).
     #[arg(long)]
     pub no_floor: bool,
+    /// The Go client (`bench/goclient`, built by its `build.sh`): the put
+    /// and range targets' workloads also run with it against every target
+    /// (`compare` only; see `goclient.rs`).
+    #[arg(long)]
+    pub go_client: Option<PathBuf>,
 }
 
 /// The workloads also run against the gRPC floor: those of the targets
@@ -353,6 +359,7 @@ pub async fn engines(common: &Common, a: &CompareArgs) -> std::process::ExitCode
         ];
     }
     a.no_floor = true;
+    a.go_client = None;
     run(common, &a).await
 }
 
@@ -432,6 +439,11 @@ async fn run(common: &Common, a: &CompareArgs) -> std::process::ExitCode {
         .collect();
     // The gRPC floor's runs, by spec (none for specs outside FLOOR_SPECS).
     let mut floor_cells: Vec<Cell> = specs.iter().map(|_| Cell { runs: Vec::new() }).collect();
+    // The Go client's runs, by spec and target (none outside GO_SPECS).
+    let mut go_cells: Vec<Vec<Cell>> = specs
+        .iter()
+        .map(|_| targets.iter().map(|_| Cell { runs: Vec::new() }).collect())
+        .collect();
     let mut fsync = Vec::new();
     for round in 0..rounds {
         let probe = fsync_probe(&a.work_dir, 200);
@@ -476,6 +488,25 @@ async fn run(common: &Common, a: &CompareArgs) -> std::process::ExitCode {
                 let res = run_floor(spec, &mut floor, &a.work_dir, round, rounds).await;
                 floor_cells[si].runs.push(res);
             }
+            if let Some(go) = a
+                .go_client
+                .as_deref()
+                .filter(|_| GO_SPECS.contains(&spec.name))
+            {
+                for k in 0..targets.len() {
+                    let ti = (k + round) % targets.len();
+                    let t = &mut targets[ti];
+                    let alive = t.node.as_mut().is_some_and(|n| n.alive());
+                    let res = match t.node.as_ref().filter(|_| alive) {
+                        Some(node) => {
+                            run_go(go, spec, node, (round, rounds), t.label, &t.name).await
+                        }
+                        // Restarted before the next workload's runs.
+                        None => Err(format!("{} is down", t.name)),
+                    };
+                    go_cells[si][ti].runs.push(res);
+                }
+            }
         }
     }
     if let Some(mut n) = floor.take() {
@@ -488,6 +519,17 @@ async fn run(common: &Common, a: &CompareArgs) -> std::process::ExitCode {
         load_at_start.split_whitespace().take(3).collect::<Vec<_>>().join(" "),
         load_at_end.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
     ));
+    if a.go_client.is_some() {
+        let lib = shell(
+            "dpkg-query",
+            &["-W", "-f", "${Version}", "golang-etcd-server-dev"],
+        );
+        versions.push(format!(
+            "Go client (`bench/goclient`): etcd's clientv3 from golang-etcd-server-dev {}, built with {}",
+            if lib.is_empty() { "?" } else { &lib },
+            shell("go", &["version"])
+        ));
+    }
     for t in &targets {
         if t.name == "etcd" {
             versions.push(format!(
@@ -511,6 +553,7 @@ async fn run(common: &Common, a: &CompareArgs) -> std::process::ExitCode {
         targets: &targets,
         cells: &cells,
         floor: &floor_cells,
+        go: &go_cells,
         fsync: &fsync,
         rounds,
         secs,
@@ -569,6 +612,28 @@ async fn run_logged(
         spec.name
     );
     let res = run_spec(spec, node).await;
+    log_result(res, target)
+}
+
+/// [`run_logged`] with the Go client `go` instead of metastore-bench.
+async fn run_go(
+    go: &Path,
+    spec: &Spec,
+    node: &Node,
+    (round, rounds): (usize, usize),
+    label: &str,
+    target: &str,
+) -> Result<RunResult, String> {
+    eprintln!(
+        "== round {}/{rounds}: {} @ {label}, Go clientv3 ==",
+        round + 1,
+        spec.name
+    );
+    log_result(goclient::run(go, spec.name, &spec.args, node).await, target)
+}
+
+/// Prints a run's outcome on one line and tags it with `target`.
+fn log_result(res: Result<RunResult, String>, target: &str) -> Result<RunResult, String> {
     match &res {
         Ok(r) => eprintln!(
             "   {:.0} {}  p50 {:.3} ms  p99 {:.3} ms  server CPU {} µs/op  errors {}{}",
@@ -629,6 +694,8 @@ struct Report<'a> {
     cells: &'a [Vec<Cell>],
     /// The gRPC floor's runs, by spec (see [`FLOOR_SPECS`]).
     floor: &'a [Cell],
+    /// The Go client's runs, by spec and target (see [`GO_SPECS`]).
+    go: &'a [Vec<Cell>],
     fsync: &'a [Option<FsyncProbe>],
     rounds: usize,
     secs: f64,
@@ -773,6 +840,111 @@ impl Report<'_> {
         s.push('\n');
     }
 
+    /// The Go client's runs of `spec` against `target`, if it ran them.
+    fn go_cell(&self, spec: &str, target: &str) -> Option<&Cell> {
+        let si = self.specs.iter().position(|s| s.name == spec)?;
+        self.go[si]
+            .get(self.idx(target)?)
+            .filter(|c| !c.runs.is_empty())
+    }
+
+    /// "Cross-check with Go's clientv3": the put and range targets'
+    /// workloads driven by a second client (see `goclient.rs`).
+    fn go_section(&self, s: &mut String) {
+        if !self.go.iter().flatten().any(|c| !c.runs.is_empty()) {
+            return;
+        }
+        let _ = writeln!(
+            s,
+            "## Cross-check with Go's clientv3\n\nEvery ratio above comes from one client, `metastore-bench`. To check that it favours neither server, the workloads of the put and range targets also ran with `bench/goclient`, a Go program on etcd's own client library (clientv3 from Debian's `golang-etcd-server-dev`, version under *Machine*: the library of etcdctl, of etcd's benchmark tool and of Kubernetes), with the same settings, against every target, right after `metastore-bench`'s runs of the same workload in every round. Server CPU is billed the same way. Representative runs (upper median by throughput):\n"
+        );
+        let _ = writeln!(
+            s,
+            "| workload | target | ops/s | server CPU µs/op | client CPU µs/op | p50 ms | p99 ms |"
+        );
+        let _ = writeln!(s, "|---|---|---|---|---|---|---|");
+        let mut problems = Vec::new();
+        for spec in self.specs {
+            for t in self.targets {
+                let Some(c) = self.go_cell(spec.name, &t.name) else {
+                    continue;
+                };
+                for p in c.problems() {
+                    problems.push(format!("{} @ {}: {p}", spec.name, t.label));
+                }
+                let Some(m) = c.median() else {
+                    let _ = writeln!(s, "| {} | {} | failed | | | | |", spec.name, t.label);
+                    continue;
+                };
+                let opt = |v: Option<f64>, f: fn(f64) -> String| v.map(f).unwrap_or("–".into());
+                let _ = writeln!(
+                    s,
+                    "| {} | {} | {} | {} | {} | {} | {} |",
+                    spec.name,
+                    t.label,
+                    self.thr_text(c),
+                    opt(m.server_cpu_us_per_op(), fmt_num),
+                    opt(m.client_cpu_us_per_op(), fmt_num),
+                    opt(Figure::P50.of(m), fmt_ms),
+                    opt(Figure::P99.of(m), fmt_ms),
+                );
+            }
+        }
+        // Ratios to etcd, median of the rounds, for each client.
+        let others: Vec<&Target> = self.targets.iter().filter(|t| t.name != "etcd").collect();
+        if self.idx("etcd").is_some() && !others.is_empty() {
+            let mut head = String::new();
+            let mut rule = String::new();
+            for t in &others {
+                let _ = write!(
+                    head,
+                    " {} ÷ etcd, Go client | same, metastore-bench |",
+                    t.label
+                );
+                rule.push_str("---|---|");
+            }
+            let _ = writeln!(
+                s,
+                "\nRatios to etcd, each the median of the per-round ratios:\n"
+            );
+            let _ = writeln!(s, "| workload | figure |{head}");
+            let _ = writeln!(s, "|---|---|{rule}");
+            for spec in self.specs {
+                let Some(etcd_go) = self.go_cell(spec.name, "etcd") else {
+                    continue;
+                };
+                for (label, fig) in [
+                    ("throughput", Figure::Throughput),
+                    ("server CPU per op", Figure::Cpu),
+                    ("p50 latency", Figure::P50),
+                ] {
+                    let mut row = format!("| {} | {label} |", spec.name);
+                    for t in &others {
+                        let go = median_of(&round_ratios(
+                            self.go_cell(spec.name, &t.name),
+                            Some(etcd_go),
+                            fig,
+                        ));
+                        let bench = median_of(&round_ratios(
+                            self.cell(spec.name, &t.name),
+                            self.cell(spec.name, "etcd"),
+                            fig,
+                        ));
+                        let _ = write!(row, " {} | {} |", fmt_ratio(go), fmt_ratio(bench));
+                    }
+                    let _ = writeln!(s, "{row}");
+                }
+            }
+        }
+        if !problems.is_empty() {
+            let _ = writeln!(s, "\nProblems in the Go client's runs:\n");
+            for p in problems {
+                let _ = writeln!(s, "- {p}");
+            }
+        }
+        s.push('\n');
+    }
+
     /// Whether target `t`'s column is followed by a ratio (÷ etcd) column.
     fn has_ratio(&self, t: &Target) -> bool {
         t.name != "etcd" && self.idx("etcd").is_some()
@@ -867,7 +1039,7 @@ impl Report<'_> {
         // Every run of every cell: the targets' (by spec, target), then the
         // gRPC floor's.
         let mut runs = Vec::new();
-        let mut add = |spec: &Spec, target: &str, cell: &Cell| {
+        let mut add = |spec: &Spec, target: &str, client: &str, cell: &Cell| {
             for (round, r) in cell.runs.iter().enumerate() {
                 let mut j = match r {
                     Ok(r) => r.to_json(),
@@ -879,18 +1051,25 @@ impl Report<'_> {
                 };
                 j.set("name", spec.name)
                     .set("target", target)
+                    .set("client", client)
                     .set("round", round + 1)
                     .set("command", spec.args.as_str());
                 runs.push(j);
             }
         };
+        const BENCH: &str = "metastore-bench";
         for (si, spec) in self.specs.iter().enumerate() {
             for (ti, t) in self.targets.iter().enumerate() {
-                add(spec, &t.name, &self.cells[si][ti]);
+                add(spec, &t.name, BENCH, &self.cells[si][ti]);
             }
         }
         for (spec, cell) in self.specs.iter().zip(self.floor) {
-            add(spec, "grpc-floor", cell);
+            add(spec, "grpc-floor", BENCH, cell);
+        }
+        for (si, spec) in self.specs.iter().enumerate() {
+            for (ti, t) in self.targets.iter().enumerate() {
+                add(spec, &t.name, "go-clientv3", &self.go[si][ti]);
+            }
         }
         let mut o = Json::obj();
         o.set("date", self.date.as_str())
@@ -1264,6 +1443,7 @@ impl Report<'_> {
             s.push('\n');
         }
         self.floor_section(&mut s);
+        self.go_section(&mut s);
         let _ = writeln!(
             s,
             "## Profiles and tuning\n\n`bench/results/TUNING.md` records each change made against a target's shortfall, with its before/after measurements, and what was tried and not kept. Its sections \"Put at 1,000 clients: the floor under the gateway\", \"Put at 1 client: what a hop costs on this machine\" and \"Serializable range on this machine: the gRPC floor\" measure what the gRPC layer alone, and on this machine each wake-up of an idle CPU, cost against those targets (they were measured with the client of their day; the floor's ratios with this report's client are in the targets table above). Flamegraphs of put at 1,000 clients, with their top frames: `bench/results/flamegraphs/`."

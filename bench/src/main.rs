@@ -19,6 +19,7 @@
 mod compare;
 mod flame;
 mod floor;
+mod goclient;
 mod json;
 mod k8s;
 mod kv;

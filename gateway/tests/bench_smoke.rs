@@ -141,13 +141,19 @@ fn spawn_ready(mut cmd: Command, dir: &Path, what: &str, ready: &str) -> (Child,
 
 /// Runs the bench binary with `args`; returns (success, stdout, stderr).
 fn run_bench(args: &[String]) -> (bool, String, String) {
-    let mut child = Command::new(bench_bin())
+    run_program(&bench_bin(), args)
+}
+
+/// Runs `program` with `args` for at most [`RUN_TIMEOUT`]; returns
+/// (success, stdout, stderr).
+fn run_program(program: &Path, args: &[String]) -> (bool, String, String) {
+    let mut child = Command::new(program)
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("spawn metastore-bench");
+        .unwrap_or_else(|e| panic!("spawn {}: {e}", program.display()));
     let mut out = child.stdout.take().expect("stdout");
     let mut err = child.stderr.take().expect("stderr");
     let out_t = std::thread::spawn(move || {
@@ -331,6 +337,85 @@ fn bench_workloads_rocksdb() {
     all_workloads("rocksdb");
 }
 
+/// `bench/goclient` (the Go clientv3 client `compare` cross-checks its
+/// ratios with), built by its `build.sh` once per test process.
+fn go_client() -> PathBuf {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+                .parent()
+                .expect("repo root");
+            let out = bin_dir().join("metastore-goclient");
+            let status = Command::new(root.join("bench/goclient/build.sh"))
+                .arg(&out)
+                .status()
+                .expect("run bench/goclient/build.sh");
+            assert!(
+                status.success(),
+                "bench/goclient/build.sh failed (needs golang-go and golang-etcd-server-dev)"
+            );
+            out
+        })
+        .clone()
+}
+
+/// The Go client's put and range against a node: exact counts, no errors,
+/// and the puts' keys really written (counted with etcdctl).
+fn go_client_workloads(engine: &str) {
+    let node = Node::start(engine);
+    let run = |args: &str| {
+        let mut argv: Vec<String> = args.split_whitespace().map(str::to_string).collect();
+        argv.extend(["--endpoints".to_string(), node.endpoint.clone()]);
+        let (ok, out, err) = run_program(&go_client(), &argv);
+        assert!(ok, "metastore-goclient {args} failed:\n{out}\n{err}");
+        out
+    };
+    let out = run("--workload put --conns 2 --clients 4 --total 200 --val-size 64 --key-size 16 --key-prefix /smoke/go/ --sequential-keys --key-space-size 1000");
+    assert_eq!(json_num(&out, "ops"), Some(200.0), "{out}");
+    assert_eq!(json_num(&out, "errors"), Some(0.0), "{out}");
+    assert_eq!(
+        json_num(&out, "count"),
+        Some(200.0),
+        "latency samples: {out}"
+    );
+    let listed = Command::new("etcdctl")
+        .args([
+            "--endpoints",
+            &node.endpoint,
+            "get",
+            "/smoke/go/",
+            "--prefix",
+            "-w",
+            "json",
+        ])
+        .output()
+        .expect("run etcdctl");
+    let listed = String::from_utf8_lossy(&listed.stdout);
+    assert_eq!(
+        json_num(&listed, "count"),
+        Some(200.0),
+        "keys written: {listed}"
+    );
+    for consistency in ["l", "s"] {
+        let out = run(&format!(
+            "--workload range --consistency {consistency} --clients 4 --total 100"
+        ));
+        assert_eq!(json_num(&out, "ops"), Some(100.0), "{out}");
+        assert_eq!(json_num(&out, "errors"), Some(0.0), "{out}");
+    }
+}
+
+#[test]
+fn go_client_workloads_memory() {
+    go_client_workloads("memory");
+}
+
+#[test]
+fn go_client_workloads_rocksdb() {
+    go_client_workloads("rocksdb");
+}
+
 /// `compare` starts its own node and writes the report with its charts.
 #[test]
 fn bench_compare_writes_report() {
@@ -360,6 +445,8 @@ fn bench_compare_writes_report() {
         work.path().join("nodes").display().to_string(),
         "--out".to_string(),
         out.display().to_string(),
+        "--go-client".to_string(),
+        go_client().display().to_string(),
     ])
     .collect();
     let (ok, stdout, stderr) = run_bench(&argv);
@@ -394,4 +481,14 @@ fn bench_compare_writes_report() {
         "the gRPC floor's runs had problems:\n{report}"
     );
     assert!(json.contains("\"target\": \"grpc-floor\""), "{json}");
+    // The Go client ran the put and range workloads, cleanly.
+    assert!(
+        report.contains("## Cross-check with Go's clientv3"),
+        "report lacks the Go client's runs:\n{report}"
+    );
+    assert!(
+        !report.contains("Problems in the Go client's runs"),
+        "the Go client's runs had problems:\n{report}"
+    );
+    assert!(json.contains("\"client\": \"go-clientv3\""), "{json}");
 }
