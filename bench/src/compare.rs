@@ -481,7 +481,7 @@ async fn run(common: &Common, a: &CompareArgs) -> std::process::ExitCode {
                     }
                 }
                 let node = t.node.as_ref().expect("node");
-                let res = run_logged(spec, node, (round, rounds), t.label, &t.name).await;
+                let res = run_logged(spec, node, (round, rounds), t.label, &t.name, None).await;
                 cells[si][ti].runs.push(res);
             }
             if floor.is_some() && FLOOR_SPECS.contains(&spec.name) {
@@ -499,7 +499,8 @@ async fn run(common: &Common, a: &CompareArgs) -> std::process::ExitCode {
                     let alive = t.node.as_mut().is_some_and(|n| n.alive());
                     let res = match t.node.as_ref().filter(|_| alive) {
                         Some(node) => {
-                            run_go(go, spec, node, (round, rounds), t.label, &t.name).await
+                            let at = (round, rounds);
+                            run_logged(spec, node, at, t.label, &t.name, Some(go)).await
                         }
                         // Restarted before the next workload's runs.
                         None => Err(format!("{} is down", t.name)),
@@ -594,42 +595,39 @@ async fn run_floor(
         *floor = Some(Node::grpc_floor(work_dir).await?);
     }
     let node = floor.as_ref().expect("started above");
-    run_logged(spec, node, (round, rounds), "gRPC floor", "grpc-floor").await
+    run_logged(
+        spec,
+        node,
+        (round, rounds),
+        "gRPC floor",
+        "grpc-floor",
+        None,
+    )
+    .await
 }
 
 /// Runs `spec` against `node` with a progress line before and after; the
-/// result is tagged with `target`.
+/// result is tagged with `target`. With `go`, the Go client at that path
+/// runs it instead of metastore-bench (see `goclient.rs`).
 async fn run_logged(
     spec: &Spec,
     node: &Node,
     (round, rounds): (usize, usize),
     label: &str,
     target: &str,
+    go: Option<&Path>,
 ) -> Result<RunResult, String> {
     eprintln!(
-        "== round {}/{rounds}: {} @ {label} ==",
+        "== round {}/{rounds}: {} @ {label}{} ==",
         round + 1,
-        spec.name
+        spec.name,
+        if go.is_some() { ", Go clientv3" } else { "" }
     );
-    let res = run_spec(spec, node).await;
+    let res = match go {
+        Some(go) => goclient::run(go, spec.name, &spec.args, node).await,
+        None => run_spec(spec, node).await,
+    };
     log_result(res, target)
-}
-
-/// [`run_logged`] with the Go client `go` instead of metastore-bench.
-async fn run_go(
-    go: &Path,
-    spec: &Spec,
-    node: &Node,
-    (round, rounds): (usize, usize),
-    label: &str,
-    target: &str,
-) -> Result<RunResult, String> {
-    eprintln!(
-        "== round {}/{rounds}: {} @ {label}, Go clientv3 ==",
-        round + 1,
-        spec.name
-    );
-    log_result(goclient::run(go, spec.name, &spec.args, node).await, target)
 }
 
 /// Prints a run's outcome on one line and tags it with `target`.
