@@ -1,6 +1,6 @@
 // metastore-goclient: put and range load from Go's etcd client library
-// (go.etcd.io/etcd/clientv3, the one etcdctl, etcd's own benchmark tool
-// and Kubernetes link), so that `bench/compare` can check its ratios with
+// (go.etcd.io/etcd/clientv3, the one etcdctl and etcd's own benchmark tool
+// link; Kubernetes links a later version of it), so that `bench/compare` can check its ratios with
 // a client other than its own. Flags follow metastore-bench's (same names,
 // same meaning, the same key layout); the workload is `--workload put` or
 // `--workload range`. One JSON object goes to stdout at the end.

@@ -854,7 +854,7 @@ impl Report<'_> {
         }
         let _ = writeln!(
             s,
-            "## Cross-check with Go's clientv3\n\nEvery ratio above comes from one client, `metastore-bench`. To check that it favours neither server, the workloads of the put and range targets also ran with `bench/goclient`, a Go program on etcd's own client library (clientv3 from Debian's `golang-etcd-server-dev`, version under *Machine*: the library of etcdctl, of etcd's benchmark tool and of Kubernetes), with the same settings, against every target, right after `metastore-bench`'s runs of the same workload in every round. Server CPU is billed the same way. Representative runs (upper median by throughput):\n"
+            "## Cross-check with Go's clientv3\n\nEvery ratio above comes from one client, `metastore-bench`. To check that it favours neither server, the workloads of the put and range targets also ran with `bench/goclient`, a Go program on etcd's own client library (clientv3 from Debian's `golang-etcd-server-dev`, version under *Machine*: the library of etcdctl and of etcd's benchmark tool, and in a later version of Kubernetes), with the same settings, against every target, right after `metastore-bench`'s runs of the same workload in every round. Server CPU is billed the same way. Representative runs (upper median by throughput):\n"
         );
         let _ = writeln!(
             s,
@@ -1034,8 +1034,8 @@ impl Report<'_> {
     }
 
     fn json(&self) -> Json {
-        // Every run of every cell: the targets' (by spec, target), then the
-        // gRPC floor's.
+        // Every run of every cell: the targets' (by spec, target), the gRPC
+        // floor's, then the Go client's (by spec, target).
         let mut runs = Vec::new();
         let mut add = |spec: &Spec, target: &str, client: &str, cell: &Cell| {
             for (round, r) in cell.runs.iter().enumerate() {

@@ -1,6 +1,6 @@
 //! A second client for `compare`: `bench/goclient`, a Go program on etcd's
-//! own client library (clientv3 3.4 from Debian, the library etcdctl,
-//! etcd's benchmark tool and Kubernetes use).
+//! own client library (clientv3 3.4 from Debian: the library of etcdctl and
+//! etcd's benchmark tool; Kubernetes uses a later version of it).
 //!
 //! Every ratio in the report comes from one client, `metastore-bench`,
 //! which shares the 2 cores with the server it measures. A client that
