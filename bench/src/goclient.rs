@@ -22,7 +22,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use crate::nodes::Node;
-use crate::stats::{CpuProbe, Latency, RunResult};
+use crate::stats::{CpuProbe, CpuUse, Latency, RunResult};
 
 /// The workloads `compare` also drives with the Go client.
 pub const GO_SPECS: [&str; 3] = ["put-1c", "put-1000c", "range-s-1000c"];
@@ -98,7 +98,11 @@ pub fn parse_output(name: &str, line: &str) -> Result<RunResult, String> {
         max: need("max")?,
     };
     r.latencies.push(("request".into(), latency));
-    r.set_extra("client_cpu_secs", need("client_cpu_secs")?);
+    // The client's own CPU; [`run`] adds the servers'.
+    r.cpu = Some(CpuUse {
+        client_secs: need("client_cpu_secs")?,
+        ..CpuUse::default()
+    });
     Ok(r)
 }
 
@@ -133,7 +137,7 @@ pub async fn run(bin: &Path, name: &str, args: &str, node: &Node) -> Result<RunR
     let mut r = parse_output(name, line)?;
     let mut cpu = probe.finish_settled().await;
     // The probe counted this process; the client is the child.
-    cpu.client_secs = r.extra("client_cpu_secs").unwrap_or(0.0);
+    cpu.client_secs = r.cpu.map(|c| c.client_secs).unwrap_or(0.0);
     r.cpu = Some(cpu);
     Ok(r)
 }
@@ -185,7 +189,7 @@ mod tests {
         assert_eq!(r.error_samples, ["context deadline \"exceeded\""]);
         let l = r.main_latency().unwrap();
         assert_eq!((l.count, l.p50, l.p99, l.max), (200, 0.99, 3.3, 3.5));
-        assert_eq!(r.extra("client_cpu_secs"), Some(0.032));
+        assert_eq!(r.cpu.map(|c| c.client_secs), Some(0.032));
         assert!(parse_output("put-1c", r#"{"ops":1}"#).is_err());
     }
 }
