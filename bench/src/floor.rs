@@ -12,8 +12,9 @@
 //!
 //! What it shares with the gateway, so that the difference between the two
 //! is MetaStore's own work:
-//! - the generated KV service with the gateway's codec
-//!   (`metastore_gateway::etcdserverpb`, `metastore_gateway::codec`);
+//! - the gateway's KV service path: unary calls answered by
+//!   `metastore_gateway::unary::UnaryKv`, anything unusual by the
+//!   generated KV service with the gateway's codec;
 //! - the gateway's gRPC server (`metastore_gateway::grpc::serve`: hyper's
 //!   HTTP/2 with `TCP_NODELAY`, each call routed by its path to the
 //!   generated service), on the gateway's default runtime
@@ -36,14 +37,18 @@ use std::sync::Mutex;
 
 use bytes::Bytes;
 use clap::Args;
-use metastore_gateway::etcdserverpb::kv_server::{Kv, KvServer};
+use metastore_gateway::etcdserverpb::kv_server::Kv;
 use metastore_gateway::grpc;
+use metastore_gateway::unary::UnaryKv;
 use metastore_proto::etcdserverpb::{
     CompactionRequest, CompactionResponse, DeleteRangeRequest, DeleteRangeResponse, PutRequest,
     PutResponse, RangeRequest, RangeResponse, ResponseHeader, TxnRequest, TxnResponse,
 };
 use metastore_proto::mvccpb::KeyValue;
 use tonic::{Request, Response, Status};
+
+/// The largest request message the floor decodes: tonic's default.
+const FLOOR_DECODING_LIMIT: usize = 4 * 1024 * 1024;
 
 /// The line printed once the floor serves (the address follows it).
 pub const READY: &str = "metastore-bench grpc-floor ready on ";
@@ -165,7 +170,7 @@ pub fn main(a: &FloorArgs) -> ExitCode {
         println!("{READY}{addr}");
         grpc::serve(
             listener,
-            grpc::SingleService(KvServer::new(FloorKv::default())),
+            UnaryKv::new(FloorKv::default(), FLOOR_DECODING_LIMIT),
             std::future::pending(),
         )
         .await;

@@ -10,7 +10,9 @@
 //! gateway needs, which is one comparison of the path's service name. This
 //! module keeps everything of tonic that speaks gRPC (the generated
 //! services, their codecs, limits and status handling) and replaces only
-//! the server around them ([`EtcdApi`], [`serve`]).
+//! the server around them ([`EtcdApi`], [`serve`]); KV's unary calls, the
+//! bulk of the traffic, skip tonic's per-call machinery too (see
+//! `crate::unary`).
 //!
 //! What it keeps of tonic's server, so clients see no difference:
 //! - HTTP/2 only, with the same settings: no limit on concurrent streams
@@ -46,7 +48,7 @@ use hyper::body::Incoming;
 use hyper::server::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tonic::body::Body;
-use tonic::codegen::http::{Request, Response};
+use tonic::codegen::http::{HeaderName, Request, Response};
 use tonic::codegen::BoxFuture;
 use tonic::server::NamedService;
 use tower::Service;
@@ -61,6 +63,7 @@ use crate::lease::LeaseService;
 use crate::service::{
     ClusterService, KvService, MaintenanceService, UnimplementedAuth, WatchService,
 };
+use crate::unary::UnaryKv;
 
 /// How long the accept loop waits after the listener fails (out of file
 /// descriptors, say) before it accepts again, so a persistent failure does
@@ -73,8 +76,8 @@ pub type CallRequest = Request<Incoming>;
 /// A call's answer as the generated services produce it.
 pub type CallFuture = BoxFuture<Response<Body>, Infallible>;
 
-/// Something that answers gRPC calls: the etcd API ([`EtcdApi`]), or one
-/// generated service alone ([`SingleService`]; the bench's gRPC floor).
+/// Something that answers gRPC calls: the etcd API ([`EtcdApi`]), or KV
+/// alone ([`UnaryKv`]; the bench's gRPC floor).
 pub trait GrpcRoutes: Clone + Send + Sync + 'static {
     /// Answers `req`, a call to the method its path names.
     fn route(&self, req: CallRequest) -> CallFuture;
@@ -84,7 +87,7 @@ pub trait GrpcRoutes: Clone + Send + Sync + 'static {
 /// path (`/etcdserverpb.KV/Range` → KV).
 #[derive(Clone)]
 pub struct EtcdApi {
-    pub kv: KvServer<KvService>,
+    pub kv: UnaryKv<KvService>,
     pub watch: WatchServer<WatchService>,
     pub lease: LeaseServer<LeaseService>,
     pub cluster: ClusterServer<ClusterService>,
@@ -92,30 +95,8 @@ pub struct EtcdApi {
     pub auth: AuthServer<UnimplementedAuth>,
 }
 
-/// One generated service alone; a path naming any other is answered
-/// `Unimplemented`.
-#[derive(Clone)]
-pub struct SingleService<S>(pub S);
-
-impl<S> GrpcRoutes for SingleService<S>
-where
-    S: Service<CallRequest, Response = Response<Body>, Error = Infallible, Future = CallFuture>
-        + NamedService
-        + Clone
-        + Send
-        + Sync
-        + 'static,
-{
-    fn route(&self, req: CallRequest) -> CallFuture {
-        match service_name(req.uri().path()) {
-            Some(name) if name == S::NAME => call(&self.0, req),
-            _ => unimplemented_call(),
-        }
-    }
-}
-
 /// The service a gRPC path names: `/pkg.Service/Method` → `pkg.Service`.
-fn service_name(path: &str) -> Option<&str> {
+pub(crate) fn service_name(path: &str) -> Option<&str> {
     let rest = path.strip_prefix('/')?;
     let (service, method) = rest.split_once('/')?;
     (!service.is_empty() && !method.is_empty() && !method.contains('/')).then_some(service)
@@ -138,7 +119,7 @@ where
 impl GrpcRoutes for EtcdApi {
     fn route(&self, req: CallRequest) -> CallFuture {
         match service_name(req.uri().path()) {
-            Some(KvServer::<KvService>::NAME) => call(&self.kv, req),
+            Some(KvServer::<KvService>::NAME) => self.kv.call(req),
             Some(WatchServer::<WatchService>::NAME) => call(&self.watch, req),
             Some(LeaseServer::<LeaseService>::NAME) => call(&self.lease, req),
             Some(ClusterServer::<ClusterService>::NAME) => call(&self.cluster, req),
@@ -152,7 +133,7 @@ impl GrpcRoutes for EtcdApi {
 /// The answer to a path naming no service served here: tonic's router
 /// answers `Unimplemented` with an empty message, as grpc-go does for an
 /// unknown service.
-fn unimplemented_call() -> CallFuture {
+pub(crate) fn unimplemented_call() -> CallFuture {
     Box::pin(std::future::ready(Ok(
         tonic::Status::unimplemented("").into_http()
     )))
@@ -182,7 +163,10 @@ impl<R: GrpcRoutes> hyper::service::Service<Request<Incoming>> for Connection<R>
 }
 
 /// The header a client's deadline comes in.
-const GRPC_TIMEOUT: &str = "grpc-timeout";
+const GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
+/// The headers of a call's status (as names, so a lookup parses nothing).
+pub(crate) const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+const GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
 
 /// The time a `grpc-timeout` value allows: at most 8 digits and a unit
 /// (`H`ours, `M`inutes, `S`econds, `m`illi-, `u` micro-, `n`anoseconds),
@@ -301,14 +285,19 @@ pub async fn serve<R: GrpcRoutes>(
 pub fn oversized_as_resource_exhausted(mut resp: Response<Body>) -> Response<Body> {
     const TONIC_TOO_LARGE: &str = "Error, decoded message length too large";
     let headers = resp.headers_mut();
+    // Every answer passes here: the common case costs one lookup.
     let out_of_range = headers
-        .get("grpc-status")
-        .is_some_and(|v| v == (tonic::Code::OutOfRange as i32).to_string().as_str());
+        .get(&GRPC_STATUS)
+        .is_some_and(|v| v.as_bytes() == b"11");
+    const _: () = assert!(tonic::Code::OutOfRange as i32 == 11);
+    if !out_of_range {
+        return resp;
+    }
     let message = headers
-        .get("grpc-message")
+        .get(&GRPC_MESSAGE)
         .and_then(|v| v.to_str().ok())
         .map(percent_decode);
-    if let (true, Some(message)) = (out_of_range, message) {
+    if let Some(message) = message {
         if let Some(rest) = message.strip_prefix(TONIC_TOO_LARGE) {
             // "...: found N bytes, the limit is: M bytes"
             let numbers: Vec<&str> = rest
@@ -324,8 +313,8 @@ pub fn oversized_as_resource_exhausted(mut resp: Response<Body>) -> Response<Bod
             let status = tonic::Status::resource_exhausted(text);
             let mut fresh = tonic::codegen::http::HeaderMap::new();
             if status.add_header(&mut fresh).is_ok() {
-                headers.remove("grpc-status");
-                headers.remove("grpc-message");
+                headers.remove(&GRPC_STATUS);
+                headers.remove(&GRPC_MESSAGE);
                 headers.extend(fresh);
             }
         }

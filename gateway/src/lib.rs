@@ -19,6 +19,9 @@
 //! - [`service`]: the tonic services (the only place errors become
 //!   `Status`, via [`error`]);
 //! - [`server`]: start-up (discover, bind, ready line) and serving;
+//! - [`grpc`]: the HTTP/2 server around the services, routing by path;
+//! - [`unary`]: KV's unary calls answered without tonic's per-call
+//!   machinery (tonic answers anything unusual);
 //! - [`authority`]: each accepted connection's bytes pass through it, so an
 //!   HTTP/2 `:authority` h2 would refuse (etcdctl 3.4's `http://…`) is
 //!   repaired.
@@ -43,6 +46,7 @@ pub mod merge;
 pub mod server;
 pub mod service;
 pub mod shards;
+pub mod unary;
 pub mod watch;
 
 #[cfg(test)]

@@ -19,14 +19,15 @@ use std::time::Duration;
 use crate::backend::{Backend, Identity};
 use crate::client::ClientConfig;
 use crate::etcdserverpb::{
-    auth_server::AuthServer, cluster_server::ClusterServer, kv_server::KvServer,
-    lease_server::LeaseServer, maintenance_server::MaintenanceServer, watch_server::WatchServer,
+    auth_server::AuthServer, cluster_server::ClusterServer, lease_server::LeaseServer,
+    maintenance_server::MaintenanceServer, watch_server::WatchServer,
 };
 use crate::grpc::{self, EtcdApi};
 use crate::service::{
     ClusterService, KvService, MaintenanceService, UnimplementedAuth, WatchService,
 };
 use crate::shards::{Shards, Topology, WatchTransport};
+use crate::unary::UnaryKv;
 use crate::watch::{WatchConfig, WatchHub};
 
 /// etcd's default `--max-request-bytes` (1.5 MiB).
@@ -165,9 +166,10 @@ impl Gateway {
         let limit = self.config.max_request_bytes + GRPC_OVERHEAD_BYTES;
         let b = self.backend.clone();
         let client_url = self.client_url();
-        let kv = KvServer::new(KvService::new(b.clone(), self.config.max_request_bytes))
-            .max_decoding_message_size(limit)
-            .max_encoding_message_size(usize::MAX);
+        let kv = UnaryKv::new(
+            KvService::new(b.clone(), self.config.max_request_bytes),
+            limit,
+        );
         let maintenance = MaintenanceServer::new(MaintenanceService::new(b.clone()))
             .max_decoding_message_size(limit)
             .max_encoding_message_size(usize::MAX);
