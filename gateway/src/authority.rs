@@ -295,6 +295,12 @@ impl AuthorityRewriter {
 
     fn end_block(&mut self, out: &mut Vec<u8>) -> Result<(), AuthorityRewriteError> {
         let block = self.block.as_ref().expect("collecting a block");
+        if self.mode == Mode::Inspect && authorities_all_parse(&block.fragment) == Some(true) {
+            let block = self.block.take().expect("collecting a block");
+            out.extend_from_slice(&block.frames);
+            self.mode = Mode::Passthrough;
+            return Ok(());
+        }
         let mut headers = Vec::new();
         let mut all_valid = true;
         self.decoder
@@ -348,6 +354,114 @@ impl AuthorityRewriter {
         }
         self.mode = Mode::Passthrough;
     }
+}
+
+/// `:authority` as Go's and h2's HPACK encoders Huffman-code a literal
+/// name (RFC 7541 Appendix B; a valid code is unique, padding included).
+const AUTHORITY_HUFFMAN: [u8; 8] = [0xb8, 0x3b, 0x53, 0x39, 0xec, 0x32, 0x7d, 0x7f];
+
+/// The first header block's verdict without decoding all of it: whether
+/// every `:authority` in `block` parses as h2 will parse it.
+///
+/// loona-hpack builds a fresh Huffman table (a hash map of 257 codes) for
+/// every Huffman-coded string it decodes, about a million instructions for
+/// a typical first block. This scan decodes only `:authority` values and
+/// skips every other string by its length. It answers `None` where it
+/// cannot be sure without the full decoder: an indexed `:authority` with
+/// its empty static value, a reference into the dynamic table (which the
+/// scan does not keep), or input it cannot parse. The caller then decodes
+/// the block in full, as before. `Some(true)` is the full decoder's
+/// verdict on any block the full decoder accepts; on one it refuses, the
+/// connection passes through to h2 either way.
+fn authorities_all_parse(mut block: &[u8]) -> Option<bool> {
+    let mut all_parse = true;
+    while let Some(&first) = block.first() {
+        // A literal field: its name's index has a 6-bit prefix (with
+        // incremental indexing) or a 4-bit one (without, never indexed).
+        let prefix_bits = match first {
+            0x80.. => {
+                // Indexed field: only the static table's names are known.
+                let (index, used) = hpack_integer(block, 7)?;
+                if index == 1 || index == 0 || index > STATIC_TABLE_ENTRIES {
+                    return None;
+                }
+                block = &block[used..];
+                continue;
+            }
+            0x40..=0x7f => 6,
+            0x20..=0x3f => {
+                // Dynamic table size update.
+                let (_, used) = hpack_integer(block, 5)?;
+                block = &block[used..];
+                continue;
+            }
+            _ => 4,
+        };
+        let (index, used) = hpack_integer(block, prefix_bits)?;
+        let mut rest = &block[used..];
+        let is_authority = match index {
+            0 => {
+                let (huffman, name, used) = hpack_string(rest)?;
+                rest = &rest[used..];
+                if huffman {
+                    name == AUTHORITY_HUFFMAN
+                } else {
+                    name == b":authority"
+                }
+            }
+            1 => true,
+            i if i <= STATIC_TABLE_ENTRIES => false,
+            _ => return None,
+        };
+        let (huffman, value, used) = hpack_string(rest)?;
+        if is_authority {
+            let parses = if huffman {
+                let decoded = loona_hpack::huffman::HuffmanDecoder::new()
+                    .decode(value)
+                    .ok()?;
+                parses_as_authority(&decoded)
+            } else {
+                parses_as_authority(value)
+            };
+            all_parse &= parses;
+        }
+        block = &rest[used..];
+    }
+    Some(all_parse)
+}
+
+/// Entries in HPACK's static table (RFC 7541 Appendix A).
+const STATIC_TABLE_ENTRIES: usize = 61;
+
+/// An HPACK integer with an `n`-bit prefix (RFC 7541 §5.1) and the bytes
+/// it took; `None` if cut short or above 2^28.
+fn hpack_integer(buf: &[u8], n: u32) -> Option<(usize, usize)> {
+    let max = (1usize << n) - 1;
+    let mut value = usize::from(*buf.first()?) & max;
+    if value < max {
+        return Some((value, 1));
+    }
+    let mut shift = 0;
+    for (i, &b) in buf.iter().enumerate().skip(1) {
+        value += usize::from(b & 0x7f) << shift;
+        if b & 0x80 == 0 {
+            return Some((value, i + 1));
+        }
+        shift += 7;
+        if shift > 21 {
+            return None;
+        }
+    }
+    None
+}
+
+/// An HPACK string literal (RFC 7541 §5.2): whether it is Huffman-coded,
+/// its octets, and the bytes it took; `None` if cut short.
+fn hpack_string(buf: &[u8]) -> Option<(bool, &[u8], usize)> {
+    let huffman = *buf.first()? & 0x80 != 0;
+    let (len, used) = hpack_integer(buf, 7)?;
+    let octets = buf.get(used..used.checked_add(len)?)?;
+    Some((huffman, octets, used + len))
 }
 
 fn parses_as_authority(value: &[u8]) -> bool {
@@ -858,5 +972,223 @@ mod tests {
             rw.feed(&frame(HEADERS, END_HEADERS, 3, &[0xff, 0xff]), &mut out),
             Err(AuthorityRewriteError::Hpack(_))
         ));
+    }
+
+    /// RFC 7541 Appendix B's codes for the characters the tests use.
+    fn huffman(s: &str) -> Vec<u8> {
+        let (mut out, mut bits, mut nbits) = (Vec::new(), 0u64, 0u32);
+        for c in s.chars() {
+            let (code, len): (u64, u32) = match c {
+                '0' => (0x0, 5),
+                '1' => (0x1, 5),
+                '2' => (0x2, 5),
+                'a' => (0x3, 5),
+                'c' => (0x4, 5),
+                'e' => (0x5, 5),
+                'i' => (0x6, 5),
+                'o' => (0x7, 5),
+                's' => (0x8, 5),
+                't' => (0x9, 5),
+                '-' => (0x16, 6),
+                '.' => (0x17, 6),
+                '/' => (0x18, 6),
+                '3' => (0x19, 6),
+                '5' => (0x1b, 6),
+                '7' => (0x1d, 6),
+                '9' => (0x1f, 6),
+                'g' => (0x26, 6),
+                'h' => (0x27, 6),
+                'l' => (0x28, 6),
+                'n' => (0x2a, 6),
+                'p' => (0x2b, 6),
+                'r' => (0x2c, 6),
+                'u' => (0x2d, 6),
+                ':' => (0x5c, 7),
+                'k' => (0x75, 7),
+                'v' => (0x77, 7),
+                'y' => (0x7a, 7),
+                _ => panic!("no code for {c:?} in this test"),
+            };
+            bits = (bits << len) | code;
+            nbits += len;
+            while nbits >= 8 {
+                nbits -= 8;
+                out.push((bits >> nbits) as u8);
+            }
+        }
+        if nbits > 0 {
+            // Padded with the most significant bits of EOS: ones.
+            out.push(((bits << (8 - nbits)) | ((1 << (8 - nbits)) - 1)) as u8);
+        }
+        out
+    }
+
+    fn string(s: &str, huffman_coded: bool, out: &mut Vec<u8>) {
+        if huffman_coded {
+            let h = huffman(s);
+            encode_integer_into(h.len(), 7, 0x80, out).unwrap();
+            out.extend_from_slice(&h);
+        } else {
+            encode_integer_into(s.len(), 7, 0, out).unwrap();
+            out.extend_from_slice(s.as_bytes());
+        }
+    }
+
+    /// HPACK field representations (RFC 7541 §6).
+    #[derive(Clone, Copy)]
+    enum Field<'a> {
+        Indexed(usize),
+        /// With incremental indexing (6-bit prefix), name by index.
+        Incremental(usize, &'a str, bool),
+        /// With incremental indexing, a new name: name, its coding, value,
+        /// its coding.
+        IncrementalNew(&'a str, bool, &'a str, bool),
+        /// Never indexed (4-bit prefix), name by index.
+        NeverIndexed(usize, &'a str, bool),
+        /// Without indexing (4-bit prefix), a new name.
+        WithoutIndexingNew(&'a str, bool, &'a str, bool),
+        SizeUpdate(usize),
+    }
+
+    fn block(fields: &[Field]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for f in fields {
+            match *f {
+                Field::Indexed(i) => encode_integer_into(i, 7, 0x80, &mut out).unwrap(),
+                Field::Incremental(i, v, hv) => {
+                    encode_integer_into(i, 6, 0x40, &mut out).unwrap();
+                    string(v, hv, &mut out);
+                }
+                Field::IncrementalNew(n, hn, v, hv) => {
+                    out.push(0x40);
+                    string(n, hn, &mut out);
+                    string(v, hv, &mut out);
+                }
+                Field::NeverIndexed(i, v, hv) => {
+                    encode_integer_into(i, 4, 0x10, &mut out).unwrap();
+                    string(v, hv, &mut out);
+                }
+                Field::WithoutIndexingNew(n, hn, v, hv) => {
+                    out.push(0x00);
+                    string(n, hn, &mut out);
+                    string(v, hv, &mut out);
+                }
+                Field::SizeUpdate(n) => encode_integer_into(n, 5, 0x20, &mut out).unwrap(),
+            }
+        }
+        out
+    }
+
+    /// The verdict of the full decoder, as the rewriter reached it before
+    /// the scan: `None` where it refuses the block.
+    fn full_verdict(block: &[u8]) -> Option<bool> {
+        let mut decoder = Decoder::new();
+        decoder.set_max_allowed_table_size(HPACK_TABLE_BYTES);
+        let mut all = true;
+        decoder
+            .decode_with_cb(block, |n, v| {
+                if &*n == b":authority" && !parses_as_authority(&v) {
+                    all = false;
+                }
+            })
+            .ok()?;
+        Some(all)
+    }
+
+    #[test]
+    fn the_first_block_is_judged_without_decoding_every_string() {
+        use loona_hpack::huffman::HuffmanDecoder;
+        assert_eq!(
+            HuffmanDecoder::new().decode(&AUTHORITY_HUFFMAN).unwrap(),
+            b":authority"
+        );
+        for s in ["127.0.0.1:2379", "http://127.0.0.1:2379", "grpc-go/1.59.0"] {
+            assert_eq!(
+                HuffmanDecoder::new().decode(&huffman(s)).unwrap(),
+                s.as_bytes()
+            );
+        }
+        assert_eq!(hpack_integer(&[10], 5), Some((10, 1)));
+        assert_eq!(hpack_integer(&[31, 154, 10], 5), Some((1337, 3)));
+        assert_eq!(hpack_integer(&[31, 154], 5), None);
+
+        use Field::*;
+        // A first request as grpc-go sends it: everything Huffman-coded
+        // and added to the table.
+        let go = |authority: &'static str| {
+            vec![
+                Indexed(3),
+                Indexed(6),
+                Incremental(4, "/v3/kv/put", true),
+                Incremental(1, authority, true),
+                Incremental(31, "application/grpc", true),
+                Incremental(58, "grpc-go/1.59.0", true),
+                IncrementalNew("te", true, "trailers", true),
+            ]
+        };
+        let cases: Vec<(&str, Vec<Field>, Option<bool>)> = vec![
+            ("grpc-go, a host:port", go("127.0.0.1:2379"), Some(true)),
+            ("grpc-go, a URL", go("http://127.0.0.1:2379"), Some(false)),
+            (
+                "no :authority",
+                vec![Indexed(3), Incremental(4, "/", false)],
+                Some(true),
+            ),
+            (
+                "a Huffman-coded new name",
+                vec![
+                    NeverIndexed(4, "/", false),
+                    WithoutIndexingNew(":authority", true, "http://127.0.0.1:2379", false),
+                ],
+                Some(false),
+            ),
+            (
+                "a raw new name",
+                vec![WithoutIndexingNew(
+                    ":authority",
+                    false,
+                    "127.0.0.1:2379",
+                    false,
+                )],
+                Some(true),
+            ),
+            (
+                "a size update first",
+                vec![SizeUpdate(0), Incremental(1, "127.0.0.1:2379", false)],
+                Some(true),
+            ),
+            (
+                "a second :authority that is not one",
+                vec![
+                    NeverIndexed(1, "127.0.0.1:2379", true),
+                    NeverIndexed(1, "http://127.0.0.1:2379", true),
+                ],
+                Some(false),
+            ),
+            ("the static empty :authority", vec![Indexed(1)], None),
+            (
+                "a reference into the dynamic table",
+                vec![Incremental(1, "127.0.0.1:2379", false), Indexed(62)],
+                None,
+            ),
+            ("a dynamic name", vec![Incremental(62, "x", false)], None),
+            ("index 0", vec![Indexed(0)], None),
+        ];
+        for (what, fields, expected) in cases {
+            let b = block(&fields);
+            assert_eq!(authorities_all_parse(&b), expected, "{what}");
+            if expected.is_some() {
+                assert_eq!(full_verdict(&b), expected, "{what}: the full decoder");
+            }
+        }
+        // Cut anywhere, a block is never judged from the part read.
+        let whole = block(&go("http://127.0.0.1:2379"));
+        for cut in 1..whole.len() {
+            let verdict = authorities_all_parse(&whole[..cut]);
+            assert!(
+                verdict != Some(true) || full_verdict(&whole[..cut]) == Some(true),
+                "cut at {cut}"
+            );
+        }
     }
 }
