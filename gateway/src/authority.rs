@@ -16,7 +16,11 @@
 //! and follows the connection's inbound bytes at the HTTP/2 frame layer. It
 //! does no I/O of its own: bytes in, bytes out, so it is tested with scripted
 //! byte streams. It reads up to the end of the first header block and
-//! decodes that block with its own HPACK decoder. Then:
+//! finds that block's `:authority` values: a scan of the HPACK field
+//! representations decodes those strings and skips the rest by length
+//! ([`authorities_all_parse`]); a block the scan cannot judge alone (one
+//! that refers to the dynamic table, say) is decoded with its own full
+//! HPACK decoder. Then:
 //!
 //! - If every `:authority` in it parses as h2 will parse it (every
 //!   well-behaved client), the block goes on unchanged and the connection
