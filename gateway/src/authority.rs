@@ -18,7 +18,7 @@
 //! byte streams. It reads up to the end of the first header block and
 //! finds that block's `:authority` values: a scan of the HPACK field
 //! representations decodes those strings and skips the rest by length
-//! ([`authorities_all_parse`]); a block the scan cannot judge alone (one
+//! (`authorities_all_parse`); a block the scan cannot judge alone (one
 //! that refers to the dynamic table, say) is decoded with its own full
 //! HPACK decoder. Then:
 //!
