@@ -792,7 +792,7 @@ impl Report<'_> {
         }
         let _ = writeln!(
             s,
-            "## The gRPC floor\n\n`metastore-bench grpc-floor` serves etcd's KV API through the same gRPC stack as the gateway (its HTTP/2 server on hyper, `metastore_gateway::grpc`, with the same generated tonic service and codec, `TCP_NODELAY`, one runtime thread) and does nothing behind it: Put stores the value in a hash map, Range of one key reads it back. Each of these workloads ran against it right after the other targets' runs of the same workload, in every round, with the same client. Whatever the floor costs, a server behind this gRPC layer pays as well: where the floor's own ratio to etcd (last column of the targets table) misses a target, so does any server built on it on this machine. Representative runs:\n"
+            "## The gRPC floor\n\n`metastore-bench grpc-floor` serves etcd's KV API through the same gRPC stack as the gateway (its HTTP/2 server on hyper, `metastore_gateway::grpc`, and its KV path, `metastore_gateway::unary`, with the same generated tonic service and codec behind it, `TCP_NODELAY`, one runtime thread) and does nothing behind it: Put stores the value in a hash map, Range of one key reads it back. Each of these workloads ran against it right after the other targets' runs of the same workload, in every round, with the same client. Whatever the floor costs, a server behind this gRPC layer pays as well: where the floor's own ratio to etcd (last column of the targets table) misses a target, so does any server built on it on this machine. Representative runs:\n"
         );
         let (mut head, mut rule) = (String::new(), String::new());
         let shown: Vec<&Target> = self.targets.iter().filter(|t| t.name != "memory").collect();
