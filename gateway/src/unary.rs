@@ -26,8 +26,9 @@
 //! read, so an oversized body is never buffered here.
 //!
 //! As in tonic, the answer waits for the request body to end (the client's
-//! END_STREAM), and a client's trailers are read and ignored: no KV method
-//! looks at request metadata.
+//! END_STREAM), and a client's trailers are read and ignored. What this
+//! path leaves out is what no KV implementation here uses: the service
+//! gets no request metadata, and response metadata would not be sent.
 
 use std::convert::Infallible;
 use std::pin::Pin;
