@@ -41,8 +41,11 @@ fn main() {
     prost_build::Config::new()
         // Keys and values of `KeyValue` are `bytes::Bytes`: the gateway
         // decodes shard frames without copying them and shares one event
-        // among all the watchers it fans out to.
-        .bytes([".mvccpb.KeyValue"])
+        // among all the watchers it fans out to. So are `PutRequest`'s:
+        // the gateway decodes a put from the call's buffer without
+        // copying and clones it per attempt for free, and the shard's
+        // apply keeps the decoded key and value instead of copying them.
+        .bytes([".mvccpb.KeyValue", ".etcdserverpb.PutRequest"])
         .compile_protos(&protos, &[&root])
         .expect("compiling protobuf definitions");
 }

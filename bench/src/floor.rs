@@ -63,7 +63,7 @@ pub struct FloorArgs {
 /// The values put so far, by key; a put's revision counts puts.
 #[derive(Default)]
 struct FloorKv {
-    state: Mutex<(HashMap<Vec<u8>, Bytes>, i64)>,
+    state: Mutex<(HashMap<Bytes, Bytes>, i64)>,
 }
 
 fn header(revision: i64) -> Option<ResponseHeader> {
@@ -93,7 +93,7 @@ impl Kv for FloorKv {
         }
         let (map, rev) = &*self.state.lock().unwrap();
         let kvs: Vec<KeyValue> = map
-            .get(&req.key)
+            .get(req.key.as_slice())
             .map(|v| KeyValue {
                 key: Bytes::from(req.key),
                 value: v.clone(),
@@ -115,7 +115,7 @@ impl Kv for FloorKv {
     async fn put(&self, request: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
         let req = request.into_inner();
         let mut state = self.state.lock().unwrap();
-        state.0.insert(req.key, Bytes::from(req.value));
+        state.0.insert(req.key, req.value);
         state.1 += 1;
         Ok(Response::new(PutResponse {
             header: header(state.1),

@@ -695,9 +695,9 @@ mod tests {
                                     ..Default::default()
                                 })
                             }
-                            shard_request::Body::Put(p) if p.key == b"drop" => return,
-                            shard_request::Body::Put(p) if p.key == b"slow" => continue,
-                            shard_request::Body::Put(p) if p.key == b"bad" => {
+                            shard_request::Body::Put(p) if p.key[..] == *b"drop" => return,
+                            shard_request::Body::Put(p) if p.key[..] == *b"slow" => continue,
+                            shard_request::Body::Put(p) if p.key[..] == *b"bad" => {
                                 shard_response::Body::Error(ShardError {
                                     code: shard_error::Code::Compacted as i32,
                                     message: "compacted".into(),
@@ -753,7 +753,7 @@ mod tests {
 
     fn put(key: &str) -> shard_request::Body {
         shard_request::Body::Put(PutRequest {
-            key: key.into(),
+            key: key.as_bytes().to_vec().into(),
             ..Default::default()
         })
     }

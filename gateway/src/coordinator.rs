@@ -434,8 +434,8 @@ mod tests {
     fn put(k: &str) -> RequestOp {
         RequestOp {
             request: Some(request_op::Request::RequestPut(PutRequest {
-                key: k.into(),
-                value: b"v".to_vec(),
+                key: k.as_bytes().to_vec().into(),
+                value: b"v".to_vec().into(),
                 ..Default::default()
             })),
         }

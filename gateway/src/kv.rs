@@ -307,8 +307,8 @@ mod tests {
         );
         assert_eq!(
             check_put(&PutRequest {
-                key: b"k".to_vec(),
-                value: b"v".to_vec(),
+                key: b"k".to_vec().into(),
+                value: b"v".to_vec().into(),
                 ignore_value: true,
                 ..Default::default()
             }),
@@ -316,7 +316,7 @@ mod tests {
         );
         assert_eq!(
             check_put(&PutRequest {
-                key: b"k".to_vec(),
+                key: b"k".to_vec().into(),
                 lease: 5,
                 ignore_lease: true,
                 ..Default::default()
@@ -343,8 +343,8 @@ mod tests {
                     compare: vec![],
                     success: vec![RequestOp {
                         request: Some(request_op::Request::RequestPut(PutRequest {
-                            key: b"k".to_vec(),
-                            value: b"v".to_vec(),
+                            key: b"k".to_vec().into(),
+                            value: b"v".to_vec().into(),
                             ignore_value: true,
                             ..Default::default()
                         })),
@@ -356,8 +356,8 @@ mod tests {
         };
         assert_eq!(check_txn(&bad, 128), Err(GatewayError::ValueProvided));
         let big = PutRequest {
-            key: b"k".to_vec(),
-            value: vec![0; 2000],
+            key: b"k".to_vec().into(),
+            value: vec![0; 2000].into(),
             ..Default::default()
         };
         assert_eq!(check_size(&big, 1000), Err(GatewayError::RequestTooLarge));
@@ -514,8 +514,8 @@ mod tests {
         let b = backend(fake.clone());
         let resp = b
             .put(PutRequest {
-                key: b"k".to_vec(),
-                value: b"v".to_vec(),
+                key: b"k".to_vec().into(),
+                value: b"v".to_vec().into(),
                 ..Default::default()
             })
             .await
@@ -559,7 +559,7 @@ mod tests {
         let (fake, calls) = first_connection_lost();
         let b = backend(fake);
         let req = PutRequest {
-            key: b"k".to_vec(),
+            key: b"k".to_vec().into(),
             ..Default::default()
         };
         let e = b.put(req).await.unwrap_err();
@@ -575,7 +575,7 @@ mod tests {
         b.retry.budget = std::time::Duration::from_millis(30);
         let e = b
             .put(PutRequest {
-                key: b"k".to_vec(),
+                key: b"k".to_vec().into(),
                 ..Default::default()
             })
             .await

@@ -961,7 +961,7 @@ mod tests {
     fn op_put(key: &str) -> RequestOp {
         RequestOp {
             request: Some(request_op::Request::RequestPut(PutRequest {
-                key: key.into(),
+                key: key.as_bytes().to_vec().into(),
                 prev_kv: true,
                 ..Default::default()
             })),

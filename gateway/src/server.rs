@@ -288,10 +288,10 @@ mod tests {
                                 Req::Put(p) => {
                                     st.0 += 1;
                                     let rev = st.0;
-                                    let prev = st.1.get(&p.key).cloned();
+                                    let prev = st.1.get(p.key.as_ref()).cloned();
                                     let kv = KeyValue {
-                                        key: p.key.clone().into(),
-                                        value: p.value.into(),
+                                        key: p.key.clone(),
+                                        value: p.value,
                                         create_revision: prev
                                             .as_ref()
                                             .map_or(rev, |k| k.create_revision),
@@ -299,7 +299,7 @@ mod tests {
                                         version: prev.as_ref().map_or(1, |k| k.version + 1),
                                         lease: 0,
                                     };
-                                    st.1.insert(p.key, kv);
+                                    st.1.insert(p.key.to_vec(), kv);
                                     Resp::Put(pb::PutResponse {
                                         header: hdr(rev),
                                         prev_kv: None,
@@ -401,8 +401,8 @@ mod tests {
         let mut kv = KvClient::connect(url.clone()).await.unwrap();
         let put = kv
             .put(pb::PutRequest {
-                key: b"foo".to_vec(),
-                value: b"bar".to_vec(),
+                key: b"foo".to_vec().into(),
+                value: b"bar".to_vec().into(),
                 ..Default::default()
             })
             .await
@@ -426,8 +426,8 @@ mod tests {
         // Between the request limit and the gRPC limit: "too large".
         let e = kv
             .put(pb::PutRequest {
-                key: b"big".to_vec(),
-                value: vec![0; DEFAULT_MAX_REQUEST_BYTES + 1024],
+                key: b"big".to_vec().into(),
+                value: vec![0; DEFAULT_MAX_REQUEST_BYTES + 1024].into(),
                 ..Default::default()
             })
             .await

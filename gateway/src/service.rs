@@ -430,8 +430,8 @@ mod tests {
         let kv = KvService::new(b, 100);
         let e = kv
             .put(Request::new(PutRequest {
-                key: b"k".to_vec(),
-                value: vec![0; 200],
+                key: b"k".to_vec().into(),
+                value: vec![0; 200].into(),
                 ..Default::default()
             }))
             .await

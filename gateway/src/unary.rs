@@ -604,8 +604,8 @@ mod tests {
         const PUT: &str = "/etcdserverpb.KV/Put";
         const RANGE: &str = "/etcdserverpb.KV/Range";
         let put = framed(&PutRequest {
-            key: b"k".to_vec(),
-            value: b"v".to_vec(),
+            key: b"k".to_vec().into(),
+            value: b"v".to_vec().into(),
             lease: 41,
             ..Default::default()
         });
@@ -815,7 +815,7 @@ mod tests {
     #[test]
     fn only_one_whole_uncompressed_message_within_the_limit_is_taken() {
         let m = frame(&PutRequest {
-            key: b"key".to_vec(),
+            key: b"key".to_vec().into(),
             ..Default::default()
         })
         .unwrap();

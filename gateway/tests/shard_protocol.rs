@@ -54,8 +54,8 @@ fn put(id: u64, key: &[u8], value: Vec<u8>) -> ShardRequest {
     ShardRequest {
         id,
         body: Some(shard_request::Body::Put(PutRequest {
-            key: key.to_vec(),
-            value,
+            key: key.to_vec().into(),
+            value: value.into(),
             ..Default::default()
         })),
     }

@@ -58,8 +58,8 @@ fn key_on(shard: u32, prefix: &str) -> String {
 fn put(key: &str, value: &str) -> RequestOp {
     RequestOp {
         request: Some(request_op::Request::RequestPut(PutRequest {
-            key: key.into(),
-            value: value.into(),
+            key: key.as_bytes().to_vec().into(),
+            value: value.as_bytes().to_vec().into(),
             ..Default::default()
         })),
     }

@@ -290,10 +290,10 @@ fn check_intervals(ops: &[RequestOp]) -> Result<(Puts, Vec<Interval>), TxnCheckE
         let Some(request_op::Request::RequestPut(p)) = &op.request else {
             continue;
         };
-        if puts.contains(&p.key) || deleted(&dels, &p.key) {
+        if puts.contains(p.key.as_ref()) || deleted(&dels, &p.key) {
             return Err(TxnCheckError::DuplicateKey);
         }
-        puts.insert(p.key.clone());
+        puts.insert(p.key.to_vec());
     }
     Ok((puts, dels))
 }
@@ -313,7 +313,7 @@ mod tests {
     fn put(key: &str) -> RequestOp {
         RequestOp {
             request: Some(request_op::Request::RequestPut(PutRequest {
-                key: key.into(),
+                key: key.as_bytes().to_vec().into(),
                 ..Default::default()
             })),
         }

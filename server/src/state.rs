@@ -254,7 +254,7 @@ fn put_leases(t: &TxnRequest, out: &mut Vec<(i64, Vec<u8>)>) {
     for op in t.success.iter().chain(t.failure.iter()) {
         match &op.request {
             Some(Request::RequestPut(p)) if p.lease != 0 && !p.ignore_lease => {
-                out.push((p.lease, p.key.clone()))
+                out.push((p.lease, p.key.to_vec()))
             }
             Some(Request::RequestTxn(n)) => put_leases(n, out),
             _ => {}
@@ -1124,8 +1124,8 @@ mod tests {
     fn put(key: &[u8], value: &str) -> RequestOp {
         RequestOp {
             request: Some(request_op::Request::RequestPut(PutRequest {
-                key: key.to_vec(),
-                value: value.into(),
+                key: key.to_vec().into(),
+                value: value.as_bytes().to_vec().into(),
                 ..Default::default()
             })),
         }
@@ -1216,8 +1216,8 @@ mod tests {
             c.apply(1, 0, prepare(b"t1", &t));
             // A single-shard put to a locked key is refused, nothing applied.
             let put_a = Op::Put(PutRequest {
-                key: a.clone(),
-                value: b"x".to_vec(),
+                key: a.clone().into(),
+                value: b"x".to_vec().into(),
                 ..Default::default()
             });
             assert!(is_code(&c.apply(0, 5, put_a.clone()), Code::Conflict));
@@ -1265,8 +1265,8 @@ mod tests {
                 1,
                 3,
                 Op::Put(PutRequest {
-                    key: b.clone(),
-                    value: b"old".to_vec(),
+                    key: b.clone().into(),
+                    value: b"old".to_vec().into(),
                     ..Default::default()
                 }),
             );
@@ -1296,8 +1296,8 @@ mod tests {
         // After restart the participant still holds its intent and lock...
         assert!(c.states[1].intents().contains_key(b"t1".as_slice()));
         let put_b = Op::Put(PutRequest {
-            key: b.clone(),
-            value: b"x".to_vec(),
+            key: b.clone().into(),
+            value: b"x".to_vec().into(),
             ..Default::default()
         });
         assert!(is_code(&c.apply(1, 13, put_b), Code::Conflict));
@@ -1363,8 +1363,8 @@ mod tests {
                 1,
                 31,
                 Op::Put(PutRequest {
-                    key: other.clone(),
-                    value: b"o".to_vec(),
+                    key: other.clone().into(),
+                    value: b"o".to_vec().into(),
                     ..Default::default()
                 }),
             );
@@ -1394,8 +1394,8 @@ mod tests {
 
     fn put_leased(key: &[u8], lease: i64) -> Op {
         Op::Put(PutRequest {
-            key: key.to_vec(),
-            value: b"v".to_vec(),
+            key: key.to_vec().into(),
+            value: b"v".to_vec().into(),
             lease,
             ..Default::default()
         })
@@ -1498,8 +1498,8 @@ mod tests {
             1,
             3,
             Op::Put(PutRequest {
-                key: a.clone(),
-                value: b"w".to_vec(),
+                key: a.clone().into(),
+                value: b"w".to_vec().into(),
                 ..Default::default()
             }),
         );

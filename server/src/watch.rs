@@ -458,8 +458,8 @@ mod tests {
         fn put(&mut self, rev: i64, key: &str, value: &str) {
             let mut w = self.mvcc.write(rev);
             w.put(&PutRequest {
-                key: key.into(),
-                value: value.into(),
+                key: key.as_bytes().to_vec().into(),
+                value: value.as_bytes().to_vec().into(),
                 ..Default::default()
             })
             .unwrap();

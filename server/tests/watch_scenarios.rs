@@ -85,8 +85,8 @@ impl World {
                 let rev: i64 = words[1].parse().unwrap();
                 let mut w = self.mvcc.write(rev);
                 w.put(&PutRequest {
-                    key: words[2].into(),
-                    value: words[3].into(),
+                    key: words[2].as_bytes().to_vec().into(),
+                    value: words[3].as_bytes().to_vec().into(),
                     ..Default::default()
                 })
                 .unwrap();

@@ -941,7 +941,7 @@ impl MvccWrite<'_> {
         }
         let value = match (&prev, req.ignore_value) {
             (Prev::Read(p), true) => p.value.clone(),
-            _ => req.value.clone().into(),
+            _ => req.value.clone(),
         };
         let lease = if req.ignore_lease {
             prev.lease()
@@ -953,7 +953,7 @@ impl MvccWrite<'_> {
             None => (self.rev, 1),
         };
         let kv = KeyValue {
-            key: req.key.clone().into(),
+            key: req.key.clone(),
             value,
             create_revision,
             mod_revision: self.rev,

@@ -119,8 +119,8 @@ fn b(s: &str) -> Vec<u8> {
 
 fn put_req(key: &str, value: &str) -> PutRequest {
     PutRequest {
-        key: b(key),
-        value: b(value),
+        key: b(key).into(),
+        value: b(value).into(),
         ..Default::default()
     }
 }
@@ -640,8 +640,8 @@ fn binary_keys() {
         s.apply(4, |w| {
             for key in &keys_ {
                 w.put(&PutRequest {
-                    key: key.clone(),
-                    value: key.clone(),
+                    key: key.clone().into(),
+                    value: key.clone().into(),
                     ..Default::default()
                 })
                 .unwrap();
@@ -689,7 +689,7 @@ fn ignore_value_and_ignore_lease() {
         // ignore_value keeps the value, takes the new lease.
         s.apply(5, |w| {
             w.put(&PutRequest {
-                key: b("a"),
+                key: b("a").into(),
                 ignore_value: true,
                 lease: 88,
                 ..Default::default()
@@ -705,8 +705,8 @@ fn ignore_value_and_ignore_lease() {
         // ignore_lease keeps the lease, takes the new value.
         s.apply(6, |w| {
             w.put(&PutRequest {
-                key: b("a"),
-                value: b("v2"),
+                key: b("a").into(),
+                value: b("v2").into(),
                 ignore_lease: true,
                 ..Default::default()
             })
@@ -717,12 +717,12 @@ fn ignore_value_and_ignore_lease() {
         // Missing key: KeyNotFound, nothing written.
         for req in [
             PutRequest {
-                key: b("nope"),
+                key: b("nope").into(),
                 ignore_value: true,
                 ..Default::default()
             },
             PutRequest {
-                key: b("nope"),
+                key: b("nope").into(),
                 ignore_lease: true,
                 ..Default::default()
             },
@@ -1061,7 +1061,7 @@ fn failed_txn_is_rolled_back() {
                 op_del("a", ""),
                 RequestOp {
                     request: Some(request_op::Request::RequestPut(PutRequest {
-                        key: b("missing"),
+                        key: b("missing").into(),
                         ignore_value: true,
                         ..Default::default()
                     })),
