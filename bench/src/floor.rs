@@ -115,7 +115,12 @@ impl Kv for FloorKv {
     async fn put(&self, request: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
         let req = request.into_inner();
         let mut state = self.state.lock().unwrap();
-        state.0.insert(req.key, req.value);
+        // Copies: the decoded fields are slices of the call's buffer, which
+        // a long-lived map must not keep alive.
+        state.0.insert(
+            Bytes::copy_from_slice(&req.key),
+            Bytes::copy_from_slice(&req.value),
+        );
         state.1 += 1;
         Ok(Response::new(PutResponse {
             header: header(state.1),
