@@ -224,43 +224,69 @@ enum Read {
     ForTonic(Replay),
 }
 
+/// The body's bytes so far. Nearly always one DATA frame, kept as it came,
+/// without a copy; later frames are appended to a copy.
+enum Received {
+    Nothing,
+    One(Bytes),
+    Joined(BytesMut),
+}
+
+impl Received {
+    fn push(&mut self, data: Bytes) {
+        *self = match std::mem::replace(self, Received::Nothing) {
+            Received::Nothing => Received::One(data),
+            Received::One(first) => {
+                let mut m = BytesMut::with_capacity(first.len() + data.len());
+                m.extend_from_slice(&first);
+                m.extend_from_slice(&data);
+                Received::Joined(m)
+            }
+            Received::Joined(mut m) => {
+                m.extend_from_slice(&data);
+                Received::Joined(m)
+            }
+        };
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        match self {
+            Received::Nothing => &[],
+            Received::One(b) => b,
+            Received::Joined(m) => m,
+        }
+    }
+
+    fn into_bytes(self) -> Bytes {
+        match self {
+            Received::Nothing => Bytes::new(),
+            Received::One(b) => b,
+            Received::Joined(m) => m.freeze(),
+        }
+    }
+}
+
 /// Reads `body` to its end, or until its prefix shows it is tonic's.
 async fn read_one_message(mut body: Incoming, limit: usize) -> Read {
-    // Nearly always one DATA frame: kept as it came, without a copy.
-    let mut first: Option<Bytes> = None;
-    let mut more: Option<BytesMut> = None;
+    let mut received = Received::Nothing;
     loop {
         let frame = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await;
         let frame = match frame {
             None => break,
             Some(Ok(frame)) => frame,
             Some(Err(e)) => {
-                return Read::ForTonic(Replay::new(joined(first, more), None, Some(e), None));
+                return Read::ForTonic(Replay::new(received.into_bytes(), None, Some(e), None));
             }
         };
         match frame.into_data() {
             Ok(data) if data.is_empty() => {}
             Ok(data) => {
-                match (&mut first, &mut more) {
-                    (None, _) => first = Some(data),
-                    (Some(f), None) => {
-                        let mut m = BytesMut::with_capacity(f.len() + data.len());
-                        m.extend_from_slice(f);
-                        m.extend_from_slice(&data);
-                        more = Some(m);
-                    }
-                    (Some(_), Some(m)) => m.extend_from_slice(&data),
-                }
-                let read: &[u8] = match (&first, &more) {
-                    (_, Some(m)) => m,
-                    (Some(f), None) => f,
-                    (None, None) => &[],
-                };
+                received.push(data);
                 // Too large or compressed: tonic answers, from here on
                 // reading the body itself.
-                if let Some(Err(())) = prefix(read, limit) {
+                if let Some(Err(())) = prefix(received.as_slice(), limit) {
                     return Read::ForTonic(Replay::new(
-                        joined(first, more),
+                        received.into_bytes(),
                         None,
                         None,
                         Some(body),
@@ -270,18 +296,11 @@ async fn read_one_message(mut body: Incoming, limit: usize) -> Read {
             Err(frame) => {
                 // Trailers end the body; tonic would read and ignore them.
                 let trailers = frame.into_trailers().ok();
-                return finish(joined(first, more), trailers, limit);
+                return finish(received.into_bytes(), trailers, limit);
             }
         }
     }
-    finish(joined(first, more), None, limit)
-}
-
-fn joined(first: Option<Bytes>, more: Option<BytesMut>) -> Bytes {
-    match more {
-        Some(m) => m.freeze(),
-        None => first.unwrap_or_default(),
-    }
+    finish(received.into_bytes(), None, limit)
 }
 
 /// The whole body is in: exactly one message, or tonic's to answer.
