@@ -631,7 +631,12 @@ impl ShardState {
     ) {
         let (b, ev) = w.finish_with_events();
         batch.extend(b);
-        events.extend(ev);
+        if events.is_empty() {
+            // The common case (one write per entry): keep its vector.
+            *events = ev;
+        } else {
+            events.extend(ev);
+        }
     }
 
     /// Records that `index` was applied without a command (raft's empty

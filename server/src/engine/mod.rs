@@ -178,7 +178,12 @@ impl WriteBatch {
 
     /// Appends every op of `other` (which then apply after this batch's).
     pub fn extend(&mut self, other: WriteBatch) -> &mut Self {
-        self.ops.extend(other.ops);
+        if self.ops.is_empty() {
+            // Nothing to keep: take `other`'s vector rather than copy it.
+            self.ops = other.ops;
+        } else {
+            self.ops.extend(other.ops);
+        }
         self
     }
 

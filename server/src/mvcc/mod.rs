@@ -616,7 +616,7 @@ impl Mvcc {
             sub_base,
             broken,
             changes: Vec::new(),
-            latest: BTreeMap::new(),
+            latest: None,
         }
     }
 
@@ -812,9 +812,16 @@ pub struct MvccWrite<'a> {
     broken: Option<MvccError>,
     /// In sub-revision order (sub = sub_base + position).
     changes: Vec<Change>,
-    /// Key → position of its newest change in `changes`.
-    latest: BTreeMap<Vec<u8>, usize>,
+    /// Key → position of its newest change in `changes`, once there are
+    /// more than [`LATEST_BY_SCAN`] changes. Up to that many (a put, a
+    /// delete of a key or two, a small txn: most writes) the newest change
+    /// of a key is found by scanning `changes` itself, with no map to
+    /// allocate and no key to copy (see [`MvccWrite::latest_of`]).
+    latest: Option<BTreeMap<Vec<u8>, usize>>,
 }
+
+/// Changes a write scans instead of indexing them by key.
+const LATEST_BY_SCAN: usize = 8;
 
 impl MvccWrite<'_> {
     /// The revision of this write.
@@ -839,7 +846,7 @@ impl MvccWrite<'_> {
                 latest: 0,
             });
         }
-        if self.latest.contains_key(key) {
+        if self.latest_of(key).is_some() {
             return Ok(());
         }
         match self.mvcc.index.get(key).map(|h| h.newest()) {
@@ -855,7 +862,7 @@ impl MvccWrite<'_> {
     /// engine only if `read` (a version of this write's own is always at
     /// hand).
     fn latest_prev(&self, key: &[u8], read: bool) -> Result<Prev, MvccError> {
-        if let Some(&i) = self.latest.get(key) {
+        if let Some(i) = self.latest_of(key) {
             let c = &self.changes[i];
             return Ok(if c.tombstone {
                 Prev::None
@@ -883,10 +890,53 @@ impl MvccWrite<'_> {
         })
     }
 
+    /// Position of the newest change of `key` in `changes`, if any.
+    fn latest_of(&self, key: &[u8]) -> Option<usize> {
+        match &self.latest {
+            Some(map) => map.get(key).copied(),
+            None => self.changes.iter().rposition(|c| c.kv.key == key),
+        }
+    }
+
+    /// The newest change of every key changed, as (key, position), in key
+    /// order.
+    fn latest_in_key_order(&self) -> Vec<(&[u8], usize)> {
+        match &self.latest {
+            Some(map) => map.iter().map(|(k, &i)| (k.as_slice(), i)).collect(),
+            None => {
+                let mut newest: Vec<(&[u8], usize)> = self
+                    .changes
+                    .iter()
+                    .enumerate()
+                    .filter(|&(i, c)| self.latest_of(&c.kv.key) == Some(i))
+                    .map(|(i, c)| (&c.kv.key[..], i))
+                    .collect();
+                newest.sort_unstable_by(|a, b| a.0.cmp(b.0));
+                newest
+            }
+        }
+    }
+
+    /// Indexes `changes` by key once there are too many to scan.
+    fn index_latest(&mut self) {
+        self.latest = (self.changes.len() > LATEST_BY_SCAN).then(|| {
+            let mut map = BTreeMap::new();
+            for (i, c) in self.changes.iter().enumerate() {
+                map.insert(c.kv.key.to_vec(), i);
+            }
+            map
+        });
+    }
+
     fn push_change(&mut self, change: Change) {
-        self.latest
-            .insert(change.kv.key.to_vec(), self.changes.len());
+        let i = self.changes.len();
+        if let Some(map) = &mut self.latest {
+            map.insert(change.kv.key.to_vec(), i);
+        }
         self.changes.push(change);
+        if self.latest.is_none() && self.changes.len() > LATEST_BY_SCAN {
+            self.index_latest();
+        }
     }
 
     /// Drops every change from position `len` on (rollback of a failed txn).
@@ -895,10 +945,7 @@ impl MvccWrite<'_> {
             return;
         }
         self.changes.truncate(len);
-        self.latest.clear();
-        for (i, c) in self.changes.iter().enumerate() {
-            self.latest.insert(c.kv.key.to_vec(), i);
-        }
+        self.index_latest();
     }
 
     /// Every live, owned key of `range` as this write sees it, in key order.
@@ -914,11 +961,11 @@ impl MvccWrite<'_> {
         }
         let mut cands: Vec<Candidate<'_>> = histories
             .into_iter()
-            .filter(|(k, _)| owns(k) && !self.latest.contains_key(*k))
+            .filter(|(k, _)| owns(k) && self.latest_of(k).is_none())
             .filter_map(|(k, h)| h.live_at(self.rev).map(|e| Candidate::stored(k, e)))
             .collect();
         let stored_count = cands.len();
-        for (k, &i) in &self.latest {
+        for (k, i) in self.latest_in_key_order() {
             let c = &self.changes[i];
             if !c.tombstone && range.contains(k) && owns(k) {
                 cands.push(Candidate::pending(&c.kv));

@@ -1085,6 +1085,88 @@ fn failed_txn_is_rolled_back() {
     }
 }
 
+/// A write finds each key's newest change by scanning its changes while
+/// they are few and through a map beyond `LATEST_BY_SCAN`: reads inside
+/// the write, the versions it gives, its events and a rollback must be
+/// the same on both sides of that line. Keys are rewritten and deleted
+/// over and over, and every step is checked against a plain model.
+#[test]
+fn many_changes_in_one_write_read_the_same_as_few() {
+    for env in engines() {
+        let k = env.kind;
+        let mut s = Store::new(&env);
+        s.put(2, "k1", "stored");
+        s.put(3, "k4", "stored");
+        // key -> (value, create revision, version) as the write should see it.
+        let mut model: BTreeMap<String, (String, Rev, i64)> = BTreeMap::new();
+        model.insert("k1".into(), ("stored".into(), 2, 1));
+        model.insert("k4".into(), ("stored".into(), 3, 1));
+        let mut w = s.mvcc.write(10);
+        for step in 0..(3 * LATEST_BY_SCAN) {
+            let key = format!("k{}", step % 5);
+            if step % 7 == 6 {
+                w.delete_range(&del_req(&key, "", false), ALL).unwrap();
+                model.remove(&key);
+            } else {
+                let value = format!("v{step}");
+                w.put(&put_req(&key, &value)).unwrap();
+                let entry = model.entry(key.clone()).or_insert((String::new(), 10, 0));
+                entry.0 = value;
+                entry.2 += 1;
+            }
+            let r = w.range(&range_req("\0", "\0"), ALL).unwrap();
+            let want: Vec<KeyValue> = model
+                .iter()
+                .map(|(key, (v, create, version))| kv(key, v, *create, 10, *version))
+                .map(|mut kv| {
+                    // Untouched stored keys keep their own mod revision.
+                    if kv.version == 1 && kv.create_revision < 10 {
+                        kv.mod_revision = kv.create_revision;
+                    }
+                    kv
+                })
+                .collect();
+            assert_eq!(r.kvs, want, "{k}: step {step}");
+            let one = w.range(&range_req(&key, ""), ALL).unwrap();
+            assert_eq!(
+                one.kvs,
+                want.iter()
+                    .filter(|kv| kv.key == b(&key))
+                    .cloned()
+                    .collect::<Vec<_>>(),
+                "{k}: step {step}"
+            );
+        }
+        // A txn failing after enough changes to index them rolls back to
+        // fewer than the scan handles.
+        let before = w.range(&range_req("\0", "\0"), ALL).unwrap();
+        let txn = TxnRequest {
+            compare: vec![],
+            success: (0..2 * LATEST_BY_SCAN)
+                .map(|i| op_put(&format!("t{}", i % 3), "x"))
+                .chain([RequestOp {
+                    request: Some(request_op::Request::RequestPut(PutRequest {
+                        key: b("missing").into(),
+                        ignore_value: true,
+                        ..Default::default()
+                    })),
+                }])
+                .collect(),
+            failure: vec![],
+        };
+        assert!(
+            matches!(w.txn(&txn, &[true], ALL), Err(MvccError::KeyNotFound)),
+            "{k}"
+        );
+        assert_eq!(w.range(&range_req("\0", "\0"), ALL).unwrap(), before, "{k}");
+        let (batch, events) = w.finish_with_events();
+        s.engine.write(batch, false).unwrap();
+        assert_eq!(events.len(), 3 * LATEST_BY_SCAN, "{k}");
+        let after = s.range("\0", "\0", 0);
+        assert_eq!(after.kvs, before.kvs, "{k}");
+    }
+}
+
 #[test]
 fn ops_on_keys_not_owned_yield_empty_responses() {
     for env in engines() {
