@@ -9,8 +9,10 @@
 //! other request runs as its own task. Answers are encoded straight into
 //! the connection's [`Outbox`], whose writer sends whatever is there in
 //! one socket write.
-//! Frames are read through a buffer and decoded from it, so a burst of
-//! requests costs one socket read and no copy per frame.
+//! Frames are read through a buffer, so a burst of requests costs one
+//! socket read. A small frame is copied out once and decoded from its
+//! copy, which a put's key and value then share (`decode_request`); a
+//! large one is decoded from the buffer, its fields copied out.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -70,6 +72,27 @@ async fn read_frame<R: futures::io::AsyncRead + Unpin>(r: &mut R) -> std::io::Re
     let mut buf = vec![0u8; len];
     r.read_exact(&mut buf).await?;
     Ok(buf)
+}
+
+/// Frames up to this size are decoded from a copy of their own, which the
+/// request's `Bytes` fields (a put's key and value) then share.
+const SHARED_FRAME: usize = 4 << 10;
+
+/// Decodes one request frame. A small frame is copied once into a buffer
+/// of its own and decoded from that: a put's key and value become slices
+/// of it, one allocation for both instead of one each, and cloning them
+/// later (into the raft entry's encoding, the MVCC event) only counts
+/// references. They keep the whole frame alive as long as either lives
+/// (the watch ring holds events for a while), which is why only small
+/// frames are shared: a larger one could pin far more than its key and
+/// value (say, a txn's compare values), and its fields are copied out
+/// instead.
+fn decode_request(frame: &[u8]) -> Result<ShardRequest, prost::DecodeError> {
+    if frame.len() <= SHARED_FRAME {
+        ShardRequest::decode(prost::bytes::Bytes::copy_from_slice(frame))
+    } else {
+        ShardRequest::decode(frame)
+    }
 }
 
 fn frame(msg: &impl Message) -> Vec<u8> {
@@ -173,7 +196,7 @@ async fn connection(shard: Rc<Shard>, stream: TcpStream) -> std::io::Result<()> 
         // that straddles the buffer's end is read out (and copied) first.
         let decoded = match whole_frame(reader.buffer()) {
             Ok(Some(len)) => {
-                let decoded = ShardRequest::decode(&reader.buffer()[4..4 + len]);
+                let decoded = decode_request(&reader.buffer()[4..4 + len]);
                 Pin::new(&mut reader).consume(4 + len);
                 decoded
             }
@@ -182,7 +205,7 @@ async fn connection(shard: Rc<Shard>, stream: TcpStream) -> std::io::Result<()> 
                 Ok(_) => continue,
             },
             Ok(None) => match read_frame(&mut reader).await {
-                Ok(bytes) => ShardRequest::decode(bytes.as_slice()),
+                Ok(bytes) => decode_request(&bytes),
                 Err(_) => break,
             },
             Err(_) => break,
@@ -300,4 +323,51 @@ pub async fn call(addr: &str, req: &ShardRequest) -> std::io::Result<ShardRespon
     let bytes = read_frame(&mut stream).await?;
     ShardResponse::decode(bytes.as_slice())
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use metastore_proto::etcdserverpb::PutRequest;
+
+    fn put_frame(key: &[u8], value_len: usize) -> (Vec<u8>, PutRequest) {
+        let put = PutRequest {
+            key: key.to_vec().into(),
+            value: vec![7u8; value_len].into(),
+            ..Default::default()
+        };
+        let req = ShardRequest {
+            id: 9,
+            body: Some(shard_request::Body::Put(put.clone())),
+        };
+        (req.encode_to_vec(), put)
+    }
+
+    fn decoded_put(frame: &[u8]) -> PutRequest {
+        match decode_request(frame).unwrap().body {
+            Some(shard_request::Body::Put(p)) => p,
+            other => panic!("not a put: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn small_frames_are_shared_by_their_fields_and_large_ones_are_not() {
+        // Small: key and value are slices of one copy of the frame, as far
+        // apart as in the frame itself.
+        let (frame, put) = put_frame(b"key", 100);
+        let got = decoded_put(&frame);
+        assert_eq!(got, put);
+        let in_frame = |b: &[u8]| frame.windows(b.len()).position(|w| w == b).unwrap();
+        assert_eq!(
+            got.value.as_ptr() as usize - got.key.as_ptr() as usize,
+            in_frame(&got.value) - in_frame(&got.key)
+        );
+        // Large: the same request, its fields copied out one by one.
+        let (frame, put) = put_frame(b"key", SHARED_FRAME);
+        assert!(frame.len() > SHARED_FRAME);
+        assert_eq!(decoded_put(&frame), put);
+        // Undecodable input is an error either way.
+        assert!(decode_request(&[0xff; 8]).is_err());
+        assert!(decode_request(&vec![0xff; SHARED_FRAME + 8]).is_err());
+    }
 }
