@@ -65,12 +65,24 @@ pub const HEARTBEAT: Duration = Duration::from_millis(100);
 /// Default number of unacknowledged frames.
 pub const DEFAULT_WINDOW: u64 = 64;
 
-/// The events of one revision on one shard.
+/// The events of one revision on one shard. Most revisions have one event
+/// here: it is kept inline, in the batch's own allocation, and only the
+/// events after it take a vector. Evicting a batch frees its memory long
+/// after it was written, out of cache; each block fewer is a cache miss
+/// fewer.
 #[derive(Debug)]
 pub struct RevisionBatch {
     pub revision: i64,
-    events: Vec<RingEvent>,
+    first: RingEvent,
+    rest: Vec<RingEvent>,
     bytes: usize,
+}
+
+impl RevisionBatch {
+    /// The batch's events, in sub-revision order.
+    fn events(&self) -> impl Iterator<Item = &RingEvent> {
+        std::iter::once(&self.first).chain(&self.rest)
+    }
 }
 
 /// An event in the ring, with its previous version once a subscriber read
@@ -149,16 +161,15 @@ impl WatchRing {
         let Some(first) = events.first() else { return };
         let revision = first.revision();
         let bytes = events.iter().map(event_size).sum();
-        let events = events
-            .into_iter()
-            .map(|write| RingEvent {
-                write,
-                prev_read: OnceCell::new(),
-            })
-            .collect();
+        let mut events = events.into_iter().map(|write| RingEvent {
+            write,
+            prev_read: OnceCell::new(),
+        });
+        let Some(first) = events.next() else { return };
         self.batches.push_back(Rc::new(RevisionBatch {
             revision,
-            events,
+            first,
+            rest: events.collect(),
             bytes,
         }));
         self.bytes += bytes;
@@ -348,8 +359,7 @@ impl Subscription {
                     continue;
                 }
                 let matching: Vec<Event> = batch
-                    .events
-                    .iter()
+                    .events()
                     .filter(|e| self.matches(e.write.key()))
                     .map(|e| e.to_send(self.prev_kv, mvcc))
                     .collect();
