@@ -350,6 +350,16 @@ mod tests {
         }
     }
 
+    /// How far a put's value starts from its key: in memory, and in the
+    /// frame it was decoded from.
+    fn value_after_key(frame: &[u8], put: &PutRequest) -> (isize, isize) {
+        let at = |b: &[u8]| frame.windows(b.len()).position(|w| w == b).unwrap() as isize;
+        (
+            put.value.as_ptr() as isize - put.key.as_ptr() as isize,
+            at(&put.value) - at(&put.key),
+        )
+    }
+
     #[test]
     fn small_frames_are_shared_by_their_fields_and_large_ones_are_not() {
         // Small: key and value are slices of one copy of the frame, as far
@@ -357,15 +367,16 @@ mod tests {
         let (frame, put) = put_frame(b"key", 100);
         let got = decoded_put(&frame);
         assert_eq!(got, put);
-        let in_frame = |b: &[u8]| frame.windows(b.len()).position(|w| w == b).unwrap();
-        assert_eq!(
-            got.value.as_ptr() as usize - got.key.as_ptr() as usize,
-            in_frame(&got.value) - in_frame(&got.key)
-        );
-        // Large: the same request, its fields copied out one by one.
+        let (in_memory, in_frame) = value_after_key(&frame, &got);
+        assert_eq!(in_memory, in_frame);
+        // Large: the same request, its fields copied out one by one: two
+        // allocations, which cannot lie the frame's few bytes apart.
         let (frame, put) = put_frame(b"key", SHARED_FRAME);
         assert!(frame.len() > SHARED_FRAME);
-        assert_eq!(decoded_put(&frame), put);
+        let got = decoded_put(&frame);
+        assert_eq!(got, put);
+        let (in_memory, in_frame) = value_after_key(&frame, &got);
+        assert_ne!(in_memory, in_frame);
         // Undecodable input is an error either way.
         assert!(decode_request(&[0xff; 8]).is_err());
         assert!(decode_request(&vec![0xff; SHARED_FRAME + 8]).is_err());

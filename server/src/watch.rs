@@ -158,14 +158,13 @@ impl WatchRing {
 
     /// Appends the events of one applied revision.
     pub fn push(&mut self, events: Vec<WriteEvent>) {
-        let Some(first) = events.first() else { return };
-        let revision = first.revision();
         let bytes = events.iter().map(event_size).sum();
         let mut events = events.into_iter().map(|write| RingEvent {
             write,
             prev_read: OnceCell::new(),
         });
         let Some(first) = events.next() else { return };
+        let revision = first.write.revision();
         self.batches.push_back(Rc::new(RevisionBatch {
             revision,
             first,

@@ -813,10 +813,10 @@ pub struct MvccWrite<'a> {
     /// In sub-revision order (sub = sub_base + position).
     changes: Vec<Change>,
     /// Key → position of its newest change in `changes`, once there are
-    /// more than [`LATEST_BY_SCAN`] changes. Up to that many (a put, a
+    /// more than `LATEST_BY_SCAN` changes. Up to that many (a put, a
     /// delete of a key or two, a small txn: most writes) the newest change
     /// of a key is found by scanning `changes` itself, with no map to
-    /// allocate and no key to copy (see [`MvccWrite::latest_of`]).
+    /// allocate and no key to copy (see `MvccWrite::latest_of`).
     latest: Option<BTreeMap<Vec<u8>, usize>>,
 }
 
