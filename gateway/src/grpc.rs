@@ -27,11 +27,18 @@
 //!   is sent GOAWAY and finishes its calls in flight, and [`serve`] returns
 //!   once all have closed (the binary bounds the wait; see `main.rs`).
 //!
-//! One setting differs on purpose: tonic lifts hyper's limit on streams a
-//! connection makes the server reset for errors (1,024, then GOAWAY); this
-//! server keeps it, and h2's limit on streams a client resets before they
-//! are accepted, as hyper advises against floods of resets
-//! (RUSTSEC-2024-0003). A well-behaved client never comes near either.
+//! Two settings differ on purpose:
+//! - tonic lifts hyper's limit on streams a connection makes the server
+//!   reset for errors (1,024, then GOAWAY); this server keeps it, and h2's
+//!   limit on streams a client resets before they are accepted, as hyper
+//!   advises against floods of resets (RUSTSEC-2024-0003). A well-behaved
+//!   client never comes near either.
+//! - Answers carry no `date` header. hyper adds one to every answer by
+//!   default (tonic's server therefore sends it); etcd's server (grpc-go)
+//!   does not, gRPC gives it no meaning, and no etcd client reads it.
+//!   Leaving it out saves the gateway the header's insertion and HPACK
+//!   encoding on every call (about 1,700 of 53,900 instructions per put)
+//!   and the client its decoding.
 //!
 //! Every connection passes through [`RewriteStream`] (see
 //! `crate::authority`) before h2 reads it and through [`CoalescedWrites`]
@@ -222,10 +229,11 @@ pub async fn serve<R: GrpcRoutes>(
     shutdown: impl Future<Output = ()>,
 ) {
     let mut builder = http2::Builder::new(TokioExecutor::new());
-    // The limits on reset streams stay hyper's and h2's (see the module
-    // docs); only the stream limit is lifted.
+    // The limits on reset streams stay hyper's and h2's, and answers carry
+    // no `date` (see the module docs); only the stream limit is lifted.
     builder
         .timer(TokioTimer::new())
+        .auto_date_header(false)
         .max_concurrent_streams(None);
     // Every connection holds a receiver; the sender's `closed` resolves
     // once all are gone.
