@@ -292,6 +292,12 @@ async fn read_one_message(mut body: Incoming, limit: usize) -> Read {
                         Some(body),
                     ));
                 }
+                // A frame that ended the stream (grpc-go's clients end it
+                // on their one DATA frame) leaves nothing to poll for: the
+                // next poll would only say so.
+                if body.is_end_stream() {
+                    break;
+                }
             }
             Err(frame) => {
                 // Trailers end the body; tonic would read and ignore them.
