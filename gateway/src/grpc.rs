@@ -34,11 +34,12 @@
 //!   advises against floods of resets (RUSTSEC-2024-0003). A well-behaved
 //!   client never comes near either.
 //! - Answers carry no `date` header. hyper adds one to every answer by
-//!   default (tonic's server therefore sends it); etcd's server (grpc-go)
-//!   does not, gRPC gives it no meaning, and no etcd client reads it.
-//!   Leaving it out saves the gateway the header's insertion and HPACK
-//!   encoding on every call (about 1,700 of 53,900 instructions per put)
-//!   and the client its decoding.
+//!   default (tonic's server therefore sends it), as HTTP's semantics ask
+//!   of an origin server with a clock; but gRPC's wire format has no place
+//!   for it, etcd's server (grpc-go) does not send it, and no etcd client
+//!   reads it. Leaving it out saves the gateway the header's insertion and
+//!   HPACK encoding on every call (about 1,700 of 53,900 instructions per
+//!   put) and the client its decoding.
 //!
 //! Every connection passes through [`RewriteStream`] (see
 //! `crate::authority`) before h2 reads it and through [`CoalescedWrites`]
