@@ -242,7 +242,7 @@ struct Candidate<'a> {
 }
 
 impl<'a> Candidate<'a> {
-    fn stored(key: &'a [u8], e: &Entry) -> Candidate<'a> {
+    fn stored(key: &'a [u8], e: Entry) -> Candidate<'a> {
         Candidate {
             key,
             create: e.create,
