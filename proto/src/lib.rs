@@ -33,7 +33,8 @@
 //! needed for topology discovery and cross-shard transactions.
 //!
 //! [`router`] decides which shard owns a key; [`txn`] holds the shared
-//! transaction helpers; [`scenario`] runs the scripted scenario files of
+//! transaction helpers; [`encode`] encodes a put's messages without
+//! prost's per-field clones; [`scenario`] runs the scripted scenario files of
 //! the server's and the gateway's deterministic tests.
 //!
 //! The build script compiles every `.proto` under `protos/`; each proto
@@ -60,6 +61,7 @@ pub mod shardpb {
     include!(concat!(env!("OUT_DIR"), "/shardpb.rs"));
 }
 
+pub mod encode;
 pub mod router;
 pub mod scenario;
 pub mod txn;

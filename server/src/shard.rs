@@ -526,7 +526,7 @@ impl Shard {
         let mut queued: Vec<RaftCommand> = std::mem::take(&mut *self.queue.borrow_mut());
         for cmd in queued.drain(..) {
             let mut node = self.node.borrow_mut();
-            match node.propose(vec![], cmd.encode_to_vec()) {
+            match node.propose(vec![], metastore_proto::encode::raft_command_to_vec(&cmd)) {
                 // The leader appended it as its last entry.
                 Ok(()) => {
                     let (index, term) = (node.raft.raft_log.last_index(), node.raft.term);

@@ -65,7 +65,7 @@ pub fn decode_version_key(key: &[u8]) -> Result<Revision, MvccError> {
 pub fn encode_record(kv: &KeyValue, tombstone: bool) -> Vec<u8> {
     let mut out = Vec::with_capacity(1 + kv.encoded_len());
     out.push(if tombstone { TOMBSTONE } else { PUT });
-    kv.encode(&mut out).expect("Vec has unbounded capacity");
+    metastore_proto::encode::key_value_raw(kv, &mut out);
     out
 }
 
