@@ -471,7 +471,7 @@ impl ShardState {
         let mut batch = WriteBatch::default();
         self.events.clear();
         let body = self.apply_op(cmd, &mut batch)?;
-        batch.put(APPLIED_KEY.to_vec(), index.to_be_bytes().to_vec());
+        batch.put(APPLIED_KEY, index.to_be_bytes());
         self.engine.write(batch, false)?;
         self.applied_index = index;
         self.track_attachments();
@@ -643,7 +643,7 @@ impl ShardState {
     /// entries, configuration changes).
     pub fn apply_noop(&mut self, index: u64) -> Result<(), StateError> {
         let mut batch = WriteBatch::default();
-        batch.put(APPLIED_KEY.to_vec(), index.to_be_bytes().to_vec());
+        batch.put(APPLIED_KEY, index.to_be_bytes());
         self.engine.write(batch, false)?;
         self.applied_index = index;
         Ok(())

@@ -44,13 +44,13 @@ use std::cmp::Ordering;
 use std::collections::BTreeMap;
 use std::rc::Rc;
 
-use super::{map_bounds, BatchOp, Engine, EngineError, EngineKind, WriteBatch};
+use super::{map_bounds, BatchOp, Engine, EngineError, EngineKind, SmallBytes, WriteBatch};
 
 /// A held write: the new value, or `None` for a deletion.
-type Overlay = BTreeMap<Vec<u8>, Option<Vec<u8>>>;
+type Overlay = BTreeMap<SmallBytes, Option<SmallBytes>>;
 
 /// The overlay's pairs in scan order.
-type HeldPairs<'a> = Box<dyn Iterator<Item = (&'a Vec<u8>, &'a Option<Vec<u8>>)> + 'a>;
+type HeldPairs<'a> = Box<dyn Iterator<Item = (&'a SmallBytes, &'a Option<SmallBytes>)> + 'a>;
 
 pub struct BufferedEngine {
     inner: Rc<dyn Engine>,
@@ -147,7 +147,7 @@ impl BufferedEngine {
         inner_scan(&mut |k, v| {
             // Overlay keys that come before `k` in scan order go first.
             while let Some((hk, hv)) = next {
-                let c = hk.as_slice().cmp(k);
+                let c = (**hk).cmp(k);
                 if c == order {
                     next = held.next();
                     if let Some(hv) = hv {
@@ -191,7 +191,7 @@ impl BufferedEngine {
 impl Engine for BufferedEngine {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, EngineError> {
         if let Some(held) = self.overlay.borrow().get(key) {
-            return Ok(held.clone());
+            return Ok(held.as_deref().map(<[u8]>::to_vec));
         }
         self.inner.get(key)
     }
@@ -383,7 +383,7 @@ mod tests {
                     _ => None,
                 })
             };
-            assert_eq!(last(b"applied"), Some(Some(vec![50])));
+            assert_eq!(last(b"applied"), Some(Some(SmallBytes::from(&[50]))));
             assert_eq!(last(b"gone"), Some(None));
             inner.write(held, false).unwrap();
             assert_eq!(inner.get(b"applied").unwrap(), Some(vec![50]));

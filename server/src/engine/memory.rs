@@ -84,12 +84,16 @@ impl Engine for MemoryEngine {
             match op {
                 BatchOp::Put(k, v) => {
                     size += (k.len() + v.len()) as u64;
-                    if let Some(old) = map.insert(k.clone(), v) {
+                    // A key written again keeps its stored copy.
+                    if let Some(old) = map.get_mut(&*k) {
                         size -= (k.len() + old.len()) as u64;
+                        *old = v.into_vec();
+                    } else {
+                        map.insert(k.into_vec(), v.into_vec());
                     }
                 }
                 BatchOp::Delete(k) => {
-                    if let Some(old) = map.remove(&k) {
+                    if let Some(old) = map.remove(&*k) {
                         size -= (k.len() + old.len()) as u64;
                     }
                 }

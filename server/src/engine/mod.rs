@@ -38,6 +38,9 @@
 pub mod buffered;
 pub mod memory;
 pub mod rocksdb;
+mod small_bytes;
+
+pub use small_bytes::SmallBytes;
 
 use std::fmt;
 use std::ops::Bound;
@@ -138,11 +141,11 @@ impl FromStr for EngineKind {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BatchOp {
     /// Sets `key` to `value`.
-    Put(Vec<u8>, Vec<u8>),
+    Put(SmallBytes, SmallBytes),
     /// Removes `key` (no error if absent).
-    Delete(Vec<u8>),
+    Delete(SmallBytes),
     /// Removes every key in `[start, end)`; an empty `end` = to the end.
-    DeleteRange(Vec<u8>, Vec<u8>),
+    DeleteRange(SmallBytes, SmallBytes),
 }
 
 /// An ordered list of operations applied atomically by [`Engine::write`].
@@ -156,20 +159,20 @@ impl WriteBatch {
         WriteBatch::default()
     }
 
-    pub fn put(&mut self, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) -> &mut Self {
+    pub fn put(&mut self, key: impl Into<SmallBytes>, value: impl Into<SmallBytes>) -> &mut Self {
         self.ops.push(BatchOp::Put(key.into(), value.into()));
         self
     }
 
-    pub fn delete(&mut self, key: impl Into<Vec<u8>>) -> &mut Self {
+    pub fn delete(&mut self, key: impl Into<SmallBytes>) -> &mut Self {
         self.ops.push(BatchOp::Delete(key.into()));
         self
     }
 
     pub fn delete_range(
         &mut self,
-        start: impl Into<Vec<u8>>,
-        end: impl Into<Vec<u8>>,
+        start: impl Into<SmallBytes>,
+        end: impl Into<SmallBytes>,
     ) -> &mut Self {
         self.ops
             .push(BatchOp::DeleteRange(start.into(), end.into()));

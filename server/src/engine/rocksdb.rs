@@ -375,7 +375,7 @@ impl RocksEngine {
             .ops
             .iter()
             .any(|op| matches!(op, BatchOp::DeleteRange(_, end) if end.is_empty()));
-        let mut max_put: Option<&Vec<u8>> = None;
+        let mut max_put: Option<&[u8]> = None;
         let (default, versions) = (self.family(Family::Default), self.family(Family::Versions));
         let handle = |family| match family {
             Family::Default => default,
@@ -384,7 +384,7 @@ impl RocksEngine {
         for op in &batch.ops {
             match op {
                 BatchOp::Put(k, v) => {
-                    if open_ended && max_put.is_none_or(|m| k > m) {
+                    if open_ended && max_put.is_none_or(|m| &**k > m) {
                         max_put = Some(k);
                     }
                     wb.put_cf(handle(Family::of(k)), k, v)
@@ -397,7 +397,7 @@ impl RocksEngine {
                             // starts past the versions namespace: every
                             // key `>= from` is in its family.
                             let stored = self.last_key_from(family, from)?;
-                            let pending = max_put.filter(|m| m.as_slice() >= from).cloned();
+                            let pending = max_put.filter(|m| *m >= from).map(<[u8]>::to_vec);
                             if let Some(mut last) = stored.max(pending) {
                                 last.push(0);
                                 wb.delete_range_cf(handle(family), from, &last);

@@ -24,17 +24,23 @@ const PUT: u8 = b'p';
 const TOMBSTONE: u8 = b't';
 
 /// Meta key: the compacted revision.
-pub fn meta_compact_key() -> Vec<u8> {
-    [&[keyspace::MVCC_META][..], b"compact"].concat()
+pub fn meta_compact_key() -> [u8; 8] {
+    meta_key(*b"compact")
 }
 
 /// Meta key: the current (highest applied) revision.
-pub fn meta_current_key() -> Vec<u8> {
-    [&[keyspace::MVCC_META][..], b"current"].concat()
+pub fn meta_current_key() -> [u8; 8] {
+    meta_key(*b"current")
 }
 
-pub fn encode_rev_value(rev: Rev) -> Vec<u8> {
-    rev.to_be_bytes().to_vec()
+fn meta_key(name: [u8; 7]) -> [u8; 8] {
+    let mut k = [keyspace::MVCC_META; 8];
+    k[1..].copy_from_slice(&name);
+    k
+}
+
+pub fn encode_rev_value(rev: Rev) -> [u8; 8] {
+    rev.to_be_bytes()
 }
 
 pub fn decode_rev_value(bytes: &[u8]) -> Result<Rev, MvccError> {
@@ -45,11 +51,10 @@ pub fn decode_rev_value(bytes: &[u8]) -> Result<Rev, MvccError> {
 }
 
 /// The engine key of the version record at `rev`.
-pub fn version_key(rev: Revision) -> Vec<u8> {
-    let mut k = Vec::with_capacity(17);
-    k.push(keyspace::MVCC_VERSION);
-    k.extend_from_slice(&(rev.main as u64).to_be_bytes());
-    k.extend_from_slice(&(rev.sub as u64).to_be_bytes());
+pub fn version_key(rev: Revision) -> [u8; 17] {
+    let mut k = [keyspace::MVCC_VERSION; 17];
+    k[1..9].copy_from_slice(&(rev.main as u64).to_be_bytes());
+    k[9..].copy_from_slice(&(rev.sub as u64).to_be_bytes());
     k
 }
 
@@ -108,7 +113,7 @@ mod tests {
                 sub: 3,
             },
         ];
-        let keys: Vec<Vec<u8>> = revs.iter().map(|r| version_key(*r)).collect();
+        let keys: Vec<[u8; 17]> = revs.iter().map(|r| version_key(*r)).collect();
         let mut sorted = keys.clone();
         sorted.sort();
         assert_eq!(keys, sorted);
