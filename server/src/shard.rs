@@ -703,9 +703,17 @@ impl Shard {
                 self.state.borrow_mut().apply_noop(e.index)?;
                 continue;
             };
-            let (body, events) = self.state.borrow_mut().apply(e.index, &cmd)?;
-            if !events.is_empty() {
-                self.ring.borrow_mut().push(events);
+            let body = self.state.borrow_mut().apply(e.index, &cmd)?;
+            let pushed = {
+                let mut state = self.state.borrow_mut();
+                let mut events = state.take_events().peekable();
+                let any = events.peek().is_some();
+                if any {
+                    self.ring.borrow_mut().push(events);
+                }
+                any
+            };
+            if pushed {
                 // Watchers are woken before the writer is answered: an event
                 // should not trail the acknowledgement of its own write.
                 self.notify_watchers();

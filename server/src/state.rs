@@ -57,6 +57,9 @@ pub const MAX_DECISIONS: usize = 100_000;
 
 const APPLIED_KEY: &[u8] = b"Sapplied";
 
+/// The largest event vector kept from one applied entry for the next.
+const KEPT_EVENTS: usize = 64;
+
 /// A cross-shard transaction's id (16 random bytes chosen by the gateway).
 pub type TxnId = Vec<u8>;
 
@@ -463,19 +466,27 @@ impl ShardState {
     /// answer for whoever proposed it and the events it produced (all of
     /// one revision, in order, each with its previous version, read or
     /// named) — the one source of watch events, whatever the engine.
-    pub fn apply(
-        &mut self,
-        index: u64,
-        cmd: &RaftCommand,
-    ) -> Result<(Body, Vec<WriteEvent>), StateError> {
+    /// The events are then taken with [`ShardState::take_events`] (the
+    /// state keeps their vector for the next entry's).
+    pub fn apply(&mut self, index: u64, cmd: &RaftCommand) -> Result<Body, StateError> {
         let mut batch = WriteBatch::default();
+        if self.events.capacity() > KEPT_EVENTS {
+            // A large delete's vector is not kept for the puts after it.
+            self.events = Vec::new();
+        }
         self.events.clear();
         let body = self.apply_op(cmd, &mut batch)?;
         batch.put(APPLIED_KEY, index.to_be_bytes());
         self.engine.write(batch, false)?;
         self.applied_index = index;
         self.track_attachments();
-        Ok((body, std::mem::take(&mut self.events)))
+        Ok(body)
+    }
+
+    /// The events of the entry applied last, in order (see
+    /// [`ShardState::apply`]).
+    pub fn take_events(&mut self) -> std::vec::Drain<'_, WriteEvent> {
+        self.events.drain(..)
     }
 
     /// Keeps `attached` in step with the events just applied.
@@ -629,14 +640,7 @@ impl ShardState {
         batch: &mut WriteBatch,
         events: &mut Vec<WriteEvent>,
     ) {
-        let (b, ev) = w.finish_with_events();
-        batch.extend(b);
-        if events.is_empty() {
-            // The common case (one write per entry): keep its vector.
-            *events = ev;
-        } else {
-            events.extend(ev);
-        }
+        w.finish_into(batch, events);
     }
 
     /// Records that `index` was applied without a command (raft's empty
@@ -1098,7 +1102,7 @@ mod tests {
                 proposal_id: 0,
                 op: Some(op),
             };
-            self.states[shard].apply(self.index, &cmd).unwrap().0
+            self.states[shard].apply(self.index, &cmd).unwrap()
         }
         /// A key owned by `shard`.
         fn key(&self, shard: u32, tag: &str) -> Vec<u8> {

@@ -156,19 +156,24 @@ impl WatchRing {
         }
     }
 
-    /// Appends the events of one applied revision.
-    pub fn push(&mut self, events: Vec<WriteEvent>) {
-        let bytes = events.iter().map(event_size).sum();
-        let mut events = events.into_iter().map(|write| RingEvent {
-            write,
-            prev_read: OnceCell::new(),
+    /// Appends the events of one applied revision (taken from a vector the
+    /// caller keeps, or any other source).
+    pub fn push(&mut self, events: impl IntoIterator<Item = WriteEvent>) {
+        let mut bytes = 0;
+        let mut events = events.into_iter().map(|write| {
+            bytes += event_size(&write);
+            RingEvent {
+                write,
+                prev_read: OnceCell::new(),
+            }
         });
         let Some(first) = events.next() else { return };
         let revision = first.write.revision();
+        let rest = events.collect();
         self.batches.push_back(Rc::new(RevisionBatch {
             revision,
             first,
-            rest: events.collect(),
+            rest,
             bytes,
         }));
         self.bytes += bytes;

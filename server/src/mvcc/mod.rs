@@ -286,7 +286,14 @@ pub struct Mvcc {
     compacted: Rev,
     /// Records reads fetched recently (see `record_cache`).
     cache: RefCell<RecordCache>,
+    /// The emptied change vector of the last write, lent to the next one
+    /// (see `SPARE_CHANGES`).
+    spare_changes: Vec<Change>,
 }
+
+/// The largest change vector kept for the next write: a put's and a small
+/// txn's fit, and a delete of a million keys does not keep its vector.
+const SPARE_CHANGES: usize = 16;
 
 /// The default bound of a store's record cache (`RecordCache`), in bytes.
 pub const DEFAULT_RECORD_CACHE_BYTES: usize = 16 << 20;
@@ -348,6 +355,7 @@ impl Mvcc {
             current: current.max(compacted),
             compacted,
             cache: RefCell::new(RecordCache::new(DEFAULT_RECORD_CACHE_BYTES)),
+            spare_changes: Vec::new(),
         })
     }
 
@@ -610,12 +618,13 @@ impl Mvcc {
             Ok(s) => (s, None),
             Err(e) => (0, Some(e)),
         };
+        let changes = std::mem::take(&mut self.spare_changes);
         MvccWrite {
             mvcc: self,
             rev,
             sub_base,
             broken,
-            changes: Vec::new(),
+            changes,
             latest: None,
         }
     }
@@ -1146,18 +1155,26 @@ impl MvccWrite<'_> {
     /// version, read or named: see "A write's events").
     pub fn finish_with_events(self) -> (WriteBatch, Vec<WriteEvent>) {
         let mut batch = WriteBatch::new();
-        let mut events = Vec::with_capacity(self.changes.len());
+        let mut events = Vec::new();
+        self.finish_into(&mut batch, &mut events);
+        (batch, events)
+    }
+
+    /// [`MvccWrite::finish_with_events`] into the caller's batch and
+    /// events, appended after what they hold.
+    pub fn finish_into(self, batch: &mut WriteBatch, events: &mut Vec<WriteEvent>) {
         if self.changes.is_empty() {
-            return (batch, events);
+            return;
         }
         let MvccWrite {
             mvcc,
             rev,
             sub_base,
-            changes,
+            mut changes,
             ..
         } = self;
-        for (sub, c) in changes.into_iter().enumerate() {
+        events.reserve(changes.len());
+        for (sub, c) in changes.drain(..).enumerate() {
             let r = Revision {
                 main: rev,
                 sub: sub_base + sub as i64,
@@ -1190,12 +1207,14 @@ impl MvccWrite<'_> {
                 },
             });
         }
+        if changes.capacity() <= SPARE_CHANGES {
+            mvcc.spare_changes = changes;
+        }
         mvcc.current = mvcc.current.max(rev);
         batch.put(
             codec::meta_current_key(),
             codec::encode_rev_value(mvcc.current),
         );
-        (batch, events)
     }
 }
 
