@@ -1,11 +1,13 @@
-//! `SmallBytes`: the keys and values of a [`super::WriteBatch`], held
-//! inline when they are short.
+//! `SmallBytes`: the keys and values of a [`super::WriteBatch`] and the
+//! keys of the MVCC key index, held inline when they are short.
 //!
 //! Every write the shard applies carries a few short pairs besides its
 //! version record: the 17-byte key of that record, and the MVCC current
 //! revision and the applied raft index, each an 8-byte key with an 8-byte
 //! value. As `Vec`s they cost five allocations per put, and as many frees
-//! once the held writes reach the engine; inline they cost none.
+//! once the held writes reach the engine; inline they cost none. In the
+//! key index, a short key sits in the map's node itself, where a lookup
+//! compares it without following a pointer.
 //!
 //! Invariant: a `SmallBytes` is its byte string. Equality, order and hash
 //! are those of the bytes (`[u8]`), whichever way they are held, so it can

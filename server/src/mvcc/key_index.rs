@@ -32,6 +32,7 @@ use std::collections::BTreeMap;
 use std::ops::Bound;
 
 use super::Rev;
+use crate::engine::SmallBytes;
 
 /// A revision with its sub-revision: the position of one change inside the
 /// write revision `main` (etcd's `revision{main, sub}`).
@@ -340,7 +341,10 @@ impl KeyHistory {
 /// Every key's history, ordered by key.
 #[derive(Debug, Clone, Default)]
 pub struct KeyIndex {
-    keys: BTreeMap<Vec<u8>, KeyHistory>,
+    /// Keys up to 22 bytes are held in the map's nodes themselves, so a
+    /// lookup among short keys compares without following a pointer per
+    /// key, and such a key takes no allocation of its own.
+    keys: BTreeMap<SmallBytes, KeyHistory>,
 }
 
 impl KeyIndex {
@@ -355,7 +359,7 @@ impl KeyIndex {
     /// The key as stored in the index (borrowable for as long as the index)
     /// with its history.
     pub fn get_key_value(&self, key: &[u8]) -> Option<(&[u8], &KeyHistory)> {
-        self.keys.get_key_value(key).map(|(k, h)| (k.as_slice(), h))
+        self.keys.get_key_value(key).map(|(k, h)| (&**k, h))
     }
 
     /// Appends `entry` to `key`'s history. The caller guarantees it is newer
@@ -364,7 +368,8 @@ impl KeyIndex {
         if let Some(h) = self.keys.get_mut(key) {
             h.push(entry);
         } else if !entry.tombstone {
-            self.keys.insert(key.to_vec(), KeyHistory::new(entry));
+            self.keys
+                .insert(SmallBytes::from(key), KeyHistory::new(entry));
         }
         // A tombstone for a key with no history has nothing to end: it can
         // only come from a record whose live version was compacted away,
