@@ -143,6 +143,9 @@ struct Older {
     /// Runs after `first`, by increasing `start`; empty (no allocation)
     /// for a key with one generation and one lease.
     more: Vec<Run>,
+    /// Whether the last entry is a tombstone: known here, a push need not
+    /// read the end of `entries` (on a large index, a cache miss).
+    ends_in_tombstone: bool,
 }
 
 impl Older {
@@ -156,6 +159,7 @@ impl Older {
                 lease: e.lease,
             },
             more: Vec::new(),
+            ends_in_tombstone: e.tombstone,
         }
     }
 
@@ -177,7 +181,7 @@ impl Older {
             true
         } else {
             let r = self.last_run();
-            !self.entries[i - 1].tombstone()
+            !self.ends_in_tombstone
                 && e.create == r.create
                 && e.lease == r.lease
                 && Some(e.version) == r.version.checked_add((i - r.start) as i64)
@@ -191,6 +195,7 @@ impl Older {
             });
         }
         self.entries.push(Slim::of(e));
+        self.ends_in_tombstone = e.tombstone;
     }
 
     fn get(&self, i: usize) -> Entry {
