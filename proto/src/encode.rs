@@ -13,6 +13,9 @@
 //! The functions here write exactly the bytes prost writes — the same
 //! fields in the same order, defaults left out — which the tests check
 //! against prost on varied messages; everything else is still prost's.
+//! The tests build each message with every one of its fields named, so a
+//! field added to the protos fails to compile there until it is encoded
+//! here too.
 
 use prost::bytes::BufMut;
 use prost::encoding::{encode_key, encode_varint, WireType};

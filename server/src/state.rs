@@ -463,11 +463,11 @@ impl ShardState {
     }
 
     /// Applies the committed entry `index` carrying `cmd`; returns the
-    /// answer for whoever proposed it and the events it produced (all of
-    /// one revision, in order, each with its previous version, read or
-    /// named) — the one source of watch events, whatever the engine.
-    /// The events are then taken with [`ShardState::take_events`] (the
-    /// state keeps their vector for the next entry's).
+    /// answer for whoever proposed it. The events it produced (all of one
+    /// revision, in order, each with its previous version, read or named)
+    /// — the one source of watch events, whatever the engine — are then
+    /// taken with [`ShardState::take_events`], which leaves their vector
+    /// to the next entry.
     pub fn apply(&mut self, index: u64, cmd: &RaftCommand) -> Result<Body, StateError> {
         let mut batch = WriteBatch::default();
         if self.events.capacity() > KEPT_EVENTS {

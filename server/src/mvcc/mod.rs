@@ -1163,9 +1163,6 @@ impl MvccWrite<'_> {
     /// [`MvccWrite::finish_with_events`] into the caller's batch and
     /// events, appended after what they hold.
     pub fn finish_into(self, batch: &mut WriteBatch, events: &mut Vec<WriteEvent>) {
-        if self.changes.is_empty() {
-            return;
-        }
         let MvccWrite {
             mvcc,
             rev,
@@ -1173,6 +1170,13 @@ impl MvccWrite<'_> {
             mut changes,
             ..
         } = self;
+        if changes.is_empty() {
+            // Nothing written (a read-only txn): the vector goes back.
+            if changes.capacity() <= SPARE_CHANGES {
+                mvcc.spare_changes = changes;
+            }
+            return;
+        }
         events.reserve(changes.len());
         for (sub, c) in changes.drain(..).enumerate() {
             let r = Revision {
