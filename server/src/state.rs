@@ -633,16 +633,6 @@ impl ShardState {
         }
     }
 
-    /// Finishes a write: its batch joins the entry's, its events are kept
-    /// for the watch ring.
-    fn finish_write(
-        w: crate::mvcc::MvccWrite<'_>,
-        batch: &mut WriteBatch,
-        events: &mut Vec<WriteEvent>,
-    ) {
-        w.finish_into(batch, events);
-    }
-
     /// Records that `index` was applied without a command (raft's empty
     /// entries, configuration changes).
     pub fn apply_noop(&mut self, index: u64) -> Result<(), StateError> {
@@ -710,7 +700,7 @@ impl ShardState {
         let mut w = self.mvcc.write(rev);
         match w.put(req) {
             Ok(mut resp) => {
-                Self::finish_write(w, batch, &mut self.events);
+                w.finish_into(batch, &mut self.events);
                 resp.header = Self::header(rev);
                 Ok(Body::Put(resp))
             }
@@ -732,7 +722,7 @@ impl ShardState {
         let mut w = self.mvcc.write(rev);
         match w.delete_range(req, &owns) {
             Ok(mut resp) => {
-                Self::finish_write(w, batch, &mut self.events);
+                w.finish_into(batch, &mut self.events);
                 resp.header = Self::header(rev);
                 Ok(Body::DeleteRange(resp))
             }
@@ -780,7 +770,7 @@ impl ShardState {
         let mut w = self.mvcc.write(rev);
         match w.txn(t, &path, &owns) {
             Ok(mut resp) => {
-                Self::finish_write(w, batch, &mut self.events);
+                w.finish_into(batch, &mut self.events);
                 resp.header = Self::header(rev);
                 Ok(Body::Txn(resp))
             }
@@ -892,7 +882,7 @@ impl ShardState {
                 }
             }
         }
-        Self::finish_write(w, batch, &mut self.events);
+        w.finish_into(batch, &mut self.events);
         for lease in &prep.revoke_leases {
             let grant = match self.leases.remove(lease) {
                 Some(record) => {
