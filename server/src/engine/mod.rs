@@ -222,12 +222,11 @@ pub trait Engine {
         f: &mut dyn FnMut(&[u8], &[u8]) -> bool,
     ) -> Result<(), EngineError>;
 
-    /// Applies the batch atomically; with `sync` it is durable before
-    /// returning (RocksDB: with every write before it, flushed).
+    /// Applies the batch atomically; with `sync` it is durable (fsync'd WAL)
+    /// before returning.
     fn write(&self, batch: WriteBatch, sync: bool) -> Result<(), EngineError>;
 
-    /// Makes every write so far durable (RocksDB: flushes its memtables to
-    /// SST files; its writes skip its own WAL). The
+    /// Makes every write so far durable (RocksDB: fsyncs its WAL). The
     /// shard calls it before it deletes raft WAL segments whose entries the
     /// engine's unsynced writes came from. An engine with nothing durable
     /// has nothing to do.

@@ -5,25 +5,9 @@
 //!   user, so the single-threaded `DB` flavour is enough; RocksDB's own
 //!   background threads (flush, compaction) come from the process-wide
 //!   default environment and are shared by every shard.
-//! * **No RocksDB WAL; durability by flushing.** Everything the shard
-//!   writes here is derived from raft entries already durable in the raft
-//!   WAL (`crate::wal`), and restart replays those entries from the applied
-//!   index stored here. So writes skip RocksDB's own WAL (it only wrote
-//!   each put's data to disk a second time, with a CRC32C of its own), and
-//!   what is durable is what memtable flushes have written to SST files.
-//!   Two rules keep that a consistent state:
-//!   - **Atomic flush** (`atomic_flush`): RocksDB's automatic flushes take
-//!     both column families at one point of the write sequence, so a batch
-//!     is either wholly flushed or not at all, across families.
-//!   - **Manual flushes with nothing between them.** `sync` (and a synced
-//!     `write`) flushes the two families one after the other (the C API
-//!     of RocksDB 7.8 flushes one family per call). This thread is the
-//!     only writer and writes nothing while it waits for both, so the two
-//!     flushes cut the write sequence at the same point.
-//!
-//!   A crash loses the unflushed memtables, which the raft WAL still
-//!   holds: its segments are deleted only after `sync`. A clean close
-//!   flushes what is unflushed (RocksDB's own shutdown flush).
+//! * **WAL always on.** Every batch goes to the write-ahead log; `sync`
+//!   decides whether the WAL is fsync'd before `write` returns. A batch is
+//!   atomic in the WAL too, so recovery never exposes half a batch.
 //! * **MVCC versions in a column family of their own.** Version records
 //!   (`keyspace::MVCC_VERSION`) are keyed by revision, so they arrive in
 //!   key order and each memtable flush covers a key range of its own. The
@@ -161,9 +145,16 @@ impl RocksEngine {
         opts.set_max_open_files(256);
         opts.set_keep_log_file_num(2);
         opts.set_max_log_file_size(1 << 20);
-        // Writes skip the WAL (see the module docs): flushes must take both
-        // families at once to leave a consistent state behind.
-        opts.set_atomic_flush(true);
+        opts.set_max_total_wal_size(64 << 20);
+        // No WAL recycling: RocksDB (7.x) turns `recycle_log_file_num` off
+        // under point-in-time WAL recovery (its default: recovery stops at
+        // the first damaged record, so what survives is a prefix of what
+        // was written). So every RocksDB WAL fsync is that of an appended
+        // file, which also commits the file's size through the journal.
+        // That is why the raft log is not kept here but in its own
+        // preallocated segments (`crate::wal`), and the shard's writes here
+        // are unsynced: RocksDB's WAL is fsync'd only before raft WAL
+        // segments are deleted (`Engine::sync`).
         opts.set_compression_type(DBCompressionType::Snappy);
         let mut table = BlockBasedOptions::default();
         table.set_block_cache(cache);
@@ -214,29 +205,12 @@ impl RocksEngine {
             };
             last.push(0);
             wb.delete_range_cf(default, &first, &last);
-            self.db.write_opt(wb, &Self::write_options())?;
+            self.db.write(wb)?;
             moved = true;
         }
         if moved {
-            self.flush_families()?;
+            self.db.flush_wal(true)?;
         }
-        Ok(())
-    }
-
-    /// Every write skips RocksDB's WAL (see the module docs).
-    fn write_options() -> WriteOptions {
-        let mut wo = WriteOptions::default();
-        wo.disable_wal(true);
-        wo
-    }
-
-    /// Makes everything written so far durable: both families' memtables
-    /// flushed to SST files, one family after the other with nothing
-    /// written between (this thread is the only writer), so the two
-    /// flushes form one consistent cut.
-    fn flush_families(&self) -> Result<(), EngineError> {
-        self.db.flush_cf(self.family(Family::Default))?;
-        self.db.flush_cf(self.family(Family::Versions))?;
         Ok(())
     }
 
@@ -355,15 +329,15 @@ impl Engine for RocksEngine {
 
     fn write(&self, batch: WriteBatch, sync: bool) -> Result<(), EngineError> {
         let wb = self.rocks_batch(batch)?;
-        self.db.write_opt(wb, &Self::write_options())?;
-        if sync {
-            self.flush_families()?;
-        }
+        let mut wo = WriteOptions::default();
+        wo.set_sync(sync);
+        self.db.write_opt(wb, &wo)?;
         Ok(())
     }
 
     fn sync(&self) -> Result<(), EngineError> {
-        self.flush_families()
+        self.db.flush_wal(true)?;
+        Ok(())
     }
 
     fn size_bytes(&self) -> u64 {
