@@ -703,15 +703,10 @@ impl Shard {
                 self.state.borrow_mut().apply_noop(e.index)?;
                 continue;
             };
-            let body = self.state.borrow_mut().apply(e.index, &cmd)?;
-            let pushed = {
+            let (body, pushed) = {
                 let mut state = self.state.borrow_mut();
-                let mut events = state.take_events().peekable();
-                let any = events.peek().is_some();
-                if any {
-                    self.ring.borrow_mut().push(events);
-                }
-                any
+                let body = state.apply(e.index, &cmd)?;
+                (body, self.ring.borrow_mut().push(state.take_events()))
             };
             if pushed {
                 // Watchers are woken before the writer is answered: an event

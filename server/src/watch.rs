@@ -157,8 +157,8 @@ impl WatchRing {
     }
 
     /// Appends the events of one applied revision (taken from a vector the
-    /// caller keeps, or any other source).
-    pub fn push(&mut self, events: impl IntoIterator<Item = WriteEvent>) {
+    /// caller keeps, or any other source); false if there were none.
+    pub fn push(&mut self, events: impl IntoIterator<Item = WriteEvent>) -> bool {
         let mut bytes = 0;
         let mut events = events.into_iter().map(|write| {
             bytes += event_size(&write);
@@ -167,7 +167,9 @@ impl WatchRing {
                 prev_read: OnceCell::new(),
             }
         });
-        let Some(first) = events.next() else { return };
+        let Some(first) = events.next() else {
+            return false;
+        };
         let revision = first.write.revision();
         let rest = events.collect();
         self.batches.push_back(Rc::new(RevisionBatch {
@@ -185,6 +187,7 @@ impl WatchRing {
             self.max_evicted = self.max_evicted.max(old.revision);
             self.first_seq += 1;
         }
+        true
     }
 
     /// Sequence number of the oldest batch held.
