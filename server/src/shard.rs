@@ -24,8 +24,9 @@
 //! unsynced; the shard's [`BufferedEngine`] holds them and they reach the
 //! engine together once enough are held or at the next tick. raft-rs does
 //! no I/O; this loop owns it, and a 100 ms tick drives raft's timers, writes
-//! what is still held, truncates the log (syncing the engine before it
-//! deletes WAL segments: see `on_tick`), and re-checks everything a lost
+//! what is still held, truncates the log (syncing the engine, off this
+//! thread, before it deletes WAL segments: see `release_wal_before`), and
+//! re-checks everything a lost
 //! wake-up could have left waiting. Before serving (`start`), the shard
 //! applies its whole raft log past its applied index: whatever a previous
 //! process had not written, or held when it died, is re-applied from it.
@@ -189,6 +190,9 @@ pub struct Shard {
     revoking: RefCell<std::collections::HashSet<i64>>,
     /// An expiry pass is revoking expired leases (one at a time).
     expiring: Cell<bool>,
+    /// The engine is being synced off this thread before WAL segments are
+    /// released (`release_wal_before`; one at a time).
+    releasing: Cell<bool>,
 }
 
 /// The connection's handle on one subscription: acks, progress requests
@@ -297,6 +301,7 @@ impl Shard {
             lease_deadlines: RefCell::new(HashMap::new()),
             revoking: RefCell::new(Default::default()),
             expiring: Cell::new(false),
+            releasing: Cell::new(false),
         });
         Ok((shard, max_rev))
     }
@@ -617,6 +622,40 @@ impl Shard {
         Ok(())
     }
 
+    /// Deletes the raft WAL segments whose entries are all before `index`
+    /// (at most the applied index), once the engine holds, durably,
+    /// everything those entries did: restart replays the log from the
+    /// engine's applied index. Making it durable (RocksDB: flushing its
+    /// memtables) runs on glommio's blocking pool, so this core goes on
+    /// serving; the segments go when it is done. One at a time.
+    fn release_wal_before(self: &Rc<Self>, index: u64) {
+        let release = move |shard: &Shard| {
+            let released = shard.node.borrow().store().release_before(index);
+            if let Err(e) = released {
+                eprintln!("shard {}: raft log release: {e}", shard.id);
+            }
+        };
+        match self.buffer.sync_job() {
+            Err(e) => eprintln!("shard {}: engine sync before WAL release: {e}", self.id),
+            Ok(None) => release(self),
+            Ok(Some(job)) => {
+                self.releasing.set(true);
+                let shard = self.clone();
+                glommio::spawn_local(async move {
+                    let synced = glommio::executor().spawn_blocking(job).await;
+                    shard.releasing.set(false);
+                    match synced {
+                        Ok(()) => release(&shard),
+                        Err(e) => {
+                            eprintln!("shard {}: engine sync before WAL release: {e}", shard.id)
+                        }
+                    }
+                })
+                .detach();
+            }
+        }
+    }
+
     fn notify_watchers(&self) {
         for tx in self.watch_waiters.borrow_mut().drain(..) {
             let _ = tx.send(());
@@ -796,18 +835,8 @@ impl Shard {
         if let Some(index) = log.truncation_index(applied) {
             if let Err(e) = log.truncate_before(index) {
                 eprintln!("shard {}: raft log truncation: {e}", self.id);
-            } else if log.releasable(index) {
-                // WAL segments go only once the engine holds, durably,
-                // everything their entries did (restart replays from the
-                // engine's applied index).
-                let released = self
-                    .buffer
-                    .sync()
-                    .map_err(|e| e.to_string())
-                    .and_then(|()| log.release_before(index).map_err(|e| e.to_string()));
-                if let Err(e) = released {
-                    eprintln!("shard {}: raft log release: {e}", self.id);
-                }
+            } else if log.releasable(index) && !self.releasing.get() {
+                self.release_wal_before(index);
             }
         }
         drop(node);

@@ -44,7 +44,9 @@ use std::cmp::Ordering;
 use std::collections::BTreeMap;
 use std::rc::Rc;
 
-use super::{map_bounds, BatchOp, Engine, EngineError, EngineKind, SmallBytes, WriteBatch};
+use super::{
+    map_bounds, BatchOp, Engine, EngineError, EngineKind, EngineSyncJob, SmallBytes, WriteBatch,
+};
 
 /// A held write: the new value, or `None` for a deletion.
 type Overlay = BTreeMap<SmallBytes, Option<SmallBytes>>;
@@ -87,6 +89,11 @@ impl BufferedEngine {
     /// Writes everything held as one unsynced batch and stops holding.
     pub fn flush(&self) -> Result<(), EngineError> {
         self.holding.set(false);
+        self.write_held()
+    }
+
+    /// Writes what is held through to the inner engine (unsynced).
+    fn write_held(&self) -> Result<(), EngineError> {
         let held = self.take_held();
         if held.is_empty() {
             return Ok(());
@@ -241,12 +248,13 @@ impl Engine for BufferedEngine {
     }
 
     fn sync(&self) -> Result<(), EngineError> {
-        // Held writes first: they are older than the sync.
-        let held = self.take_held();
-        if !held.is_empty() {
-            self.inner.write(held, false)?;
-        }
+        self.write_held()?;
         self.inner.sync()
+    }
+
+    fn sync_job(&self) -> Result<Option<EngineSyncJob>, EngineError> {
+        self.write_held()?;
+        self.inner.sync_job()
     }
 
     fn size_bytes(&self) -> u64 {
@@ -289,7 +297,7 @@ mod tests {
     /// directly, on both engines, for every scan window and limit.
     #[test]
     fn reads_match_a_plain_engine_while_holding_and_after_flush() {
-        for ((_, inner, _d1), (_, plain, _d2)) in each_engine().into_iter().zip(each_engine()) {
+        for ((_d1, _, inner), (_d2, _, plain)) in each_engine().into_iter().zip(each_engine()) {
             let kind = inner.kind();
             let buffered = BufferedEngine::new(inner.clone());
             let mut base = WriteBatch::new();
@@ -357,7 +365,7 @@ mod tests {
     /// a key put and then deleted is written as the deletion.
     #[test]
     fn a_flush_writes_each_held_key_once_with_its_last_value() {
-        for (_, inner, _dir) in each_engine() {
+        for (_dir, _, inner) in each_engine() {
             let buffered = BufferedEngine::new(inner.clone());
             let mut base = WriteBatch::new();
             base.put(&b"gone"[..], &b"0"[..]);
@@ -396,7 +404,7 @@ mod tests {
     /// order, and later unsynced writes go straight through once flushed.
     #[test]
     fn synced_writes_and_delete_ranges_carry_what_is_held() {
-        for (_, inner, _dir) in each_engine() {
+        for (_dir, _, inner) in each_engine() {
             let kind = inner.kind();
             let buffered = BufferedEngine::new(inner.clone());
             buffered.hold_always();

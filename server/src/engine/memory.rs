@@ -17,7 +17,7 @@
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 
-use super::{map_bounds, BatchOp, Engine, EngineError, EngineKind, WriteBatch};
+use super::{map_bounds, BatchOp, Engine, EngineError, EngineKind, EngineSyncJob, WriteBatch};
 
 #[derive(Debug, Default)]
 pub struct MemoryEngine {
@@ -75,6 +75,10 @@ impl Engine for MemoryEngine {
     fn sync(&self) -> Result<(), EngineError> {
         // Nothing here is durable.
         Ok(())
+    }
+
+    fn sync_job(&self) -> Result<Option<EngineSyncJob>, EngineError> {
+        Ok(None)
     }
 
     fn write(&self, batch: WriteBatch, _sync: bool) -> Result<(), EngineError> {

@@ -22,11 +22,15 @@
 //!   it, in order (a later op in the batch wins over an earlier one on the
 //!   same key). Readers never observe half a batch: the engine is used from
 //!   one thread, and RocksDB write batches are atomic even across crashes.
-//! * **Durability.** With `sync = true` the RocksDB engine fsyncs its WAL
-//!   before `write` returns, so an acknowledged batch survives a crash.
-//!   Without it the batch is in the OS page cache only (it survives a process
-//!   crash, not a power loss). The memory engine is never durable; it keeps
-//!   everything in RAM and says so through [`EngineKind::Memory`].
+//! * **Durability.** A write is durable once [`Engine::sync`] (or the job
+//!   from [`Engine::sync_job`]) has run after it, or if it was made with
+//!   `sync = true`; the RocksDB engine then has it in SST files (it writes
+//!   no WAL of its own: a shard's raft WAL is the durable record, see
+//!   `engine::rocksdb`). Until then a crash, even of the process alone,
+//!   may lose it, but only with every write after it: what survives is a
+//!   prefix of the writes. A clean close keeps everything. The memory
+//!   engine is never durable; it keeps everything in RAM and says so
+//!   through [`EngineKind::Memory`].
 //! * **Callbacks.** A scan callback must not write to the same engine (the
 //!   memory engine holds a borrow of its map for the whole scan).
 //!
@@ -90,10 +94,18 @@ pub enum EngineError {
     /// Filesystem error outside RocksDB (e.g. creating the directory).
     #[error("engine I/O: {0}")]
     Io(#[from] std::io::Error),
+    /// A flush raised RocksDB's background-error count (the manual
+    /// compaction that flushes reports no error of its own).
+    #[error("rocksdb: a flush failed; see the DB's LOG")]
+    FlushFailed,
     /// An engine name that is neither `memory` nor `rocksdb`.
     #[error("unknown engine {0:?} (expected \"memory\" or \"rocksdb\")")]
     UnknownKind(String),
 }
+
+/// Work that makes an engine's earlier writes durable, run off the
+/// shard's thread ([`Engine::sync_job`]).
+pub type EngineSyncJob = Box<dyn FnOnce() -> Result<(), EngineError> + Send>;
 
 /// Which engine implementation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -222,15 +234,21 @@ pub trait Engine {
         f: &mut dyn FnMut(&[u8], &[u8]) -> bool,
     ) -> Result<(), EngineError>;
 
-    /// Applies the batch atomically; with `sync` it is durable (fsync'd WAL)
-    /// before returning.
+    /// Applies the batch atomically; with `sync` it is durable before
+    /// returning, with every write before it.
     fn write(&self, batch: WriteBatch, sync: bool) -> Result<(), EngineError>;
 
-    /// Makes every write so far durable (RocksDB: fsyncs its WAL). The
-    /// shard calls it before it deletes raft WAL segments whose entries the
-    /// engine's unsynced writes came from. An engine with nothing durable
-    /// has nothing to do.
+    /// Makes every write so far durable (RocksDB: flushes its memtables).
+    /// An engine with nothing durable has nothing to do.
     fn sync(&self) -> Result<(), EngineError>;
+
+    /// [`sync`](Self::sync) as a job for another thread: running it makes
+    /// every write issued before this call durable, while this thread goes
+    /// on writing. The shard runs one before it deletes raft WAL segments
+    /// whose entries its unsynced writes came from, off its own thread, so
+    /// a flush of the memtables does not stall it. `None`: nothing to do
+    /// (an engine with nothing durable).
+    fn sync_job(&self) -> Result<Option<EngineSyncJob>, EngineError>;
 
     /// Approximate on-disk (or in-RAM) size of the data, in bytes.
     fn size_bytes(&self) -> u64;
@@ -289,13 +307,19 @@ pub fn open_with(
 
 /// One open engine of every kind, each in its own temporary directory
 /// (kept alive with it): the matrix every engine-level test runs on.
+///
+/// The directory comes first, so that a pattern binding all three, like
+/// `(_dir, kind, e)`, drops the engine before the directory (bindings drop
+/// in reverse): a RocksDB engine flushes its memtables as it closes, and
+/// would otherwise retry into a directory already deleted.
 #[cfg(test)]
-pub(crate) fn each_engine() -> Vec<(EngineKind, Rc<dyn Engine>, tempfile::TempDir)> {
+pub(crate) fn each_engine() -> Vec<(tempfile::TempDir, EngineKind, Rc<dyn Engine>)> {
     [EngineKind::Memory, EngineKind::RocksDb]
         .into_iter()
         .map(|kind| {
             let dir = tempfile::TempDir::new().unwrap();
-            (kind, open(kind, dir.path()).unwrap(), dir)
+            let engine = open(kind, dir.path()).unwrap();
+            (dir, kind, engine)
         })
         .collect()
 }
@@ -355,7 +379,7 @@ mod tests {
 
     #[test]
     fn get_put_delete() {
-        for (kind, e, _dir) in each_engine() {
+        for (_dir, kind, e) in each_engine() {
             assert_eq!(e.kind(), kind);
             assert_eq!(e.get(b"a").unwrap(), None, "{kind}");
             e.write(sample(), false).unwrap();
@@ -371,7 +395,7 @@ mod tests {
 
     #[test]
     fn scan_is_ordered_and_bounded() {
-        for (kind, e, _dir) in each_engine() {
+        for (_dir, kind, e) in each_engine() {
             e.write(sample(), false).unwrap();
             let all = collect(&*e, b"", b"");
             let expect: Vec<Vec<u8>> = vec![
@@ -406,7 +430,7 @@ mod tests {
 
     #[test]
     fn scan_rev_is_reverse_ordered_and_bounded() {
-        for (kind, e, _dir) in each_engine() {
+        for (_dir, kind, e) in each_engine() {
             e.write(sample(), false).unwrap();
             let mut all = keys(&collect(&*e, b"", b""));
             all.reverse();
@@ -445,7 +469,7 @@ mod tests {
 
     #[test]
     fn delete_range() {
-        for (kind, e, _dir) in each_engine() {
+        for (_dir, kind, e) in each_engine() {
             e.write(sample(), false).unwrap();
             let mut b = WriteBatch::new();
             b.delete_range(b"a", b"b");
@@ -482,7 +506,7 @@ mod tests {
 
     #[test]
     fn batch_applies_in_order() {
-        for (kind, e, _dir) in each_engine() {
+        for (_dir, kind, e) in each_engine() {
             let mut b = WriteBatch::new();
             b.put(b"k1", b"1")
                 .put(b"k2", b"2")
@@ -511,7 +535,7 @@ mod tests {
 
     #[test]
     fn open_ended_delete_range_covers_keys_put_in_the_same_batch() {
-        for (kind, e, _dir) in each_engine() {
+        for (_dir, kind, e) in each_engine() {
             e.write(sample(), false).unwrap();
             let mut b = WriteBatch::new();
             b.put(b"\xff\xff\xff", b"new")
@@ -551,7 +575,7 @@ mod tests {
             vec![v + 1, 0],
             b"\xff".to_vec(),
         ];
-        for (kind, e, _dir) in each_engine() {
+        for (_dir, kind, e) in each_engine() {
             let mut b = WriteBatch::new();
             for k in all.iter().rev() {
                 b.put(k.clone(), [&k[..], b"-v"].concat());

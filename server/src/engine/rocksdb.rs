@@ -5,9 +5,26 @@
 //!   user, so the single-threaded `DB` flavour is enough; RocksDB's own
 //!   background threads (flush, compaction) come from the process-wide
 //!   default environment and are shared by every shard.
-//! * **WAL always on.** Every batch goes to the write-ahead log; `sync`
-//!   decides whether the WAL is fsync'd before `write` returns. A batch is
-//!   atomic in the WAL too, so recovery never exposes half a batch.
+//! * **No RocksDB WAL; durable by atomic flushes.** Everything a shard
+//!   writes here derives from raft entries already durable in its raft WAL
+//!   (`crate::wal`), and a restart re-applies those entries past the
+//!   applied index stored here. RocksDB's own WAL would write each put's
+//!   data to disk a second time (with a software CRC32C), so writes skip
+//!   it, and what is durable is what memtable flushes have written to SST
+//!   files. Two rules keep that a consistent prefix of the write sequence:
+//!   - `atomic_flush`: every flush, RocksDB's automatic ones included,
+//!     switches both column families' memtables at one point of the write
+//!     sequence, so a batch is flushed whole or not at all;
+//!   - our own flush ([`flush_all`]) is a manual compaction of the default
+//!     family, which under `atomic_flush` first flushes *every* family at
+//!     one point. (RocksDB 7.9's C API flushes one family per call; two
+//!     calls would leave a crash between them with one family ahead of the
+//!     other, which replay cannot mend.)
+//!
+//!   A crash (or the server's exit, which does not close the DB) loses the
+//!   memtables; the raft WAL still holds their entries, since its segments
+//!   are deleted only after a flush that covers them ([`Engine::sync_job`],
+//!   run off the shard's thread). A close flushes what is unflushed.
 //! * **MVCC versions in a column family of their own.** Version records
 //!   (`keyspace::MVCC_VERSION`) are keyed by revision, so they arrive in
 //!   key order and each memtable flush covers a key range of its own. The
@@ -36,13 +53,15 @@
 //!   is the only writer.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use ::rocksdb::{
-    BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, DBCompressionType, Options,
-    ReadOptions, WriteOptions, DB, DEFAULT_COLUMN_FAMILY_NAME,
+    BlockBasedOptions, BottommostLevelCompaction, Cache, ColumnFamily, ColumnFamilyDescriptor,
+    CompactOptions, DBCompressionType, Options, ReadOptions, WriteOptions, DB,
+    DEFAULT_COLUMN_FAMILY_NAME,
 };
 
-use super::{keyspace, BatchOp, Engine, EngineError, EngineKind, WriteBatch};
+use super::{keyspace, BatchOp, Engine, EngineError, EngineKind, EngineSyncJob, WriteBatch};
 
 /// Block cache per instance, shared by its column families, unless the
 /// caller asks for another size (`metastore-server --block-cache-mib`).
@@ -109,7 +128,37 @@ fn pieces<'a>(
 }
 
 pub struct RocksEngine {
-    db: DB,
+    /// Shared with flushes running off the shard's thread
+    /// ([`Engine::sync_job`]).
+    db: Arc<DB>,
+}
+
+/// Makes every write to `db` so far durable: both families' memtables
+/// flushed to SST files at one point of the write sequence (see the module
+/// docs). RocksDB's C API reports no error from a manual compaction, so a
+/// failed flush is told by the background-error count it raises.
+fn flush_all(db: &DB) -> Result<(), EngineError> {
+    let errors = || {
+        db.property_int_value(::rocksdb::properties::BACKGROUND_ERRORS)
+            .ok()
+            .flatten()
+            .unwrap_or(0)
+    };
+    let before = errors();
+    let default = db
+        .cf_handle(DEFAULT_COLUMN_FAMILY_NAME)
+        .expect("the default family is always open");
+    let mut opts = CompactOptions::default();
+    // The flush is what is wanted; the default family's few small files
+    // above its last level may be merged, its last level is left alone, and
+    // RocksDB's own compactions go on meanwhile.
+    opts.set_exclusive_manual_compaction(false);
+    opts.set_bottommost_level_compaction(BottommostLevelCompaction::Skip);
+    db.compact_range_cf_opt(default, None::<&[u8]>, None::<&[u8]>, &opts);
+    if errors() > before {
+        return Err(EngineError::FlushFailed);
+    }
+    Ok(())
 }
 
 impl RocksEngine {
@@ -131,7 +180,7 @@ impl RocksEngine {
                 Self::options(&cache, VERSIONS_WRITE_BUFFER_BYTES),
             ),
         ];
-        let db = DB::open_cf_descriptors(&db_opts, dir, families)?;
+        let db = Arc::new(DB::open_cf_descriptors(&db_opts, dir, families)?);
         let engine = RocksEngine { db };
         engine.adopt_versions()?;
         Ok(engine)
@@ -145,16 +194,9 @@ impl RocksEngine {
         opts.set_max_open_files(256);
         opts.set_keep_log_file_num(2);
         opts.set_max_log_file_size(1 << 20);
-        opts.set_max_total_wal_size(64 << 20);
-        // No WAL recycling: RocksDB (7.x) turns `recycle_log_file_num` off
-        // under point-in-time WAL recovery (its default: recovery stops at
-        // the first damaged record, so what survives is a prefix of what
-        // was written). So every RocksDB WAL fsync is that of an appended
-        // file, which also commits the file's size through the journal.
-        // That is why the raft log is not kept here but in its own
-        // preallocated segments (`crate::wal`), and the shard's writes here
-        // are unsynced: RocksDB's WAL is fsync'd only before raft WAL
-        // segments are deleted (`Engine::sync`).
+        // Writes skip the WAL (see the module docs), so every flush must
+        // take both families at one point of the write sequence.
+        opts.set_atomic_flush(true);
         opts.set_compression_type(DBCompressionType::Snappy);
         let mut table = BlockBasedOptions::default();
         table.set_block_cache(cache);
@@ -205,13 +247,20 @@ impl RocksEngine {
             };
             last.push(0);
             wb.delete_range_cf(default, &first, &last);
-            self.db.write(wb)?;
+            self.db.write_opt(wb, &Self::write_options())?;
             moved = true;
         }
         if moved {
-            self.db.flush_wal(true)?;
+            flush_all(&self.db)?;
         }
         Ok(())
+    }
+
+    /// Every write skips RocksDB's WAL (see the module docs).
+    fn write_options() -> WriteOptions {
+        let mut wo = WriteOptions::default();
+        wo.disable_wal(true);
+        wo
     }
 
     fn read_options(start: &[u8], end: &[u8]) -> ReadOptions {
@@ -329,15 +378,20 @@ impl Engine for RocksEngine {
 
     fn write(&self, batch: WriteBatch, sync: bool) -> Result<(), EngineError> {
         let wb = self.rocks_batch(batch)?;
-        let mut wo = WriteOptions::default();
-        wo.set_sync(sync);
-        self.db.write_opt(wb, &wo)?;
+        self.db.write_opt(wb, &Self::write_options())?;
+        if sync {
+            flush_all(&self.db)?;
+        }
         Ok(())
     }
 
     fn sync(&self) -> Result<(), EngineError> {
-        self.db.flush_wal(true)?;
-        Ok(())
+        flush_all(&self.db)
+    }
+
+    fn sync_job(&self) -> Result<Option<EngineSyncJob>, EngineError> {
+        let db = self.db.clone();
+        Ok(Some(Box::new(move || flush_all(&db))))
     }
 
     fn size_bytes(&self) -> u64 {
@@ -472,6 +526,64 @@ mod tests {
         assert_eq!(
             family_keys(&e, Family::Default),
             vec![b"Sapplied".to_vec(), b"mcurrent".to_vec()]
+        );
+    }
+
+    /// Entries in `family`'s memtables, mutable and immutable.
+    fn memtable_entries(e: &RocksEngine, family: Family) -> u64 {
+        let cf = e.family(family);
+        [
+            ::rocksdb::properties::NUM_ENTRIES_ACTIVE_MEM_TABLE,
+            ::rocksdb::properties::NUM_ENTRIES_IMM_MEM_TABLES,
+        ]
+        .into_iter()
+        .map(|p| e.db.property_int_value_cf(cf, p).unwrap().unwrap())
+        .sum()
+    }
+
+    /// Writes skip RocksDB's WAL, so what survives a crash is what flushes
+    /// wrote. A sync job, run on another thread as the shard runs it, must
+    /// flush both families at once: a copy of the directory taken while the
+    /// DB is still open (what a crash leaves) holds every write before the
+    /// job, in both families, and none after it.
+    #[test]
+    fn a_sync_job_flushes_both_families_and_a_crash_keeps_what_it_flushed() {
+        let dir = TempDir::new().unwrap();
+        let e = RocksEngine::open(dir.path(), DEFAULT_BLOCK_CACHE_BYTES).unwrap();
+        let mut b = WriteBatch::new();
+        b.put(vec![V, 1], b"one".to_vec())
+            .put(b"Sapplied".to_vec(), b"1".to_vec());
+        e.write(b, false).unwrap();
+        for family in [Family::Default, Family::Versions] {
+            assert!(memtable_entries(&e, family) > 0, "{family:?}");
+        }
+        let job = e.sync_job().unwrap().expect("rocksdb has work to sync");
+        std::thread::spawn(job).join().unwrap().unwrap();
+        for family in [Family::Default, Family::Versions] {
+            assert_eq!(memtable_entries(&e, family), 0, "{family:?}");
+        }
+        let mut b = WriteBatch::new();
+        b.put(vec![V, 2], b"two".to_vec())
+            .put(b"Sapplied".to_vec(), b"2".to_vec());
+        e.write(b, false).unwrap();
+
+        let crashed = TempDir::new().unwrap();
+        for f in std::fs::read_dir(dir.path()).unwrap() {
+            let f = f.unwrap();
+            if f.file_name() != "LOCK" {
+                std::fs::copy(f.path(), crashed.path().join(f.file_name())).unwrap();
+            }
+        }
+        let after = RocksEngine::open(crashed.path(), DEFAULT_BLOCK_CACHE_BYTES).unwrap();
+        assert_eq!(family_keys(&after, Family::Versions), vec![vec![V, 1]]);
+        assert_eq!(after.get(b"Sapplied").unwrap(), Some(b"1".to_vec()));
+        // The live DB still has the later write; a close flushes it.
+        assert_eq!(e.get(b"Sapplied").unwrap(), Some(b"2".to_vec()));
+        drop(e);
+        let reopened = RocksEngine::open(dir.path(), DEFAULT_BLOCK_CACHE_BYTES).unwrap();
+        assert_eq!(
+            family_keys(&reopened, Family::Versions),
+            vec![vec![V, 1], vec![V, 2]]
         );
     }
 

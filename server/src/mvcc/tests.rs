@@ -19,7 +19,7 @@ struct Env {
 fn engines() -> Vec<Env> {
     engine::each_engine()
         .into_iter()
-        .map(|(kind, engine, dir)| Env { kind, engine, dir })
+        .map(|(dir, kind, engine)| Env { kind, engine, dir })
         .collect()
 }
 
@@ -1885,6 +1885,9 @@ impl Engine for CountingEngine {
     }
     fn sync(&self) -> Result<(), EngineError> {
         self.inner.sync()
+    }
+    fn sync_job(&self) -> Result<Option<crate::engine::EngineSyncJob>, EngineError> {
+        self.inner.sync_job()
     }
     fn size_bytes(&self) -> u64 {
         self.inner.size_bytes()
