@@ -60,19 +60,17 @@ pub fn put_request_raw(put: &PutRequest, buf: &mut impl BufMut) {
     varint_field(6, put.ignore_lease as u64, buf);
 }
 
-/// `cmd.encode_to_vec()`, with a put's fields copied by
-/// [`put_request_raw`].
-pub fn raft_command_to_vec(cmd: &RaftCommand) -> Vec<u8> {
+/// `cmd.encode_raw(buf)`, with a put's fields copied by
+/// [`put_request_raw`]. Writes `cmd.encoded_len()` bytes.
+pub fn raft_command_raw(cmd: &RaftCommand, buf: &mut impl BufMut) {
     let Some(raft_command::Op::Put(put)) = &cmd.op else {
-        return cmd.encode_to_vec();
+        return cmd.encode_raw(buf);
     };
-    let mut buf = Vec::with_capacity(cmd.encoded_len());
-    varint_field(1, cmd.revision as u64, &mut buf);
-    varint_field(2, cmd.proposal_id, &mut buf);
-    encode_key(10, WireType::LengthDelimited, &mut buf);
-    encode_varint(put.encoded_len() as u64, &mut buf);
-    put_request_raw(put, &mut buf);
-    buf
+    varint_field(1, cmd.revision as u64, buf);
+    varint_field(2, cmd.proposal_id, buf);
+    encode_key(10, WireType::LengthDelimited, buf);
+    encode_varint(put.encoded_len() as u64, buf);
+    put_request_raw(put, buf);
 }
 
 #[cfg(test)]
@@ -137,7 +135,10 @@ mod tests {
                         proposal_id: NUMBERS[(k + 1) % 6] as u64,
                         op: Some(raft_command::Op::Put(put)),
                     };
-                    assert_eq!(raft_command_to_vec(&cmd), cmd.encode_to_vec(), "{cmd:?}");
+                    let mut ours = Vec::new();
+                    raft_command_raw(&cmd, &mut ours);
+                    assert_eq!(ours, cmd.encode_to_vec(), "{cmd:?}");
+                    assert_eq!(ours.len(), cmd.encoded_len());
                 }
             }
         }
@@ -154,7 +155,9 @@ mod tests {
                 proposal_id: 4,
                 op,
             };
-            assert_eq!(raft_command_to_vec(&cmd), cmd.encode_to_vec());
+            let mut ours = Vec::new();
+            raft_command_raw(&cmd, &mut ours);
+            assert_eq!(ours, cmd.encode_to_vec());
         }
     }
 }

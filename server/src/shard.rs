@@ -59,6 +59,7 @@ use metastore_proto::shardpb::{
     WatchEventsResponse, WatchSubscribeRequest,
 };
 use metastore_proto::txn;
+use prost::bytes::BytesMut;
 use prost::Message;
 use raft::eraftpb::EntryType;
 use raft::{Config, RawNode, Storage};
@@ -81,6 +82,13 @@ const MAX_HELD_OPS: usize = 4096;
 /// commands, so that a busy shard does not grow it again (a `realloc`
 /// per doubling) on every pass; a larger burst's buffer is let go.
 const KEPT_QUEUE_CAPACITY: usize = 2048;
+
+/// Raft entries' data is encoded into buffers of this size, each shared
+/// by the entries cut from it (a larger command gets one of its own). A
+/// buffer is freed when the last of its entries leaves the raft log's
+/// memory, which keeps entries in the order they were proposed, so the
+/// buffers pin little beyond the entries held anyway.
+const ENTRY_ARENA_BYTES: usize = 64 << 10;
 
 /// How often raft ticks and waiting work is re-checked.
 pub const TICK: Duration = Duration::from_millis(100);
@@ -178,6 +186,8 @@ pub struct Shard {
     resolving: RefCell<std::collections::HashSet<TxnId>>,
     /// Proposals were queued: the raft task has work.
     wake: Signal,
+    /// Where proposals' entry data is encoded (see `propose_queued`).
+    entry_arena: RefCell<BytesMut>,
     /// Every applied event, for watch subscriptions.
     ring: RefCell<WatchRing>,
     /// Subscriptions waiting for new events or a moved watermark.
@@ -295,6 +305,7 @@ impl Shard {
             read_waiters: RefCell::new(Vec::new()),
             resolving: RefCell::new(Default::default()),
             wake: Signal::default(),
+            entry_arena: RefCell::new(BytesMut::new()),
             answers: Answers::default(),
             ring: RefCell::new(WatchRing::new(max_rev, RING_BATCHES, RING_BYTES)),
             watch_waiters: RefCell::new(Vec::new()),
@@ -515,6 +526,51 @@ impl Shard {
         }
     }
 
+    /// Proposes `queued` (emptied) to raft as one message, the way
+    /// `RawNode::propose` proposes one command: the leader appends them as
+    /// its last entries, in order, or drops them all. Each entry's data is
+    /// a slice of the shard's entry arena (`entry_arena`), so neither
+    /// encoding it nor raft's copies of the entry allocate.
+    fn propose_queued(&self, queued: &mut Vec<RaftCommand>) {
+        let mut entries = Vec::with_capacity(queued.len());
+        {
+            let mut arena = self.entry_arena.borrow_mut();
+            for cmd in queued.iter() {
+                let len = cmd.encoded_len();
+                if arena.capacity() < len {
+                    *arena = BytesMut::with_capacity(len.max(ENTRY_ARENA_BYTES));
+                }
+                metastore_proto::encode::raft_command_raw(cmd, &mut *arena);
+                entries.push(raft::eraftpb::Entry {
+                    data: arena.split().freeze(),
+                    ..Default::default()
+                });
+            }
+        }
+        let count = entries.len() as u64;
+        let mut node = self.node.borrow_mut();
+        let mut msg = raft::eraftpb::Message::default();
+        msg.set_msg_type(raft::eraftpb::MessageType::MsgPropose);
+        msg.from = node.raft.id;
+        msg.set_entries(entries.into());
+        match node.step(msg) {
+            Ok(()) => {
+                let (last, term) = (node.raft.raft_log.last_index(), node.raft.term);
+                let mut proposed = self.proposed.borrow_mut();
+                for (index, cmd) in (last + 1 - count..).zip(queued.drain(..)) {
+                    proposed.push_back((index, term, cmd));
+                }
+            }
+            Err(e) => {
+                drop(node);
+                let message = format!("propose: {e}");
+                for cmd in queued.drain(..) {
+                    self.finish_proposal(&cmd, error(Code::NotLeader, message.clone()));
+                }
+            }
+        }
+    }
+
     /// Sends the answers of applied proposals (see [`Answers`]).
     async fn run_answers(self: Rc<Self>) {
         let mut batch = Vec::new();
@@ -529,19 +585,8 @@ impl Shard {
 
     async fn drive(&self) -> Result<(), ShardFailure> {
         let mut queued: Vec<RaftCommand> = std::mem::take(&mut *self.queue.borrow_mut());
-        for cmd in queued.drain(..) {
-            let mut node = self.node.borrow_mut();
-            match node.propose(vec![], metastore_proto::encode::raft_command_to_vec(&cmd)) {
-                // The leader appended it as its last entry.
-                Ok(()) => {
-                    let (index, term) = (node.raft.raft_log.last_index(), node.raft.term);
-                    self.proposed.borrow_mut().push_back((index, term, cmd));
-                }
-                Err(e) => {
-                    drop(node);
-                    self.finish_proposal(&cmd, error(Code::NotLeader, format!("propose: {e}")));
-                }
-            }
+        if !queued.is_empty() {
+            self.propose_queued(&mut queued);
         }
         {
             let mut queue = self.queue.borrow_mut();
