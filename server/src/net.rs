@@ -10,9 +10,10 @@
 //! the connection's [`Outbox`], whose writer sends whatever is there in
 //! one socket write.
 //! Frames are read through a buffer, so a burst of requests costs one
-//! socket read. A small frame is copied out once and decoded from its
-//! copy, which a put's key and value then share (`decode_request`); a
-//! large one is decoded from the buffer, its fields copied out.
+//! socket read. A small frame is copied out once, into the connection's
+//! current [`FrameArena`] chunk, and decoded from its copy, which a put's
+//! key and value then share (`FrameArena::decode_request`); a large one is decoded
+//! from the buffer, its fields copied out.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -25,6 +26,7 @@ use metastore_proto::shardpb::{
     shard_error::Code, shard_request, shard_response::Body, ShardRequest, ShardResponse,
     WatchEventsResponse,
 };
+use prost::bytes::BytesMut;
 use prost::Message;
 
 use crate::shard::{error, Reply, Shard, SubscriptionHandle};
@@ -74,24 +76,41 @@ async fn read_frame<R: futures::io::AsyncRead + Unpin>(r: &mut R) -> std::io::Re
     Ok(buf)
 }
 
-/// Frames up to this size are decoded from a copy of their own, which the
-/// request's `Bytes` fields (a put's key and value) then share.
+/// Frames up to this size are decoded from a shared copy (see
+/// [`FrameArena`]); larger ones have their fields copied out.
 const SHARED_FRAME: usize = 4 << 10;
 
-/// Decodes one request frame. A small frame is copied once into a buffer
-/// of its own and decoded from that: a put's key and value become slices
-/// of it, one allocation for both instead of one each, and cloning them
-/// later (into the raft entry's encoding, the MVCC event) only counts
-/// references. They keep the whole frame alive as long as either lives
-/// (the watch ring holds events for a while), which is why only small
-/// frames are shared: a larger one could pin far more than its key and
+/// Where a connection copies its small frames before decoding them: one
+/// reference-counted chunk of [`SHARED_FRAME`] bytes, from which
+/// consecutive frames are cut. A put's key and value become slices of the
+/// chunk, so decoding a frame allocates nothing for them (a frame of its
+/// own was two allocations: the copy, then the count its first slice
+/// needs), and cloning them later (into the raft entry's encoding, the
+/// MVCC event) only counts references.
+///
+/// A chunk lives as long as any slice of it: the watch ring holds a put's
+/// event, and so its chunk, for a while. That is why only small frames go
+/// here, and why a chunk is no larger than one: each event pins at most
+/// one chunk of [`SHARED_FRAME`] bytes, the same bound as a small frame
+/// copied on its own. A larger frame could pin far more than its key and
 /// value (say, a txn's compare values), and its fields are copied out
 /// instead.
-fn decode_request(frame: &[u8]) -> Result<ShardRequest, prost::DecodeError> {
-    if frame.len() <= SHARED_FRAME {
-        ShardRequest::decode(prost::bytes::Bytes::copy_from_slice(frame))
-    } else {
-        ShardRequest::decode(frame)
+#[derive(Default)]
+struct FrameArena {
+    chunk: BytesMut,
+}
+
+impl FrameArena {
+    /// Decodes one request frame.
+    fn decode_request(&mut self, frame: &[u8]) -> Result<ShardRequest, prost::DecodeError> {
+        if frame.len() > SHARED_FRAME {
+            return ShardRequest::decode(frame);
+        }
+        if self.chunk.capacity() < frame.len() {
+            self.chunk = BytesMut::with_capacity(SHARED_FRAME);
+        }
+        self.chunk.extend_from_slice(frame);
+        ShardRequest::decode(self.chunk.split().freeze())
     }
 }
 
@@ -187,6 +206,7 @@ async fn connection(shard: Rc<Shard>, stream: TcpStream) -> std::io::Result<()> 
     // Frames are small and arrive in bursts: read them from a buffer, one
     // socket read for many frames, not two reads per frame.
     let mut reader = futures::io::BufReader::with_capacity(READ_BUFFER, reader);
+    let mut arena = FrameArena::default();
     let outbox = Rc::new(Outbox::default());
     let tx = OutboxSender(outbox.clone());
     let writer_task = glommio::spawn_local(outbox.write_all_to(writer));
@@ -196,7 +216,7 @@ async fn connection(shard: Rc<Shard>, stream: TcpStream) -> std::io::Result<()> 
         // that straddles the buffer's end is read out (and copied) first.
         let decoded = match whole_frame(reader.buffer()) {
             Ok(Some(len)) => {
-                let decoded = decode_request(&reader.buffer()[4..4 + len]);
+                let decoded = arena.decode_request(&reader.buffer()[4..4 + len]);
                 Pin::new(&mut reader).consume(4 + len);
                 decoded
             }
@@ -205,7 +225,7 @@ async fn connection(shard: Rc<Shard>, stream: TcpStream) -> std::io::Result<()> 
                 Ok(_) => continue,
             },
             Ok(None) => match read_frame(&mut reader).await {
-                Ok(bytes) => decode_request(&bytes),
+                Ok(bytes) => arena.decode_request(&bytes),
                 Err(_) => break,
             },
             Err(_) => break,
@@ -343,8 +363,8 @@ mod tests {
         (req.encode_to_vec(), put)
     }
 
-    fn decoded_put(frame: &[u8]) -> PutRequest {
-        match decode_request(frame).unwrap().body {
+    fn decoded_put(arena: &mut FrameArena, frame: &[u8]) -> PutRequest {
+        match arena.decode_request(frame).unwrap().body {
             Some(shard_request::Body::Put(p)) => p,
             other => panic!("not a put: {other:?}"),
         }
@@ -362,10 +382,11 @@ mod tests {
 
     #[test]
     fn small_frames_are_shared_by_their_fields_and_large_ones_are_not() {
+        let mut arena = FrameArena::default();
         // Small: key and value are slices of one copy of the frame, as far
         // apart as in the frame itself.
         let (frame, put) = put_frame(b"key", 100);
-        let got = decoded_put(&frame);
+        let got = decoded_put(&mut arena, &frame);
         assert_eq!(got, put);
         let (in_memory, in_frame) = value_after_key(&frame, &got);
         assert_eq!(in_memory, in_frame);
@@ -373,12 +394,36 @@ mod tests {
         // allocations, which cannot lie the frame's few bytes apart.
         let (frame, put) = put_frame(b"key", SHARED_FRAME);
         assert!(frame.len() > SHARED_FRAME);
-        let got = decoded_put(&frame);
+        let got = decoded_put(&mut arena, &frame);
         assert_eq!(got, put);
         let (in_memory, in_frame) = value_after_key(&frame, &got);
         assert_ne!(in_memory, in_frame);
         // Undecodable input is an error either way.
-        assert!(decode_request(&[0xff; 8]).is_err());
-        assert!(decode_request(&vec![0xff; SHARED_FRAME + 8]).is_err());
+        assert!(arena.decode_request(&[0xff; 8]).is_err());
+        assert!(arena.decode_request(&vec![0xff; SHARED_FRAME + 8]).is_err());
+    }
+
+    /// Consecutive small frames are cut from one chunk, back to back, until
+    /// the next no longer fits; then a new chunk starts. No chunk is larger
+    /// than a shared frame, so a slice pins at most that much.
+    #[test]
+    fn small_frames_share_chunks_of_a_shared_frame_at_most() {
+        let mut arena = FrameArena::default();
+        let (frame, put) = put_frame(b"k", 1000);
+        let puts: Vec<PutRequest> = (0..8).map(|_| decoded_put(&mut arena, &frame)).collect();
+        assert!(puts.iter().all(|p| *p == put));
+        let per_chunk = SHARED_FRAME / frame.len();
+        assert!((2..8).contains(&per_chunk));
+        let gap =
+            |a: &PutRequest, b: &PutRequest| b.key.as_ptr() as isize - a.key.as_ptr() as isize;
+        for (i, pair) in puts.windows(2).enumerate() {
+            let same_chunk = (i + 1) % per_chunk != 0;
+            assert_eq!(
+                gap(&pair[0], &pair[1]) == frame.len() as isize,
+                same_chunk,
+                "frames {i} and {}",
+                i + 1
+            );
+        }
     }
 }
