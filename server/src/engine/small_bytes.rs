@@ -7,7 +7,9 @@
 //! value. As `Vec`s they cost five allocations per put, and as many frees
 //! once the held writes reach the engine; inline they cost none. In the
 //! key index, a short key sits in the map's node itself, where a lookup
-//! compares it without following a pointer.
+//! compares it without following a pointer. Version records are encoded
+//! into buffers they share ([`SmallBytes::Shared`], a slice of one), so
+//! they cost no allocation of their own either.
 //!
 //! Invariant: a `SmallBytes` is its byte string. Equality, order and hash
 //! are those of the bytes (`[u8]`), whichever way they are held, so it can
@@ -18,22 +20,27 @@ use std::cmp::Ordering;
 use std::hash::{Hash, Hasher};
 use std::ops::Deref;
 
-/// The longest byte string held inline.
-pub const INLINE: usize = 22;
+use prost::bytes::Bytes;
 
-/// A byte string, inline up to [`INLINE`] bytes, else on the heap.
+/// The longest byte string held inline: as long as fits beside the tag in
+/// the space the `Bytes` variant takes anyway.
+pub const INLINE: usize = 38;
+
+/// A byte string, inline up to [`INLINE`] bytes, else on the heap: in a
+/// `Vec` of its own, or a slice of a shared buffer.
 #[derive(Clone)]
 pub enum SmallBytes {
     Inline { len: u8, bytes: [u8; INLINE] },
     Heap(Vec<u8>),
+    Shared(Bytes),
 }
 
 impl SmallBytes {
-    /// The bytes as a `Vec` (no copy if they are on the heap already).
+    /// The bytes as a `Vec` (no copy if they are in a `Vec` already).
     pub fn into_vec(self) -> Vec<u8> {
         match self {
             SmallBytes::Heap(v) => v,
-            inline => inline.to_vec(),
+            other => other.to_vec(),
         }
     }
 
@@ -54,6 +61,7 @@ impl Deref for SmallBytes {
         match self {
             SmallBytes::Inline { len, bytes } => &bytes[..*len as usize],
             SmallBytes::Heap(v) => v,
+            SmallBytes::Shared(b) => b,
         }
     }
 }
@@ -83,6 +91,14 @@ impl Default for SmallBytes {
 impl From<Vec<u8>> for SmallBytes {
     fn from(v: Vec<u8>) -> SmallBytes {
         SmallBytes::Heap(v)
+    }
+}
+
+/// A short slice is copied inline (no reference to count); a longer one
+/// keeps sharing its buffer.
+impl From<Bytes> for SmallBytes {
+    fn from(b: Bytes) -> SmallBytes {
+        SmallBytes::inline(&b).unwrap_or(SmallBytes::Shared(b))
     }
 }
 
@@ -179,9 +195,19 @@ mod tests {
         map.insert(short, 4);
         assert_eq!(map.len(), 3);
         let order: Vec<i32> = map.values().copied().collect();
-        // A Vec and its tag: a map of these is no wider than of `Vec`s plus
-        // one word.
-        assert_eq!(std::mem::size_of::<SmallBytes>(), 32);
+        // A `Bytes` and its tag: a map of these is no wider than of
+        // `Bytes` plus one word.
+        assert_eq!(std::mem::size_of::<SmallBytes>(), 40);
         assert_eq!(order, vec![3, 2, 4]); // 0x07.. < "A" < "S"
+                                          // A shared slice is its bytes too; a short one is copied inline.
+        let buffer = Bytes::from(vec![7u8; 2 * INLINE]);
+        let shared = SmallBytes::from(buffer.slice(..INLINE + 1));
+        assert!(matches!(shared, SmallBytes::Shared(_)));
+        assert_eq!(shared, SmallBytes::from(&[7u8; INLINE + 1][..]));
+        assert_eq!(shared.clone().into_vec(), vec![7u8; INLINE + 1]);
+        assert!(matches!(
+            SmallBytes::from(buffer.slice(..INLINE)),
+            SmallBytes::Inline { .. }
+        ));
     }
 }

@@ -13,7 +13,7 @@
 //! unexpected as `MvccError::Corrupt` rather than guessing.
 
 use metastore_proto::mvccpb::KeyValue;
-use prost::bytes::Bytes;
+use prost::bytes::{BufMut, Bytes};
 use prost::Message;
 
 use super::key_index::Revision;
@@ -67,11 +67,16 @@ pub fn decode_version_key(key: &[u8]) -> Result<Revision, MvccError> {
     Ok(Revision { main, sub })
 }
 
-pub fn encode_record(kv: &KeyValue, tombstone: bool) -> Vec<u8> {
-    let mut out = Vec::with_capacity(1 + kv.encoded_len());
-    out.push(if tombstone { TOMBSTONE } else { PUT });
-    metastore_proto::encode::key_value_raw(kv, &mut out);
-    out
+/// The length of `kv`'s version record.
+pub fn record_len(kv: &KeyValue) -> usize {
+    1 + kv.encoded_len()
+}
+
+/// Writes `kv`'s version record into `buf` ([`record_len`] bytes): a
+/// flag byte (put or tombstone), then `kv` as prost encodes it.
+pub fn encode_record_into(kv: &KeyValue, tombstone: bool, buf: &mut impl BufMut) {
+    buf.put_u8(if tombstone { TOMBSTONE } else { PUT });
+    metastore_proto::encode::key_value_raw(kv, buf);
 }
 
 /// Returns (tombstone, kv).
@@ -100,6 +105,13 @@ pub fn decode_record_owned(bytes: Bytes) -> Result<(bool, KeyValue), MvccError> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn encode_record(kv: &KeyValue, tombstone: bool) -> Vec<u8> {
+        let mut out = Vec::new();
+        encode_record_into(kv, tombstone, &mut out);
+        assert_eq!(out.len(), record_len(kv));
+        out
+    }
 
     #[test]
     fn version_keys_sort_by_revision() {
