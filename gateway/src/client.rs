@@ -318,13 +318,15 @@ impl ShardClient {
     pub async fn call(&self, body: shard_request::Body) -> Result<shard_response::Body> {
         let shard = self.inner.shard;
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-        let frame = encode_frame(&ShardRequest {
+        let mut frame = encode_frame(&ShardRequest {
             id,
             body: Some(body),
         })
         .freeze();
         // A connection that turns out closed before our frame was queued
-        // costs nothing: try a fresh one, once.
+        // costs nothing: try a fresh one, once. A failed send hands the
+        // frame back, so it is not cloned for the retry (the first clone
+        // of a `Bytes` made from a `Vec` allocates its reference count).
         let mut attempts = 0;
         let (_conn, rx) = loop {
             attempts += 1;
@@ -337,8 +339,11 @@ impl ShardClient {
                     p.waiters.insert(id, Waiter { tx, since });
                 }
             }
-            if !conn.is_closed() && conn.frames.send(frame.clone()).is_ok() {
-                break (conn, rx);
+            if !conn.is_closed() {
+                match conn.frames.send(frame) {
+                    Ok(()) => break (conn, rx),
+                    Err(mpsc::error::SendError(back)) => frame = back,
+                }
             }
             conn.pending.lock().unwrap().waiters.remove(&id);
             if attempts >= 2 {
