@@ -11,7 +11,8 @@
 //! given or not needed) and is queued as a [`RaftCommand`] with a
 //! [`Reply`]: a task waiting for the answer, or, for a single-shard write
 //! from a connection, the connection itself (`submit_write`: no task per
-//! write). The raft task drains the queue into `propose`, handles `Ready`:
+//! write). The raft task drains the queue into one raft proposal
+//! (`propose_queued`), handles `Ready`:
 //! appends new entries and hard state to the raft log and syncs its WAL
 //! (`crate::wal`; group commit: every proposal queued meanwhile shares that
 //! fsync), then applies committed entries through `ShardState::apply`,
@@ -26,10 +27,10 @@
 //! no I/O; this loop owns it, and a 100 ms tick drives raft's timers, writes
 //! what is still held, truncates the log (syncing the engine, off this
 //! thread, before it deletes WAL segments: see `release_wal_before`), and
-//! re-checks everything a lost
-//! wake-up could have left waiting. Before serving (`start`), the shard
-//! applies its whole raft log past its applied index: whatever a previous
-//! process had not written, or held when it died, is re-applied from it.
+//! re-checks everything a lost wake-up could have left waiting. Before
+//! serving (`start`), the shard applies its whole raft log past its applied
+//! index: whatever a previous process had not written, or held when it
+//! died, is re-applied from it.
 //!
 //! Resolved watermark: `resolved() = min(oracle.current(), every revision
 //! this shard allocated and has not applied yet − 1, the floor of every
