@@ -12,8 +12,8 @@
 //! Frames are read through a buffer, so a burst of requests costs one
 //! socket read. A small frame is copied out once, into the connection's
 //! current [`FrameArena`] chunk, and decoded from its copy, which a put's
-//! key and value then share (`FrameArena::decode_request`); a large one is decoded
-//! from the buffer, its fields copied out.
+//! key and value then share; a large one is decoded from the buffer, its
+//! fields copied out.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;

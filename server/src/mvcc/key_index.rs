@@ -346,9 +346,10 @@ impl KeyHistory {
 /// Every key's history, ordered by key.
 #[derive(Debug, Clone, Default)]
 pub struct KeyIndex {
-    /// Keys up to 22 bytes are held in the map's nodes themselves, so a
-    /// lookup among short keys compares without following a pointer per
-    /// key, and such a key takes no allocation of its own.
+    /// Keys up to 38 bytes (`small_bytes::INLINE`) are held in the map's
+    /// nodes themselves, so a lookup among short keys compares without
+    /// following a pointer per key, and such a key takes no allocation of
+    /// its own.
     keys: BTreeMap<SmallBytes, KeyHistory>,
 }
 
