@@ -7,6 +7,7 @@
 //! committed entries ([`state`]), and a TCP port speaking the internal shard
 //! protocol ([`net`]). The only thing shards share is the
 //! [`oracle::RevisionOracle`], an atomic counter that hands out revisions.
+pub mod chunks;
 pub mod engine;
 pub mod history;
 pub mod mvcc;

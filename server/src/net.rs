@@ -26,9 +26,9 @@ use metastore_proto::shardpb::{
     shard_error::Code, shard_request, shard_response::Body, ShardRequest, ShardResponse,
     WatchEventsResponse,
 };
-use prost::bytes::BytesMut;
 use prost::Message;
 
+use crate::chunks::Chunks;
 use crate::shard::{error, Reply, Shard, SubscriptionHandle};
 use crate::signal::Signal;
 
@@ -80,9 +80,9 @@ async fn read_frame<R: futures::io::AsyncRead + Unpin>(r: &mut R) -> std::io::Re
 /// [`FrameArena`]); larger ones have their fields copied out.
 const SHARED_FRAME: usize = 4 << 10;
 
-/// Where a connection copies its small frames before decoding them: one
-/// reference-counted chunk of [`SHARED_FRAME`] bytes, from which
-/// consecutive frames are cut. A put's key and value become slices of the
+/// Where a connection copies its small frames before decoding them:
+/// [`Chunks`] of [`SHARED_FRAME`] bytes, from which consecutive frames are
+/// cut. A put's key and value become slices of the
 /// chunk, so decoding a frame allocates nothing for them (a frame of its
 /// own was two allocations: the copy, then the count its first slice
 /// needs), and cloning them later (into the raft entry's encoding, the
@@ -95,9 +95,16 @@ const SHARED_FRAME: usize = 4 << 10;
 /// copied on its own. A larger frame could pin far more than its key and
 /// value (say, a txn's compare values), and its fields are copied out
 /// instead.
-#[derive(Default)]
 struct FrameArena {
-    chunk: BytesMut,
+    chunks: Chunks,
+}
+
+impl Default for FrameArena {
+    fn default() -> FrameArena {
+        FrameArena {
+            chunks: Chunks::new(SHARED_FRAME),
+        }
+    }
 }
 
 impl FrameArena {
@@ -106,11 +113,7 @@ impl FrameArena {
         if frame.len() > SHARED_FRAME {
             return ShardRequest::decode(frame);
         }
-        if self.chunk.capacity() < frame.len() {
-            self.chunk = BytesMut::with_capacity(SHARED_FRAME);
-        }
-        self.chunk.extend_from_slice(frame);
-        ShardRequest::decode(self.chunk.split().freeze())
+        ShardRequest::decode(self.chunks.copy(frame))
     }
 }
 

@@ -60,11 +60,11 @@ use metastore_proto::shardpb::{
     WatchEventsResponse, WatchSubscribeRequest,
 };
 use metastore_proto::txn;
-use prost::bytes::BytesMut;
 use prost::Message;
 use raft::eraftpb::EntryType;
 use raft::{Config, RawNode, Storage};
 
+use crate::chunks::Chunks;
 use crate::engine::buffered::BufferedEngine;
 use crate::engine::Engine;
 use crate::net::OutboxSender;
@@ -89,12 +89,11 @@ const MAX_HELD_OPS: usize = 512;
 /// per doubling) on every pass; a larger burst's buffer is let go.
 const KEPT_QUEUE_CAPACITY: usize = 2048;
 
-/// Raft entries' data is encoded into buffers of this size, each shared
-/// by the entries cut from it (a larger command gets one of its own). A
-/// buffer is freed when the last of its entries leaves the raft log's
-/// memory, which keeps entries in the order they were proposed, so the
-/// buffers pin little beyond the entries held anyway.
-const ENTRY_ARENA_BYTES: usize = 64 << 10;
+/// Raft entries' data is encoded into [`Chunks`] of this size. A chunk is
+/// freed when the last of its entries leaves the raft log's memory, which
+/// keeps entries in the order they were proposed, so the chunks pin little
+/// beyond the entries held anyway.
+const ENTRY_CHUNK_BYTES: usize = 64 << 10;
 
 /// How often raft ticks and waiting work is re-checked.
 pub const TICK: Duration = Duration::from_millis(100);
@@ -193,7 +192,7 @@ pub struct Shard {
     /// Proposals were queued: the raft task has work.
     wake: Signal,
     /// Where proposals' entry data is encoded (see `propose_queued`).
-    entry_arena: RefCell<BytesMut>,
+    entry_chunks: RefCell<Chunks>,
     /// Every applied event, for watch subscriptions.
     ring: RefCell<WatchRing>,
     /// Subscriptions waiting for new events or a moved watermark.
@@ -311,7 +310,7 @@ impl Shard {
             read_waiters: RefCell::new(Vec::new()),
             resolving: RefCell::new(Default::default()),
             wake: Signal::default(),
-            entry_arena: RefCell::new(BytesMut::new()),
+            entry_chunks: RefCell::new(Chunks::new(ENTRY_CHUNK_BYTES)),
             answers: Answers::default(),
             ring: RefCell::new(WatchRing::new(max_rev, RING_BATCHES, RING_BYTES)),
             watch_waiters: RefCell::new(Vec::new()),
@@ -535,20 +534,18 @@ impl Shard {
     /// Proposes `queued` (emptied) to raft as one message, the way
     /// `RawNode::propose` proposes one command: the leader appends them as
     /// its last entries, in order, or drops them all. Each entry's data is
-    /// a slice of the shard's entry arena (`entry_arena`), so neither
+    /// cut from the shard's `entry_chunks`, so neither
     /// encoding it nor raft's copies of the entry allocate.
     fn propose_queued(&self, queued: &mut Vec<RaftCommand>) {
         let mut entries = Vec::with_capacity(queued.len());
         {
-            let mut arena = self.entry_arena.borrow_mut();
+            let mut chunks = self.entry_chunks.borrow_mut();
             for cmd in queued.iter() {
-                let len = cmd.encoded_len();
-                if arena.capacity() < len {
-                    *arena = BytesMut::with_capacity(len.max(ENTRY_ARENA_BYTES));
-                }
-                metastore_proto::encode::raft_command_raw(cmd, &mut *arena);
+                let data = chunks.cut(cmd.encoded_len(), |buf| {
+                    metastore_proto::encode::raft_command_raw(cmd, buf)
+                });
                 entries.push(raft::eraftpb::Entry {
-                    data: arena.split().freeze(),
+                    data,
                     ..Default::default()
                 });
             }

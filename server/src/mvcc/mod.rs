@@ -102,8 +102,9 @@ use metastore_proto::etcdserverpb::{
 };
 use metastore_proto::mvccpb::{event::EventType, Event, KeyValue};
 use metastore_proto::shardpb::CompareOutcome;
-use prost::bytes::{Bytes, BytesMut};
+use prost::bytes::Bytes;
 
+use crate::chunks::Chunks;
 use crate::engine::{keyspace, Engine, EngineError, WriteBatch};
 use key_index::{Entry, KeyHistory, KeyIndex, Revision};
 use record_cache::RecordCache;
@@ -289,21 +290,20 @@ pub struct Mvcc {
     /// The emptied change vector of the last write, lent to the next one
     /// (see `SPARE_CHANGES`).
     spare_changes: Vec<Change>,
-    /// Where writes encode their version records, each record a slice of
-    /// it (see `RECORD_ARENA_BYTES`).
-    record_arena: BytesMut,
+    /// Where writes encode their version records (see
+    /// `RECORD_CHUNK_BYTES`).
+    record_chunks: Chunks,
 }
 
 /// The largest change vector kept for the next write: a put's and a small
 /// txn's fit, and a delete of a million keys does not keep its vector.
 const SPARE_CHANGES: usize = 16;
 
-/// Version records are encoded into buffers of this size, each shared by
-/// the records cut from it (a larger record gets one of its own), so a
-/// record costs no allocation. A record lives until the engine has it (the
-/// shard's held writes reach RocksDB within a tick), so a buffer does not
-/// outlive its records by long.
-const RECORD_ARENA_BYTES: usize = 64 << 10;
+/// Version records are encoded into [`Chunks`] of this size, so a record
+/// costs no allocation of its own. A record lives until the engine has it
+/// (the shard's held writes reach RocksDB within a tick), so a chunk does
+/// not outlive its records by long.
+const RECORD_CHUNK_BYTES: usize = 64 << 10;
 
 /// The default bound of a store's record cache (`RecordCache`), in bytes.
 pub const DEFAULT_RECORD_CACHE_BYTES: usize = 16 << 20;
@@ -366,7 +366,7 @@ impl Mvcc {
             compacted,
             cache: RefCell::new(RecordCache::new(DEFAULT_RECORD_CACHE_BYTES)),
             spare_changes: Vec::new(),
-            record_arena: BytesMut::new(),
+            record_chunks: Chunks::new(RECORD_CHUNK_BYTES),
         })
     }
 
@@ -1194,12 +1194,10 @@ impl MvccWrite<'_> {
                 main: rev,
                 sub: sub_base + sub as i64,
             };
-            let len = codec::record_len(&c.kv);
-            if mvcc.record_arena.capacity() < len {
-                mvcc.record_arena = BytesMut::with_capacity(len.max(RECORD_ARENA_BYTES));
-            }
-            codec::encode_record_into(&c.kv, c.tombstone, &mut mvcc.record_arena);
-            batch.put(codec::version_key(r), mvcc.record_arena.split().freeze());
+            let record = mvcc.record_chunks.cut(codec::record_len(&c.kv), |buf| {
+                codec::encode_record_into(&c.kv, c.tombstone, buf)
+            });
+            batch.put(codec::version_key(r), record);
             mvcc.index.push(
                 &c.kv.key,
                 Entry {
