@@ -247,11 +247,6 @@ impl Engine for BufferedEngine {
         self.inner.write(all, sync)
     }
 
-    fn sync(&self) -> Result<(), EngineError> {
-        self.write_held()?;
-        self.inner.sync()
-    }
-
     fn sync_job(&self) -> Result<Option<EngineSyncJob>, EngineError> {
         self.write_held()?;
         self.inner.sync_job()

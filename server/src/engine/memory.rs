@@ -72,12 +72,8 @@ impl Engine for MemoryEngine {
         Ok(())
     }
 
-    fn sync(&self) -> Result<(), EngineError> {
-        // Nothing here is durable.
-        Ok(())
-    }
-
     fn sync_job(&self) -> Result<Option<EngineSyncJob>, EngineError> {
+        // Nothing here is durable.
         Ok(None)
     }
 

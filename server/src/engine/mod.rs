@@ -238,9 +238,15 @@ pub trait Engine {
     /// returning, with every write before it.
     fn write(&self, batch: WriteBatch, sync: bool) -> Result<(), EngineError>;
 
-    /// Makes every write so far durable (RocksDB: flushes its memtables).
-    /// An engine with nothing durable has nothing to do.
-    fn sync(&self) -> Result<(), EngineError>;
+    /// Makes every write so far durable (RocksDB: flushes its memtables),
+    /// on this thread: [`sync_job`](Self::sync_job), run here. An engine
+    /// with nothing durable has nothing to do.
+    fn sync(&self) -> Result<(), EngineError> {
+        match self.sync_job()? {
+            Some(job) => job(),
+            None => Ok(()),
+        }
+    }
 
     /// [`sync`](Self::sync) as a job for another thread: running it makes
     /// every write issued before this call durable, while this thread goes

@@ -385,10 +385,6 @@ impl Engine for RocksEngine {
         Ok(())
     }
 
-    fn sync(&self) -> Result<(), EngineError> {
-        flush_all(&self.db)
-    }
-
     fn sync_job(&self) -> Result<Option<EngineSyncJob>, EngineError> {
         let db = self.db.clone();
         Ok(Some(Box::new(move || flush_all(&db))))

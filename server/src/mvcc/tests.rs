@@ -1883,9 +1883,6 @@ impl Engine for CountingEngine {
     fn write(&self, batch: WriteBatch, sync: bool) -> Result<(), EngineError> {
         self.inner.write(batch, sync)
     }
-    fn sync(&self) -> Result<(), EngineError> {
-        self.inner.sync()
-    }
     fn sync_job(&self) -> Result<Option<crate::engine::EngineSyncJob>, EngineError> {
         self.inner.sync_job()
     }
