@@ -72,7 +72,7 @@ use crate::oracle::RevisionOracle;
 use crate::raftlog::{RaftLog, WalOptions};
 use crate::signal::Signal;
 use crate::state::{mvcc_error, ShardState, StateError, TxnId};
-use crate::watch::{Poll, Subscription, WatchRing, RING_BATCHES, RING_BYTES};
+use crate::watch::{Poll, Subscription, WatchRing, IDLE_RING_BATCHES, RING_BATCHES, RING_BYTES};
 
 /// Held engine writes are flushed at once past this many keys, so a long
 /// run of applies (entries committed in a burst, or many small batches
@@ -229,6 +229,12 @@ impl SubscriptionHandle {
     }
 }
 
+/// A shard's watch ring, empty above `applied_revision`: full-sized while a
+/// subscription reads it, small while none does.
+fn shard_ring(applied_revision: i64) -> WatchRing {
+    WatchRing::new(applied_revision, RING_BATCHES, RING_BYTES).with_idle_batches(IDLE_RING_BATCHES)
+}
+
 pub(crate) fn error(code: Code, message: impl Into<String>) -> Body {
     Body::Error(ShardError {
         code: code as i32,
@@ -312,7 +318,7 @@ impl Shard {
             wake: Signal::default(),
             entry_chunks: RefCell::new(Chunks::new(ENTRY_CHUNK_BYTES)),
             answers: Answers::default(),
-            ring: RefCell::new(WatchRing::new(max_rev, RING_BATCHES, RING_BYTES)),
+            ring: RefCell::new(shard_ring(max_rev)),
             watch_waiters: RefCell::new(Vec::new()),
             lease_deadlines: RefCell::new(HashMap::new()),
             revoking: RefCell::new(Default::default()),
@@ -368,7 +374,7 @@ impl Shard {
             self.drive().await?;
         }
         self.buffer.flush().map_err(StateError::from)?;
-        *self.ring.borrow_mut() = WatchRing::new(self.oracle.current(), RING_BATCHES, RING_BYTES);
+        *self.ring.borrow_mut() = shard_ring(self.oracle.current());
         Ok(())
     }
 
@@ -731,6 +737,15 @@ impl Shard {
             });
             return;
         }
+        /// Counts the subscription as the ring's reader while it lives.
+        struct Reader<'a>(&'a RefCell<WatchRing>);
+        impl Drop for Reader<'_> {
+            fn drop(&mut self) {
+                self.0.borrow_mut().reader_left();
+            }
+        }
+        self.ring.borrow_mut().reader_joined();
+        let _reader = Reader(&self.ring);
         let mut sub = Subscription::new(
             req.key,
             req.range_end,

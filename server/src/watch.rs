@@ -58,6 +58,9 @@ use crate::mvcc::{Mvcc, MvccError, Replaced, WriteEvent};
 pub const RING_BATCHES: usize = 16_384;
 /// Bytes of events the ring keeps at most.
 pub const RING_BYTES: usize = 64 << 20;
+/// Batches the shard's ring keeps while no subscription reads it (see
+/// [`WatchRing::with_idle_batches`]).
+pub const IDLE_RING_BATCHES: usize = 256;
 /// Events read from history per frame (whole revisions, so may exceed it).
 pub const HISTORY_CHUNK: usize = 1_000;
 /// A subscription whose watermark moved sends a heartbeat this often.
@@ -125,6 +128,10 @@ pub struct WatchRing {
     /// The highest revision no longer in the ring (evicted, or applied
     /// before the ring existed).
     max_evicted: i64,
+    /// Subscriptions reading the ring now.
+    readers: usize,
+    /// Batches kept while `readers` is 0 (`max_batches` if not set).
+    idle_batches: usize,
 }
 
 fn event_revision(e: &Event) -> i64 {
@@ -153,7 +160,32 @@ impl WatchRing {
             max_batches: max_batches.max(1),
             max_bytes,
             max_evicted: applied_revision,
+            readers: 0,
+            idle_batches: max_batches.max(1),
         }
+    }
+
+    /// While no subscription reads it, the ring keeps only the newest
+    /// `batches` batches. Nothing needs the older ones then: a subscription
+    /// that starts in the past reads history until the ring covers it, as
+    /// one that fell behind does. What it saves is the eviction of a full
+    /// ring: a batch freed thousands of writes after it was made is out of
+    /// the CPU's caches (its block, its event's buffers' reference counts),
+    /// and that cost every write when nobody watches. A ring larger than
+    /// this when its last reader leaves shrinks by one batch per append,
+    /// not all at once, so no write pays for freeing a whole ring.
+    pub fn with_idle_batches(mut self, batches: usize) -> Self {
+        self.idle_batches = batches.clamp(1, self.max_batches);
+        self
+    }
+
+    /// A subscription started reading the ring.
+    pub fn reader_joined(&mut self) {
+        self.readers += 1;
+    }
+    /// A subscription stopped reading the ring.
+    pub fn reader_left(&mut self) {
+        self.readers -= 1;
     }
 
     /// Appends the events of one applied revision (taken from a vector the
@@ -182,12 +214,25 @@ impl WatchRing {
         while self.batches.len() > self.max_batches
             || (self.bytes > self.max_bytes && self.batches.len() > 1)
         {
-            let old = self.batches.pop_front().unwrap();
+            self.evict_oldest();
+        }
+        if self.readers == 0 {
+            for _ in 0..2 {
+                if self.batches.len() <= self.idle_batches {
+                    break;
+                }
+                self.evict_oldest();
+            }
+        }
+        true
+    }
+
+    fn evict_oldest(&mut self) {
+        if let Some(old) = self.batches.pop_front() {
             self.bytes -= old.bytes;
             self.max_evicted = self.max_evicted.max(old.revision);
             self.first_seq += 1;
         }
-        true
     }
 
     /// Sequence number of the oldest batch held.
@@ -606,6 +651,41 @@ mod tests {
             let want: Vec<(i64, String)> = (2..=11).map(|r| (r, format!("k{r}"))).collect();
             assert_eq!(got, want);
             assert!(matches!(sub.mode(), Mode::Ring { .. }));
+        });
+    }
+
+    #[test]
+    fn an_unread_ring_keeps_its_idle_size_and_a_late_reader_uses_history() {
+        each_engine(|kind| {
+            let mut s = Scene::new(kind, 100);
+            s.ring = WatchRing::new(0, 100, RING_BYTES).with_idle_batches(3);
+            for r in 1..=10 {
+                s.put(r, &format!("k{r:02}"), "v");
+            }
+            assert_eq!(s.ring.len(), 3);
+            assert!(!s.ring.covers_from(7) && s.ring.covers_from(8));
+            // A reader from revision 2 replays history, then reads the ring,
+            // which grows to its full size while it is read.
+            s.ring.reader_joined();
+            let mut sub = s.sub("k", "l", 2, 10);
+            let want: Vec<(i64, String)> = (2..=10).map(|r| (r, format!("k{r:02}"))).collect();
+            assert_eq!(s.drain(&mut sub, 10).0, want);
+            for r in 11..=30 {
+                s.put(r, &format!("k{r:02}"), "v");
+            }
+            assert_eq!(s.ring.len(), 23);
+            let want: Vec<(i64, String)> = (11..=30).map(|r| (r, format!("k{r:02}"))).collect();
+            assert_eq!(s.drain(&mut sub, 30).0, want);
+            // The last reader gone, each append evicts one batch more than
+            // it adds until the idle size is back.
+            s.ring.reader_left();
+            s.put(31, "k31", "v");
+            assert_eq!(s.ring.len(), 22);
+            for r in 32..=60 {
+                s.put(r, &format!("k{r:02}"), "v");
+            }
+            assert_eq!(s.ring.len(), 3);
+            assert!(s.ring.covers_from(58));
         });
     }
 
