@@ -41,18 +41,78 @@
 
 use std::cell::{Cell, RefCell};
 use std::cmp::Ordering;
-use std::collections::BTreeMap;
+use std::ops::Bound;
 use std::rc::Rc;
 
 use super::{
-    map_bounds, BatchOp, Engine, EngineError, EngineKind, EngineSyncJob, SmallBytes, WriteBatch,
+    map_bounds, BatchOp, Engine, EngineError, EngineKind, EngineSyncJob, SliceBounds, SmallBytes,
+    WriteBatch,
 };
 
-/// A held write: the new value, or `None` for a deletion.
-type Overlay = BTreeMap<SmallBytes, Option<SmallBytes>>;
+/// A held write: its key, and the new value or `None` for a deletion.
+type Held = (SmallBytes, Option<SmallBytes>);
 
 /// The overlay's pairs in scan order.
-type HeldPairs<'a> = Box<dyn Iterator<Item = (&'a SmallBytes, &'a Option<SmallBytes>)> + 'a>;
+type HeldPairs<'a> = Box<dyn Iterator<Item = &'a Held> + 'a>;
+
+/// The latest held write per key, in key order: a sorted vector, not a
+/// tree. Nearly every insert is an append or replaces a key already held:
+/// version records are keyed by revision, which grows, and their keyspace
+/// (`v`) sorts after every other; the keys that every entry rewrites (the
+/// applied index, the current revision) are held from the first entry of
+/// a flush on. An append compares one key, a replacement binary-searches
+/// a vector of a few hundred pairs at most (the shard flushes every 512
+/// keys), and nothing is allocated once the vector has grown. Any other insert (a lease record, a txn intent) moves the pairs
+/// after it, at most a flush's worth.
+#[derive(Default)]
+struct Overlay {
+    pairs: Vec<Held>,
+}
+
+impl Overlay {
+    fn insert(&mut self, key: SmallBytes, value: Option<SmallBytes>) {
+        if self.pairs.last().is_none_or(|(last, _)| **last < *key) {
+            self.pairs.push((key, value));
+            return;
+        }
+        match self.position(&key) {
+            Ok(i) => self.pairs[i].1 = value,
+            Err(i) => self.pairs.insert(i, (key, value)),
+        }
+    }
+
+    fn position(&self, key: &[u8]) -> Result<usize, usize> {
+        self.pairs.binary_search_by(|(k, _)| (**k).cmp(key))
+    }
+
+    fn get(&self, key: &[u8]) -> Option<&Option<SmallBytes>> {
+        self.position(key).ok().map(|i| &self.pairs[i].1)
+    }
+
+    /// The pairs within `bounds`, in key order.
+    fn range(&self, (start, end): SliceBounds<'_>) -> &[Held] {
+        let below = |b: &Bound<&[u8]>, k: &[u8]| match b {
+            Bound::Included(b) => k < *b,
+            Bound::Excluded(b) => k <= *b,
+            Bound::Unbounded => false,
+        };
+        let from = self.pairs.partition_point(|(k, _)| below(&start, k));
+        let to = match end {
+            Bound::Unbounded => self.pairs.len(),
+            Bound::Excluded(e) => self.pairs.partition_point(|(k, _)| **k < *e),
+            Bound::Included(e) => self.pairs.partition_point(|(k, _)| **k <= *e),
+        };
+        &self.pairs[from..to.max(from)]
+    }
+
+    fn len(&self) -> usize {
+        self.pairs.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.pairs.is_empty()
+    }
+}
 
 pub struct BufferedEngine {
     inner: Rc<dyn Engine>,
@@ -67,7 +127,7 @@ impl BufferedEngine {
         Rc::new(BufferedEngine {
             inner,
             holding: Cell::new(false),
-            overlay: RefCell::new(BTreeMap::new()),
+            overlay: RefCell::new(Overlay::default()),
         })
     }
 
@@ -107,10 +167,11 @@ impl BufferedEngine {
     }
 
     fn take_held(&self) -> WriteBatch {
-        let overlay = std::mem::take(&mut *self.overlay.borrow_mut());
+        let mut overlay = self.overlay.borrow_mut();
         WriteBatch {
             ops: overlay
-                .into_iter()
+                .pairs
+                .drain(..)
                 .map(|(k, v)| match v {
                     Some(v) => BatchOp::Put(k, v),
                     None => BatchOp::Delete(k),
@@ -143,7 +204,7 @@ impl BufferedEngine {
         let Some(bounds) = map_bounds(start, end) else {
             return Ok(());
         };
-        let range = overlay.range::<[u8], _>(bounds);
+        let range = overlay.range(bounds).iter();
         let mut held: HeldPairs<'_> = if order == Ordering::Less {
             Box::new(range)
         } else {
@@ -265,6 +326,65 @@ impl Engine for BufferedEngine {
 mod tests {
     use super::*;
     use crate::engine::each_engine;
+
+    /// The sorted-vector overlay against a `BTreeMap` given the same
+    /// inserts (appends, replacements, inserts in the middle, deletions):
+    /// same latest write per key, same pairs in every range.
+    #[test]
+    fn the_overlay_keeps_the_latest_write_per_key_in_key_order() {
+        use std::collections::BTreeMap;
+        let mut overlay = Overlay::default();
+        let mut model: BTreeMap<Vec<u8>, Option<Vec<u8>>> = BTreeMap::new();
+        let mut x: u32 = 7;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x
+        };
+        for i in 0..2_000u32 {
+            let r = next();
+            // Mostly growing keys, as version records are; some anywhere.
+            let key = if r % 4 == 0 {
+                vec![b'a' + (r % 7) as u8, (r >> 8) as u8 % 5]
+            } else {
+                [&b"v"[..], &i.to_be_bytes()].concat()
+            };
+            let value = (r % 5 != 0).then(|| r.to_be_bytes().to_vec());
+            overlay.insert(key.clone().into(), value.clone().map(Into::into));
+            model.insert(key, value);
+        }
+        let flat = |pairs: &[Held]| -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_vec(), v.as_deref().map(<[u8]>::to_vec)))
+                .collect()
+        };
+        assert_eq!(
+            flat(&overlay.pairs),
+            model.clone().into_iter().collect::<Vec<_>>()
+        );
+        for (k, v) in &model {
+            assert_eq!(
+                overlay.get(k).map(|v| v.as_deref().map(<[u8]>::to_vec)),
+                Some(v.clone())
+            );
+        }
+        assert!(overlay.get(b"zz").is_none());
+        let edges: [&[u8]; 7] = [b"", b"a", b"a\x02", b"c", b"g", b"v\x00\x00\x03", b"w"];
+        for start in edges {
+            for end in edges {
+                let Some(bounds) = map_bounds(start, end) else {
+                    continue;
+                };
+                let want: Vec<_> = model
+                    .range::<[u8], _>(bounds)
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect();
+                assert_eq!(flat(overlay.range(bounds)), want, "{start:?}..{end:?}");
+            }
+        }
+    }
 
     /// Up to `limit` pairs of `[start, end)`, descending if `rev`.
     fn read(
