@@ -10,16 +10,45 @@
 //! point-in-time recovery a raft log needs. Here each segment is allocated
 //! to its full size when created (`fallocate`), so a commit writes data
 //! into space the file already has and its `fdatasync` changes no size.
+//! Released segments are reused (see "Recycled segments").
 //!
 //! # Layout
 //!
-//! A directory of segments `<seq:016x>.wal`, sequence numbers ascending.
-//! A segment is a run of records, then zeros (the unwritten preallocated
-//! rest). A record is `len: u32 LE | crc32(kind ‖ payload): u32 LE | kind:
-//! u8 | payload` with `len` = 1 + payload length; a zero `len` ends the
+//! A directory of segments `<seq:016x>.wal`, sequence numbers ascending,
+//! and spares `<seq:016x>.spare` (released segments kept for reuse). A
+//! segment is a run of records, then zeros (the unwritten preallocated
+//! rest) or an earlier use's records. A record is `len: u32 LE |
+//! crc32(seq ‖ kind ‖ payload): u32 LE | kind: u8 | payload` with `len`
+//! the payload's length plus one and `seq` the segment's number (u64 LE):
+//! the checksum is *sealed* with the segment it was written to. A zero `len` ends the
 //! segment. Every segment begins with [`Record::Start`] (index and term of
 //! the entry before its first) and the hard and conf state current when it
 //! was begun, so older segments can be deleted without losing either.
+//! Segments written before segments were reused have unsealed checksums
+//! (`crc32(kind ‖ payload)`) and a start record of another kind (4, not
+//! 5); they are read as before and never reused.
+//!
+//! # Recycled segments
+//!
+//! `fallocate` reserves a segment's space as *unwritten* extents. The
+//! first write into each block must convert it, and that is a metadata
+//! change the next `fdatasync` writes too: on this project's VM (ext4
+//! without a journal), a 36 KiB write and `fdatasync` into fallocated
+//! space took 170 µs at p50 and 70 µs of CPU, against 99–109 µs and 42 µs
+//! into space written before (bench/results/TUNING.md). So a released
+//! segment is not deleted but renamed to a spare (at most [`MAX_SPARES`]),
+//! and the next segment is a spare renamed back when there is one, as
+//! RocksDB recycles WAL files and TiKV's raft engine its log files. Its
+//! old records stay in the file past the new ones, and must never be read
+//! as part of the log:
+//! * the new records' checksums are sealed with the new number, so an old
+//!   record (sealed with another, or unsealed) fails its checksum and reads
+//!   as the segment's end — also when a crash comes before the new start
+//!   record is written (the segment reads as never written);
+//! * a segment is cut to the end of its records when the next one begins
+//!   (before the next exists), so an older segment ends cleanly;
+//! * on open, a newest segment followed by anything but zeros is cut the
+//!   same way, and writing goes on in a new segment.
 //!
 //! # Invariants
 //!
@@ -32,9 +61,10 @@
 //! * **Replay = what was written.** [`Wal::open`] returns every record in
 //!   write order; the caller (the raft log) rebuilds its state by the same
 //!   rules it wrote them by (an entry at index i replaces entries >= i).
-//! * **Release is the caller's promise.** [`Wal::release_before`] deletes
-//!   whole segments whose entries are all below an index; the caller first
-//!   makes everything those entries did durable elsewhere (the engine).
+//! * **Release is the caller's promise.** [`Wal::release_before`] retires
+//!   whole segments whose entries are all below an index (to spares, or
+//!   deleted); the caller first makes everything those entries did durable
+//!   elsewhere (the engine).
 //!
 //! No async and no raft logic: the shard's Ready loop decides when to sync
 //! and runs the `fdatasync` inline or on a blocking thread ([`SyncJob`]).
@@ -56,6 +86,11 @@ const KIND_ENTRY: u8 = 1;
 const KIND_HARD_STATE: u8 = 2;
 const KIND_CONF_STATE: u8 = 3;
 const KIND_START: u8 = 4;
+/// The start record of a segment whose records are sealed with its
+/// sequence number (see "Recycled segments").
+const KIND_START_SEALED: u8 = 5;
+/// Released segments kept for reuse, at most.
+pub const MAX_SPARES: usize = 2;
 
 /// One record of the log.
 #[derive(Clone, Debug, PartialEq)]
@@ -81,42 +116,68 @@ pub enum WalError {
     Invalid { path: PathBuf, what: String },
 }
 
+/// The checksum of a record's body (kind and payload), sealed with its
+/// segment's sequence number, or not (`None`: segments written before
+/// segments were recycled).
+fn checksum(body: &[u8], seal: Option<u64>) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    if let Some(seq) = seal {
+        h.update(&seq.to_le_bytes());
+    }
+    h.update(body);
+    h.finalize()
+}
+
 /// Appends one framed record of `kind` to `out`, its payload written by
-/// `payload`.
-fn frame(out: &mut Vec<u8>, kind: u8, payload: impl FnOnce(&mut Vec<u8>)) {
+/// `payload`, its checksum sealed with `seal`.
+fn frame(out: &mut Vec<u8>, kind: u8, seal: Option<u64>, payload: impl FnOnce(&mut Vec<u8>)) {
     let start = out.len();
     out.extend_from_slice(&[0u8; HEADER]);
     out[start + 8] = kind;
     payload(out);
     let len = (out.len() - start - 8) as u32;
-    let crc = crc32fast::hash(&out[start + 8..]);
     out[start..start + 4].copy_from_slice(&len.to_le_bytes());
-    out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+    reseal(&mut out[start..], seal);
 }
 
-fn encode_entry(e: &Entry, out: &mut Vec<u8>) {
-    frame(out, KIND_ENTRY, |o| {
+/// Recomputes the checksum of the one framed record in `record`.
+fn reseal(record: &mut [u8], seal: Option<u64>) {
+    let crc = checksum(&record[8..], seal);
+    record[4..8].copy_from_slice(&crc.to_le_bytes());
+}
+
+fn encode_entry(e: &Entry, out: &mut Vec<u8>, seal: Option<u64>) {
+    frame(out, KIND_ENTRY, seal, |o| {
         e.write_to_vec(o).expect("encode entry")
     });
 }
 
 impl Record {
-    fn encode_into(&self, out: &mut Vec<u8>) {
+    fn encode_into(&self, out: &mut Vec<u8>, seal: Option<u64>) {
         match self {
-            Record::Entry(e) => encode_entry(e, out),
-            Record::HardState(hs) => frame(out, KIND_HARD_STATE, |o| {
+            Record::Entry(e) => encode_entry(e, out, seal),
+            Record::HardState(hs) => frame(out, KIND_HARD_STATE, seal, |o| {
                 hs.write_to_vec(o).expect("encode hard state")
             }),
-            Record::ConfState(cs) => frame(out, KIND_CONF_STATE, |o| {
+            Record::ConfState(cs) => frame(out, KIND_CONF_STATE, seal, |o| {
                 cs.write_to_vec(o).expect("encode conf state")
             }),
             Record::Start {
                 prev_index,
                 prev_term,
-            } => frame(out, KIND_START, |o| {
-                o.extend_from_slice(&prev_index.to_le_bytes());
-                o.extend_from_slice(&prev_term.to_le_bytes());
-            }),
+            } => frame(
+                out,
+                if seal.is_some() {
+                    KIND_START_SEALED
+                } else {
+                    KIND_START
+                },
+                seal,
+                |o| {
+                    o.extend_from_slice(&prev_index.to_le_bytes());
+                    o.extend_from_slice(&prev_term.to_le_bytes());
+                },
+            ),
         }
     }
 
@@ -125,7 +186,7 @@ impl Record {
             KIND_ENTRY => Record::Entry(Entry::parse_from_bytes(payload).ok()?),
             KIND_HARD_STATE => Record::HardState(HardState::parse_from_bytes(payload).ok()?),
             KIND_CONF_STATE => Record::ConfState(ConfState::parse_from_bytes(payload).ok()?),
-            KIND_START if payload.len() == 16 => Record::Start {
+            KIND_START | KIND_START_SEALED if payload.len() == 16 => Record::Start {
                 prev_index: u64::from_le_bytes(payload[..8].try_into().unwrap()),
                 prev_term: u64::from_le_bytes(payload[8..].try_into().unwrap()),
             },
@@ -134,33 +195,57 @@ impl Record {
     }
 }
 
-/// Reads the records of one segment: the valid prefix, and the offset just
-/// after it, plus whether it ended cleanly (zeros or the file's end).
-fn read_segment(path: &Path) -> Result<(Vec<Record>, u64, bool), WalError> {
+/// What [`read_segment`] found.
+struct SegmentRead {
+    /// The valid prefix.
+    records: Vec<Record>,
+    /// The offset just after it.
+    end: u64,
+    /// Nothing but zeros or the file's end follows it.
+    clean: bool,
+    /// Its records are sealed.
+    sealed: bool,
+}
+
+/// Reads the records of segment `seq`: the valid prefix, and the offset
+/// just after it, plus whether it ended cleanly (zeros or the file's end).
+/// A segment whose first record is a sealed start is read with every
+/// checksum sealed with `seq`, so whatever an earlier use of the file left
+/// after the valid prefix reads as its end, never as records.
+fn read_segment(path: &Path, seq: u64) -> Result<SegmentRead, WalError> {
     let data = fs::read(path)?;
+    let seal = (data.get(8) == Some(&KIND_START_SEALED)).then_some(seq);
     let mut records = Vec::new();
     let mut at = 0usize;
+    let done = |records, at: usize, clean| {
+        Ok(SegmentRead {
+            records,
+            end: at as u64,
+            clean,
+            sealed: seal.is_some(),
+        })
+    };
     loop {
         if at + 4 > data.len() {
-            return Ok((records, at as u64, true));
+            return done(records, at, at == data.len() || seal.is_none());
         }
         let len = u32::from_le_bytes(data[at..at + 4].try_into().unwrap()) as usize;
         if len == 0 {
             let clean = data[at..].iter().all(|b| *b == 0);
-            return Ok((records, at as u64, clean));
+            return done(records, at, clean);
         }
         let end = at + 8 + len;
         if end > data.len() {
-            return Ok((records, at as u64, false));
+            return done(records, at, false);
         }
         let crc = u32::from_le_bytes(data[at + 4..at + 8].try_into().unwrap());
         let body = &data[at + 8..end];
-        let record = (crc32fast::hash(body) == crc)
+        let record = (checksum(body, seal) == crc)
             .then(|| Record::decode(body[0], &body[1..]))
             .flatten();
         match record {
             Some(r) => records.push(r),
-            None => return Ok((records, at as u64, false)),
+            None => return done(records, at, false),
         }
         at = end;
     }
@@ -170,6 +255,9 @@ struct Segment {
     seq: u64,
     /// Index of the entry before this segment's first (its `Start`).
     prev_index: u64,
+    /// Its records are sealed with `seq` (false: written by a version
+    /// before segments were recycled; such a file is never reused).
+    sealed: bool,
 }
 
 /// The write side of the log; see the module docs.
@@ -178,7 +266,11 @@ pub struct Wal {
     segment_bytes: u64,
     /// Oldest first; the last is the one written to.
     segments: Vec<Segment>,
+    /// Released segment files kept for reuse (see "Recycled segments").
+    spares: Vec<PathBuf>,
     file: Arc<File>,
+    /// `file` is the newest segment (not yet: a placeholder).
+    file_is_segment: bool,
     /// Where the next write goes in `file`.
     offset: u64,
     /// Encoded records not yet written.
@@ -213,6 +305,10 @@ fn segment_path(dir: &Path, seq: u64) -> PathBuf {
     dir.join(format!("{seq:016x}.wal"))
 }
 
+fn spare_path(dir: &Path, seq: u64) -> PathBuf {
+    dir.join(format!("{seq:016x}.spare"))
+}
+
 fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
@@ -245,6 +341,23 @@ fn create_segment(dir: &Path, seq: u64, bytes: u64) -> io::Result<File> {
     Ok(file)
 }
 
+/// Makes the released segment file `spare` segment `seq`, at least
+/// `bytes` long, its new name durable before it is used. Its old records
+/// stay until overwritten; sealed with another number, they read as the
+/// segment's end.
+fn reuse_segment(dir: &Path, spare: &Path, seq: u64, bytes: u64) -> io::Result<File> {
+    let path = segment_path(dir, seq);
+    fs::rename(spare, &path)?;
+    let file = OpenOptions::new().read(true).write(true).open(&path)?;
+    if file.metadata()?.len() < bytes {
+        // Cut short when it was retired (or a larger segment size now).
+        let _ = rustix::fs::fallocate(&file, rustix::fs::FallocateFlags::empty(), 0, bytes);
+        file.sync_all()?;
+    }
+    sync_dir(dir)?;
+    Ok(file)
+}
+
 impl Wal {
     /// Opens the log in `dir` (creating it if missing) and returns it with
     /// every record it holds, in write order. A new log is empty: its first
@@ -252,6 +365,7 @@ impl Wal {
     pub fn open(dir: &Path, segment_bytes: u64) -> Result<(Wal, Vec<Record>), WalError> {
         fs::create_dir_all(dir)?;
         let mut seqs = Vec::new();
+        let mut spares = Vec::new();
         for entry in fs::read_dir(dir)? {
             let name = entry?.file_name();
             let name = name.to_string_lossy();
@@ -259,17 +373,22 @@ impl Wal {
                 if let Ok(seq) = u64::from_str_radix(hex, 16) {
                     seqs.push(seq);
                 }
+            } else if name.ends_with(".spare") {
+                spares.push(dir.join(&*name));
             } else if name.ends_with(".tmp") {
                 // A segment whose creation did not finish: never used.
                 let _ = fs::remove_file(dir.join(&*name));
             }
         }
         seqs.sort_unstable();
+        spares.sort_unstable();
         let mut wal = Wal {
             dir: dir.to_path_buf(),
             segment_bytes,
             segments: Vec::new(),
+            spares,
             file: Arc::new(File::open(dir)?),
+            file_is_segment: false,
             offset: 0,
             pending: Vec::new(),
             unsynced: false,
@@ -279,11 +398,16 @@ impl Wal {
             conf_state: ConfState::default(),
         };
         let mut all = Vec::new();
-        let mut torn = false;
+        let mut go_on = false;
         for (i, &seq) in seqs.iter().enumerate() {
             let newest = i + 1 == seqs.len();
             let path = segment_path(dir, seq);
-            let (records, end, clean) = read_segment(&path)?;
+            let SegmentRead {
+                records,
+                end,
+                clean,
+                sealed,
+            } = read_segment(&path, seq)?;
             if !newest && !clean {
                 return Err(WalError::Corrupt { path, offset: end });
             }
@@ -300,30 +424,35 @@ impl Wal {
                 });
             };
             if newest && !clean {
-                // A torn tail (power lost during an unsynced write): cut it
-                // off, so the file ends cleanly, and go on in a new segment.
+                // A torn tail (power lost during an unsynced write), or
+                // what an earlier use of a recycled file left: cut it off,
+                // so the file ends cleanly.
                 let f = OpenOptions::new().write(true).open(&path)?;
                 f.set_len(end)?;
                 f.sync_all()?;
-                torn = true;
             }
             for r in &records {
                 wal.observe(r);
             }
             all.extend(records);
-            wal.segments.push(Segment { seq, prev_index });
-            if newest && !torn {
-                wal.file = Arc::new(
-                    OpenOptions::new()
-                        .read(true)
-                        .write(true)
-                        .open(segment_path(dir, seq))?,
-                );
+            wal.segments.push(Segment {
+                seq,
+                prev_index,
+                sealed,
+            });
+            if newest {
+                wal.file = Arc::new(OpenOptions::new().read(true).write(true).open(&path)?);
+                wal.file_is_segment = true;
                 wal.offset = end;
                 wal.segment_has_entry = true;
+                go_on = clean && sealed;
             }
         }
-        if !all.is_empty() && (torn || wal.offset == 0) {
+        // Writing goes on in the newest segment only if nothing but zeros
+        // follows its records and they are sealed; else in a new one (after
+        // a torn tail, in a recycled file, or after a segment of an
+        // earlier version, whose records were not sealed).
+        if !all.is_empty() && !go_on {
             wal.roll()?;
             wal.sync()?;
         }
@@ -358,7 +487,13 @@ impl Wal {
 
     fn encode(&mut self, r: &Record) {
         self.observe(r);
-        r.encode_into(&mut self.pending);
+        let seal = self.seal();
+        r.encode_into(&mut self.pending, seal);
+    }
+
+    /// The seal of the records written now: the newest segment's number.
+    fn seal(&self) -> Option<u64> {
+        Some(self.segments.last().map_or(0, |s| s.seq))
     }
 
     /// Adds `r` to the log (written by the next `write` or `sync`). Begins
@@ -366,7 +501,8 @@ impl Wal {
     /// record larger than a segment gets one to itself, grown to fit).
     pub fn push(&mut self, r: &Record) -> Result<(), WalError> {
         let before = self.pending.len();
-        r.encode_into(&mut self.pending);
+        let seal = self.seal();
+        r.encode_into(&mut self.pending, seal);
         self.place(before, matches!(r, Record::Entry(_)))?;
         self.observe(r);
         Ok(())
@@ -375,7 +511,8 @@ impl Wal {
     /// `push(&Record::Entry(e.clone()))` without the clone.
     pub fn push_entry(&mut self, e: &Entry) -> Result<(), WalError> {
         let before = self.pending.len();
-        encode_entry(e, &mut self.pending);
+        let seal = self.seal();
+        encode_entry(e, &mut self.pending, seal);
         self.place(before, true)?;
         self.last_entry = (e.index, e.term);
         Ok(())
@@ -386,8 +523,9 @@ impl Wal {
     fn place(&mut self, before: usize, entry: bool) -> Result<(), WalError> {
         let end = self.offset + self.pending.len() as u64;
         if end > self.segment_bytes && self.segment_has_entry {
-            let encoded = self.pending.split_off(before);
+            let mut encoded = self.pending.split_off(before);
             self.roll()?;
+            reseal(&mut encoded, self.seal());
             self.pending.extend_from_slice(&encoded);
         }
         self.segment_has_entry |= entry;
@@ -400,13 +538,29 @@ impl Wal {
         if self.needs_sync() {
             self.sync()?;
         }
+        if self.file_is_segment {
+            // The segment ends where its records do: an older segment must
+            // end cleanly, and a recycled file holds an earlier use's
+            // records past that point. Durable before the next segment
+            // exists.
+            self.file.set_len(self.offset)?;
+            self.file.sync_all()?;
+        }
         let seq = self.segments.last().map(|s| s.seq + 1).unwrap_or(1);
-        let file = create_segment(&self.dir, seq, self.segment_bytes)?;
+        let file = match self.spares.pop() {
+            Some(spare) => reuse_segment(&self.dir, &spare, seq, self.segment_bytes)?,
+            None => create_segment(&self.dir, seq, self.segment_bytes)?,
+        };
         self.file = Arc::new(file);
+        self.file_is_segment = true;
         self.offset = 0;
         self.segment_has_entry = false;
         let (prev_index, prev_term) = self.last_entry;
-        self.segments.push(Segment { seq, prev_index });
+        self.segments.push(Segment {
+            seq,
+            prev_index,
+            sealed: true,
+        });
         let (hs, cs) = (self.hard_state.clone(), self.conf_state.clone());
         self.encode(&Record::Start {
             prev_index,
@@ -460,14 +614,22 @@ impl Wal {
         self.segments.len() > 1 && self.segments[1].prev_index < index
     }
 
-    /// Deletes every segment all of whose entries are below `index`; the
-    /// newest segment is never deleted. The caller has made what those
+    /// Retires every segment all of whose entries are below `index`: kept
+    /// as a spare (sealed ones, up to [`MAX_SPARES`]) or deleted. The
+    /// newest segment is never retired. The caller has made what those
     /// entries did durable elsewhere first.
     pub fn release_before(&mut self, index: u64) -> Result<usize, WalError> {
         let mut n = 0;
         while self.releasable(index) {
             let s = self.segments.remove(0);
-            fs::remove_file(segment_path(&self.dir, s.seq))?;
+            let path = segment_path(&self.dir, s.seq);
+            if s.sealed && self.spares.len() < MAX_SPARES {
+                let spare = spare_path(&self.dir, s.seq);
+                fs::rename(&path, &spare)?;
+                self.spares.push(spare);
+            } else {
+                fs::remove_file(path)?;
+            }
             n += 1;
         }
         if n > 0 {
@@ -579,7 +741,7 @@ mod tests {
             path = segment_path(dir.path(), wal.segments[0].seq);
             // A fourth record half on disk: its length, and garbage.
             let mut torn = Vec::new();
-            entry(4, 1, 50).encode_into(&mut torn);
+            entry(4, 1, 50).encode_into(&mut torn, wal.seal());
             let at = wal.offset;
             wal.file.write_all_at(&torn[..30], at).unwrap();
             wal.file.write_all_at(&[0xff; 5], at + 30).unwrap();
@@ -617,6 +779,140 @@ mod tests {
             Wal::open(dir.path(), 2048),
             Err(WalError::Corrupt { .. })
         ));
+    }
+
+    fn files(dir: &Path, suffix: &str) -> usize {
+        fs::read_dir(dir)
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .ends_with(suffix)
+            })
+            .count()
+    }
+
+    #[test]
+    fn released_segments_are_reused_and_their_old_records_never_come_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut wal, _) = Wal::open(dir.path(), 2048).unwrap();
+        wal.begin(0, 0).unwrap();
+        for i in 1..=80 {
+            wal.push(&entry(i, 1, 100)).unwrap();
+        }
+        wal.sync().unwrap();
+        assert!(wal.segment_count() > 4);
+        // Keep the last two segments; the released ones become spares, up
+        // to MAX_SPARES, and the rest are deleted.
+        let keep = wal.segments[wal.segment_count() - 2].prev_index + 1;
+        wal.release_before(keep).unwrap();
+        assert_eq!(wal.segment_count(), 2);
+        assert_eq!(files(dir.path(), ".spare"), MAX_SPARES);
+        // New segments take the spares first: no new file until they are
+        // used up, and each reused file still holds old records past the
+        // new ones (it was cut only to its old records' end).
+        let before = files(dir.path(), ".wal");
+        // Larger records than before: a reused file's new records end
+        // before its old ones did, and old records follow them.
+        for i in 81..=84 {
+            wal.push(&entry(i, 2, 400)).unwrap();
+        }
+        wal.sync().unwrap();
+        assert_eq!(files(dir.path(), ".spare"), MAX_SPARES - 1);
+        assert_eq!(files(dir.path(), ".wal"), before + 1);
+        let reused = segment_path(dir.path(), wal.segments.last().unwrap().seq);
+        assert!(fs::metadata(&reused).unwrap().len() > wal.offset);
+        for i in 85..=100 {
+            wal.push(&entry(i, 2, 400)).unwrap();
+        }
+        wal.sync().unwrap();
+        drop(wal);
+        // Reopened: exactly what was written since the kept segments
+        // began, once each, in order; none of the reused files' old
+        // records (entries below `keep` again, in term 1).
+        let (mut wal, records) = Wal::open(dir.path(), 2048).unwrap();
+        assert_eq!(entries(&records), (keep..=100).collect::<Vec<_>>());
+        for i in 101..=105 {
+            wal.push(&entry(i, 3, 200)).unwrap();
+        }
+        wal.sync().unwrap();
+        drop(wal);
+        let (_, records) = Wal::open(dir.path(), 2048).unwrap();
+        assert_eq!(entries(&records), (keep..=105).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_reused_segment_never_written_reads_as_absent() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut wal, _) = Wal::open(dir.path(), 2048).unwrap();
+        wal.begin(0, 0).unwrap();
+        for i in 1..=30 {
+            wal.push(&entry(i, 1, 200)).unwrap();
+        }
+        wal.sync().unwrap();
+        let keep = wal.segments.last().unwrap().prev_index + 1;
+        wal.release_before(keep).unwrap();
+        // A crash right after a spare was renamed into place as the next
+        // segment, before its start record was written: the file holds
+        // only an earlier use's records.
+        let next = wal.segments.last().unwrap().seq + 1;
+        let spare = wal.spares.pop().unwrap();
+        drop(reuse_segment(dir.path(), &spare, next, 2048).unwrap());
+        drop(wal);
+        let (mut wal, records) = Wal::open(dir.path(), 2048).unwrap();
+        assert_eq!(entries(&records), (keep..=30).collect::<Vec<_>>());
+        wal.push(&entry(31, 2, 200)).unwrap();
+        wal.sync().unwrap();
+        drop(wal);
+        let (_, records) = Wal::open(dir.path(), 2048).unwrap();
+        assert_eq!(entries(&records), (keep..=31).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_log_of_an_earlier_version_is_read_and_continued_sealed() {
+        let dir = tempfile::tempdir().unwrap();
+        // Segments as versions before recycling wrote them: checksums not
+        // sealed, the start record of kind 4, zeros after the records.
+        let mut old = Vec::new();
+        for r in [
+            Record::Start {
+                prev_index: 0,
+                prev_term: 0,
+            },
+            Record::HardState(HardState::default()),
+            entry(1, 1, 100),
+            entry(2, 1, 100),
+        ] {
+            r.encode_into(&mut old, None);
+        }
+        let first = segment_path(dir.path(), 1);
+        fs::write(&first, [&old[..], &[0; 512]].concat()).unwrap();
+        let mut old = Vec::new();
+        for r in [
+            Record::Start {
+                prev_index: 2,
+                prev_term: 1,
+            },
+            entry(3, 1, 100),
+        ] {
+            r.encode_into(&mut old, None);
+        }
+        fs::write(segment_path(dir.path(), 2), [&old[..], &[0; 512]].concat()).unwrap();
+        let (mut wal, records) = Wal::open(dir.path(), 2048).unwrap();
+        assert_eq!(entries(&records), vec![1, 2, 3]);
+        // Writing goes on in a new, sealed segment.
+        assert_eq!(wal.segment_count(), 3);
+        wal.push(&entry(4, 2, 100)).unwrap();
+        wal.sync().unwrap();
+        // An old segment is deleted when released, never reused.
+        wal.release_before(3).unwrap();
+        assert!(!first.exists());
+        assert_eq!(files(dir.path(), ".spare"), 0);
+        drop(wal);
+        let (_, records) = Wal::open(dir.path(), 2048).unwrap();
+        assert_eq!(entries(&records), vec![3, 4]);
     }
 
     #[test]
