@@ -20,13 +20,18 @@
 //! rest) or an earlier use's records. A record is `len: u32 LE |
 //! crc32(seq ‖ kind ‖ payload): u32 LE | kind: u8 | payload` with `len`
 //! the payload's length plus one and `seq` the segment's number (u64 LE):
-//! the checksum is *sealed* with the segment it was written to. A zero `len` ends the
-//! segment. Every segment begins with [`Record::Start`] (index and term of
-//! the entry before its first) and the hard and conf state current when it
-//! was begun, so older segments can be deleted without losing either.
-//! Segments written before segments were reused have unsealed checksums
-//! (`crc32(kind ‖ payload)`) and a start record of another kind (4, not
-//! 5); they are read as before and never reused.
+//! the checksum is *sealed* with the segment it was written to. A zero
+//! `len` ends the segment.
+//!
+//! A segment begins with [`SEALED_MARK`], one unsealed record that
+//! versions before sealing read as valid but not a start record, so they
+//! refuse the log rather than misread it. Then comes [`Record::Start`]
+//! (index and term of the entry before the segment's first) and the hard
+//! and conf state current when it was begun, so older segments can be
+//! retired without losing either. Segments written before segments were
+//! reused have no mark, unsealed checksums (`crc32(kind ‖ payload)`) and a
+//! start record of another kind (4, not 5); they are read as before and
+//! never reused.
 //!
 //! # Recycled segments
 //!
@@ -91,6 +96,30 @@ const KIND_START: u8 = 4;
 const KIND_START_SEALED: u8 = 5;
 /// Released segments kept for reuse, at most.
 pub const MAX_SPARES: usize = 2;
+
+/// What a segment with sealed records begins with: an unsealed record of
+/// kind 2 with an empty payload (an empty hard state). A version before
+/// sealing reads it as a valid record that is not a start record, and so
+/// refuses to open the log, instead of reading the sealed start record
+/// after it as a torn tail and dropping the segment.
+const SEALED_MARK: [u8; HEADER] = sealed_mark();
+
+const fn sealed_mark() -> [u8; HEADER] {
+    // crc32 (IEEE) of the single byte 2, computed bitwise.
+    let mut crc: u32 = !0;
+    crc ^= KIND_HARD_STATE as u32;
+    let mut bit = 0;
+    while bit < 8 {
+        crc = if crc & 1 == 1 {
+            (crc >> 1) ^ 0xEDB8_8320
+        } else {
+            crc >> 1
+        };
+        bit += 1;
+    }
+    let crc = (!crc).to_le_bytes();
+    [1, 0, 0, 0, crc[0], crc[1], crc[2], crc[3], KIND_HARD_STATE]
+}
 
 /// One record of the log.
 #[derive(Clone, Debug, PartialEq)]
@@ -214,9 +243,10 @@ struct SegmentRead {
 /// after the valid prefix reads as its end, never as records.
 fn read_segment(path: &Path, seq: u64) -> Result<SegmentRead, WalError> {
     let data = fs::read(path)?;
-    let seal = (data.get(8) == Some(&KIND_START_SEALED)).then_some(seq);
+    let sealed = data.starts_with(&SEALED_MARK);
+    let seal = sealed.then_some(seq);
     let mut records = Vec::new();
-    let mut at = 0usize;
+    let mut at = if sealed { SEALED_MARK.len() } else { 0 };
     let done = |records, at: usize, clean| {
         Ok(SegmentRead {
             records,
@@ -562,6 +592,7 @@ impl Wal {
             sealed: true,
         });
         let (hs, cs) = (self.hard_state.clone(), self.conf_state.clone());
+        self.pending.extend_from_slice(&SEALED_MARK);
         self.encode(&Record::Start {
             prev_index,
             prev_term,
@@ -868,6 +899,30 @@ mod tests {
         drop(wal);
         let (_, records) = Wal::open(dir.path(), 2048).unwrap();
         assert_eq!(entries(&records), (keep..=31).collect::<Vec<_>>());
+    }
+
+    /// A version before sealing must refuse a log with sealed segments, not
+    /// read the first sealed record as a torn tail and drop the segment:
+    /// it reads the mark as a valid record that is not a start record.
+    #[test]
+    fn a_sealed_segment_begins_with_a_record_older_versions_refuse() {
+        assert_eq!(
+            SEALED_MARK[4..8],
+            crc32fast::hash(&[KIND_HARD_STATE]).to_le_bytes()
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let (mut wal, _) = Wal::open(dir.path(), 4096).unwrap();
+        wal.begin(0, 0).unwrap();
+        wal.push(&entry(1, 1, 10)).unwrap();
+        wal.sync().unwrap();
+        let data = fs::read(segment_path(dir.path(), 1)).unwrap();
+        assert_eq!(data[..HEADER], SEALED_MARK);
+        let first = Record::decode(data[8], &data[HEADER..HEADER]);
+        assert_eq!(first, Some(Record::HardState(HardState::default())));
+        // What follows is not readable unsealed.
+        let len = u32::from_le_bytes(data[HEADER..HEADER + 4].try_into().unwrap()) as usize;
+        let crc = u32::from_le_bytes(data[HEADER + 4..HEADER + 8].try_into().unwrap());
+        assert_ne!(crc32fast::hash(&data[HEADER + 8..HEADER + 8 + len]), crc);
     }
 
     #[test]
