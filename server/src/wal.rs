@@ -794,22 +794,28 @@ mod tests {
     #[test]
     fn damage_in_an_older_segment_is_an_error() {
         let dir = tempfile::tempdir().unwrap();
-        let first;
-        {
-            let (mut wal, _) = Wal::open(dir.path(), 2048).unwrap();
-            wal.begin(0, 0).unwrap();
-            for i in 1..=20 {
-                wal.push(&entry(i, 1, 200)).unwrap();
-            }
-            wal.sync().unwrap();
-            first = segment_path(dir.path(), wal.segments[0].seq);
-        }
+        let first = segment_path(
+            dir.path(),
+            log_with(dir.path(), 2048, 20, 200).segments[0].seq,
+        );
         let f = OpenOptions::new().write(true).open(&first).unwrap();
         f.write_all_at(&[0xee; 4], 40).unwrap();
         assert!(matches!(
             Wal::open(dir.path(), 2048),
             Err(WalError::Corrupt { .. })
         ));
+    }
+
+    /// A new log in `dir` holding entries 1..=`last` of `size` bytes
+    /// (term 1), synced.
+    fn log_with(dir: &Path, segment_bytes: u64, last: u64, size: usize) -> Wal {
+        let (mut wal, _) = Wal::open(dir, segment_bytes).unwrap();
+        wal.begin(0, 0).unwrap();
+        for i in 1..=last {
+            wal.push(&entry(i, 1, size)).unwrap();
+        }
+        wal.sync().unwrap();
+        wal
     }
 
     fn files(dir: &Path, suffix: &str) -> usize {
@@ -828,12 +834,7 @@ mod tests {
     #[test]
     fn released_segments_are_reused_and_their_old_records_never_come_back() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut wal, _) = Wal::open(dir.path(), 2048).unwrap();
-        wal.begin(0, 0).unwrap();
-        for i in 1..=80 {
-            wal.push(&entry(i, 1, 100)).unwrap();
-        }
-        wal.sync().unwrap();
+        let mut wal = log_with(dir.path(), 2048, 80, 100);
         assert!(wal.segment_count() > 4);
         // Keep the last two segments; the released ones become spares, up
         // to MAX_SPARES, and the rest are deleted.
@@ -877,12 +878,7 @@ mod tests {
     #[test]
     fn a_reused_segment_never_written_reads_as_absent() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut wal, _) = Wal::open(dir.path(), 2048).unwrap();
-        wal.begin(0, 0).unwrap();
-        for i in 1..=30 {
-            wal.push(&entry(i, 1, 200)).unwrap();
-        }
-        wal.sync().unwrap();
+        let mut wal = log_with(dir.path(), 2048, 30, 200);
         let keep = wal.segments.last().unwrap().prev_index + 1;
         wal.release_before(keep).unwrap();
         // A crash right after a spare was renamed into place as the next
@@ -911,10 +907,7 @@ mod tests {
             crc32fast::hash(&[KIND_HARD_STATE]).to_le_bytes()
         );
         let dir = tempfile::tempdir().unwrap();
-        let (mut wal, _) = Wal::open(dir.path(), 4096).unwrap();
-        wal.begin(0, 0).unwrap();
-        wal.push(&entry(1, 1, 10)).unwrap();
-        wal.sync().unwrap();
+        drop(log_with(dir.path(), 4096, 1, 10));
         let data = fs::read(segment_path(dir.path(), 1)).unwrap();
         assert_eq!(data[..HEADER], SEALED_MARK);
         let first = Record::decode(data[8], &data[HEADER..HEADER]);
@@ -971,14 +964,9 @@ mod tests {
     }
 
     #[test]
-    fn release_deletes_only_segments_wholly_below_the_index() {
+    fn release_retires_only_segments_wholly_below_the_index() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut wal, _) = Wal::open(dir.path(), 2048).unwrap();
-        wal.begin(0, 0).unwrap();
-        for i in 1..=30 {
-            wal.push(&entry(i, 1, 200)).unwrap();
-        }
-        wal.sync().unwrap();
+        let mut wal = log_with(dir.path(), 2048, 30, 200);
         let starts: Vec<u64> = wal.segments.iter().map(|s| s.prev_index).collect();
         let n = wal.segment_count();
         // Releasing below the second segment's first entry keeps the first
