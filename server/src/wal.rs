@@ -23,15 +23,14 @@
 //! the checksum is *sealed* with the segment it was written to. A zero
 //! `len` ends the segment.
 //!
-//! A segment begins with [`SEALED_MARK`], one unsealed record that
+//! A segment begins with [`sealed_mark`], one unsealed record that
 //! versions before sealing read as valid but not a start record, so they
 //! refuse the log rather than misread it. Then comes [`Record::Start`]
 //! (index and term of the entry before the segment's first) and the hard
 //! and conf state current when it was begun, so older segments can be
 //! retired without losing either. Segments written before segments were
-//! reused have no mark, unsealed checksums (`crc32(kind ‖ payload)`) and a
-//! start record of another kind (4, not 5); they are read as before and
-//! never reused.
+//! reused have no mark and unsealed checksums (`crc32(kind ‖ payload)`);
+//! they are read as before and never reused.
 //!
 //! # Recycled segments
 //!
@@ -91,9 +90,6 @@ const KIND_ENTRY: u8 = 1;
 const KIND_HARD_STATE: u8 = 2;
 const KIND_CONF_STATE: u8 = 3;
 const KIND_START: u8 = 4;
-/// The start record of a segment whose records are sealed with its
-/// sequence number (see "Recycled segments").
-const KIND_START_SEALED: u8 = 5;
 /// Released segments kept for reuse, at most.
 pub const MAX_SPARES: usize = 2;
 
@@ -102,23 +98,10 @@ pub const MAX_SPARES: usize = 2;
 /// sealing reads it as a valid record that is not a start record, and so
 /// refuses to open the log, instead of reading the sealed start record
 /// after it as a torn tail and dropping the segment.
-const SEALED_MARK: [u8; HEADER] = sealed_mark();
-
-const fn sealed_mark() -> [u8; HEADER] {
-    // crc32 (IEEE) of the single byte 2, computed bitwise.
-    let mut crc: u32 = !0;
-    crc ^= KIND_HARD_STATE as u32;
-    let mut bit = 0;
-    while bit < 8 {
-        crc = if crc & 1 == 1 {
-            (crc >> 1) ^ 0xEDB8_8320
-        } else {
-            crc >> 1
-        };
-        bit += 1;
-    }
-    let crc = (!crc).to_le_bytes();
-    [1, 0, 0, 0, crc[0], crc[1], crc[2], crc[3], KIND_HARD_STATE]
+fn sealed_mark() -> Vec<u8> {
+    let mut mark = Vec::with_capacity(HEADER);
+    frame(&mut mark, KIND_HARD_STATE, None, |_| {});
+    mark
 }
 
 /// One record of the log.
@@ -194,19 +177,10 @@ impl Record {
             Record::Start {
                 prev_index,
                 prev_term,
-            } => frame(
-                out,
-                if seal.is_some() {
-                    KIND_START_SEALED
-                } else {
-                    KIND_START
-                },
-                seal,
-                |o| {
-                    o.extend_from_slice(&prev_index.to_le_bytes());
-                    o.extend_from_slice(&prev_term.to_le_bytes());
-                },
-            ),
+            } => frame(out, KIND_START, seal, |o| {
+                o.extend_from_slice(&prev_index.to_le_bytes());
+                o.extend_from_slice(&prev_term.to_le_bytes());
+            }),
         }
     }
 
@@ -215,7 +189,7 @@ impl Record {
             KIND_ENTRY => Record::Entry(Entry::parse_from_bytes(payload).ok()?),
             KIND_HARD_STATE => Record::HardState(HardState::parse_from_bytes(payload).ok()?),
             KIND_CONF_STATE => Record::ConfState(ConfState::parse_from_bytes(payload).ok()?),
-            KIND_START | KIND_START_SEALED if payload.len() == 16 => Record::Start {
+            KIND_START if payload.len() == 16 => Record::Start {
                 prev_index: u64::from_le_bytes(payload[..8].try_into().unwrap()),
                 prev_term: u64::from_le_bytes(payload[8..].try_into().unwrap()),
             },
@@ -238,15 +212,16 @@ struct SegmentRead {
 
 /// Reads the records of segment `seq`: the valid prefix, and the offset
 /// just after it, plus whether it ended cleanly (zeros or the file's end).
-/// A segment whose first record is a sealed start is read with every
-/// checksum sealed with `seq`, so whatever an earlier use of the file left
-/// after the valid prefix reads as its end, never as records.
+/// A segment that begins with [`sealed_mark`] is read with every checksum
+/// sealed with `seq`, so whatever an earlier use of the file left after
+/// the valid prefix reads as its end, never as records.
 fn read_segment(path: &Path, seq: u64) -> Result<SegmentRead, WalError> {
     let data = fs::read(path)?;
-    let sealed = data.starts_with(&SEALED_MARK);
+    let mark = sealed_mark();
+    let sealed = data.starts_with(&mark);
     let seal = sealed.then_some(seq);
     let mut records = Vec::new();
-    let mut at = if sealed { SEALED_MARK.len() } else { 0 };
+    let mut at = if sealed { mark.len() } else { 0 };
     let done = |records, at: usize, clean| {
         Ok(SegmentRead {
             records,
@@ -592,7 +567,7 @@ impl Wal {
             sealed: true,
         });
         let (hs, cs) = (self.hard_state.clone(), self.conf_state.clone());
-        self.pending.extend_from_slice(&SEALED_MARK);
+        self.pending.extend_from_slice(&sealed_mark());
         self.encode(&Record::Start {
             prev_index,
             prev_term,
@@ -902,14 +877,10 @@ mod tests {
     /// it reads the mark as a valid record that is not a start record.
     #[test]
     fn a_sealed_segment_begins_with_a_record_older_versions_refuse() {
-        assert_eq!(
-            SEALED_MARK[4..8],
-            crc32fast::hash(&[KIND_HARD_STATE]).to_le_bytes()
-        );
         let dir = tempfile::tempdir().unwrap();
         drop(log_with(dir.path(), 4096, 1, 10));
         let data = fs::read(segment_path(dir.path(), 1)).unwrap();
-        assert_eq!(data[..HEADER], SEALED_MARK);
+        assert_eq!(data[..HEADER], sealed_mark());
         let first = Record::decode(data[8], &data[HEADER..HEADER]);
         assert_eq!(first, Some(Record::HardState(HardState::default())));
         // What follows is not readable unsealed.
@@ -922,7 +893,7 @@ mod tests {
     fn a_log_of_an_earlier_version_is_read_and_continued_sealed() {
         let dir = tempfile::tempdir().unwrap();
         // Segments as versions before recycling wrote them: checksums not
-        // sealed, the start record of kind 4, zeros after the records.
+        // sealed, no mark, zeros after the records.
         let mut old = Vec::new();
         for r in [
             Record::Start {

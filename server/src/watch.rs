@@ -7,7 +7,10 @@
 //! the events of each entry; the shard appends them, one [`RevisionBatch`]
 //! per revision, to its `WatchRing`. No engine has, or can forget, a
 //! notification path of its own. The ring is bounded (batches and bytes);
-//! appending evicts the oldest batches and never waits for a reader.
+//! appending evicts the oldest batches and never waits for a reader. While
+//! no subscription reads it, it keeps only a few hundred batches
+//! ([`WatchRing::with_idle_batches`]): evicting from a full ring is a
+//! cache miss per write that nobody would have read.
 //!
 //! The ring belongs to one shard's thread (thread per core): the writer (the
 //! apply path) and the readers (this shard's subscriptions) run on the same

@@ -60,10 +60,11 @@ type HeldPairs<'a> = Box<dyn Iterator<Item = &'a Held> + 'a>;
 /// version records are keyed by revision, which grows, and their keyspace
 /// (`v`) sorts after every other; the keys that every entry rewrites (the
 /// applied index, the current revision) are held from the first entry of
-/// a flush on. An append compares one key, a replacement binary-searches
-/// a vector of a few hundred pairs at most (the shard flushes every 512
-/// keys), and nothing is allocated once the vector has grown. Any other insert (a lease record, a txn intent) moves the pairs
-/// after it, at most a flush's worth.
+/// a flush on, at the vector's front. An append compares one key, a
+/// replacement gallops from the front (a few comparisons), and nothing is
+/// allocated once the vector has grown. Any other insert (a lease record,
+/// a txn intent) moves the pairs after it: a few hundred at most, as the
+/// shard flushes every 512 keys. Reads binary-search.
 #[derive(Default)]
 struct Overlay {
     pairs: Vec<Held>,
