@@ -793,6 +793,17 @@ mod tests {
         wal
     }
 
+    /// Appends entries `from..=to` (term `term`, 200 bytes) to `wal`,
+    /// syncs, and returns the entries a reopened log holds.
+    fn extend_and_reopen(dir: &Path, mut wal: Wal, from: u64, to: u64, term: u64) -> Vec<u64> {
+        for i in from..=to {
+            wal.push(&entry(i, term, 200)).unwrap();
+        }
+        wal.sync().unwrap();
+        drop(wal);
+        entries(&Wal::open(dir, 2048).unwrap().1)
+    }
+
     fn files(dir: &Path, suffix: &str) -> usize {
         fs::read_dir(dir)
             .unwrap()
@@ -839,15 +850,10 @@ mod tests {
         // Reopened: exactly what was written since the kept segments
         // began, once each, in order; none of the reused files' old
         // records (entries below `keep` again, in term 1).
-        let (mut wal, records) = Wal::open(dir.path(), 2048).unwrap();
+        let (wal, records) = Wal::open(dir.path(), 2048).unwrap();
         assert_eq!(entries(&records), (keep..=100).collect::<Vec<_>>());
-        for i in 101..=105 {
-            wal.push(&entry(i, 3, 200)).unwrap();
-        }
-        wal.sync().unwrap();
-        drop(wal);
-        let (_, records) = Wal::open(dir.path(), 2048).unwrap();
-        assert_eq!(entries(&records), (keep..=105).collect::<Vec<_>>());
+        let got = extend_and_reopen(dir.path(), wal, 101, 105, 3);
+        assert_eq!(got, (keep..=105).collect::<Vec<_>>());
     }
 
     #[test]
@@ -863,13 +869,10 @@ mod tests {
         let spare = wal.spares.pop().unwrap();
         drop(reuse_segment(dir.path(), &spare, next, 2048).unwrap());
         drop(wal);
-        let (mut wal, records) = Wal::open(dir.path(), 2048).unwrap();
+        let (wal, records) = Wal::open(dir.path(), 2048).unwrap();
         assert_eq!(entries(&records), (keep..=30).collect::<Vec<_>>());
-        wal.push(&entry(31, 2, 200)).unwrap();
-        wal.sync().unwrap();
-        drop(wal);
-        let (_, records) = Wal::open(dir.path(), 2048).unwrap();
-        assert_eq!(entries(&records), (keep..=31).collect::<Vec<_>>());
+        let got = extend_and_reopen(dir.path(), wal, 31, 31, 2);
+        assert_eq!(got, (keep..=31).collect::<Vec<_>>());
     }
 
     /// A version before sealing must refuse a log with sealed segments, not
