@@ -459,7 +459,6 @@ impl Wal {
         // earlier version, whose records were not sealed).
         if !all.is_empty() && !go_on {
             wal.roll()?;
-            wal.sync()?;
         }
         Ok((wal, all))
     }
@@ -474,8 +473,7 @@ impl Wal {
     pub fn begin(&mut self, prev_index: u64, prev_term: u64) -> Result<(), WalError> {
         assert!(self.is_new(), "the log has begun already");
         self.last_entry = (prev_index, prev_term);
-        self.roll()?;
-        self.sync()
+        self.roll()
     }
 
     fn observe(&mut self, r: &Record) {
@@ -538,7 +536,7 @@ impl Wal {
     }
 
     /// Syncs what the current segment holds and begins the next one with
-    /// its start record and the current hard and conf state.
+    /// its start record and the current hard and conf state, synced.
     fn roll(&mut self) -> Result<(), WalError> {
         if self.needs_sync() {
             self.sync()?;
@@ -574,7 +572,9 @@ impl Wal {
         });
         self.encode(&Record::HardState(hs));
         self.encode(&Record::ConfState(cs));
-        Ok(())
+        // Durable now: once this segment exists, the older ones may be
+        // released, and these records are all that then holds the states.
+        self.sync()
     }
 
     /// True if records were pushed and not yet synced.
@@ -956,6 +956,52 @@ mod tests {
         assert_eq!(got.last().copied(), Some(30));
         assert!(
             matches!(records[0], Record::Start { prev_index, .. } if prev_index == starts[n - 1])
+        );
+    }
+
+    /// A segment is retired only once the next one's start and restated
+    /// states are durable: a crash after the release (before the pushes
+    /// that began the new segment were synced) must not leave the log
+    /// empty, its acknowledged hard and conf state gone.
+    #[test]
+    fn a_release_right_after_a_roll_keeps_the_acknowledged_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut wal = log_with(dir.path(), 2048, 30, 200);
+        let hs = HardState {
+            term: 3,
+            vote: 2,
+            commit: 30,
+            ..Default::default()
+        };
+        wal.push(&Record::HardState(hs.clone())).unwrap();
+        wal.sync().unwrap();
+        // Entries until one begins a new segment (the older ones synced by
+        // the roll), and the engine durable through them: release all but
+        // the new segment, then crash before the next sync.
+        let n = wal.segment_count();
+        let mut i = 31;
+        while wal.segment_count() == n {
+            wal.push(&entry(i, 3, 200)).unwrap();
+            i += 1;
+        }
+        let keep = wal.segments.last().unwrap().prev_index + 1;
+        assert_eq!(wal.release_before(keep).unwrap(), n);
+        drop(wal);
+        let (wal, records) = Wal::open(dir.path(), 2048).unwrap();
+        assert!(!wal.is_new());
+        assert_eq!(
+            records[0],
+            Record::Start {
+                prev_index: keep - 1,
+                prev_term: 3
+            }
+        );
+        assert_eq!(
+            records.iter().rev().find_map(|r| match r {
+                Record::HardState(h) => Some(h.clone()),
+                _ => None,
+            }),
+            Some(hs)
         );
     }
 }
