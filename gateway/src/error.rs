@@ -39,6 +39,8 @@ pub const MSG_INVALID_SORT: &str = "etcdserver: invalid sort option";
 pub const MSG_LEASE_NOT_FOUND: &str = "etcdserver: requested lease not found";
 pub const MSG_LEASE_EXISTS: &str = "etcdserver: lease already exists";
 pub const MSG_LEASE_TTL_TOO_LARGE: &str = "etcdserver: too large lease TTL";
+/// etcd's answer to a txn op that names no request (`ErrGRPCKeyNotFound`).
+pub const MSG_KEY_NOT_FOUND: &str = "etcdserver: key not found";
 
 /// Everything that can go wrong between a gRPC request and its response.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
@@ -202,6 +204,7 @@ impl From<TxnCheckError> for GatewayError {
             TxnCheckError::TooManyOps => GatewayError::TooManyOps,
             TxnCheckError::DuplicateKey => GatewayError::DuplicateKey,
             TxnCheckError::EmptyKey => GatewayError::KeyNotProvided,
+            TxnCheckError::EmptyOp => GatewayError::InvalidArgument(MSG_KEY_NOT_FOUND.into()),
         }
     }
 }

@@ -31,8 +31,8 @@
 //! etcd's API-level checks run here so bad input gets etcd's errors and
 //! never reaches a shard: empty keys, `ignore_value`/`ignore_lease` with a
 //! value/lease, invalid sort options, txn limits and duplicate keys
-//! (`metastore_proto::txn::validate`, applied recursively to each op's own
-//! checks), and the request size limit (`--max-request-bytes`).
+//! (`metastore_proto::txn::validate`, with each op's own checks, in etcd's
+//! order), and the request size limit (`--max-request-bytes`).
 
 use futures::future::try_join_all;
 use metastore_proto::etcdserverpb::{
@@ -96,26 +96,20 @@ pub fn check_delete(req: &DeleteRangeRequest) -> Result<()> {
     Ok(())
 }
 
-/// etcd's `checkTxnRequest` + `checkIntervals`, and every op's own checks.
+/// etcd's `checkTxnRequest` + `checkIntervals`, with every op's own checks,
+/// in etcd's order (see `metastore_proto::txn::validate`).
 pub fn check_txn(req: &TxnRequest, max_ops: usize) -> Result<()> {
-    metastore_proto::txn::validate(req, max_ops)?;
-    check_txn_ops(req)
+    metastore_proto::txn::validate(req, max_ops, &check_op)
 }
 
-fn check_txn_ops(req: &TxnRequest) -> Result<()> {
-    for op in req.success.iter().chain(req.failure.iter()) {
-        check_op(op)?;
-    }
-    Ok(())
-}
-
+/// etcd's `checkRequestOp` for a range, put or delete (`validate` walks
+/// nested txns itself).
 fn check_op(op: &RequestOp) -> Result<()> {
     match &op.request {
         Some(request_op::Request::RequestRange(r)) => check_range(r),
         Some(request_op::Request::RequestPut(p)) => check_put(p),
         Some(request_op::Request::RequestDeleteRange(d)) => check_delete(d),
-        Some(request_op::Request::RequestTxn(t)) => check_txn_ops(t),
-        None => Ok(()),
+        Some(request_op::Request::RequestTxn(_)) | None => Ok(()),
     }
 }
 

@@ -15,8 +15,9 @@
 //! owns every key does all three steps itself.
 //!
 //! [`validate`] applies etcd's request checks (op limits, duplicate keys,
-//! empty keys) so the gateway can refuse bad input with etcd's errors before
-//! anything reaches a shard.
+//! empty keys, and the caller's checks of each op), in etcd's order, so the
+//! gateway can refuse bad input with etcd's errors before anything reaches
+//! a shard.
 
 use crate::etcdserverpb::{request_op, Compare, RequestOp, TxnRequest};
 use crate::shardpb::CompareOutcome;
@@ -188,47 +189,80 @@ pub enum TxnCheckError {
     DuplicateKey,
     /// "etcdserver: key is not provided"
     EmptyKey,
+    /// An op that names no request: etcd answers "etcdserver: key not
+    /// found" (`ErrGRPCKeyNotFound`).
+    EmptyOp,
 }
 
-/// etcd's checks on a txn: at most `max_ops` compares and ops per branch at
-/// every level, non-empty keys, and no key written twice (or both put and
-/// deleted) by one branch, nested txns included.
-pub fn validate(txn: &TxnRequest, max_ops: usize) -> Result<(), TxnCheckError> {
-    check_sizes(txn, max_ops)?;
+/// etcd's checks on a txn, in etcd's order, so a request with several
+/// faults gets the error etcd gives for it: first its `checkTxnRequest` —
+/// at most `max_ops` compares and ops per branch (a nested txn may hold
+/// only what its parent's longest list leaves of `max_ops`), non-empty
+/// compare keys, then each op of the success and then the failure branch
+/// in order (ranges, puts and deletes by `check_op`, nested txns the same
+/// way, an op with no request refused) — then its `checkIntervals` on the
+/// success and then the failure branch: no key written twice, or both put
+/// and deleted, by one branch, nested txns included.
+pub fn validate<E: From<TxnCheckError>>(
+    txn: &TxnRequest,
+    max_ops: usize,
+    check_op: &dyn Fn(&RequestOp) -> Result<(), E>,
+) -> Result<(), E> {
+    check_request(txn, max_ops, check_op)?;
     check_intervals(&txn.success)?;
     check_intervals(&txn.failure)?;
     Ok(())
 }
 
-fn check_sizes(txn: &TxnRequest, max_ops: usize) -> Result<(), TxnCheckError> {
-    if txn.compare.len() > max_ops || txn.success.len() > max_ops || txn.failure.len() > max_ops {
-        return Err(TxnCheckError::TooManyOps);
+fn check_request<E: From<TxnCheckError>>(
+    txn: &TxnRequest,
+    max_ops: usize,
+    check_op: &dyn Fn(&RequestOp) -> Result<(), E>,
+) -> Result<(), E> {
+    let longest = txn
+        .compare
+        .len()
+        .max(txn.success.len())
+        .max(txn.failure.len());
+    if longest > max_ops {
+        return Err(TxnCheckError::TooManyOps.into());
     }
-    for c in &txn.compare {
-        if c.key.is_empty() {
-            return Err(TxnCheckError::EmptyKey);
-        }
+    if txn.compare.iter().any(|c| c.key.is_empty()) {
+        return Err(TxnCheckError::EmptyKey.into());
     }
     for op in txn.success.iter().chain(txn.failure.iter()) {
         match &op.request {
-            Some(request_op::Request::RequestRange(r)) if r.key.is_empty() => {
-                return Err(TxnCheckError::EmptyKey)
+            Some(request_op::Request::RequestTxn(nested)) => {
+                check_request(nested, max_ops - longest, check_op)?
             }
-            Some(request_op::Request::RequestPut(p)) if p.key.is_empty() => {
-                return Err(TxnCheckError::EmptyKey)
-            }
-            Some(request_op::Request::RequestDeleteRange(d)) if d.key.is_empty() => {
-                return Err(TxnCheckError::EmptyKey)
-            }
-            Some(request_op::Request::RequestTxn(nested)) => check_sizes(nested, max_ops)?,
-            _ => {}
+            Some(_) => check_op(op)?,
+            None => return Err(TxnCheckError::EmptyOp.into()),
         }
     }
     Ok(())
 }
 
-/// A half-open key interval; an empty `end` is the single key `start`, and
-/// the end `\0` means "to the end of the keyspace" as in etcd.
+/// The part of etcd's op checks that every server makes: a range, put or
+/// delete names a key. (The gateway adds etcd's other checks of each op.)
+pub fn key_given(op: &RequestOp) -> Result<(), TxnCheckError> {
+    let key = match &op.request {
+        Some(request_op::Request::RequestRange(r)) => &r.key[..],
+        Some(request_op::Request::RequestPut(p)) => &p.key[..],
+        Some(request_op::Request::RequestDeleteRange(d)) => &d.key[..],
+        _ => return Ok(()),
+    };
+    if key.is_empty() {
+        return Err(TxnCheckError::EmptyKey);
+    }
+    Ok(())
+}
+
+/// A half-open key interval; an empty `end` is the single key `start`.
+///
+/// As in etcd's `checkIntervals`, the end is taken literally: a delete to
+/// the end `\0` ("every key from `start`") is the empty interval here, so
+/// it never conflicts with a put. etcd accepts such a txn and applies its
+/// ops in order, and so must we.
 #[derive(Clone, Debug)]
 struct Interval {
     start: Vec<u8>,
@@ -239,9 +273,6 @@ impl Interval {
     fn contains(&self, key: &[u8]) -> bool {
         if self.end.is_empty() {
             return key == self.start.as_slice();
-        }
-        if self.end == [0] {
-            return key >= self.start.as_slice();
         }
         key >= self.start.as_slice() && key < self.end.as_slice()
     }
@@ -413,13 +444,13 @@ mod tests {
 
     #[test]
     fn validate_limits_and_duplicates() {
-        assert_eq!(validate(&tree(), MAX_TXN_OPS), Ok(()));
+        assert_eq!(validate(&tree(), MAX_TXN_OPS, &key_given), Ok(()));
         let too_many = TxnRequest {
             success: (0..129).map(|i| put(&format!("k{i}"))).collect(),
             ..Default::default()
         };
         assert_eq!(
-            validate(&too_many, MAX_TXN_OPS),
+            validate(&too_many, MAX_TXN_OPS, &key_given),
             Err(TxnCheckError::TooManyOps)
         );
         let dup = TxnRequest {
@@ -427,7 +458,7 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(
-            validate(&dup, MAX_TXN_OPS),
+            validate(&dup, MAX_TXN_OPS, &key_given),
             Err(TxnCheckError::DuplicateKey)
         );
         let put_in_deleted = TxnRequest {
@@ -435,7 +466,7 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(
-            validate(&put_in_deleted, MAX_TXN_OPS),
+            validate(&put_in_deleted, MAX_TXN_OPS, &key_given),
             Err(TxnCheckError::DuplicateKey)
         );
         // Same key in both branches of a nested txn is allowed.
@@ -447,7 +478,7 @@ mod tests {
             })],
             ..Default::default()
         };
-        assert_eq!(validate(&both, MAX_TXN_OPS), Ok(()));
+        assert_eq!(validate(&both, MAX_TXN_OPS, &key_given), Ok(()));
         // Nested put vs outer put conflicts.
         let nested_dup = TxnRequest {
             success: vec![
@@ -460,21 +491,71 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(
-            validate(&nested_dup, MAX_TXN_OPS),
+            validate(&nested_dup, MAX_TXN_OPS, &key_given),
             Err(TxnCheckError::DuplicateKey)
         );
         let empty = TxnRequest {
             success: vec![put("")],
             ..Default::default()
         };
-        assert_eq!(validate(&empty, MAX_TXN_OPS), Err(TxnCheckError::EmptyKey));
+        assert_eq!(
+            validate(&empty, MAX_TXN_OPS, &key_given),
+            Err(TxnCheckError::EmptyKey)
+        );
+        // etcd takes a delete's end literally: to the end `\0` conflicts
+        // with nothing, and a range that does not reach the key neither.
         let from_key = TxnRequest {
             success: vec![del("a", "\0"), put("zzz")],
             ..Default::default()
         };
+        assert_eq!(validate(&from_key, MAX_TXN_OPS, &key_given), Ok(()));
+        let ranged = TxnRequest {
+            success: vec![del("a", "zz"), put("zzz")],
+            ..Default::default()
+        };
+        assert_eq!(validate(&ranged, MAX_TXN_OPS, &key_given), Ok(()));
+    }
+
+    /// etcd checks a txn's sizes and every op before it looks for
+    /// duplicate keys, and a nested txn gets what its parent leaves.
+    #[test]
+    fn validate_checks_in_etcds_order_with_etcds_nested_budget() {
+        // A nested txn of 28 puts under a txn of 100 ops fits 128; of 29
+        // does not (etcd: `checkRequestOp(u, maxTxnOps-opc)`).
+        let puts = |n: usize, tag: &str| (0..n).map(|i| put(&format!("{tag}{i}"))).collect();
+        let with_nested = |inner: usize| TxnRequest {
+            success: std::iter::once(nested(TxnRequest {
+                success: puts(inner, "in"),
+                ..Default::default()
+            }))
+            .chain(puts(99, "out"))
+            .collect(),
+            ..Default::default()
+        };
+        assert_eq!(validate(&with_nested(28), MAX_TXN_OPS, &key_given), Ok(()));
         assert_eq!(
-            validate(&from_key, MAX_TXN_OPS),
-            Err(TxnCheckError::DuplicateKey)
+            validate(&with_nested(29), MAX_TXN_OPS, &key_given),
+            Err(TxnCheckError::TooManyOps)
+        );
+        // A duplicate and, later, a faulty op: the op's error wins.
+        let both_faults = TxnRequest {
+            success: vec![put("a"), put("a"), put("")],
+            ..Default::default()
+        };
+        assert_eq!(
+            validate(&both_faults, MAX_TXN_OPS, &key_given),
+            Err(TxnCheckError::EmptyKey)
+        );
+        // The failure branch's op errors too come before any branch's
+        // duplicates.
+        let late_fault = TxnRequest {
+            success: vec![put("a"), put("a")],
+            failure: vec![RequestOp { request: None }],
+            ..Default::default()
+        };
+        assert_eq!(
+            validate(&late_fault, MAX_TXN_OPS, &key_given),
+            Err(TxnCheckError::EmptyOp)
         );
     }
 }
