@@ -54,7 +54,7 @@
 use std::collections::BTreeSet;
 
 use futures::future::{join_all, try_join_all};
-use metastore_proto::etcdserverpb::{TxnRequest, TxnResponse};
+use metastore_proto::etcdserverpb::{request_op, TxnRequest, TxnResponse};
 use metastore_proto::router::ShardRouter;
 use metastore_proto::shardpb::{
     AbortRequest, CommitRequest, CommitResponse, CompareOutcome, PrepareRequest, PrepareResponse,
@@ -63,7 +63,7 @@ use metastore_proto::shardpb::{
 use metastore_proto::txn::{self as mtxn, MAX_TXN_OPS};
 
 use crate::backend::Backend;
-use crate::error::{GatewayError, Result};
+use crate::error::{GatewayError, Result, MSG_KEY_NOT_FOUND};
 use crate::kv::check_txn;
 use crate::merge::{merge_txn, shard_txn_request};
 use crate::shards;
@@ -99,11 +99,78 @@ pub fn decide_path(txn: &TxnRequest, per_shard: &[Vec<CompareOutcome>]) -> Resul
     Ok(mtxn::path(txn, &results))
 }
 
+/// What the prepares reported that etcd may refuse a txn for, depending
+/// on its path (`PrepareResponse`): keys named by `ignore_value` or
+/// `ignore_lease` puts that do not exist, leases named by puts that do not
+/// exist, and the compacted revision.
+#[derive(Debug, Default, PartialEq)]
+pub struct PathChecks {
+    missing_keys: BTreeSet<Vec<u8>>,
+    missing_leases: BTreeSet<i64>,
+    compacted: i64,
+}
+
+impl PathChecks {
+    fn add(&mut self, p: &PrepareResponse) {
+        self.missing_keys.extend(p.missing_keys.iter().cloned());
+        self.missing_leases.extend(p.missing_leases.iter().copied());
+        self.compacted = self.compacted.max(p.compacted_revision);
+    }
+
+    /// Whether a range on `path` names a revision, so that
+    /// [`PathChecks::refusal`] needs the current revision.
+    pub fn reads_at_a_revision(txn: &TxnRequest, path: &[bool]) -> bool {
+        let mut any = false;
+        mtxn::ops_along_path(txn, path, &mut |op| {
+            if let Some(request_op::Request::RequestRange(r)) = &op.request {
+                any |= r.revision > 0;
+            }
+        });
+        any
+    }
+
+    /// etcd's refusal of `txn` taking `path` (its `checkRequests`), before
+    /// anything is applied: the first put on the path, in order, whose
+    /// `ignore_value`/`ignore_lease` key or lease does not exist, else the
+    /// first range on the path at a revision above `current` or below the
+    /// compacted revision. Ops on branches the txn does not take are not
+    /// checked, as in etcd.
+    pub fn refusal(&self, txn: &TxnRequest, path: &[bool], current: i64) -> Option<GatewayError> {
+        let mut refusal = None;
+        mtxn::ops_along_path(txn, path, &mut |op| {
+            if let (None, Some(request_op::Request::RequestPut(p))) = (&refusal, &op.request) {
+                if (p.ignore_value || p.ignore_lease) && self.missing_keys.contains(&p.key[..]) {
+                    refusal = Some(GatewayError::InvalidArgument(MSG_KEY_NOT_FOUND.into()));
+                } else if p.lease != 0 && self.missing_leases.contains(&p.lease) {
+                    refusal = Some(GatewayError::LeaseNotFound);
+                }
+            }
+        });
+        if refusal.is_some() {
+            return refusal;
+        }
+        mtxn::ops_along_path(txn, path, &mut |op| {
+            if let (None, Some(request_op::Request::RequestRange(r))) = (&refusal, &op.request) {
+                if r.revision > current {
+                    refusal = Some(GatewayError::FutureRevision);
+                } else if r.revision > 0 && r.revision < self.compacted {
+                    refusal = Some(GatewayError::Compacted);
+                }
+            }
+        });
+        refusal
+    }
+}
+
 /// What phase one (prepare) came to.
 #[derive(Debug, PartialEq)]
 pub enum PhaseOne {
-    /// Every shard prepared: their outcomes, in `shards` order.
-    Prepared(Vec<Vec<CompareOutcome>>),
+    /// Every shard prepared: their outcomes, in `shards` order, and what
+    /// they reported for the path's checks.
+    Prepared {
+        outcomes: Vec<Vec<CompareOutcome>>,
+        checks: PathChecks,
+    },
     /// The attempt failed: abort `abort` (shards that prepared or whose
     /// answer was lost), then fail with `error` (retryable or not).
     Failed {
@@ -122,6 +189,7 @@ pub enum PhaseOne {
 /// coordinator commits, and it will not).
 pub fn phase_one(shards: &[u32], results: Vec<Result<PrepareResponse>>) -> PhaseOne {
     let mut outcomes = Vec::with_capacity(shards.len());
+    let mut checks = PathChecks::default();
     let mut abort = Vec::new();
     let mut retryable: Option<GatewayError> = None;
     let mut definitive: Option<GatewayError> = None;
@@ -129,6 +197,7 @@ pub fn phase_one(shards: &[u32], results: Vec<Result<PrepareResponse>>) -> Phase
         match r {
             Ok(p) => {
                 abort.push(shard);
+                checks.add(&p);
                 outcomes.push(p.outcomes);
             }
             Err(e) if e.is_ambiguous() => {
@@ -144,7 +213,7 @@ pub fn phase_one(shards: &[u32], results: Vec<Result<PrepareResponse>>) -> Phase
         }
     }
     match definitive.or(retryable) {
-        None => PhaseOne::Prepared(outcomes),
+        None => PhaseOne::Prepared { outcomes, checks },
         Some(error) => PhaseOne::Failed { abort, error },
     }
 }
@@ -181,8 +250,21 @@ impl Backend {
             self.retry(move || shards::txn_evaluate(self.t(), s, r.clone()))
         }))
         .await?;
+        let checks = PathChecks {
+            compacted: evals
+                .iter()
+                .map(|e| e.compacted_revision)
+                .max()
+                .unwrap_or(0),
+            ..PathChecks::default()
+        };
         let outcomes: Vec<_> = evals.into_iter().map(|e| e.outcomes).collect();
         let path = decide_path(req, &outcomes)?;
+        // etcd refuses a read on the path above the snapshot's revision, or
+        // below the compacted one, before reading anything.
+        if let Some(refusal) = checks.refusal(req, &path, rev) {
+            return Err(refusal);
+        }
         let reads = try_join_all(shards.iter().map(|&s| {
             let r = TxnReadRequest {
                 txn: Some(sreq.clone()),
@@ -219,6 +301,27 @@ impl Backend {
         }
     }
 
+    /// The txn's path, or etcd's refusal of the txn along it (see
+    /// [`PathChecks::refusal`]). A refusal is definitive: nothing was
+    /// applied, and a new attempt would meet it again.
+    async fn checked_path(
+        &self,
+        req: &TxnRequest,
+        outcomes: &[Vec<CompareOutcome>],
+        checks: &PathChecks,
+    ) -> Result<Vec<bool>> {
+        let path = decide_path(req, outcomes)?;
+        let current = if PathChecks::reads_at_a_revision(req, &path) {
+            self.current_revision().await?.0
+        } else {
+            i64::MAX
+        };
+        match checks.refusal(req, &path, current) {
+            Some(refusal) => Err(refusal),
+            None => Ok(path),
+        }
+    }
+
     /// One 2PC attempt. Returns a retryable error only when nothing was
     /// (or ever will be) committed under this attempt's `txn_id`.
     async fn two_phase_commit(
@@ -245,14 +348,14 @@ impl Backend {
             )
         }))
         .await;
-        let outcomes = match phase_one(shards, prepared) {
-            PhaseOne::Prepared(o) => o,
+        let (outcomes, checks) = match phase_one(shards, prepared) {
+            PhaseOne::Prepared { outcomes, checks } => (outcomes, checks),
             PhaseOne::Failed { abort, error } => {
                 self.abort_all(&txn_id, &abort).await;
                 return Err(error);
             }
         };
-        let path = match decide_path(req, &outcomes) {
+        let path = match self.checked_path(req, &outcomes, &checks).await {
             Ok(p) => p,
             Err(e) => {
                 self.abort_all(&txn_id, shards).await;
@@ -500,11 +603,15 @@ mod tests {
         let ok = || {
             Ok(PrepareResponse {
                 outcomes: vec![outcome(true, true)],
+                ..Default::default()
             })
         };
         assert_eq!(
             phase_one(&[0, 1], vec![ok(), ok()]),
-            PhaseOne::Prepared(vec![vec![outcome(true, true)], vec![outcome(true, true)]])
+            PhaseOne::Prepared {
+                outcomes: vec![vec![outcome(true, true)], vec![outcome(true, true)]],
+                checks: PathChecks::default(),
+            }
         );
         // A conflict: abort the shard that prepared; retryable.
         match phase_one(&[0, 2], vec![ok(), Err(GatewayError::Conflict("k".into()))]) {
@@ -538,6 +645,70 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    /// etcd's `checkRequests` along the path: the puts in order (a missing
+    /// key of an `ignore_value` put, then an unknown lease), then the
+    /// ranges (future, then compacted); ops on the other branch never.
+    #[test]
+    fn path_checks_refuse_like_etcd_along_the_path_only() {
+        let op_put = |key: &str, lease: i64, ignore_value: bool| RequestOp {
+            request: Some(request_op::Request::RequestPut(PutRequest {
+                key: key.as_bytes().to_vec().into(),
+                lease,
+                ignore_value,
+                ..Default::default()
+            })),
+        };
+        let op_range = |revision: i64| RequestOp {
+            request: Some(request_op::Request::RequestRange(RangeRequest {
+                key: b"r".to_vec(),
+                revision,
+                ..Default::default()
+            })),
+        };
+        let checks = PathChecks {
+            missing_keys: [b"gone".to_vec()].into(),
+            missing_leases: [7].into(),
+            compacted: 10,
+        };
+        let txn = |success: Vec<RequestOp>, failure: Vec<RequestOp>| TxnRequest {
+            compare: vec![],
+            success,
+            failure,
+        };
+        let key_not_found = GatewayError::InvalidArgument(MSG_KEY_NOT_FOUND.into());
+        // The taken branch decides; the other is never looked at.
+        let t = txn(vec![op_put("a", 0, false)], vec![op_put("a", 7, false)]);
+        assert_eq!(checks.refusal(&t, &[true], 20), None);
+        assert_eq!(
+            checks.refusal(&t, &[false], 20),
+            Some(GatewayError::LeaseNotFound)
+        );
+        // Puts before ranges, and in op order among the puts.
+        let t = txn(
+            vec![op_range(30), op_put("gone", 7, true), op_put("b", 7, false)],
+            vec![],
+        );
+        assert_eq!(checks.refusal(&t, &[true], 20), Some(key_not_found));
+        let t = txn(vec![op_range(5), op_range(30)], vec![]);
+        assert_eq!(
+            checks.refusal(&t, &[true], 20),
+            Some(GatewayError::Compacted)
+        );
+        let t = txn(vec![op_range(30), op_range(5)], vec![]);
+        assert_eq!(
+            checks.refusal(&t, &[true], 20),
+            Some(GatewayError::FutureRevision)
+        );
+        // At the compacted revision, and at the current one, reads are fine.
+        let t = txn(
+            vec![op_range(10), op_range(20), op_put("gone", 0, false)],
+            vec![],
+        );
+        assert_eq!(checks.refusal(&t, &[true], 20), None);
+        assert!(PathChecks::reads_at_a_revision(&t, &[true]));
+        assert!(!PathChecks::reads_at_a_revision(&t, &[false]));
     }
 
     #[test]
@@ -606,7 +777,10 @@ mod tests {
                 } else {
                     vec![outcome(false, false), outcome(true, false)]
                 };
-                Ok(Resp::TxnEvaluate(TxnEvaluateResponse { outcomes: o }))
+                Ok(Resp::TxnEvaluate(TxnEvaluateResponse {
+                    outcomes: o,
+                    ..Default::default()
+                }))
             }
             Req::TxnRead(r) => {
                 assert_eq!(r.revision, 30);
@@ -684,6 +858,7 @@ mod tests {
                 }
                 Ok(Resp::Prepare(PrepareResponse {
                     outcomes: vec![outcome(shard == 0, true)],
+                    ..Default::default()
                 }))
             }
             Req::Commit(c) => {
@@ -841,6 +1016,7 @@ mod tests {
         let fake = FakeShards::new(2, |shard, r| match r {
             Req::Prepare(_) => Ok(Resp::Prepare(PrepareResponse {
                 outcomes: vec![outcome(shard == 0, true)],
+                ..Default::default()
             })),
             Req::Commit(_) => Err(GatewayError::Timeout { shard }),
             Req::Abort(_) => Ok(Resp::Abort(AbortResponse {})),

@@ -1229,8 +1229,12 @@ impl Shard {
                     Err(b) => b,
                     Ok(rev) => {
                         let owns = self.owns_fn();
-                        match self.state.borrow().mvcc().evaluate_compares(&t, rev, &owns) {
-                            Ok(outcomes) => Body::TxnEvaluate(TxnEvaluateResponse { outcomes }),
+                        let state = self.state.borrow();
+                        match state.mvcc().evaluate_compares(&t, rev, &owns) {
+                            Ok(outcomes) => Body::TxnEvaluate(TxnEvaluateResponse {
+                                outcomes,
+                                compacted_revision: state.mvcc().compacted_revision(),
+                            }),
                             Err(e) => mvcc_error(e).unwrap_or_else(internal),
                         }
                     }

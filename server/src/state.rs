@@ -36,7 +36,7 @@ use std::ops::Bound;
 use std::rc::Rc;
 
 use metastore_proto::etcdserverpb::{
-    DeleteRangeRequest, PutRequest, ResponseHeader, TxnRequest, TxnResponse,
+    DeleteRangeRequest, PutRequest, RequestOp, ResponseHeader, TxnRequest, TxnResponse,
 };
 use metastore_proto::router::ShardRouter;
 use metastore_proto::shardpb::{
@@ -256,11 +256,38 @@ fn put_leases(t: &TxnRequest, out: &mut Vec<(i64, Vec<u8>)>) {
     use metastore_proto::etcdserverpb::request_op::Request;
     for op in t.success.iter().chain(t.failure.iter()) {
         match &op.request {
-            Some(Request::RequestPut(p)) if p.lease != 0 && !p.ignore_lease => {
-                out.push((p.lease, p.key.to_vec()))
-            }
             Some(Request::RequestTxn(n)) => put_leases(n, out),
-            _ => {}
+            _ => put_lease(op, out),
+        }
+    }
+}
+
+/// [`put_leases`] of the puts along `path` only: etcd checks the leases of
+/// the ops a txn runs, not of the branches it does not take.
+fn path_put_leases(t: &TxnRequest, path: &[bool], out: &mut Vec<(i64, Vec<u8>)>) {
+    txn::ops_along_path(t, path, &mut |op| put_lease(op, out));
+}
+
+/// Whether a range of `t` (any branch) reads at a revision below `rev`.
+fn reads_below(t: Option<&TxnRequest>, rev: i64) -> bool {
+    use metastore_proto::etcdserverpb::request_op::Request;
+    t.is_some_and(|t| {
+        t.success
+            .iter()
+            .chain(t.failure.iter())
+            .any(|op| match &op.request {
+                Some(Request::RequestRange(r)) => r.revision > 0 && r.revision < rev,
+                Some(Request::RequestTxn(n)) => reads_below(Some(n), rev),
+                _ => false,
+            })
+    })
+}
+
+fn put_lease(op: &RequestOp, out: &mut Vec<(i64, Vec<u8>)>) {
+    use metastore_proto::etcdserverpb::request_op::Request;
+    if let Some(Request::RequestPut(p)) = &op.request {
+        if p.lease != 0 && !p.ignore_lease {
+            out.push((p.lease, p.key.to_vec()));
         }
     }
 }
@@ -524,27 +551,87 @@ impl ShardState {
             .unwrap_or_default()
     }
 
-    /// Checks the leases of a txn's puts: the refusal if one is unknown
-    /// (etcd's ErrLeaseNotFound) or being revoked (CONFLICT).
-    fn put_lease_refusal(&self, t: &TxnRequest, except: Option<&[u8]>) -> Option<Body> {
-        let mut uses = Vec::new();
-        put_leases(t, &mut uses);
-        for (lease, key) in uses {
-            if !self.owns(&key) {
-                continue;
+    /// etcd's checks of the puts on a txn's path before it applies any
+    /// (`checkRequestPut`), in op order: a put with `ignore_value` or
+    /// `ignore_lease` of a key that does not exist ("key not found"), a
+    /// put naming an unknown lease ("requested lease not found"). Ops on
+    /// the branches the txn does not take are not checked, as in etcd.
+    fn path_put_refusal(&self, t: &TxnRequest, path: &[bool]) -> Result<Option<Body>, StateError> {
+        use metastore_proto::etcdserverpb::request_op::Request;
+        let mut puts = Vec::new();
+        txn::ops_along_path(t, path, &mut |op| {
+            if let Some(Request::RequestPut(p)) = &op.request {
+                puts.push(p);
             }
-            if !self.leases.contains_key(&lease) {
-                return Some(lease_not_found());
+        });
+        let at = self.mvcc.current_revision().max(1);
+        for p in puts.into_iter().filter(|p| self.owns(&p.key)) {
+            if (p.ignore_value || p.ignore_lease) && self.mvcc.get(&p.key, at)?.is_none() {
+                return mvcc_error(MvccError::KeyNotFound).map(Some);
             }
-            if self
-                .lease_revokers
-                .get(&lease)
-                .is_some_and(|holder| Some(holder.as_slice()) != except)
-            {
-                return Some(conflict());
+            if p.lease != 0 && !p.ignore_lease && !self.leases.contains_key(&p.lease) {
+                return Ok(Some(lease_not_found()));
             }
         }
-        None
+        Ok(None)
+    }
+
+    /// The leases of `uses` on this shard's keys that it does not know.
+    fn missing_leases(&self, uses: &[(i64, Vec<u8>)]) -> Vec<i64> {
+        let mut missing: Vec<i64> = uses
+            .iter()
+            .filter(|(lease, key)| self.owns(key) && !self.leases.contains_key(lease))
+            .map(|(lease, _)| *lease)
+            .collect();
+        missing.sort_unstable();
+        missing.dedup();
+        missing
+    }
+
+    /// This shard's keys that puts with `ignore_value` or `ignore_lease` in
+    /// `t` (any branch) name and that do not exist now.
+    fn missing_ignore_keys(&self, t: &TxnRequest) -> Result<Vec<Vec<u8>>, StateError> {
+        fn walk<'a>(t: &'a TxnRequest, out: &mut Vec<&'a [u8]>) {
+            use metastore_proto::etcdserverpb::request_op::Request;
+            for op in t.success.iter().chain(t.failure.iter()) {
+                match &op.request {
+                    Some(Request::RequestPut(p)) if p.ignore_value || p.ignore_lease => {
+                        out.push(&p.key)
+                    }
+                    Some(Request::RequestTxn(n)) => walk(n, out),
+                    _ => {}
+                }
+            }
+        }
+        let mut keys = Vec::new();
+        walk(t, &mut keys);
+        let at = self.mvcc.current_revision().max(1);
+        let mut missing = Vec::new();
+        for key in keys {
+            if self.owns(key) && self.mvcc.get(key, at)?.is_none() {
+                missing.push(key.to_vec());
+            }
+        }
+        missing.sort();
+        missing.dedup();
+        Ok(missing)
+    }
+
+    /// CONFLICT if a lease of `uses` on this shard's keys is being revoked
+    /// by a txn other than `except`.
+    fn revoked_lease_conflict(
+        &self,
+        uses: &[(i64, Vec<u8>)],
+        except: Option<&[u8]>,
+    ) -> Option<Body> {
+        uses.iter()
+            .filter(|(_, key)| self.owns(key))
+            .any(|(lease, _)| {
+                self.lease_revokers
+                    .get(lease)
+                    .is_some_and(|holder| Some(holder.as_slice()) != except)
+            })
+            .then(conflict)
     }
 
     fn lock_leases(&mut self, prep: &PrepareRequest, id: &[u8]) {
@@ -664,6 +751,16 @@ impl ShardState {
             Op::Abort(req) => Ok(self.apply_abort(&req.txn_id, batch)),
             Op::LeaseRegister(req) => Ok(self.apply_lease_register(req, batch)),
             Op::Compact(req) => {
+                // A prepared txn was promised its reads (the coordinator
+                // checked them against the compacted revision of its
+                // prepare): compacting under them waits for it.
+                if self
+                    .intents
+                    .values()
+                    .any(|p| reads_below(p.txn.as_ref(), req.revision))
+                {
+                    return Ok(conflict());
+                }
                 // The revision is global: this shard may not have seen a
                 // write that recent, yet must refuse reads below it.
                 if req.revision > self.mvcc.current_revision() {
@@ -758,13 +855,18 @@ impl ShardState {
         if self.locked(&self.spans_of(t), None) {
             return Ok(conflict());
         }
-        if let Some(refusal) = self.put_lease_refusal(t, None) {
-            return Ok(refusal);
-        }
         let path = match self.local_path(t)? {
             Ok(p) => p,
             Err(body) => return Ok(body),
         };
+        if let Some(refusal) = self.path_put_refusal(t, &path)? {
+            return Ok(refusal);
+        }
+        let mut uses = Vec::new();
+        path_put_leases(t, &path, &mut uses);
+        if let Some(refusal) = self.revoked_lease_conflict(&uses, None) {
+            return Ok(refusal);
+        }
         let (shard, router) = (self.shard, self.router);
         let owns = move |k: &[u8]| router.owns(shard, k);
         let mut w = self.mvcc.write(rev);
@@ -813,7 +915,11 @@ impl ShardState {
             if self.locked(&spans, Some(&id)) {
                 return Ok(conflict());
             }
-            if let Some(refusal) = self.put_lease_refusal(&t, Some(&id)) {
+            // An unknown lease is the coordinator's to judge, once it knows
+            // the path (`missing_leases` below).
+            let mut uses = Vec::new();
+            put_leases(&t, &mut uses);
+            if let Some(refusal) = self.revoked_lease_conflict(&uses, Some(&id)) {
                 return Ok(refusal);
             }
             self.locks.add(spans, &id);
@@ -830,7 +936,20 @@ impl ShardState {
             .mvcc
             .evaluate_compares(&t, self.mvcc.current_revision().max(1), &owns)
         {
-            Ok(outcomes) => Ok(Body::Prepare(PrepareResponse { outcomes })),
+            Ok(outcomes) => {
+                // What etcd would refuse the txn for if its path holds the
+                // op: the coordinator judges once it knows the path (see
+                // `PrepareResponse`). The keys and leases stay as they are
+                // until commit: the keys are locked, the leases held.
+                let mut uses = Vec::new();
+                put_leases(&t, &mut uses);
+                Ok(Body::Prepare(PrepareResponse {
+                    outcomes,
+                    missing_leases: self.missing_leases(&uses),
+                    missing_keys: self.missing_ignore_keys(&t)?,
+                    compacted_revision: self.mvcc.compacted_revision(),
+                }))
+            }
             Err(e) => mvcc_error(e),
         }
     }
@@ -1048,7 +1167,7 @@ mod tests {
         compare, request_op, Compare, PutRequest, RangeRequest, RequestOp,
     };
     use metastore_proto::shardpb::{
-        AbortRequest, CommitRequest, LeaseRegisterRequest, PrepareRequest,
+        AbortRequest, CommitRequest, CompactRequest, LeaseRegisterRequest, PrepareRequest,
     };
 
     struct Cluster {
@@ -1398,6 +1517,88 @@ mod tests {
             lease,
             ..Default::default()
         })
+    }
+
+    fn put_op(req: PutRequest) -> RequestOp {
+        RequestOp {
+            request: Some(request_op::Request::RequestPut(req)),
+        }
+    }
+
+    /// etcd refuses a txn for a put's unknown lease, or for an
+    /// `ignore_value` put of a missing key, only if the put is on the path
+    /// the txn takes. One shard checks its path itself; a prepare reports
+    /// what it does not know for the coordinator to judge by the path, and
+    /// a compaction waits for a prepared txn that reads below it.
+    #[test]
+    fn lease_and_key_checks_follow_the_path_taken() {
+        each_engine(|kind| {
+            let mut c = Cluster::new(kind);
+            let (a, b) = (c.key(0, "a"), c.key(1, "b"));
+            let leased = |key: &[u8]| {
+                put_op(PutRequest {
+                    key: key.to_vec().into(),
+                    lease: 77,
+                    ..Default::default()
+                })
+            };
+            // `a` is new: the success branch runs and the unknown lease on
+            // the other one does not matter. Then `a` exists: refused.
+            let t = TxnRequest {
+                compare: vec![version_is(&a, 0)],
+                success: vec![put(&a, "A")],
+                failure: vec![leased(&a)],
+            };
+            let first = c.apply(0, 5, Op::Txn(t.clone()));
+            assert!(matches!(&first, Body::Txn(r) if r.succeeded), "{first:?}");
+            assert!(is_code(&c.apply(0, 6, Op::Txn(t)), Code::LeaseNotFound));
+            assert_eq!(c.get(&a, 6), Some(b"A".to_vec()));
+
+            // Across shards each prepare reports what it owns and lacks.
+            let ignore_b = put_op(PutRequest {
+                key: b.clone().into(),
+                ignore_value: true,
+                ..Default::default()
+            });
+            let read_a_at_5 = RequestOp {
+                request: Some(request_op::Request::RequestRange(RangeRequest {
+                    key: a.clone(),
+                    revision: 5,
+                    ..Default::default()
+                })),
+            };
+            let t = TxnRequest {
+                compare: vec![],
+                success: vec![leased(&a), ignore_b, read_a_at_5],
+                failure: vec![],
+            };
+            let prepared = |body: Body| match body {
+                Body::Prepare(p) => (p.missing_leases, p.missing_keys, p.compacted_revision),
+                other => panic!("expected a prepare response, got {other:?}"),
+            };
+            assert_eq!(
+                prepared(c.apply(0, 0, prepare(b"t2", &t))),
+                (vec![77], vec![], 0)
+            );
+            assert_eq!(
+                prepared(c.apply(1, 0, prepare(b"t2", &t))),
+                (vec![], vec![b.clone()], 0)
+            );
+            // Compacting past the prepared read waits; up to it does not.
+            let compact = |revision| Op::Compact(CompactRequest { revision });
+            assert!(is_code(&c.apply(0, 0, compact(6)), Code::Conflict));
+            assert!(matches!(c.apply(0, 0, compact(5)), Body::Compact(_)));
+            for shard in 0..2 {
+                c.apply(
+                    shard,
+                    0,
+                    Op::Abort(AbortRequest {
+                        txn_id: b"t2".to_vec(),
+                    }),
+                );
+            }
+            assert!(matches!(c.apply(0, 0, compact(6)), Body::Compact(_)));
+        });
     }
 
     #[test]
