@@ -168,9 +168,40 @@ pub fn needs_values_for_sort(req: &RangeRequest) -> bool {
     req.keys_only && target == SortTarget::Value && order != SortOrder::None
 }
 
-/// The range request to send to each shard for a scatter of `req`.
+/// Whether etcd answers `req` from its first `limit + 1` keys only, sorted
+/// afterwards: a sort target other than the key with *no* order, a limit,
+/// and no revision filter. etcd decides to read every key from the
+/// requested order, but sorts by the effective one (ascending), so such a
+/// range returns the smallest of the first `limit + 1` keys' targets, not
+/// of all keys. The shards' own answers follow the same rule; across
+/// shards the merge rebuilds it (see [`shard_range_request`]).
+fn sorts_first_page_only(req: &RangeRequest) -> bool {
+    let target = SortTarget::try_from(req.sort_target).unwrap_or(SortTarget::Key);
+    let order = SortOrder::try_from(req.sort_order).unwrap_or(SortOrder::None);
+    target != SortTarget::Key
+        && order == SortOrder::None
+        && req.limit > 0
+        && !req.count_only
+        && req.min_mod_revision == 0
+        && req.max_mod_revision == 0
+        && req.min_create_revision == 0
+        && req.max_create_revision == 0
+}
+
+/// The range request to send to each shard for a scatter of `req`. For a
+/// range etcd sorts after taking its first `limit + 1` keys
+/// ([`sorts_first_page_only`]), each shard sends its first `limit + 1`
+/// keys in key order, unsorted: the merge takes the first `limit + 1` of
+/// all of them and sorts those.
 pub fn shard_range_request(req: &RangeRequest) -> Cow<'_, RangeRequest> {
-    if needs_values_for_sort(req) {
+    if sorts_first_page_only(req) {
+        Cow::Owned(RangeRequest {
+            sort_target: SortTarget::Key as i32,
+            limit: req.limit.saturating_add(1),
+            keys_only: req.keys_only && !needs_values_for_sort(req),
+            ..req.clone()
+        })
+    } else if needs_values_for_sort(req) {
         Cow::Owned(RangeRequest {
             keys_only: false,
             ..req.clone()
@@ -189,7 +220,9 @@ pub fn shard_txn_request(txn: &TxnRequest) -> Cow<'_, TxnRequest> {
             .iter()
             .chain(txn.failure.iter())
             .any(|op| match &op.request {
-                Some(request_op::Request::RequestRange(r)) => needs_values_for_sort(r),
+                Some(request_op::Request::RequestRange(r)) => {
+                    matches!(shard_range_request(r), Cow::Owned(_))
+                }
                 Some(request_op::Request::RequestTxn(t)) => needs(t),
                 _ => false,
             })
@@ -254,6 +287,15 @@ pub fn merge_range(req: &RangeRequest, parts: Vec<RangeResponse>) -> RangeRespon
         runs.push(p.kvs);
     }
     let mut kvs = match effective_sort(req) {
+        // The shards sent their first `limit + 1` keys in key order.
+        (target, order) if sorts_first_page_only(req) => {
+            let take = limit.map_or(usize::MAX, |l| l.saturating_add(1));
+            let mut kvs = merge_key_runs(runs, take, false);
+            sort_by_target(&mut kvs, target, order);
+            // `more` as etcd: the first page had a key past the limit.
+            more = limit.is_some_and(|l| kvs.len() > l);
+            kvs
+        }
         // Every shard answers in this order already: merge the runs,
         // stopping at the limit.
         (SortTarget::Key, order) => merge_key_runs(
@@ -720,6 +762,34 @@ mod tests {
         let r = merge_range(&rq, shard_parts());
         assert_eq!(keys(&r).concat(), "ab");
         assert!(r.more);
+    }
+
+    /// etcd sorts by a target other than the key with no order given only
+    /// over its first `limit + 1` keys; the shards send theirs in key
+    /// order and the merge sorts the first `limit + 1` of all of them.
+    #[test]
+    fn range_merge_sorts_only_the_first_page_when_no_order_is_given() {
+        let mut rq = req(SortTarget::Value, SortOrder::None);
+        rq.limit = 1;
+        let to_shards = shard_range_request(&rq);
+        assert_eq!(to_shards.limit, 2);
+        assert_eq!(to_shards.sort_target, SortTarget::Key as i32);
+        // The first two keys overall are a (value z) and b (value y).
+        let r = merge_range(&rq, shard_parts());
+        assert_eq!(keys(&r), vec!["b"]);
+        assert!(r.more);
+        assert_eq!(r.count, 4);
+        // With an order, etcd sorts every key: d has the smallest value.
+        rq.sort_order = SortOrder::Ascend as i32;
+        assert_eq!(
+            shard_range_request(&rq).sort_target,
+            SortTarget::Value as i32
+        );
+        assert_eq!(keys(&merge_range(&rq, shard_parts())), vec!["d"]);
+        // So does a revision filter.
+        rq.sort_order = SortOrder::None as i32;
+        rq.min_mod_revision = 1;
+        assert_eq!(keys(&merge_range(&rq, shard_parts())), vec!["d"]);
     }
 
     #[test]

@@ -532,7 +532,14 @@ both_engines!(
                 assert_eq!(keys(&got), expect, "sort {target:?} {order:?}");
                 assert_eq!(got.count(), 5);
 
-                // Sort applies before limit.
+                // Sort applies before limit, with one exception: etcd
+                // reads every key only when an order is given, so with
+                // none it sorts its first `limit + 1` keys (in key order).
+                let expect = if order == SortOrder::None && target != SortTarget::Key {
+                    sorted_keys(&all[..3], target, false)
+                } else {
+                    expect
+                };
                 let got = c
                     .get(
                         "s/",
