@@ -104,7 +104,7 @@ impl RingEvent {
     /// `prev_kv` (read now if nobody has yet), else without.
     fn to_send(&self, prev_kv: bool, mvcc: &Mvcc) -> Event {
         let w = &self.write;
-        let prev = match &w.replaced {
+        let prev = match w.watched_prev() {
             _ if !prev_kv => None,
             Replaced::Read(kv) => Some(kv.clone()),
             Replaced::Stored(stored) => self
@@ -145,7 +145,7 @@ fn event_revision(e: &Event) -> i64 {
 /// counted as the size of the new one (it is read into the ring later).
 fn event_size(w: &WriteEvent) -> usize {
     let kv = |kv: &KeyValue| kv.key.len() + kv.value.len() + 48;
-    let prev = match &w.replaced {
+    let prev = match w.watched_prev() {
         Replaced::Read(p) => kv(p),
         Replaced::Stored(_) => kv(&w.kv),
         Replaced::Nothing => 0,

@@ -198,7 +198,14 @@ pub struct WriteEvent {
     pub kind: EventType,
     /// The new version; for a deletion, the key at the deleting revision.
     pub kv: KeyValue,
+    /// The version this change replaced (the key's lease attachments
+    /// follow it).
     pub replaced: Replaced,
+    /// For a key this write changed before (a txn may put a key and then
+    /// delete it with a range ending in `\0`): what the write's first
+    /// change of it replaced. A watch sends that as the `prev_kv`, as etcd
+    /// reads an event's previous version at the revision before it.
+    pub before_write: Option<Box<Replaced>>,
 }
 
 impl WriteEvent {
@@ -214,6 +221,16 @@ impl WriteEvent {
 
     pub fn key(&self) -> &[u8] {
         &self.kv.key
+    }
+
+    /// The previous version a watch sends with this event (see
+    /// `before_write`). etcd sends none with a put that creates its key
+    /// (version 1), even when the same revision deleted an older one.
+    pub fn watched_prev(&self) -> &Replaced {
+        if self.kind == EventType::Put && self.kv.version == 1 {
+            return &Replaced::Nothing;
+        }
+        self.before_write.as_deref().unwrap_or(&self.replaced)
     }
 
     pub fn revision(&self) -> i64 {
@@ -727,12 +744,20 @@ impl Mvcc {
             };
             let full = records.len() == 256;
             for (rev, tombstone, kv) in records.drain(..) {
+                // The version before the event's revision, as etcd reads it
+                // (also for a key changed twice in one revision).
+                let before = Revision {
+                    main: rev.main,
+                    sub: 0,
+                };
+                // etcd sends none with a put that creates its key.
+                let creates = !tombstone && kv.version == 1;
                 let prev_kv = match self
                     .index
                     .get_key_value(&kv.key)
-                    .and_then(|(k, h)| h.live_before(rev).map(|e| (k, e)))
+                    .and_then(|(k, h)| h.live_before(before).map(|e| (k, e)))
                 {
-                    Some((k, e)) if with_prev => Some(self.fetch(k, e.rev)?),
+                    Some((k, e)) if with_prev && !creates => Some(self.fetch(k, e.rev)?),
                     _ => None,
                 };
                 let event = Event {
@@ -1189,7 +1214,20 @@ impl MvccWrite<'_> {
             return;
         }
         events.reserve(changes.len());
+        // etcd's watch reads an event's previous version at the revision
+        // before the event's, so a key changed twice by one write (a txn
+        // may put a key and then delete it with a range ending in `\0`)
+        // has, for both events, the version from before the write.
+        let mut first_prevs: Vec<(Bytes, Prev)> = Vec::new();
+        let several = changes.len() > 1;
         for (sub, c) in changes.drain(..).enumerate() {
+            let mut before_write = None;
+            if several {
+                match first_prevs.iter().find(|(k, _)| *k == c.kv.key) {
+                    Some((_, first)) => before_write = Some(Box::new(replaced_of(first.clone()))),
+                    None => first_prevs.push((c.kv.key.clone(), c.prev.clone())),
+                }
+            }
             let r = Revision {
                 main: rev,
                 sub: sub_base + sub as i64,
@@ -1215,11 +1253,8 @@ impl MvccWrite<'_> {
                     EventType::Put
                 },
                 kv: c.kv,
-                replaced: match c.prev {
-                    Prev::None => Replaced::Nothing,
-                    Prev::Read(kv) => Replaced::Read(kv),
-                    Prev::Stored { rev, lease, .. } => Replaced::Stored(StoredPrev { rev, lease }),
-                },
+                replaced: replaced_of(c.prev),
+                before_write,
             });
         }
         if changes.capacity() <= SPARE_CHANGES {
@@ -1230,6 +1265,14 @@ impl MvccWrite<'_> {
             codec::meta_current_key(),
             codec::encode_rev_value(mvcc.current),
         );
+    }
+}
+
+fn replaced_of(prev: Prev) -> Replaced {
+    match prev {
+        Prev::None => Replaced::Nothing,
+        Prev::Read(kv) => Replaced::Read(kv),
+        Prev::Stored { rev, lease, .. } => Replaced::Stored(StoredPrev { rev, lease }),
     }
 }
 

@@ -1607,6 +1607,52 @@ fn compaction_at_a_global_revision_needs_the_floor_raised() {
     }
 }
 
+/// A txn may put a key and then delete it (a delete to the end `\0`
+/// conflicts with no put, as in etcd). etcd's watch reads each event's
+/// previous version at the revision before the event's: both events carry
+/// the version from before the write, live and replayed. The lease
+/// bookkeeping still sees what each change replaced.
+#[test]
+fn a_key_changed_twice_in_one_write_has_its_previous_version_from_before_it() {
+    for env in engines() {
+        let k = env.kind;
+        let mut s = Store::new(&env);
+        s.put(3, "a", "1");
+        let mut w = s.mvcc.write(5);
+        w.put(&PutRequest {
+            lease: 9,
+            ..put_req("a", "2")
+        })
+        .unwrap();
+        w.delete_range(&del_req("a", "\0", false), ALL).unwrap();
+        let (batch, events) = w.finish_with_events();
+        s.engine.write(batch, false).unwrap();
+        let watched: Vec<Option<KeyValue>> = events
+            .iter()
+            .map(|e| match e.watched_prev() {
+                Replaced::Stored(p) => s.mvcc.read_prev(e.key(), p),
+                Replaced::Read(kv) => Some(kv.clone()),
+                Replaced::Nothing => None,
+            })
+            .collect();
+        let before = Some(kv("a", "1", 3, 3, 1));
+        assert_eq!(watched, vec![before.clone(), before.clone()], "{k}");
+        assert_eq!(
+            events[1].prev_lease(),
+            9,
+            "{k}: the delete replaced the leased put"
+        );
+        let mut replayed = Vec::new();
+        s.mvcc
+            .history(5, true, &mut |e| {
+                replayed.push(e.prev_kv);
+                true
+            })
+            .unwrap();
+        assert_eq!(replayed, vec![before.clone(), before], "{k}");
+    }
+}
+
 #[test]
 fn history_replays_events_with_prev_kv() {
     for env in engines() {
