@@ -1913,6 +1913,83 @@ both_engines!(
     }
 );
 
+both_engines!(
+    /// etcd checks a txn's puts and reads along the path it takes before it
+    /// applies anything; a cross-shard txn is checked the same way before
+    /// its commit, which must never fail half way: nothing is applied and
+    /// nothing stays locked. An unknown lease on the branch not taken is no
+    /// reason to refuse.
+    async fn cross_shard_txns_are_refused_before_commit_like_etcd(node: TestNode) {
+        let router = ShardRouter::new(common::SHARDS as u32);
+        let on = |shard: u32, tag: &str| {
+            (0..)
+                .map(|i| format!("xs/{tag}{i}"))
+                .find(|k| router.shard_of(k.as_bytes()) == shard)
+                .unwrap()
+        };
+        let (a, b) = (on(0, "a"), on(1, "b"));
+        let mut c = node.client().await;
+        let rev = put_rev(&mut c, &a, "1").await;
+        let missing_lease = 0x5eed_0000_0001;
+        let cases: Vec<(Txn, &str)> = vec![
+            // The path's put of `b` needs it to exist.
+            (
+                Txn::new().and_then([
+                    TxnOp::put(a.as_str(), "2", None),
+                    TxnOp::put(b.as_str(), "", Some(PutOptions::new().with_ignore_value())),
+                ]),
+                KEY_NOT_FOUND,
+            ),
+            // The path's put names a lease nobody granted.
+            (
+                Txn::new().and_then([
+                    TxnOp::put(a.as_str(), "2", None),
+                    TxnOp::put(
+                        b.as_str(),
+                        "2",
+                        Some(PutOptions::new().with_lease(missing_lease)),
+                    ),
+                ]),
+                "etcdserver: requested lease not found",
+            ),
+            // The path reads at a revision that is not there yet.
+            (
+                Txn::new().and_then([
+                    TxnOp::put(a.as_str(), "2", None),
+                    TxnOp::get(
+                        b.as_str(),
+                        Some(GetOptions::new().with_revision(rev + 1_000_000)),
+                    ),
+                ]),
+                FUTURE_REV,
+            ),
+        ];
+        for (txn, message) in cases {
+            let status = grpc_status(c.txn(txn).await.unwrap_err());
+            assert_eq!(status.message(), message);
+            // Nothing applied, nothing locked: a write to both keys goes
+            // through at once.
+            assert_eq!(get_kvs(&mut c, &a, None).await[0].value, "1");
+            let both = Txn::new().and_then([
+                TxnOp::put(a.as_str(), "1", None),
+                TxnOp::delete(b.as_str(), None),
+            ]);
+            assert!(c.txn(both).await.unwrap().succeeded());
+        }
+        // The unknown lease on the branch the txn does not take.
+        let txn = Txn::new()
+            .when([Compare::version(a.as_str(), CompareOp::Greater, 0)])
+            .and_then([TxnOp::put(b.as_str(), "3", None)])
+            .or_else([TxnOp::put(
+                b.as_str(),
+                "4",
+                Some(PutOptions::new().with_lease(missing_lease)),
+            )]);
+        assert!(c.txn(txn).await.unwrap().succeeded());
+        assert_eq!(get_kvs(&mut c, &b, None).await[0].value, "3");
+    }
+);
+
 // ---------------------------------------------------------------------------
 // Restart
 // ---------------------------------------------------------------------------
