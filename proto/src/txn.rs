@@ -143,6 +143,20 @@ pub fn ops_along_path<'a>(
     used
 }
 
+/// Calls `f` for every op of `ops` but the nested txns, and for every op
+/// of theirs, in both of their branches, depth first in order.
+pub fn for_each_op<'a>(ops: &'a [RequestOp], f: &mut dyn FnMut(&'a RequestOp)) {
+    for op in ops {
+        match &op.request {
+            Some(request_op::Request::RequestTxn(nested)) => {
+                for_each_op(&nested.success, f);
+                for_each_op(&nested.failure, f);
+            }
+            _ => f(op),
+        }
+    }
+}
+
 /// Whether any branch of the tree may write (Put or DeleteRange).
 pub fn may_write(txn: &TxnRequest) -> bool {
     txn.success
@@ -225,25 +239,16 @@ pub fn validate<E: From<TxnCheckError>>(
 /// applying the put and panics. A cross-shard commit must not fail, so it
 /// is refused up front, as a duplicate key, whatever the ops' order.
 fn ignoring_put_after_open_delete(ops: &[RequestOp]) -> bool {
-    fn collect<'a>(ops: &'a [RequestOp], starts: &mut Vec<&'a [u8]>, keys: &mut Vec<&'a [u8]>) {
-        for op in ops {
-            match &op.request {
-                Some(request_op::Request::RequestDeleteRange(d)) if d.range_end == [0] => {
-                    starts.push(&d.key)
-                }
-                Some(request_op::Request::RequestPut(p)) if p.ignore_value || p.ignore_lease => {
-                    keys.push(&p.key)
-                }
-                Some(request_op::Request::RequestTxn(n)) => {
-                    collect(&n.success, starts, keys);
-                    collect(&n.failure, starts, keys);
-                }
-                _ => {}
-            }
+    let (mut starts, mut keys): (Vec<&[u8]>, Vec<&[u8]>) = (Vec::new(), Vec::new());
+    for_each_op(ops, &mut |op| match &op.request {
+        Some(request_op::Request::RequestDeleteRange(d)) if d.range_end == [0] => {
+            starts.push(&d.key)
         }
-    }
-    let (mut starts, mut keys) = (Vec::new(), Vec::new());
-    collect(ops, &mut starts, &mut keys);
+        Some(request_op::Request::RequestPut(p)) if p.ignore_value || p.ignore_lease => {
+            keys.push(&p.key)
+        }
+        _ => {}
+    });
     keys.iter().any(|k| starts.iter().any(|s| k >= s))
 }
 

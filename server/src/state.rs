@@ -253,34 +253,22 @@ fn lease_not_found() -> Body {
 /// Leases the puts of `t` (any branch, any depth) attach keys to, with the
 /// keys they would be attached to.
 fn put_leases(t: &TxnRequest, out: &mut Vec<(i64, Vec<u8>)>) {
-    use metastore_proto::etcdserverpb::request_op::Request;
-    for op in t.success.iter().chain(t.failure.iter()) {
-        match &op.request {
-            Some(Request::RequestTxn(n)) => put_leases(n, out),
-            _ => put_lease(op, out),
-        }
-    }
-}
-
-/// [`put_leases`] of the puts along `path` only: etcd checks the leases of
-/// the ops a txn runs, not of the branches it does not take.
-fn path_put_leases(t: &TxnRequest, path: &[bool], out: &mut Vec<(i64, Vec<u8>)>) {
-    txn::ops_along_path(t, path, &mut |op| put_lease(op, out));
+    txn::for_each_op(&t.success, &mut |op| put_lease(op, out));
+    txn::for_each_op(&t.failure, &mut |op| put_lease(op, out));
 }
 
 /// Whether a range of `t` (any branch) reads at a revision below `rev`.
-fn reads_below(t: Option<&TxnRequest>, rev: i64) -> bool {
+fn reads_below(t: &TxnRequest, rev: i64) -> bool {
     use metastore_proto::etcdserverpb::request_op::Request;
-    t.is_some_and(|t| {
-        t.success
-            .iter()
-            .chain(t.failure.iter())
-            .any(|op| match &op.request {
-                Some(Request::RequestRange(r)) => r.revision > 0 && r.revision < rev,
-                Some(Request::RequestTxn(n)) => reads_below(Some(n), rev),
-                _ => false,
-            })
-    })
+    let mut below = false;
+    let mut check = |op: &RequestOp| {
+        if let Some(Request::RequestRange(r)) = &op.request {
+            below |= r.revision > 0 && r.revision < rev;
+        }
+    };
+    txn::for_each_op(&t.success, &mut check);
+    txn::for_each_op(&t.failure, &mut check);
+    below
 }
 
 fn put_lease(op: &RequestOp, out: &mut Vec<(i64, Vec<u8>)>) {
@@ -554,26 +542,46 @@ impl ShardState {
     /// etcd's checks of the puts on a txn's path before it applies any
     /// (`checkRequestPut`), in op order: a put with `ignore_value` or
     /// `ignore_lease` of a key that does not exist ("key not found"), a
-    /// put naming an unknown lease ("requested lease not found"). Ops on
-    /// the branches the txn does not take are not checked, as in etcd.
+    /// put naming an unknown lease ("requested lease not found"), and ours:
+    /// a lease being revoked (CONFLICT). Ops on the branches the txn does
+    /// not take are not checked, as in etcd.
     fn path_put_refusal(&self, t: &TxnRequest, path: &[bool]) -> Result<Option<Body>, StateError> {
         use metastore_proto::etcdserverpb::request_op::Request;
-        let mut puts = Vec::new();
-        txn::ops_along_path(t, path, &mut |op| {
-            if let Some(Request::RequestPut(p)) = &op.request {
-                puts.push(p);
-            }
-        });
         let at = self.mvcc.current_revision().max(1);
-        for p in puts.into_iter().filter(|p| self.owns(&p.key)) {
-            if (p.ignore_value || p.ignore_lease) && self.mvcc.get(&p.key, at)?.is_none() {
-                return mvcc_error(MvccError::KeyNotFound).map(Some);
+        let mut refusal = Ok(None);
+        txn::ops_along_path(t, path, &mut |op| {
+            let Some(Request::RequestPut(p)) = &op.request else {
+                return;
+            };
+            if !matches!(refusal, Ok(None)) || !self.owns(&p.key) {
+                return;
             }
-            if p.lease != 0 && !p.ignore_lease && !self.leases.contains_key(&p.lease) {
-                return Ok(Some(lease_not_found()));
-            }
+            refusal = if p.ignore_value || p.ignore_lease {
+                match self.mvcc.get(&p.key, at) {
+                    Ok(None) => mvcc_error(MvccError::KeyNotFound).map(Some),
+                    Ok(Some(_)) if p.ignore_lease => Ok(None),
+                    Ok(Some(_)) => Ok(self.lease_refusal(p.lease)),
+                    Err(e) => Err(e.into()),
+                }
+            } else {
+                Ok(self.lease_refusal(p.lease))
+            };
+        });
+        refusal
+    }
+
+    /// Why a put naming `lease` is refused: unknown (etcd's
+    /// ErrLeaseNotFound) or being revoked (CONFLICT). `None` for no lease.
+    fn lease_refusal(&self, lease: i64) -> Option<Body> {
+        if lease == 0 {
+            None
+        } else if !self.leases.contains_key(&lease) {
+            Some(lease_not_found())
+        } else if self.lease_revokers.contains_key(&lease) {
+            Some(conflict())
+        } else {
+            None
         }
-        Ok(None)
     }
 
     /// The leases of `uses` on this shard's keys that it does not know.
@@ -590,21 +598,18 @@ impl ShardState {
 
     /// This shard's keys that puts with `ignore_value` or `ignore_lease` in
     /// `t` (any branch) name and that do not exist now.
-    fn missing_ignore_keys(&self, t: &TxnRequest) -> Result<Vec<Vec<u8>>, StateError> {
-        fn walk<'a>(t: &'a TxnRequest, out: &mut Vec<&'a [u8]>) {
-            use metastore_proto::etcdserverpb::request_op::Request;
-            for op in t.success.iter().chain(t.failure.iter()) {
-                match &op.request {
-                    Some(Request::RequestPut(p)) if p.ignore_value || p.ignore_lease => {
-                        out.push(&p.key)
-                    }
-                    Some(Request::RequestTxn(n)) => walk(n, out),
-                    _ => {}
+    fn missing_ignore_keys<'a>(&self, t: &'a TxnRequest) -> Result<Vec<Vec<u8>>, StateError> {
+        use metastore_proto::etcdserverpb::request_op::Request;
+        let mut keys: Vec<&'a [u8]> = Vec::new();
+        let mut ignoring = |op: &'a RequestOp| {
+            if let Some(Request::RequestPut(p)) = &op.request {
+                if p.ignore_value || p.ignore_lease {
+                    keys.push(&p.key);
                 }
             }
-        }
-        let mut keys = Vec::new();
-        walk(t, &mut keys);
+        };
+        txn::for_each_op(&t.success, &mut ignoring);
+        txn::for_each_op(&t.failure, &mut ignoring);
         let at = self.mvcc.current_revision().max(1);
         let mut missing = Vec::new();
         for key in keys {
@@ -757,7 +762,8 @@ impl ShardState {
                 if self
                     .intents
                     .values()
-                    .any(|p| reads_below(p.txn.as_ref(), req.revision))
+                    .filter_map(|p| p.txn.as_ref())
+                    .any(|t| reads_below(t, req.revision))
                 {
                     return Ok(conflict());
                 }
@@ -786,12 +792,9 @@ impl ShardState {
         if self.locks.key_conflicts(&req.key, None) {
             return Ok(conflict());
         }
-        if req.lease != 0 && !req.ignore_lease {
-            if !self.leases.contains_key(&req.lease) {
-                return Ok(lease_not_found());
-            }
-            if self.lease_revokers.contains_key(&req.lease) {
-                return Ok(conflict());
+        if !req.ignore_lease {
+            if let Some(refusal) = self.lease_refusal(req.lease) {
+                return Ok(refusal);
             }
         }
         let mut w = self.mvcc.write(rev);
@@ -862,11 +865,6 @@ impl ShardState {
         if let Some(refusal) = self.path_put_refusal(t, &path)? {
             return Ok(refusal);
         }
-        let mut uses = Vec::new();
-        path_put_leases(t, &path, &mut uses);
-        if let Some(refusal) = self.revoked_lease_conflict(&uses, None) {
-            return Ok(refusal);
-        }
         let (shard, router) = (self.shard, self.router);
         let owns = move |k: &[u8]| router.owns(shard, k);
         let mut w = self.mvcc.write(rev);
@@ -894,6 +892,8 @@ impl ShardState {
         let t = req.txn.clone().unwrap_or_default();
         let (shard, router) = (self.shard, self.router);
         let owns = move |k: &[u8]| router.owns(shard, k);
+        let mut uses = Vec::new();
+        put_leases(&t, &mut uses);
         if !self.intents.contains_key(&id) {
             let mut spans = self.spans_of(&t);
             for lease in &req.revoke_leases {
@@ -917,8 +917,6 @@ impl ShardState {
             }
             // An unknown lease is the coordinator's to judge, once it knows
             // the path (`missing_leases` below).
-            let mut uses = Vec::new();
-            put_leases(&t, &mut uses);
             if let Some(refusal) = self.revoked_lease_conflict(&uses, Some(&id)) {
                 return Ok(refusal);
             }
@@ -941,8 +939,6 @@ impl ShardState {
                 // op: the coordinator judges once it knows the path (see
                 // `PrepareResponse`). The keys and leases stay as they are
                 // until commit: the keys are locked, the leases held.
-                let mut uses = Vec::new();
-                put_leases(&t, &mut uses);
                 Ok(Body::Prepare(PrepareResponse {
                     outcomes,
                     missing_leases: self.missing_leases(&uses),

@@ -805,6 +805,9 @@ struct Change {
     tombstone: bool,
     /// The live version this change replaced.
     prev: Prev,
+    /// For a key this write changed before: what its first change replaced
+    /// (the event's `WriteEvent::before_write`). Set by `push_change`.
+    before_write: Option<Prev>,
 }
 
 /// The live version a change replaced (see "A write's events").
@@ -973,7 +976,11 @@ impl MvccWrite<'_> {
         });
     }
 
-    fn push_change(&mut self, change: Change) {
+    fn push_change(&mut self, mut change: Change) {
+        if let Some(j) = self.latest_of(&change.kv.key) {
+            let first = &self.changes[j];
+            change.before_write = Some(first.before_write.clone().unwrap_or(first.prev.clone()));
+        }
         let i = self.changes.len();
         if let Some(map) = &mut self.latest {
             map.insert(change.kv.key.to_vec(), i);
@@ -1060,6 +1067,7 @@ impl MvccWrite<'_> {
             kv,
             tombstone: false,
             prev,
+            before_write: None,
         });
         Ok(PutResponse {
             header: None,
@@ -1111,6 +1119,7 @@ impl MvccWrite<'_> {
                 },
                 tombstone: true,
                 prev,
+                before_write: None,
             });
         }
         Ok(DeleteRangeResponse {
@@ -1214,20 +1223,7 @@ impl MvccWrite<'_> {
             return;
         }
         events.reserve(changes.len());
-        // etcd's watch reads an event's previous version at the revision
-        // before the event's, so a key changed twice by one write (a txn
-        // may put a key and then delete it with a range ending in `\0`)
-        // has, for both events, the version from before the write.
-        let mut first_prevs: Vec<(Bytes, Prev)> = Vec::new();
-        let several = changes.len() > 1;
         for (sub, c) in changes.drain(..).enumerate() {
-            let mut before_write = None;
-            if several {
-                match first_prevs.iter().find(|(k, _)| *k == c.kv.key) {
-                    Some((_, first)) => before_write = Some(Box::new(replaced_of(first.clone()))),
-                    None => first_prevs.push((c.kv.key.clone(), c.prev.clone())),
-                }
-            }
             let r = Revision {
                 main: rev,
                 sub: sub_base + sub as i64,
@@ -1254,7 +1250,7 @@ impl MvccWrite<'_> {
                 },
                 kv: c.kv,
                 replaced: replaced_of(c.prev),
-                before_write,
+                before_write: c.before_write.map(|p| Box::new(replaced_of(p))),
             });
         }
         if changes.capacity() <= SPARE_CHANGES {
