@@ -5,11 +5,11 @@
 //! txn outcomes, error codes and messages. After every write both must
 //! hold the same keys, so a difference no answer shows fails at the call
 //! that made it. Watches of random keys, prefixes and ranges, from now or
-//! from a past revision, with and without `prev_kv` and filters, open on
-//! the way; at the end each sees a put and a delete of a key it covers,
+//! from a past revision, with and without filters, open on the way; at the end each sees a put and a delete of a key it covers,
 //! and must have delivered the same events (or the same cancellation) on
 //! both servers, as must a live watch of every key (opened before the
-//! first call) and one replaying from the oldest revision both still hold.
+//! first call) and one replaying, with previous versions, from the oldest
+//! revision both still hold.
 //!
 //! What may legitimately differ is translated, never ignored:
 //!
@@ -1160,7 +1160,11 @@ fn gen_watch(rng: &mut Rng, h: &History) -> WatchSpec {
         start: rng
             .percent(60)
             .then(|| h.revisions[n - 1 - rng.below(n.min(40))]),
-        prev_kv: rng.percent(50),
+        // Without previous versions: etcd reads one when it sends the
+        // event, so whether a compaction right after the write took it
+        // first is a race. The replay at the end, after every compaction,
+        // has them.
+        prev_kv: false,
         filter: match rng.below(4) {
             0 => Some(WatchFilterType::NoPut),
             1 => Some(WatchFilterType::NoDelete),
