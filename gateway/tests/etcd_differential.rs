@@ -176,11 +176,14 @@ impl Rng {
     }
 }
 
-/// Keys spread over both shards and three prefixes.
+/// Keys spread over both shards and three prefixes, some the prefix of
+/// others (`p`, `p/`, `p/x/1`), one beyond ASCII; values with a NUL and
+/// beyond ASCII too.
 const KEYS: &[&str] = &[
-    "a", "b", "c", "d", "e", "f", "p/1", "p/2", "p/3", "p/x/1", "p/x/2", "q/1", "q/2", "z",
+    "a", "b", "c", "d", "e", "f", "p", "p/", "p/1", "p/2", "p/3", "p/x/1", "p/x/2", "q/1", "q/2",
+    "z", "zz", "é",
 ];
-const VALUES: &[&str] = &["", "0", "1", "v", "vv", "w"];
+const VALUES: &[&str] = &["", "0", "1", "v", "vv", "w", "\u{0}", "ÿ"];
 
 /// Which keys a call covers, from its key.
 #[derive(Clone, Debug)]
