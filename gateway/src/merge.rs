@@ -77,6 +77,7 @@ use metastore_proto::etcdserverpb::{
     RequestOp, ResponseHeader, ResponseOp, TxnRequest, TxnResponse,
 };
 use metastore_proto::mvccpb::KeyValue;
+use metastore_proto::range;
 use metastore_proto::router::ShardRouter;
 use std::borrow::Cow;
 use std::cmp::Ordering;
@@ -177,15 +178,7 @@ pub fn needs_values_for_sort(req: &RangeRequest) -> bool {
 /// shards the merge rebuilds it (see [`shard_range_request`]).
 fn sorts_first_page_only(req: &RangeRequest) -> bool {
     let target = SortTarget::try_from(req.sort_target).unwrap_or(SortTarget::Key);
-    let order = SortOrder::try_from(req.sort_order).unwrap_or(SortOrder::None);
-    target != SortTarget::Key
-        && order == SortOrder::None
-        && req.limit > 0
-        && !req.count_only
-        && req.min_mod_revision == 0
-        && req.max_mod_revision == 0
-        && req.min_create_revision == 0
-        && req.max_create_revision == 0
+    target != SortTarget::Key && !req.count_only && range::reads_first_page_only(req)
 }
 
 /// The range request to send to each shard for a scatter of `req`. For a

@@ -62,6 +62,7 @@ pub mod shardpb {
 }
 
 pub mod encode;
+pub mod range;
 pub mod router;
 pub mod scenario;
 pub mod txn;

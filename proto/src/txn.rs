@@ -280,21 +280,6 @@ fn check_request<E: From<TxnCheckError>>(
     Ok(())
 }
 
-/// The part of etcd's op checks that every server makes: a range, put or
-/// delete names a key. (The gateway adds etcd's other checks of each op.)
-pub fn key_given(op: &RequestOp) -> Result<(), TxnCheckError> {
-    let key = match &op.request {
-        Some(request_op::Request::RequestRange(r)) => &r.key[..],
-        Some(request_op::Request::RequestPut(p)) => &p.key[..],
-        Some(request_op::Request::RequestDeleteRange(d)) => &d.key[..],
-        _ => return Ok(()),
-    };
-    if key.is_empty() {
-        return Err(TxnCheckError::EmptyKey);
-    }
-    Ok(())
-}
-
 /// A half-open key interval; an empty `end` is the single key `start`.
 ///
 /// As in etcd's `checkIntervals`, the end is taken literally: a delete to
@@ -371,6 +356,21 @@ fn check_intervals(ops: &[RequestOp]) -> Result<(Puts, Vec<Interval>), TxnCheckE
 mod tests {
     use super::*;
     use crate::etcdserverpb::{compare, DeleteRangeRequest, PutRequest, RangeRequest};
+
+    /// etcd's own check of each op that needs nothing but the op: it
+    /// names a key (the gateway's `check_op` adds the rest).
+    fn key_given(op: &RequestOp) -> Result<(), TxnCheckError> {
+        let key = match &op.request {
+            Some(request_op::Request::RequestRange(r)) => &r.key[..],
+            Some(request_op::Request::RequestPut(p)) => &p.key[..],
+            Some(request_op::Request::RequestDeleteRange(d)) => &d.key[..],
+            _ => return Ok(()),
+        };
+        if key.is_empty() {
+            return Err(TxnCheckError::EmptyKey);
+        }
+        Ok(())
+    }
 
     fn cmp(key: &str) -> Compare {
         Compare {

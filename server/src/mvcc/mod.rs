@@ -101,6 +101,7 @@ use metastore_proto::etcdserverpb::{
     ResponseOp, TxnRequest, TxnResponse,
 };
 use metastore_proto::mvccpb::{event::EventType, Event, KeyValue};
+use metastore_proto::range;
 use metastore_proto::shardpb::CompareOutcome;
 use prost::bytes::Bytes;
 
@@ -1326,19 +1327,11 @@ fn candidates_needed(req: &RangeRequest) -> usize {
         order == SortOrder::None || (order == SortOrder::Ascend && target == SortTarget::Key);
     if req.count_only {
         0
-    } else if key_order && !revision_filtered(req) && req.limit > 0 {
+    } else if key_order && !range::revision_filtered(req) && req.limit > 0 {
         usize::try_from(req.limit).map_or(usize::MAX, |l| l.saturating_add(1))
     } else {
         usize::MAX
     }
-}
-
-/// Whether `req` filters by mod or create revision.
-fn revision_filtered(req: &RangeRequest) -> bool {
-    req.min_mod_revision != 0
-        || req.max_mod_revision != 0
-        || req.min_create_revision != 0
-        || req.max_create_revision != 0
 }
 
 /// etcd's Range answer from `cands` (in key order; at least the first
@@ -1361,10 +1354,9 @@ fn build_range(
     }
     let order = SortOrder::try_from(req.sort_order).unwrap_or(SortOrder::None);
     let target = SortTarget::try_from(req.sort_target).unwrap_or(SortTarget::Key);
-    let filtered = revision_filtered(req);
     // etcd fetches everything when sorting or filtering (decided on the
     // *requested* order), otherwise limit + 1 keys to learn `more`.
-    if order == SortOrder::None && !filtered && req.limit > 0 {
+    if range::reads_first_page_only(req) {
         cands.truncate(req.limit.saturating_add(1) as usize);
     }
     cands.retain(|c| {
