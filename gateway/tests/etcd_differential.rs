@@ -36,7 +36,13 @@
 //! does not depend on when etcd's background compaction runs.
 //!
 //! A failure names the call, its index and the seed; the sequence is fixed
-//! (`METASTORE_DIFF_SEED=N` runs another one).
+//! (`METASTORE_DIFF_SEED=N` runs another one, `METASTORE_DIFF_CALLS=N` a
+//! longer one). At a few thousand calls (seed 703 with 2,500) the watches
+//! the run leaves unread until its end hold more small DATA frames than the `etcd-client`
+//! crate's h2 (0.4.20 and later) buffers before it closes the connection
+//! (GOAWAY `too_many_data_frames`), against etcd and MetaStore alike: one
+//! client with 100 unread watches of one key is cut off after about 130
+//! puts by either server.
 
 #[macro_use]
 mod common;
@@ -1296,10 +1302,14 @@ both_engines! {
             seed,
             counts: BTreeMap::new(),
         };
+        let calls: usize = std::env::var("METASTORE_DIFF_CALLS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(CALLS);
         let mut rng = Rng(seed);
         // Watches opened on the way: (spec, etcd's, MetaStore's).
         let mut watches = Vec::new();
-        for i in 0..CALLS {
+        for i in 0..calls {
             if rng.percent(3) {
                 let spec = gen_watch(&mut rng, &run.h);
                 let (we, ce) = open_watch(&mut run.e, &spec).await;
@@ -1340,7 +1350,7 @@ both_engines! {
                 }),
                 ("delete", Call::Delete { key, span: Span::One, prev_kv: false }),
             ] {
-                run.step(CALLS + 2 * n, &call).await;
+                run.step(calls + 2 * n, &call).await;
                 ends.push((key.to_string(), kind, *run.h.revisions.last().unwrap()));
             }
         }

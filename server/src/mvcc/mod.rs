@@ -1132,10 +1132,12 @@ impl MvccWrite<'_> {
 
     /// etcd's Range as seen by this write: at its revision, including its
     /// own earlier changes. A `req.revision` below this write's revision
-    /// reads that (committed) revision instead, as etcd does inside a txn;
-    /// above it is a future revision.
+    /// reads that (committed) revision instead, as etcd does inside a txn.
+    /// The write's own revision and above are future revisions: etcd's
+    /// `checkRequestRange` compares with the store's revision before the
+    /// txn, which no client can have seen as this write's.
     pub fn range(&self, req: &RangeRequest, owns: Owns<'_>) -> Result<RangeResponse, MvccError> {
-        if req.revision > self.rev {
+        if req.revision >= self.rev {
             return Err(MvccError::FutureRevision);
         }
         if req.revision > 0 && req.revision < self.rev {
