@@ -2,12 +2,13 @@
 //! revision they need. No I/O: the session starts the reads this asks for
 //! and reports their results.
 //!
-//! etcd processes a stream's requests strictly in order. A create (start
-//! "now") and a progress request need the current revision, read *after*
-//! the request arrived: everything the client saw before must be covered.
-//! A cancel needs nothing, but must not overtake a create queued before
-//! it. Progress-notify ticks queue here too, so they stay ordered with the
-//! requests around them.
+//! etcd processes a stream's requests strictly in order. Each needs the
+//! current revision, read *after* the request arrived: a create (start
+//! "now") and a progress request so that everything the client saw before
+//! is covered, a cancel for its answer's header (etcd's is the store's
+//! revision when it cancels). A cancel must not overtake a create queued
+//! before it either. Progress-notify ticks queue here too, so they stay
+//! ordered with the requests around them.
 //!
 //! One read serves every request queued when it started: a client that
 //! sends a thousand creates in a burst costs a few reads, not a thousand,
@@ -44,17 +45,11 @@ pub enum Request {
     Tick,
 }
 
-impl Request {
-    fn needs_revision(&self) -> bool {
-        !matches!(self, Request::Cancel(_))
-    }
-}
-
-/// A request ready to apply, with its revision if it needed one.
+/// A request ready to apply, with its revision.
 #[derive(Debug, PartialEq)]
 pub enum Ready {
     Create(WatchCreateRequest, Revision),
-    Cancel(i64),
+    Cancel(i64, Revision),
     Progress(Revision),
     Tick(Revision),
 }
@@ -94,34 +89,29 @@ impl RequestQueue {
 
     /// The next request, if it can be applied now.
     pub fn pop_ready(&mut self) -> Option<Ready> {
-        let (seq, front) = self.queue.front()?;
-        let rev = if front.needs_revision() {
-            Some(self.covered(*seq)?.clone())
-        } else {
-            None
-        };
+        let (seq, _) = self.queue.front()?;
+        let rev = self.covered(*seq)?.clone();
         let (_, r) = self.queue.pop_front().unwrap();
         if self.queue.is_empty() && self.queue.capacity() > KEEP_CAPACITY {
             // A burst is over: do not hold its memory for the stream's life.
             self.queue = VecDeque::new();
         }
-        Some(match (r, rev) {
-            (Request::Create(c), Some(rev)) => Ready::Create(c, rev),
-            (Request::Progress, Some(rev)) => Ready::Progress(rev),
-            (Request::Tick, Some(rev)) => Ready::Tick(rev),
-            (Request::Cancel(id), _) => Ready::Cancel(id),
-            _ => unreachable!("requests needing a revision have one"),
+        Some(match r {
+            Request::Create(c) => Ready::Create(c, rev),
+            Request::Progress => Ready::Progress(rev),
+            Request::Tick => Ready::Tick(rev),
+            Request::Cancel(id) => Ready::Cancel(id, rev),
         })
     }
 
     /// Whether a read should start now: none is in flight and a queued
-    /// request needs a revision no finished read covers.
+    /// request is not covered by a finished read.
     pub fn wants_read(&self) -> bool {
         self.reading.is_none()
             && self
                 .queue
-                .iter()
-                .any(|(seq, r)| r.needs_revision() && self.covered(*seq).is_none())
+                .back()
+                .is_some_and(|(seq, _)| self.covered(*seq).is_none())
     }
 
     /// A read starts now: it covers everything queued so far.
@@ -199,20 +189,23 @@ mod tests {
     fn a_cancel_never_overtakes_an_earlier_create() {
         let mut q = RequestQueue::default();
         q.push(Request::Cancel(9));
+        q.start_read();
         q.push(create("a"));
         q.push(Request::Cancel(0));
-        // The first cancel is at the front: it needs nothing.
-        assert_eq!(q.pop_ready(), Some(Ready::Cancel(9)));
+        q.read_done(Ok((2, 1)));
+        // The first cancel is answered at the revision read after it.
+        assert_eq!(q.pop_ready(), Some(Ready::Cancel(9, Ok((2, 1)))));
         assert_eq!(
             q.pop_ready(),
             None,
             "the create waits, and the cancel behind it"
         );
+        assert!(q.wants_read());
         q.start_read();
         q.read_done(Ok((3, 1)));
         assert_eq!(q.pop_ready(), Some(ready_create("a", 3)));
-        assert_eq!(q.pop_ready(), Some(Ready::Cancel(0)));
-        assert!(!q.wants_read(), "cancels need no read");
+        assert_eq!(q.pop_ready(), Some(Ready::Cancel(0, Ok((3, 1)))));
+        assert!(!q.wants_read());
     }
 
     #[test]

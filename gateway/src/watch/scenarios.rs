@@ -709,15 +709,47 @@ async fn compacted_start_is_created_then_canceled_with_compact_revision() {
     fake.compact(6);
     let hub = hub(&fake, cfg());
     let mut c = open(&hub);
-    c.watch(create("c/", "c0", 2));
-    let id = c.created().await;
+    let id = 1;
+    c.watch(WatchCreateRequest {
+        watch_id: id,
+        ..create("c/", "c0", 2)
+    });
+    assert_eq!(c.created().await, id);
     let r = c.next().await;
     assert_eq!((r.watch_id, r.canceled, r.compact_revision), (id, true, 6));
+    // etcd's compaction response carries header revision 0.
+    assert_eq!(r.header.unwrap().revision, 0);
+    // As in etcd, the id stays taken until the client cancels it: a
+    // create with it is a duplicate, and automatic ids pass over it.
+    c.watch(WatchCreateRequest {
+        watch_id: id,
+        ..create("c/", "c0", 0)
+    });
+    let r = c.next().await;
+    assert_eq!((r.watch_id, r.created, r.canceled), (-1, true, true));
+    assert_eq!(r.cancel_reason, super::session::MSG_DUPLICATE_WATCH_ID);
     // A watch from the compacted revision on works.
     c.watch(create("c/", "c0", 6));
-    let id = c.created().await;
-    let got: Vec<i64> = c.events(id, 5).await.iter().map(|e| e.0).collect();
+    let auto = c.created().await;
+    assert_eq!(auto, 0);
+    let got: Vec<i64> = c.events(auto, 5).await.iter().map(|e| e.0).collect();
     assert_eq!(got, vec![6, 7, 8, 9, 10]);
+    c.watch(create("x/", "x0", 0));
+    assert_eq!(c.created().await, 2, "id 1 is still taken");
+    // The client's cancel frees the id and is answered, at the current
+    // revision.
+    let now = fake.put("elsewhere", "v");
+    c.send(RequestUnion::CancelRequest(WatchCancelRequest {
+        watch_id: id,
+    }));
+    let r = c.next().await;
+    assert_eq!((r.watch_id, r.canceled), (id, true));
+    assert_eq!(r.header.unwrap().revision, now);
+    c.watch(WatchCreateRequest {
+        watch_id: id,
+        ..create("c/", "c0", 0)
+    });
+    assert_eq!(c.created().await, id);
 }
 
 #[tokio::test]

@@ -25,7 +25,17 @@
 //!   events; a compacted start yields `created` then `canceled` with
 //!   `compact_revision`, as etcd.
 //! - **cancel**: removes the watch and everything still queued for it,
-//!   answers `canceled`; an unknown id gets no answer (etcd).
+//!   answers `canceled` (header = current, read after the request arrived,
+//!   as etcd answers with its store's revision); an unknown id gets no
+//!   answer (etcd).
+//! - **ended by the server** (its start or its place in history compacted
+//!   away, or a failure): answered `canceled` (with `compact_revision`, and
+//!   header revision 0 as etcd's compaction response has), and its id
+//!   stays taken until the client cancels it, as in etcd, where the watch
+//!   stays registered on its stream: a create with that id is a
+//!   duplicate, automatic ids pass over it, and the client's cancel is
+//!   answered `canceled` (clientv3 sends one). Such ids count against
+//!   `max_watchers_per_stream`.
 //! - **progress request**: takes R = current revision; answered (for the
 //!   whole stream, `watch_id = -1`, header R) once every watch on the stream
 //!   has delivered everything up to R: each watch's feed is asked for a
@@ -73,7 +83,7 @@
 //! revision at the tick (its feed is asked for a marker there, so the
 //! claim is exact), as etcd sends the store's revision.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -282,6 +292,9 @@ pub struct Session {
     hub: Arc<WatchHub>,
     inbox: Arc<Inbox>,
     watches: HashMap<i64, Watch>,
+    /// Ids of watches the server ended, kept until the client cancels
+    /// them (see "ended by the server").
+    ended: HashSet<i64>,
     by_slot: SlotMap<i64>,
     next_auto_id: i64,
     next_slot: u64,
@@ -300,6 +313,7 @@ impl Session {
             hub,
             inbox: Inbox::new(),
             watches: HashMap::new(),
+            ended: HashSet::new(),
             by_slot: SlotMap::default(),
             next_auto_id: 0,
             next_slot: 1,
@@ -354,7 +368,7 @@ impl Session {
     fn apply(&mut self, r: Ready) {
         match r {
             Ready::Create(c, now) => self.create(c, now),
-            Ready::Cancel(id) => self.cancel(id),
+            Ready::Cancel(id, now) => self.cancel(id, now),
             Ready::Progress(now) => self.progress_request(now),
             Ready::Tick(now) => self.progress_tick(now),
         }
@@ -401,18 +415,18 @@ impl Session {
             return self.refuse_create(MSG_EMPTY_RANGE.into());
         }
         let max = self.hub.cfg.max_watchers_per_stream;
-        if self.watches.len() >= max {
+        if self.watches.len() + self.ended.len() >= max {
             return self.refuse_create(format!(
                 "etcdserver: too many watchers on one stream (limit {max})"
             ));
         }
         let id = if c.watch_id != 0 {
-            if self.watches.contains_key(&c.watch_id) {
+            if self.id_taken(c.watch_id) {
                 return self.refuse_create(MSG_DUPLICATE_WATCH_ID.into());
             }
             c.watch_id
         } else {
-            while self.watches.contains_key(&self.next_auto_id) {
+            while self.id_taken(self.next_auto_id) {
                 self.next_auto_id += 1;
             }
             self.next_auto_id += 1;
@@ -480,8 +494,19 @@ impl Session {
         w.feed = Some(self.hub.registry.attach(&w.key, &w.range_end, sub));
     }
 
-    fn cancel(&mut self, id: i64) {
-        if self.remove_watch(id).is_none() {
+    /// An id in use on this stream: a live watch's, or one the server
+    /// ended and the client has not canceled.
+    fn id_taken(&self, id: i64) -> bool {
+        self.watches.contains_key(&id) || self.ended.contains(&id)
+    }
+
+    /// Cancels `id`, answered at the revision `now` read after the request
+    /// came (etcd's header is the store's revision at the cancel).
+    fn cancel(&mut self, id: i64, now: Revision) {
+        if let Ok((rev, term)) = now {
+            self.observe(rev, term);
+        }
+        if self.remove_watch(id).is_none() && !self.ended.remove(&id) {
             return;
         }
         self.outq.push_back(
@@ -697,6 +722,7 @@ impl Session {
                     return;
                 };
                 self.remove_watch(id);
+                self.ended.insert(id);
                 let mut resp = WatchResponse {
                     header: Some(self.header(self.last_rev)),
                     watch_id: id,
@@ -705,7 +731,9 @@ impl Session {
                 };
                 match end {
                     MergeEnd::Compacted(c) | MergeEnd::HistoryLost { from: c, .. } => {
-                        resp.compact_revision = c
+                        resp.compact_revision = c;
+                        // etcd's compaction response carries no revision.
+                        resp.header = Some(self.header(0));
                     }
                     MergeEnd::Failed(reason) => resp.cancel_reason = reason,
                 }
