@@ -1388,3 +1388,370 @@ both_engines! {
         assert_same_events("replay", seen_m, seen_e);
     }
 }
+
+// ---------------------------------------------------------------------------
+// One watch stream, many watches: creates, cancels and their ids.
+// ---------------------------------------------------------------------------
+
+/// Steps of the watch-stream run (creates, cancels, writes).
+const STREAM_STEPS: usize = 200;
+
+/// What one watch id saw on the stream, in order (etcd's numbering).
+#[derive(Debug, PartialEq, Eq)]
+enum Seen {
+    /// `created`, with the header's revision.
+    Created(Option<i64>),
+    Event(Ev),
+    /// `canceled`: reason, compact revision, header revision.
+    Canceled(String, Option<i64>, Option<i64>),
+}
+
+/// One side's watch stream and everything it delivered, by watch id (-1
+/// collects refused creates).
+struct StreamLog {
+    stream: etcd_client::WatchStream,
+    seen: BTreeMap<i64, Vec<Seen>>,
+    /// Watches created and not canceled.
+    live: BTreeMap<i64, ()>,
+    /// Created responses so far, and the id of the last one.
+    created: usize,
+    last_created: i64,
+    /// Per id, the newest event revision delivered.
+    newest: BTreeMap<i64, i64>,
+}
+
+impl StreamLog {
+    /// Reads one response and files it.
+    async fn read(&mut self, side: &Side) {
+        let resp = next_response(side, &mut self.stream).await;
+        let id = resp.watch_id();
+        let header = resp
+            .header()
+            .map(|h| side.rev_floor(h.revision()).unwrap_or(0));
+        let seen = self.seen.entry(id).or_default();
+        if resp.created() {
+            seen.push(Seen::Created(header));
+            self.created += 1;
+            self.last_created = id;
+            self.live.insert(id, ());
+        }
+        for e in resp.events() {
+            let kv = e.kv().map(|kv| kv_of(side, kv));
+            if let Some(Ok(r)) = kv.as_ref().map(|k| k.modr.clone()) {
+                self.newest.insert(id, r);
+            }
+            seen.push(Seen::Event(Ev {
+                kind: match e.event_type() {
+                    EventType::Put => "put",
+                    EventType::Delete => "delete",
+                },
+                kv,
+                prev: e.prev_kv().map(|kv| kv_of(side, kv)),
+            }));
+        }
+        if resp.canceled() {
+            let compact = (resp.compact_revision() != 0)
+                .then(|| side.rev_floor(resp.compact_revision()).unwrap_or(0));
+            seen.push(Seen::Canceled(
+                resp.cancel_reason().to_string(),
+                compact,
+                header,
+            ));
+            self.live.remove(&id);
+        }
+    }
+
+    /// Reads until `done` holds.
+    async fn read_until(&mut self, side: &Side, done: impl Fn(&StreamLog) -> bool) {
+        while !done(self) {
+            self.read(side).await;
+        }
+    }
+
+    /// What each id saw, the events of one revision in an order both
+    /// servers agree on (see [`by_revision_then_key`]).
+    fn normalized(self) -> BTreeMap<i64, Vec<Seen>> {
+        self.seen
+            .into_iter()
+            .map(|(id, seen)| {
+                let mut out = Vec::new();
+                let mut run = Vec::new();
+                for s in seen {
+                    match s {
+                        Seen::Event(e) => run.push(e),
+                        other => {
+                            out.extend(
+                                by_revision_then_key(std::mem::take(&mut run))
+                                    .into_iter()
+                                    .map(Seen::Event),
+                            );
+                            out.push(other);
+                        }
+                    }
+                }
+                out.extend(by_revision_then_key(run).into_iter().map(Seen::Event));
+                (id, out)
+            })
+            .collect()
+    }
+}
+
+/// A watch request both sides send.
+fn create_request(side: &Side, id: i64, spec: &WatchSpec) -> WatchOptions {
+    let mut o = with_span!(WatchOptions::new(), &spec.span).with_watch_id(id);
+    if let Some(start) = spec.start {
+        o = o.with_start_revision(side.revs_back[&start]);
+    }
+    if spec.prev_kv {
+        o = o.with_prev_key();
+    }
+    if let Some(f) = spec.filter {
+        o = o.with_filters([f]);
+    }
+    o
+}
+
+impl Differential {
+    /// A put and a delete of a key `spec` covers: their kinds and
+    /// revisions.
+    async fn barrier(&mut self, step: usize, spec: &WatchSpec) -> [(&'static str, i64); 2] {
+        let key: &'static str = Box::leak(spec.sentinel().into_boxed_str());
+        let mut done = [("", 0); 2];
+        for (n, (kind, call)) in [
+            (
+                "put",
+                Call::Put {
+                    key,
+                    value: "barrier",
+                    lease: LeaseArg::None,
+                    prev_kv: false,
+                    ignore_value: false,
+                    ignore_lease: false,
+                },
+            ),
+            (
+                "delete",
+                Call::Delete {
+                    key,
+                    span: Span::One,
+                    prev_kv: false,
+                },
+            ),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            self.step(step, &call).await;
+            done[n] = (kind, *self.h.revisions.last().unwrap());
+        }
+        done
+    }
+}
+
+both_engines! {
+    /// One watch stream per server carries many watches, created and
+    /// canceled between writes: explicit ids and automatic ones (and their
+    /// reuse), duplicate ids, empty ranges, starts in the past and
+    /// compacted away, filters and `prev_kv` (whose previous version may
+    /// be compacted), cancels of live and unknown ids. Each id's responses
+    /// must be the same on both: `created` and its header, events,
+    /// `canceled` with reason and compact revision.
+    ///
+    /// Each step waits for what it must cause before the next: a create
+    /// for its `created` (so a watch from now sees the same writes), a
+    /// compacted start for its cancellation, a cancel of a live watch for
+    /// its `canceled` after a barrier write the watch shows has arrived
+    /// (etcd drops the events it had not sent when the cancel came).
+    /// Compactions happen only before the stream opens: etcd reads
+    /// `prev_kv` when it sends an event, which a later compaction could
+    /// race.
+    async fn one_watch_stream_answers_like_etcd(node: TestNode) {
+        let etcd = Etcd::start().await;
+        let mut e = Side::new("etcd", etcd.try_client().await.expect("etcd client"));
+        let mut m = Side::new("MetaStore", node.client().await);
+        let start_e = e.client.get("x", None).await.expect("etcd get").header().unwrap().revision();
+        let start_m = m.client.get("x", None).await.expect("get").header().unwrap().revision();
+        e.pair_rev(start_e, start_e);
+        m.pair_rev(start_m, start_e);
+        let seed = std::env::var("METASTORE_DIFF_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(SEED);
+        let mut run = Differential {
+            e,
+            m,
+            h: History {
+                revisions: vec![start_e],
+                compacted: 0,
+                leases: vec![],
+            },
+            seed,
+            counts: BTreeMap::new(),
+        };
+        let mut rng = Rng(seed ^ 0x5747);
+        // A history, part of it compacted away.
+        for i in 0..80 {
+            let call = gen_call(&mut rng, &run.h);
+            run.step(i, &call).await;
+        }
+        let n = run.h.revisions.len();
+        let r = run.h.revisions[n / 3].max(run.h.compacted);
+        run.step(80, &Call::Compact(RevArg::At(r))).await;
+        let compacted = run.h.compacted;
+        assert!(compacted > start_e, "nothing compacted");
+
+        // The stream opens with a watch of everything from now (id 0).
+        let all = WatchSpec {
+            key: "a",
+            span: Span::All,
+            start: None,
+            prev_kv: true,
+            filter: None,
+        };
+        let mut logs = Vec::new();
+        for side in [&mut run.e, &mut run.m] {
+            let stream = side
+                .client
+                .watch(all.key, Some(create_request(side, 0, &all)))
+                .await
+                .expect("watch");
+            let mut log = StreamLog {
+                stream,
+                seen: BTreeMap::new(),
+                live: BTreeMap::new(),
+                created: 0,
+                last_created: -1,
+                newest: BTreeMap::new(),
+            };
+            log.read_until(side, |l| l.created == 1).await;
+            logs.push(log);
+        }
+        let (mut log_e, mut log_m) = (logs.remove(0), logs.remove(0));
+        // What each live id watches (the same ids on both, checked below).
+        let mut specs: BTreeMap<i64, WatchSpec> = [(0, all.clone())].into();
+        let mut kinds: BTreeMap<&str, usize> = BTreeMap::new();
+        for step in 0..STREAM_STEPS {
+            let i = 100 + 3 * step;
+            match rng.below(20) {
+                0..=4 => {
+                    let mut spec = gen_watch(&mut rng, &run.h);
+                    spec.prev_kv = rng.percent(50);
+                    if spec.start.is_some() && rng.percent(30) {
+                        // Compacted away.
+                        let below = run.h.revisions.partition_point(|r| *r < compacted);
+                        spec.start = Some(run.h.revisions[rng.below(below)]);
+                    }
+                    if rng.percent(8) {
+                        spec.span = Span::Until(spec.key.to_string());
+                    }
+                    let id = if rng.percent(60) { 0 } else { 1 + rng.below(10) as i64 };
+                    for (side, log) in [(&mut run.e, &mut log_e), (&mut run.m, &mut log_m)] {
+                        let before = log.created;
+                        log.stream
+                            .watch(spec.key, Some(create_request(side, id, &spec)))
+                            .await
+                            .expect("watch request");
+                        log.read_until(side, |l| l.created > before).await;
+                    }
+                    let (got_e, got_m) = (log_e.last_created, log_m.last_created);
+                    assert_eq!(
+                        got_m, got_e,
+                        "step {step} (seed {seed}): create {id} {spec:?} got id {got_m}, etcd {got_e}; \
+                         id {id} saw on MetaStore {:?}, on etcd {:?}",
+                        log_m.seen.get(&id), log_e.seen.get(&id)
+                    );
+                    if got_e == -1 {
+                        *kinds.entry("refused").or_default() += 1;
+                        continue;
+                    }
+                    *kinds.entry("created").or_default() += 1;
+                    if spec.start.is_some_and(|s| s < compacted) {
+                        // etcd cancels it at its next catch-up.
+                        *kinds.entry("compacted").or_default() += 1;
+                        for (side, log) in [(&run.e, &mut log_e), (&run.m, &mut log_m)] {
+                            log.read_until(side, |l| !l.live.contains_key(&got_e)).await;
+                        }
+                    } else {
+                        specs.insert(got_e, spec);
+                    }
+                }
+                5..=7 => {
+                    // A live watch (after a barrier), or any id.
+                    let live: Vec<i64> = specs.keys().copied().collect();
+                    let id = if !live.is_empty() && rng.percent(70) {
+                        live[rng.below(live.len())]
+                    } else {
+                        rng.below(12) as i64
+                    };
+                    if let Some(spec) = specs.remove(&id) {
+                        *kinds.entry("canceled").or_default() += 1;
+                        let last = run
+                            .barrier(i, &spec)
+                            .await
+                            .into_iter()
+                            .filter(|(kind, _)| spec.shows(kind))
+                            .map(|(_, rev)| rev)
+                            .max()
+                            .unwrap();
+                        for (side, log) in [(&mut run.e, &mut log_e), (&mut run.m, &mut log_m)] {
+                            log.read_until(side, |l| l.newest.get(&id) >= Some(&last)).await;
+                            log.stream.cancel(id).await.expect("cancel request");
+                            log.read_until(side, |l| !l.live.contains_key(&id)).await;
+                        }
+                    } else {
+                        // Unknown to both: no answer (any would show below).
+                        *kinds.entry("cancel unknown").or_default() += 1;
+                        for log in [&mut log_e, &mut log_m] {
+                            log.stream.cancel(id).await.expect("cancel request");
+                        }
+                    }
+                }
+                _ => {
+                    let call = loop {
+                        let call = gen_call(&mut rng, &run.h);
+                        if !matches!(call, Call::Compact(_) | Call::Get { .. }) {
+                            break call;
+                        }
+                    };
+                    run.step(i, &call).await;
+                }
+            }
+        }
+        // Every live watch sees a barrier; each is read through the last
+        // barrier write it shows; then both logs must agree.
+        let mut ends: Vec<(String, &str, i64)> = Vec::new();
+        for (n, spec) in specs.values().enumerate() {
+            for (kind, rev) in run.barrier(100 + 3 * STREAM_STEPS + 2 * n, spec).await {
+                ends.push((spec.sentinel(), kind, rev));
+            }
+        }
+        for (id, spec) in &specs {
+            let last = ends
+                .iter()
+                .filter(|(key, kind, _)| spec.covers(key) && spec.shows(kind))
+                .map(|(_, _, rev)| *rev)
+                .max()
+                .expect("a barrier write the watch shows");
+            for (side, log) in [(&run.e, &mut log_e), (&run.m, &mut log_m)] {
+                log.read_until(side, |l| l.newest.get(id) >= Some(&last)).await;
+            }
+        }
+        eprintln!("watch stream: {kinds:?}; {} ids", log_e.seen.len());
+        for kind in ["created", "refused", "compacted", "canceled", "cancel unknown"] {
+            assert!(kinds.contains_key(kind), "no {kind} watch: {kinds:?}");
+        }
+        let (seen_e, seen_m) = (log_e.normalized(), log_m.normalized());
+        for (id, want) in &seen_e {
+            let got = seen_m.get(id).unwrap_or_else(|| panic!("id {id}: nothing on MetaStore"));
+            for (k, (a, b)) in got.iter().zip(want).enumerate() {
+                assert_eq!(a, b, "seed {seed}: watch id {id}, response item {k} differs (left MetaStore, right etcd)");
+            }
+            assert_eq!(got.len(), want.len(), "seed {seed}: watch id {id}: item counts differ");
+        }
+        assert_eq!(
+            seen_m.keys().collect::<Vec<_>>(),
+            seen_e.keys().collect::<Vec<_>>(),
+            "watch ids seen (left MetaStore, right etcd)"
+        );
+    }
+}
