@@ -98,38 +98,62 @@ fn free_port() -> u16 {
 }
 
 impl Etcd {
+    /// Starts etcd on ports free a moment ago. Another test may have been
+    /// given the same ones, and then one of the two etcds cannot bind:
+    /// ours is known by its member name, and on a mismatch (or an etcd
+    /// that exited) it starts again on other ports.
     async fn start() -> Etcd {
+        for attempt in 0..5 {
+            if let Some(etcd) = Etcd::try_start(attempt).await {
+                return etcd;
+            }
+        }
+        panic!("etcd did not start serving on free ports in 5 attempts");
+    }
+
+    async fn try_start(attempt: u32) -> Option<Etcd> {
         let dir = tempfile::Builder::new()
             .prefix("metastore-etcd-")
             .tempdir()
             .expect("temp dir");
         let (client_port, peer_port) = (free_port(), free_port());
+        let name = format!("diff-{}-{client_port}-{attempt}", std::process::id());
         let client = format!("http://127.0.0.1:{client_port}");
         let peer = format!("http://127.0.0.1:{peer_port}");
         let log = std::fs::File::create(dir.path().join("etcd.log")).expect("etcd log");
         let child = Command::new(etcd_path())
-            .arg("--name=diff")
+            .arg(format!("--name={name}"))
             .arg(format!("--data-dir={}", dir.path().join("data").display()))
             .arg(format!("--listen-client-urls={client}"))
             .arg(format!("--advertise-client-urls={client}"))
             .arg(format!("--listen-peer-urls={peer}"))
             .arg(format!("--initial-advertise-peer-urls={peer}"))
-            .arg(format!("--initial-cluster=diff={peer}"))
+            .arg(format!("--initial-cluster={name}={peer}"))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("etcd log"))
             .stderr(log)
             .spawn()
             .expect("start etcd");
-        let etcd = Etcd {
+        let mut etcd = Etcd {
             child,
             endpoint: format!("127.0.0.1:{client_port}"),
             _dir: dir,
         };
-        // Serving once a linearizable read answers (it needs a leader).
+        // Serving once a linearizable read answers (it needs a leader),
+        // and the member answering is this one.
         for _ in 0..200 {
+            if let Ok(Some(_)) = etcd.child.try_wait() {
+                eprintln!("etcd exited (ports taken?): {}", etcd.log());
+                return None;
+            }
             if let Ok(mut c) = etcd.try_client().await {
                 if c.get("ready?", None).await.is_ok() {
-                    return etcd;
+                    let members = c.member_list().await.expect("etcd member list");
+                    if members.members().iter().any(|m| m.name() == name) {
+                        return Some(etcd);
+                    }
+                    eprintln!("another etcd answers on {}; starting again", etcd.endpoint);
+                    return None;
                 }
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
