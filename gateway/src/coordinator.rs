@@ -344,6 +344,8 @@ impl Backend {
                     participants: shards.to_vec(),
                     txn: Some(sreq.clone()),
                     revoke_leases: vec![],
+                    // The shard sets it as it proposes.
+                    floor: 0,
                 },
             )
         }))
@@ -396,11 +398,20 @@ impl Backend {
                 .map(|&s| self.commit_participant(&txn_id, &path, rev, s)),
         )
         .await;
+        // A shard that answers a repeated commit (its first answer was
+        // lost, and the retry found it applied) no longer has its results:
+        // the txn committed, but its answer cannot be given.
+        let mut repeated = primary_commit.repeated.then_some(primary);
         let mut parts = vec![(primary, primary_commit.txn.unwrap_or_default())];
         let mut missing = None;
         for (&s, c) in others.iter().zip(commits) {
             match c {
-                Ok(c) => parts.push((s, c.txn.unwrap_or_default())),
+                Ok(c) => {
+                    if c.repeated {
+                        repeated.get_or_insert(s);
+                    }
+                    parts.push((s, c.txn.unwrap_or_default()))
+                }
                 Err(e) => {
                     tracing::warn!(
                         shard = s,
@@ -414,6 +425,16 @@ impl Backend {
         }
         if let Some(e) = missing {
             return Err(GatewayError::RetriesExhausted(Box::new(e)));
+        }
+        if let Some(shard) = repeated {
+            tracing::warn!(
+                shard,
+                revision = rev,
+                "txn committed, but a shard's answer with its results was lost"
+            );
+            return Err(GatewayError::RetriesExhausted(Box::new(
+                GatewayError::ConnectionLost { shard },
+            )));
         }
         let mut resp = merge_txn(req, &path, &self.router, parts)?;
         let term = resp.header.map(|h| h.raft_term).unwrap_or(0);
@@ -896,6 +917,7 @@ mod tests {
                         ],
                     }),
                     revision: 77,
+                    repeated: false,
                 }))
             }
             Req::Abort(_) => Ok(Resp::Abort(AbortResponse {})),
@@ -1008,6 +1030,54 @@ mod tests {
         let e = b.txn(two_shard_write(&b)).await.unwrap_err();
         assert_eq!(e.to_status().code(), tonic::Code::Unavailable);
         assert_eq!(e.to_status().message(), "etcdserver: request timed out");
+    }
+
+    #[tokio::test]
+    async fn a_commit_whose_answer_was_lost_is_completed_and_answered_as_timed_out() {
+        // The primary's first commit answer is lost; the retry finds it
+        // applied (a repeat, without the txn's results).
+        let lost = Arc::new(AtomicUsize::new(1));
+        let fake = FakeShards::new(2, move |shard, r| match r {
+            Req::Prepare(_) => Ok(Resp::Prepare(PrepareResponse {
+                outcomes: vec![outcome(shard == 0, true)],
+                ..Default::default()
+            })),
+            Req::Commit(c) if shard == 0 => {
+                if lost
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                    .is_ok()
+                {
+                    return Err(GatewayError::ConnectionLost { shard });
+                }
+                assert_eq!(c.revision, 0);
+                Ok(Resp::Commit(CommitResponse {
+                    txn: Some(TxnResponse::default()),
+                    revision: 77,
+                    repeated: true,
+                }))
+            }
+            Req::Commit(c) => {
+                assert_eq!(c.revision, 77);
+                Ok(Resp::Commit(CommitResponse {
+                    txn: Some(TxnResponse {
+                        succeeded: true,
+                        responses: vec![put_resp(), put_resp()],
+                        ..Default::default()
+                    }),
+                    revision: 77,
+                    repeated: false,
+                }))
+            }
+            Req::Abort(_) => panic!("a committed txn is never aborted"),
+            other => panic!("unexpected {other:?}"),
+        });
+        let b = backend(fake.clone());
+        let e = b.txn(two_shard_write(&b)).await.unwrap_err();
+        assert!(matches!(e, GatewayError::RetriesExhausted(_)), "{e:?}");
+        assert_eq!(e.to_status().code(), tonic::Code::Unavailable);
+        // The participant applied the decision all the same.
+        let k = kinds(&fake);
+        assert!(k.contains(&(1, "commit")), "{k:?}");
     }
 
     #[tokio::test]

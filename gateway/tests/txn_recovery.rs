@@ -81,6 +81,7 @@ async fn prepare_both(node: &TestNode, id: &[u8], a: &str, b: &str) {
                 participants: vec![0, 1],
                 txn: Some(txn.clone()),
                 revoke_leases: vec![],
+                floor: 0,
             }),
         )
         .await;
@@ -160,5 +161,71 @@ both_engines!(
         ];
         want.sort();
         assert_eq!(kvs, want, "committed: all of it, at one revision");
+    }
+);
+
+both_engines!(
+    /// The server dies after the primary committed and before the
+    /// participant heard of it. After the restart the participant's intent
+    /// still holds reads back (its floor, from the prepare's raft entry, is
+    /// below the commit revision): a read at once sees all of the txn on
+    /// rocksdb (none of it on memory, which keeps nothing), and a watch
+    /// from the commit revision sees both events.
+    async fn a_restart_after_the_primary_committed_shows_all_of_the_txn(mut node: TestNode) {
+        let (a, b) = (key_on(0, "rec/a"), key_on(1, "rec/b"));
+        let id = b"server-dies-after-primary";
+        prepare_both(&node, id, &a, &b).await;
+        let body = call(
+            &node.server_addrs()[0],
+            shard_request::Body::Commit(CommitRequest {
+                txn_id: id.to_vec(),
+                path: vec![true],
+                revision: 0,
+            }),
+        )
+        .await;
+        let shard_response::Body::Commit(commit) = body else {
+            panic!("primary commit: {body:?}")
+        };
+        node.crash_restart().await;
+        let mut c = node.client().await;
+        let got = c
+            .get("rec/", Some(GetOptions::new().with_prefix()))
+            .await
+            .expect("read after the restart");
+        let kvs: Vec<(&str, i64)> = got
+            .kvs()
+            .iter()
+            .map(|kv| (kv.key_str().unwrap(), kv.mod_revision()))
+            .collect();
+        if node.engine() == common::Engine::Memory {
+            assert_eq!(kvs, vec![], "memory: nothing survives a restart");
+            return;
+        }
+        let mut want = vec![(a.as_str(), commit.revision), (b.as_str(), commit.revision)];
+        want.sort();
+        assert_eq!(kvs, want, "committed: all of it, at one revision");
+        let mut w = c
+            .watch(
+                "rec/",
+                Some(
+                    etcd_client::WatchOptions::new()
+                        .with_prefix()
+                        .with_start_revision(commit.revision),
+                ),
+            )
+            .await
+            .expect("watch");
+        let mut keys = Vec::new();
+        while keys.len() < 2 {
+            let r = w.message().await.expect("watch").expect("watch response");
+            for e in r.events() {
+                let kv = e.kv().unwrap();
+                assert_eq!(kv.mod_revision(), commit.revision);
+                keys.push(kv.key_str().unwrap().to_string());
+            }
+        }
+        keys.sort();
+        assert_eq!(keys, vec![a.clone(), b.clone()]);
     }
 );

@@ -341,11 +341,12 @@ impl Shard {
             deadlines.insert(lease.id, started + ttl_duration(lease.ttl));
         }
         drop(deadlines);
-        let now = self.oracle.current();
-        let ids: Vec<TxnId> = self.state.borrow().intents().keys().cloned().collect();
+        // The oracle is past every revision now, the commit revision a
+        // primary may have recorded for these txns included: each keeps
+        // the floor its prepare's entry carries.
         let mut floors = self.floors.borrow_mut();
-        for id in ids {
-            floors.insert(id, (now, Instant::now()));
+        for (id, prepare) in self.state.borrow().intents() {
+            floors.insert(id.clone(), (prepare.floor, Instant::now()));
         }
         Ok(())
     }
@@ -447,6 +448,14 @@ impl Shard {
         self.queue_proposal(op, revision, Reply::Waiter(tx));
         rx.await
             .unwrap_or_else(|_| error(Code::Unavailable, "shard stopped"))
+    }
+
+    /// Proposes a cross-shard prepare, with its floor (see
+    /// `PrepareRequest::floor`) taken now: the primary takes the commit
+    /// revision only after this prepare is applied and answered.
+    async fn propose_prepare(&self, mut p: PrepareRequest) -> Body {
+        p.floor = self.oracle.current();
+        self.propose(Op::Prepare(p), Some(0)).await
     }
 
     /// Queues `op` for raft at `revision` (`None`: allocate one now); its
@@ -1110,6 +1119,8 @@ impl Shard {
                 participants: shards.clone(),
                 txn: Some(TxnRequest::default()),
                 revoke_leases: ids.to_vec(),
+                // Each shard sets its own as it proposes.
+                floor: 0,
             };
             let answers = futures::future::join_all(
                 shards
@@ -1167,7 +1178,7 @@ impl Shard {
     async fn call_shard(self: &Rc<Self>, shard: u32, body: shard_request::Body) -> Body {
         if shard == self.id {
             return match body {
-                shard_request::Body::Prepare(p) => self.propose(Op::Prepare(p), Some(0)).await,
+                shard_request::Body::Prepare(p) => self.propose_prepare(p).await,
                 shard_request::Body::Abort(a) => self.propose(Op::Abort(a), Some(0)).await,
                 shard_request::Body::Commit(c) => {
                     let rev = (c.revision != 0).then_some(c.revision);
@@ -1260,7 +1271,7 @@ impl Shard {
                     }
                 }
             }
-            R::Prepare(p) => self.propose(Op::Prepare(p), Some(0)).await,
+            R::Prepare(p) => self.propose_prepare(p).await,
             R::Commit(c) => {
                 let revision = if c.revision == 0 {
                     None

@@ -958,16 +958,19 @@ impl ShardState {
     ) -> Result<Body, StateError> {
         let id = &req.txn_id;
         let Some(prep) = self.intents.get(id).cloned() else {
-            // Already resolved here: answer idempotently.
+            // Already resolved here: answer idempotently, marked as a
+            // repeat (the results went with the first answer).
             return Ok(match self.decisions.get(id) {
                 Some(d) if d.committed => Body::Commit(CommitResponse {
                     txn: Some(TxnResponse::default()),
                     revision: d.revision,
+                    repeated: true,
                 }),
                 Some(_) => error(Code::TxnAborted, "transaction was aborted"),
                 None if req.revision != 0 => Body::Commit(CommitResponse {
                     txn: Some(TxnResponse::default()),
                     revision: req.revision,
+                    repeated: true,
                 }),
                 None => error(Code::TxnAborted, "transaction is not prepared"),
             });
@@ -1026,6 +1029,7 @@ impl ShardState {
                 ..resp
             }),
             revision: rev,
+            repeated: false,
         }))
     }
 
@@ -1270,6 +1274,7 @@ mod tests {
             participants: vec![0, 1],
             txn: Some(t.clone()),
             revoke_leases: vec![],
+            floor: 0,
         })
     }
 
@@ -1635,6 +1640,7 @@ mod tests {
                         participants: vec![0, 1],
                         txn: Some(TxnRequest::default()),
                         revoke_leases: vec![7],
+                        floor: 0,
                     }),
                 )
             };
