@@ -30,8 +30,9 @@
 //! The generator avoids what is not a contract: a compaction at revision 0
 //! (a deliberate deviation); `ignore_value`/`ignore_lease` puts in a txn
 //! that also deletes to the end `\0`, which can make etcd 3.4 panic; and a
-//! compaction past the start of a watch opened from the past, which etcd
-//! cancels or not depending on whether its background catch-up (every
+//! compaction at or past the start of a watch opened from the past, which
+//! etcd cancels, or whose delete at the start it drops (compaction removes
+//! tombstones), depending on whether its background catch-up (every
 //! 100 ms) came first. Compactions are physical, so what a replay sees
 //! does not depend on when etcd's background compaction runs.
 //!
@@ -304,6 +305,7 @@ enum Call {
     LeaseGrant(i64),
     LeaseRevoke(LeaseArg),
     LeaseTimeToLive(LeaseArg),
+    LeaseKeepAlive(LeaseArg),
     Leases,
 }
 
@@ -542,7 +544,8 @@ fn gen_call(rng: &mut Rng, h: &History) -> Call {
         },
         87..=90 => Call::LeaseGrant(1 + rng.below(1 << 50) as i64),
         91..=93 => Call::LeaseRevoke(h.lease(rng)),
-        94..=97 => Call::LeaseTimeToLive(h.lease(rng)),
+        94..=96 => Call::LeaseTimeToLive(h.lease(rng)),
+        97 => Call::LeaseKeepAlive(h.lease(rng)),
         _ => Call::Leases,
     }
 }
@@ -663,6 +666,14 @@ enum Answer {
         keys: Vec<String>,
     },
     Leases(Vec<i64>),
+    /// A keep-alive's answer: the lease and its TTL.
+    KeptAlive {
+        id: i64,
+        ttl: i64,
+    },
+    /// etcd-client's refusal of a keep-alive stream whose first answer has
+    /// TTL 0 (the lease does not exist).
+    KeepAliveRefused(String),
 }
 
 fn text(b: &[u8]) -> String {
@@ -989,6 +1000,28 @@ async fn run(side: &mut Side, call: &Call) -> (Pending, Option<i64>) {
                 Err(e) => failed(e),
             }
         }
+        Call::LeaseKeepAlive(l) => match c.lease_keep_alive(side.lease_arg(l)).await {
+            // etcd-client read the stream's first answer; a second one
+            // carries the header.
+            Ok((mut keeper, mut stream)) => {
+                keeper.keep_alive().await.expect("keep-alive request");
+                match stream.message().await {
+                    Ok(Some(r)) => {
+                        let (id, ttl) = (r.id(), r.ttl());
+                        (
+                            Box::new(move |_| Answer::KeptAlive { id, ttl }),
+                            header(r.header()),
+                        )
+                    }
+                    Ok(None) => panic!("{}: keep-alive stream ended", side.name),
+                    Err(e) => failed(e),
+                }
+            }
+            Err(etcd_client::Error::LeaseKeepAliveError(e)) => {
+                (Box::new(move |_| Answer::KeepAliveRefused(e)), None)
+            }
+            Err(e) => failed(e),
+        },
         Call::Leases => match c.leases().await {
             Ok(r) => {
                 let rev = header(r.header());
@@ -1081,6 +1114,9 @@ impl Differential {
         let before = *h.revisions.last().unwrap();
         let (pending_e, rev_e) = run(e, call).await;
         let (pending_m, rev_m) = run(m, call).await;
+        if std::env::var_os("METASTORE_DIFF_TRACE").is_some() {
+            eprintln!("call {i}: etcd revision {before} -> {rev_e:?}: {call:?}");
+        }
         // Headers first: a new etcd revision is a write, which MetaStore
         // must have given a revision of its own, above all earlier ones;
         // the pair translates the answers' revisions.
@@ -1130,6 +1166,7 @@ impl Differential {
             (Call::Compact(_), _) => "compact",
             (Call::LeaseGrant(_), _) => "lease grant",
             (Call::LeaseRevoke(_), _) => "lease revoke",
+            (Call::LeaseKeepAlive(_), _) => "keep-alive",
             _ => "lease read",
         };
         *self.counts.entry(kind).or_default() += 1;
@@ -1343,12 +1380,17 @@ both_engines! {
             }
             let mut call = gen_call(&mut rng, &run.h);
             // etcd catches a watch from the past up in the background (every
-            // 100 ms) and cancels it if a compaction passed its start
-            // meanwhile: a race, not a contract. Compactions stay at or
-            // below the start of every watch opened from the past.
+            // 100 ms): a compaction that passed its start meanwhile cancels
+            // it, and one at its start removes a delete at that revision
+            // (compaction drops tombstones) before the watch saw it. Races,
+            // not contracts: compactions stay below the start of every
+            // watch opened from the past.
             let oldest_start = watches.iter().filter_map(|w: &(WatchSpec, _, _, _)| w.0.start).min();
             if let (Call::Compact(RevArg::At(r)), Some(oldest)) = (&mut call, oldest_start) {
-                *r = (*r).min(oldest);
+                match run.h.revisions.iter().rev().find(|rev| **rev < oldest) {
+                    Some(below) => *r = (*r).min(*below),
+                    None => call = Call::Leases,
+                }
             }
             run.step(i, &call).await;
         }
