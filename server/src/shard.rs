@@ -53,11 +53,11 @@ use metastore_proto::etcdserverpb::{RangeRequest, ResponseHeader, TxnRequest};
 use metastore_proto::router::ShardRouter;
 use metastore_proto::shardpb::{
     raft_command::Op, shard_error::Code, shard_request, shard_response::Body, AbortRequest,
-    CommitRequest, CompactRequest, CurrentRevisionResponse, LeaseKeepAliveResponse,
-    LeaseKeysResponse, LeaseListResponse, LeaseRevokeResponse, LeaseTimeToLiveResponse,
-    PrepareRequest, RaftCommand, ResolveRequest, ResolveResponse, ShardError, ShardRequest,
-    ShardResponse, StatusResponse, TopologyResponse, TxnEvaluateResponse, TxnReadResponse,
-    WatchEventsResponse, WatchSubscribeRequest,
+    CommitRequest, CompactRequest, CurrentRevisionResponse, ForgetDecisionsRequest,
+    LeaseKeepAliveResponse, LeaseKeysResponse, LeaseListResponse, LeaseRevokeResponse,
+    LeaseTimeToLiveResponse, PrepareRequest, RaftCommand, ResolveRequest, ResolveResponse,
+    ShardError, ShardRequest, ShardResponse, StatusResponse, TopologyResponse, TxnEvaluateResponse,
+    TxnReadResponse, WatchEventsResponse, WatchSubscribeRequest,
 };
 use metastore_proto::txn;
 use prost::Message;
@@ -100,6 +100,13 @@ pub const TICK: Duration = Duration::from_millis(100);
 /// A prepared txn older than this is resolved by the shard itself (the
 /// coordinator is presumed gone).
 pub const INTENT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a primary keeps a txn's decision once made: far longer than
+/// any participant can still ask for it (it asks after [`INTENT_TIMEOUT`],
+/// and the coordinator retries a commit within its 10 s budget). A
+/// participant asking after the decision was dropped would be told
+/// "aborted" for a committed txn. After a restart every decision gets the
+/// full time again.
+pub const DECISION_TTL: Duration = Duration::from_secs(60);
 
 /// What every shard of the process knows about the others.
 pub struct Topology {
@@ -187,6 +194,9 @@ pub struct Shard {
     inflight: RefCell<BTreeMap<i64, u64>>,
     /// Floor revision and prepare time of each prepared txn.
     floors: RefCell<HashMap<TxnId, (i64, Instant)>>,
+    /// This primary's decisions in the order made, with when: dropped
+    /// through raft after [`DECISION_TTL`] (ids may repeat or be gone).
+    decision_times: RefCell<VecDeque<(Instant, TxnId)>>,
     read_waiters: RefCell<Vec<(i64, oneshot::Sender<()>)>>,
     resolving: RefCell<std::collections::HashSet<TxnId>>,
     /// Proposals were queued: the raft task has work.
@@ -313,6 +323,7 @@ impl Shard {
             next_proposal: Cell::new(1),
             inflight: RefCell::new(BTreeMap::new()),
             floors: RefCell::new(HashMap::new()),
+            decision_times: RefCell::new(VecDeque::new()),
             read_waiters: RefCell::new(Vec::new()),
             resolving: RefCell::new(Default::default()),
             wake: Signal::default(),
@@ -347,6 +358,10 @@ impl Shard {
         let mut floors = self.floors.borrow_mut();
         for (id, prepare) in self.state.borrow().intents() {
             floors.insert(id.clone(), (prepare.floor, Instant::now()));
+        }
+        let mut times = self.decision_times.borrow_mut();
+        for id in self.state.borrow().decision_ids() {
+            times.push_back((Instant::now(), id.clone()));
         }
         Ok(())
     }
@@ -836,6 +851,11 @@ impl Shard {
                     if !self.state.borrow().intents().contains_key(txn_id) =>
                 {
                     self.floors.borrow_mut().remove(txn_id);
+                    if self.state.borrow().decision(txn_id).is_some() {
+                        self.decision_times
+                            .borrow_mut()
+                            .push_back((Instant::now(), txn_id.clone()));
+                    }
                 }
                 Some(Op::LeaseRegister(r)) if r.home && !matches!(body, Body::Error(_)) => {
                     self.lease_deadlines
@@ -912,6 +932,7 @@ impl Shard {
             }
         }
         drop(node);
+        self.forget_old_decisions();
         let stale: Vec<(TxnId, u32)> = {
             let floors = self.floors.borrow();
             let state = self.state.borrow();
@@ -1106,6 +1127,27 @@ impl Shard {
             }
         }
         result
+    }
+
+    /// Proposes dropping the decisions older than [`DECISION_TTL`].
+    fn forget_old_decisions(&self) {
+        let mut times = self.decision_times.borrow_mut();
+        let mut txn_ids = Vec::new();
+        while let Some((at, _)) = times.front() {
+            if at.elapsed() < DECISION_TTL || txn_ids.len() >= 10_000 {
+                break;
+            }
+            txn_ids.push(times.pop_front().unwrap().1);
+        }
+        drop(times);
+        if !txn_ids.is_empty() {
+            let (tx, _) = oneshot::channel();
+            self.queue_proposal(
+                Op::ForgetDecisions(ForgetDecisionsRequest { txn_ids }),
+                Some(0),
+                Reply::Waiter(tx),
+            );
+        }
     }
 
     async fn revoke_leases_2pc(self: &Rc<Self>, ids: &[i64]) -> Result<i64, Body> {

@@ -50,10 +50,13 @@ use prost::Message;
 use crate::engine::{keyspace, Engine, WriteBatch};
 use crate::mvcc::{Mvcc, MvccError, WriteEvent};
 
-/// How many primary decisions are kept. A participant needs its txn's
-/// decision only until it has committed (seconds); older ones are dropped
-/// oldest first, in log order, so every replica drops the same ones.
-pub const MAX_DECISIONS: usize = 100_000;
+/// At most this many primary decisions are kept. A participant needs its
+/// txn's decision until it has committed (seconds), and the shard forgets
+/// each one once it is old enough (`ForgetDecisionsRequest`); this bound
+/// only keeps memory finite under a rate of cross-shard txns no machine
+/// reaches (it is about a minute of 15,000 txns/s). Past it the oldest
+/// are dropped, in log order, so every replica drops the same ones.
+pub const MAX_DECISIONS: usize = 1_000_000;
 
 const APPLIED_KEY: &[u8] = b"Sapplied";
 
@@ -769,6 +772,11 @@ impl ShardState {
             Op::Commit(req) => self.apply_commit(req, rev, batch),
             Op::Abort(req) => Ok(self.apply_abort(&req.txn_id, batch)),
             Op::LeaseRegister(req) => Ok(self.apply_lease_register(req, batch)),
+            Op::ForgetDecisions(req) => {
+                self.forget_decisions(&req.txn_ids, batch);
+                // Nothing to answer: the shard proposes this itself.
+                Ok(Body::Abort(AbortResponse {}))
+            }
             Op::Compact(req) => {
                 // A prepared txn was promised its reads (the coordinator
                 // checked them against the compacted revision of its
@@ -1082,13 +1090,38 @@ impl ShardState {
         if self.decisions.insert(id.to_vec(), d).is_none() {
             self.decision_order.push_back(id.to_vec());
         }
-        while self.decision_order.len() > MAX_DECISIONS {
-            let old = self.decision_order.pop_front().unwrap();
-            self.decisions.remove(&old);
-            let mut key = vec![keyspace::SHARD_DECISION];
-            key.extend_from_slice(&old);
-            batch.delete(key);
+        while self.decisions.len() > MAX_DECISIONS {
+            // Forgotten ids may linger in the order: skipped here.
+            let Some(old) = self.decision_order.pop_front() else {
+                break;
+            };
+            if self.decisions.remove(&old).is_some() {
+                let mut key = vec![keyspace::SHARD_DECISION];
+                key.extend_from_slice(&old);
+                batch.delete(key);
+            }
         }
+    }
+
+    /// Drops the decisions of `ids` (those it holds).
+    fn forget_decisions(&mut self, ids: &[Vec<u8>], batch: &mut WriteBatch) {
+        for id in ids {
+            if self.decisions.remove(id).is_some() {
+                let mut key = vec![keyspace::SHARD_DECISION];
+                key.extend_from_slice(id);
+                batch.delete(key);
+            }
+        }
+        // The order keeps forgotten ids until it outgrows the decisions.
+        if self.decision_order.len() > 2 * self.decisions.len() + 1024 {
+            let decisions = &self.decisions;
+            self.decision_order.retain(|id| decisions.contains_key(id));
+        }
+    }
+
+    /// The ids of every decision this shard holds.
+    pub fn decision_ids(&self) -> impl Iterator<Item = &TxnId> {
+        self.decisions.keys()
     }
 }
 
@@ -1178,7 +1211,8 @@ mod tests {
         compare, request_op, Compare, PutRequest, RangeRequest, RequestOp,
     };
     use metastore_proto::shardpb::{
-        AbortRequest, CommitRequest, CompactRequest, LeaseRegisterRequest, PrepareRequest,
+        AbortRequest, CommitRequest, CompactRequest, ForgetDecisionsRequest, LeaseRegisterRequest,
+        PrepareRequest,
     };
 
     struct Cluster {
@@ -1439,6 +1473,38 @@ mod tests {
         c.apply(1, 0, commit(b"t1", d.path, d.revision));
         assert_eq!(c.get(&a, 12), Some(b"A".to_vec()));
         assert_eq!(c.get(&b, 12), Some(b"B".to_vec()));
+    }
+
+    /// Decisions stay until the shard forgets them by name (through raft),
+    /// not when others are made: however many txns follow, a participant
+    /// that asks late is told what was decided.
+    #[test]
+    fn decisions_stay_until_forgotten_by_name() {
+        let mut c = Cluster::new(EngineKind::RocksDb);
+        let (a, b) = (c.key(0, "a"), c.key(1, "b"));
+        let t = two_key_txn(&a, &b);
+        for (n, id) in [b"t1", b"t2", b"t3"].iter().enumerate() {
+            c.apply(0, 0, prepare(*id, &t));
+            let rev = 20 + n as i64;
+            assert!(matches!(
+                c.apply(0, rev, commit(*id, vec![true], 0)),
+                Body::Commit(_)
+            ));
+        }
+        let forget = |ids: &[&[u8]]| {
+            Op::ForgetDecisions(ForgetDecisionsRequest {
+                txn_ids: ids.iter().map(|id| id.to_vec()).collect(),
+            })
+        };
+        c.apply(0, 0, forget(&[b"t1", b"unknown"]));
+        assert!(c.states[0].decision(b"t1").is_none());
+        assert_eq!(c.states[0].decision(b"t2").unwrap().revision, 21);
+        // Durably: a restart does not bring it back.
+        c.crash();
+        assert!(c.states[0].decision(b"t1").is_none());
+        assert_eq!(c.states[0].decision_ids().count(), 2);
+        c.apply(0, 0, forget(&[b"t2", b"t3"]));
+        assert_eq!(c.states[0].decision_ids().count(), 0);
     }
 
     #[test]
