@@ -346,6 +346,7 @@ impl Backend {
                     revoke_leases: vec![],
                     // The shard sets it as it proposes.
                     floor: 0,
+                    revoke_grants: vec![],
                 },
             )
         }))

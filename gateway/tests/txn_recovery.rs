@@ -82,6 +82,7 @@ async fn prepare_both(node: &TestNode, id: &[u8], a: &str, b: &str) {
                 txn: Some(txn.clone()),
                 revoke_leases: vec![],
                 floor: 0,
+                revoke_grants: vec![],
             }),
         )
         .await;

@@ -1163,6 +1163,10 @@ impl Shard {
                 revoke_leases: ids.to_vec(),
                 // Each shard sets its own as it proposes.
                 floor: 0,
+                revoke_grants: ids
+                    .iter()
+                    .map(|id| self.state.borrow().leases().get(id).map_or(0, |l| l.grant))
+                    .collect(),
             };
             let answers = futures::future::join_all(
                 shards

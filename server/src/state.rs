@@ -1020,13 +1020,15 @@ impl ShardState {
             }
         }
         w.finish_into(batch, &mut self.events);
-        for lease in &prep.revoke_leases {
+        for (n, lease) in prep.revoke_leases.iter().enumerate() {
             let grant = match self.leases.remove(lease) {
                 Some(record) => {
                     batch.delete(lease_record_key(*lease));
                     record.grant
                 }
-                None => 0,
+                // Its registration has not come yet: remembered under the
+                // home's grant, so that registration is refused.
+                None => prep.revoke_grants.get(n).copied().unwrap_or(0),
             };
             self.remember_revoked(*lease, grant, batch);
         }
@@ -1320,6 +1322,7 @@ mod tests {
             txn: Some(t.clone()),
             revoke_leases: vec![],
             floor: 0,
+            revoke_grants: vec![],
         })
     }
 
@@ -1679,6 +1682,48 @@ mod tests {
         });
     }
 
+    /// A lease revoked before its registration reached a shard stays
+    /// revoked there: the late registration is refused.
+    #[test]
+    fn a_registration_that_arrives_after_the_revoke_is_refused() {
+        each_engine(|kind| {
+            let mut c = Cluster::new(kind);
+            let registration = |home: bool| {
+                Op::LeaseRegister(LeaseRegisterRequest {
+                    id: 7,
+                    ttl: 10,
+                    home,
+                    grant: 5,
+                })
+            };
+            assert!(matches!(
+                c.apply(0, 0, registration(true)),
+                Body::LeaseRegister(_)
+            ));
+            for shard in 0..2 {
+                let prepared = c.apply(
+                    shard,
+                    0,
+                    Op::Prepare(PrepareRequest {
+                        txn_id: b"r1".to_vec(),
+                        primary: 0,
+                        participants: vec![0, 1],
+                        txn: Some(TxnRequest::default()),
+                        revoke_leases: vec![7],
+                        floor: 0,
+                        revoke_grants: vec![5],
+                    }),
+                );
+                assert!(matches!(prepared, Body::Prepare(_)), "{kind}: {prepared:?}");
+            }
+            c.apply(0, 9, commit(b"r1", vec![true], 0));
+            c.apply(1, 0, commit(b"r1", vec![true], 9));
+            let late = c.apply(1, 0, registration(false));
+            assert!(is_code(&late, Code::LeaseNotFound), "{kind}: {late:?}");
+            assert!(c.states[1].leases().is_empty());
+        });
+    }
+
     /// A revoke prepared before a crash locks the keys it will delete
     /// after the restart too (they are the lease's keys, not the txn's).
     #[test]
@@ -1700,6 +1745,7 @@ mod tests {
                         txn: Some(TxnRequest::default()),
                         revoke_leases: vec![7],
                         floor: 0,
+                        revoke_grants: vec![1],
                     }),
                 );
                 assert!(matches!(prepared, Body::Prepare(_)));
@@ -1765,6 +1811,7 @@ mod tests {
                         txn: Some(TxnRequest::default()),
                         revoke_leases: vec![7],
                         floor: 0,
+                        revoke_grants: vec![1],
                     }),
                 )
             };
