@@ -803,6 +803,7 @@ impl Shard {
                     send(f);
                     return;
                 }
+                Poll::More => glommio::yield_if_needed().await,
                 Poll::Idle => {
                     let (tx, rx) = oneshot::channel();
                     let (tx2, rx2) = oneshot::channel();

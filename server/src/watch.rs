@@ -277,6 +277,10 @@ pub enum Poll {
     Frame(WatchEventsResponse),
     /// Nothing to send until something changes.
     Idle,
+    /// Nothing to send yet, but history is left to read: poll again once
+    /// other tasks had their turn (a chunk at a time, so a long replay does
+    /// not hold the shard).
+    More,
     /// The start revision was compacted: send this frame and end.
     Compacted(WatchEventsResponse),
 }
@@ -373,6 +377,7 @@ impl Subscription {
             return Poll::Idle;
         }
         let mut events = Vec::new();
+        let mut history_left = false;
         if let Mode::Ring { seq } = self.mode {
             if seq < ring.first_seq() {
                 // Fell behind: what is pending is above the watermark and
@@ -385,7 +390,7 @@ impl Subscription {
             Mode::History => {
                 if self.next_from <= resolved {
                     match self.read_history(mvcc, resolved, &mut events) {
-                        Ok(()) => {}
+                        Ok(complete) => history_left = !complete,
                         Err(MvccError::Compacted) => {
                             self.seq += 1;
                             return Poll::Compacted(WatchEventsResponse {
@@ -445,7 +450,7 @@ impl Subscription {
                 .is_none_or(|t| now.duration_since(t) >= HEARTBEAT);
         let progress_due = self.progress_want.is_some_and(|w| w <= released);
         if events.is_empty() && !heartbeat_due && !progress_due {
-            return Poll::Idle;
+            return if history_left { Poll::More } else { Poll::Idle };
         }
         if progress_due {
             self.progress_want = None;
@@ -463,13 +468,14 @@ impl Subscription {
     }
 
     /// Appends matching history events from `next_from` on, whole
-    /// revisions, up to `resolved` and about `HISTORY_CHUNK` events.
+    /// revisions, up to `resolved` and about `HISTORY_CHUNK` events read
+    /// (matching or not). Whether it read everything up to `resolved`.
     fn read_history(
         &mut self,
         mvcc: &Mvcc,
         resolved: i64,
         out: &mut Vec<Event>,
-    ) -> Result<(), MvccError> {
+    ) -> Result<bool, MvccError> {
         let mut last_rev = self.next_from - 1;
         let mut seen = 0usize;
         let mut complete = true;
@@ -492,7 +498,7 @@ impl Subscription {
             true
         })?;
         self.next_from = if complete { resolved + 1 } else { last_rev + 1 };
-        Ok(())
+        Ok(complete)
     }
 }
 
@@ -570,11 +576,44 @@ mod tests {
                         }
                     }
                     Poll::Idle => return (out, last),
+                    Poll::More => {}
                     Poll::Compacted(_) => panic!("unexpected compaction"),
                 }
             }
             panic!("subscription never went idle");
         }
+    }
+
+    /// A watch of a key that history holds rarely reads through the
+    /// history in chunks without waiting between them: the subscription
+    /// asks to be polled again at once, and its first frame comes when
+    /// there is something to send.
+    #[test]
+    fn a_sparse_history_is_read_through_without_waiting() {
+        each_engine(|kind| {
+            let mut sc = Scene::new(kind, 100);
+            for rev in 2..=2 + 3 * HISTORY_CHUNK as i64 {
+                sc.put(rev, "z", "v");
+            }
+            let last = 3 + 3 * HISTORY_CHUNK as i64;
+            sc.put(last, "k", "v");
+            let mut sub = sc.sub("k", "", 1, last);
+            // A fixed `now`: no heartbeat falls due after the first frame.
+            let now = Instant::now();
+            let mut more = 0;
+            let frame = loop {
+                match sub.poll(&sc.ring, &sc.mvcc, last, now) {
+                    Poll::More => more += 1,
+                    Poll::Frame(f) if f.events.is_empty() => sub.ack(f.seq),
+                    Poll::Frame(f) => break f,
+                    Poll::Idle => panic!("{kind}: idle with history left ({more} chunks)"),
+                    other => panic!("{kind}: {other:?}"),
+                }
+            };
+            assert_eq!(frame.events.len(), 1, "{kind}");
+            assert_eq!(frame.events[0].kv.as_ref().unwrap().mod_revision, last);
+            assert!(more >= 2, "{kind}: read in chunks ({more} asked for more)");
+        });
     }
 
     fn each_engine(f: impl Fn(EngineKind)) {

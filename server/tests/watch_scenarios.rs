@@ -157,6 +157,8 @@ impl World {
                             out.push(format!("compacted at {}", f.compact_revision));
                             break;
                         }
+                        // Polled again at once, as the shard does.
+                        Poll::More => {}
                         Poll::Frame(f) => {
                             out.push(format!("frame seq={} resolved={}", f.seq, f.resolved));
                             for e in &f.events {
