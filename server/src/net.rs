@@ -338,20 +338,70 @@ fn whole_frame(buf: &[u8]) -> std::io::Result<Option<usize>> {
     Ok((buf.len() >= 4 + len).then_some(len))
 }
 
+/// How long a call to another shard may take. Past it the call fails
+/// with its outcome unknown, as when the connection is lost: a lease
+/// revoke then aborts and tries again, a stale intent asks again later.
+pub const CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// One request to another shard over a fresh connection (used rarely: a
-/// participant asking a primary about a stale transaction).
+/// participant asking a primary about a stale transaction, a home shard
+/// revoking leases), failing after [`CALL_TIMEOUT`].
 pub async fn call(addr: &str, req: &ShardRequest) -> std::io::Result<ShardResponse> {
-    let mut stream = TcpStream::connect(addr).await?;
-    stream.write_all(&frame(req)).await?;
-    let bytes = read_frame(&mut stream).await?;
-    ShardResponse::decode(bytes.as_slice())
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+    call_within(addr, req, CALL_TIMEOUT).await
+}
+
+async fn call_within(
+    addr: &str,
+    req: &ShardRequest,
+    limit: std::time::Duration,
+) -> std::io::Result<ShardResponse> {
+    let call = async {
+        let mut stream = TcpStream::connect(addr).await?;
+        stream.write_all(&frame(req)).await?;
+        let bytes = read_frame(&mut stream).await?;
+        ShardResponse::decode(bytes.as_slice())
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+    };
+    let sleep = glommio::timer::sleep(limit);
+    match futures::future::select(std::pin::pin!(call), std::pin::pin!(sleep)).await {
+        futures::future::Either::Left((answer, _)) => answer,
+        futures::future::Either::Right(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("no answer from {addr} in {limit:?}"),
+        )),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use metastore_proto::etcdserverpb::PutRequest;
+
+    /// A peer that takes the call and never answers fails it in time.
+    #[test]
+    fn a_call_nobody_answers_times_out() {
+        glommio::LocalExecutorBuilder::default()
+            .make()
+            .unwrap()
+            .run(async {
+                let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+                let addr = listener.local_addr().unwrap().to_string();
+                // Takes the connection and holds it open, silent.
+                let held = glommio::spawn_local(async move {
+                    let conn = listener.accept().await;
+                    glommio::timer::sleep(std::time::Duration::from_secs(60)).await;
+                    drop(conn);
+                });
+                let req = ShardRequest {
+                    id: 1,
+                    body: Some(shard_request::Body::Put(PutRequest::default())),
+                };
+                let limit = std::time::Duration::from_millis(50);
+                let err = call_within(&addr, &req, limit).await.unwrap_err();
+                assert_eq!(err.kind(), std::io::ErrorKind::TimedOut);
+                drop(held);
+            });
+    }
 
     fn put_frame(key: &[u8], value_len: usize) -> (Vec<u8>, PutRequest) {
         let put = PutRequest {
