@@ -1274,6 +1274,7 @@ impl Shard {
                 revision: self.oracle.current(),
                 raft_term: self.term(),
                 history_id: self.topology.history_id,
+                compacted_revision: self.state.borrow().mvcc().compacted_revision(),
             }),
             R::Range(r) => self.range(r).await,
             // Queued without a task of their own: `submit_write`.

@@ -18,8 +18,12 @@
 //! Each read also names the server's history (see `merge`, "A lost
 //! history"); the feed registry hears of it (`on_history`) before any
 //! caller gets the revision, so a watch created from a revision of a
-//! restarted non-durable server expects that server's new history.
+//! restarted non-durable server expects that server's new history. And
+//! it names the compacted revision, kept ([`RevisionReads::compacted`])
+//! before any caller is answered: a watch created from below it is
+//! canceled as compacted, as in etcd, even where a feed could serve it.
 
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::oneshot;
@@ -34,6 +38,8 @@ pub struct RevisionReads {
     backend: Arc<Backend>,
     /// Told the history each read names, before its callers are answered.
     on_history: Box<dyn Fn(u64) + Send + Sync>,
+    /// The compacted revision the newest read named.
+    compacted: AtomicI64,
     state: Mutex<State>,
 }
 
@@ -53,6 +59,7 @@ impl RevisionReads {
         Arc::new(RevisionReads {
             backend,
             on_history,
+            compacted: AtomicI64::new(0),
             state: Mutex::new(State::default()),
         })
     }
@@ -72,6 +79,14 @@ impl RevisionReads {
             .unwrap_or_else(|_| Err(GatewayError::Internal("revision read abandoned".into())))
     }
 
+    /// The compacted revision named by the newest read. A caller answered
+    /// by a read started after it arrived finds here at least the revision
+    /// of every compaction completed before it arrived (compaction only
+    /// moves up within a history).
+    pub fn compacted(&self) -> i64 {
+        self.compacted.load(Ordering::Relaxed)
+    }
+
     /// Reads for the callers registered so far, again while more came
     /// meanwhile; stops when none is left.
     async fn read_while_waited_for(self: Arc<Self>) {
@@ -86,6 +101,8 @@ impl RevisionReads {
             };
             let r = self.backend.read_current_revision().await.map(|r| {
                 (self.on_history)(r.history_id);
+                self.compacted
+                    .store(r.compacted_revision, Ordering::Relaxed);
                 (r.revision, r.raft_term)
             });
             for tx in batch {
@@ -116,6 +133,7 @@ mod tests {
                     revision: n,
                     raft_term: 1,
                     history_id: 100 + n as u64,
+                    compacted_revision: n - 1,
                 }))
             }
             other => panic!("unexpected {other:?}"),

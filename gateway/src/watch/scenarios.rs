@@ -272,11 +272,16 @@ impl Fake {
     fn shards(&self) -> FakeShards {
         let me = self.clone();
         FakeShards::new(self.router.shard_count(), move |_, req| match req {
-            Req::CurrentRevision(_) => Ok(Resp::CurrentRevision(CurrentRevisionResponse {
-                revision: me.current(),
-                raft_term: 2,
-                history_id: me.state.lock().unwrap().history,
-            })),
+            Req::CurrentRevision(_) => {
+                let revision = me.current();
+                let st = me.state.lock().unwrap();
+                Ok(Resp::CurrentRevision(CurrentRevisionResponse {
+                    revision,
+                    raft_term: 2,
+                    history_id: st.history,
+                    compacted_revision: st.compacted,
+                }))
+            }
             other => panic!("unexpected {other:?}"),
         })
     }

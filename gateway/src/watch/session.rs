@@ -446,6 +446,23 @@ impl Session {
             }
             .into(),
         );
+        let compacted = self.hub.revisions.compacted();
+        if c.start_revision > 0 && c.start_revision < compacted {
+            // etcd cancels it as compacted; a feed that still holds the
+            // revisions (one that lags) must not serve it instead.
+            self.ended.insert(id);
+            self.outq.push_back(
+                WatchResponse {
+                    header: Some(self.header(0)),
+                    watch_id: id,
+                    canceled: true,
+                    compact_revision: compacted,
+                    ..Default::default()
+                }
+                .into(),
+            );
+            return;
+        }
         let slot = self.next_slot;
         self.next_slot += 1;
         self.inbox.open_slot(slot);
