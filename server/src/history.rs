@@ -18,7 +18,7 @@
 //! The id is never 0 (0 means "unknown" on the wire).
 
 use std::fs;
-use std::io::{self, Write};
+use std::io;
 use std::path::Path;
 
 use crate::engine::EngineKind;
@@ -54,14 +54,7 @@ fn durable(dir: &Path) -> io::Result<u64> {
             }),
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             let id = fresh();
-            let tmp = dir.join(format!("{FILE}.tmp"));
-            {
-                let mut f = fs::File::create(&tmp)?;
-                writeln!(f, "{id}")?;
-                f.sync_all()?;
-            }
-            fs::rename(&tmp, &path)?;
-            fs::File::open(dir)?.sync_all()?;
+            crate::durable_file::replace(&path, format!("{id}\n").as_bytes())?;
             Ok(id)
         }
         Err(e) => Err(e),

@@ -8,6 +8,7 @@
 //! protocol ([`net`]). The only thing shards share is the
 //! [`oracle::RevisionOracle`], an atomic counter that hands out revisions.
 pub mod chunks;
+pub mod durable_file;
 pub mod engine;
 pub mod history;
 pub mod mvcc;

@@ -227,9 +227,7 @@ fn resolve_shard_count(
 ) -> Result<u32, Box<dyn std::error::Error>> {
     let meta = args.data_dir.join("shards");
     let stored: Option<u32> = match kind {
-        EngineKind::RocksDb => std::fs::read_to_string(&meta)
-            .ok()
-            .and_then(|s| s.trim().parse().ok()),
+        EngineKind::RocksDb => stored_shard_count(&args.data_dir)?,
         EngineKind::Memory => None,
     };
     let shards = match (stored, args.shards) {
@@ -247,8 +245,33 @@ fn resolve_shard_count(
     if shards == 0 {
         return Err("--shards must be at least 1".into());
     }
-    if kind == EngineKind::RocksDb {
-        std::fs::write(&meta, format!("{shards}\n"))?;
+    if kind == EngineKind::RocksDb && stored.is_none() {
+        metastore_server::durable_file::replace(&meta, format!("{shards}\n").as_bytes())?;
     }
     Ok(shards)
+}
+
+/// The shard count a data directory was made with: its `shards` file, or
+/// (if that is missing or empty, as an older version's crash while
+/// rewriting it could leave it) the number of shard directories, if any.
+/// A file that is not a count is refused rather than guessed past.
+fn stored_shard_count(
+    data_dir: &std::path::Path,
+) -> Result<Option<u32>, Box<dyn std::error::Error>> {
+    let meta = data_dir.join("shards");
+    let text = match std::fs::read_to_string(&meta) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(e.into()),
+    };
+    if !text.trim().is_empty() {
+        return match text.trim().parse() {
+            Ok(n) => Ok(Some(n)),
+            Err(e) => Err(format!("{}: not a shard count ({e})", meta.display()).into()),
+        };
+    }
+    let dirs = (0..)
+        .take_while(|id| data_dir.join(format!("shard-{id}")).is_dir())
+        .count() as u32;
+    Ok((dirs > 0).then_some(dirs))
 }

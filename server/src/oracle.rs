@@ -27,9 +27,7 @@
 //! records it as *in flight* until the entry is applied; see
 //! [`crate::shard`] for how that yields each shard's resolved watermark.
 
-use std::fs::{File, OpenOptions};
-use std::io::{Read, Seek, SeekFrom, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Mutex;
 
@@ -43,7 +41,11 @@ pub const CEILING_STEP: i64 = 100_000;
 pub struct RevisionOracle {
     last: AtomicI64,
     ceiling: AtomicI64,
-    file: Option<Mutex<File>>,
+    /// Where the ceiling lives (`None`: in memory only).
+    file: Option<Mutex<PathBuf>>,
+    /// The ceiling file was missing or empty in a data directory that
+    /// holds revisions (see [`RevisionOracle::observe`]).
+    unknown_past: bool,
 }
 
 impl RevisionOracle {
@@ -54,37 +56,71 @@ impl RevisionOracle {
             last: AtomicI64::new(INITIAL_REVISION),
             ceiling: AtomicI64::new(i64::MAX),
             file: None,
+            unknown_past: false,
         }
     }
 
     /// An oracle whose ceiling lives in `path`; the first revision handed
-    /// out is above the stored ceiling.
+    /// out is above the stored ceiling. The file is replaced whole
+    /// ([`crate::durable_file`]), so it is never seen half written; one
+    /// that cannot be read as a revision is refused. A missing or
+    /// empty one (a new data directory, or one written by a version that
+    /// rewrote the file in place and crashed doing it) is taken as "the
+    /// past is unknown": see [`RevisionOracle::observe`].
     pub fn open(path: &Path) -> std::io::Result<Self> {
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(path)?;
-        let mut text = String::new();
-        file.read_to_string(&mut text)?;
-        let stored: i64 = text.trim().parse().unwrap_or(0).max(INITIAL_REVISION);
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => return Err(e),
+        };
+        let text = text.trim();
+        let stored = if text.is_empty() {
+            INITIAL_REVISION
+        } else {
+            text.parse::<i64>()
+                .map_err(|e| {
+                    std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        format!("revision oracle ceiling {}: {e}", path.display()),
+                    )
+                })?
+                .max(INITIAL_REVISION)
+        };
         Ok(RevisionOracle {
             last: AtomicI64::new(stored),
             ceiling: AtomicI64::new(stored),
-            file: Some(Mutex::new(file)),
+            file: Some(Mutex::new(path.to_path_buf())),
+            unknown_past: text.is_empty(),
         })
     }
 
     /// Makes sure revisions handed out from now on are above `rev` (called
-    /// at startup with the largest revision found in any shard's log).
+    /// at startup with the largest revision found in any shard's log),
+    /// persisting a ceiling above it. When the stored ceiling was unknown
+    /// and the shards hold revisions, clients may have seen revisions
+    /// above every stored one (a write that changed nothing, a read's
+    /// header): the oracle then starts two ceiling steps above, as no
+    /// revision was handed out more than a step above a stored one.
     pub fn observe(&self, rev: i64) {
+        let rev = if self.unknown_past && rev > INITIAL_REVISION {
+            rev + 2 * CEILING_STEP
+        } else {
+            rev
+        };
+        if rev > self.ceiling.load(Ordering::SeqCst) {
+            self.raise_ceiling(rev);
+        }
         self.last.fetch_max(rev, Ordering::SeqCst);
     }
 
     /// The newest revision handed out (`INITIAL_REVISION` before any).
+    /// Never above the durable ceiling: while an allocation raises it, the
+    /// revisions past it are in flight, and none may be shown before the
+    /// ceiling covering it is on disk.
     pub fn current(&self) -> i64 {
-        self.last.load(Ordering::SeqCst)
+        self.last
+            .load(Ordering::SeqCst)
+            .min(self.ceiling.load(Ordering::SeqCst))
     }
 
     /// A fresh revision, larger than every revision handed out before.
@@ -97,22 +133,16 @@ impl RevisionOracle {
     }
 
     fn raise_ceiling(&self, rev: i64) {
-        let Some(file) = &self.file else { return };
-        let mut file = file.lock().expect("oracle ceiling lock poisoned");
+        let Some(path) = &self.file else { return };
+        let path = path.lock().expect("oracle ceiling lock poisoned");
         if rev <= self.ceiling.load(Ordering::SeqCst) {
             return; // another shard raised it meanwhile
         }
         let ceiling = rev + CEILING_STEP;
-        let text = format!("{ceiling}\n");
-        let persist = (|| -> std::io::Result<()> {
-            file.set_len(0)?;
-            file.seek(SeekFrom::Start(0))?;
-            file.write_all(text.as_bytes())?;
-            file.sync_data()
-        })();
         // Handing out a revision above an unpersisted ceiling could repeat
         // it after a crash; stopping is the only safe answer.
-        persist.expect("cannot persist the revision oracle's ceiling");
+        crate::durable_file::replace(&path, format!("{ceiling}\n").as_bytes())
+            .expect("cannot persist the revision oracle's ceiling");
         self.ceiling.store(ceiling, Ordering::SeqCst);
     }
 }
@@ -146,6 +176,31 @@ mod tests {
         let o = RevisionOracle::open(&path).unwrap();
         assert!(o.allocate() > handed_out);
         assert!(o.current() > handed_out);
+    }
+
+    /// A ceiling file found empty (an older version crashed rewriting it
+    /// in place) in a directory that holds revisions: the oracle starts
+    /// well above anything it could have handed out. One that is garbled
+    /// is refused.
+    #[test]
+    fn an_empty_ceiling_file_starts_above_any_revision_handed_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("oracle");
+        let handed_out = {
+            let o = RevisionOracle::open(&path).unwrap();
+            (0..10).map(|_| o.allocate()).max().unwrap()
+        };
+        std::fs::File::create(&path).unwrap();
+        let o = RevisionOracle::open(&path).unwrap();
+        // The shards' logs hold only some of what was handed out.
+        o.observe(handed_out - 5);
+        assert!(o.allocate() > handed_out + CEILING_STEP);
+        // A new directory has no past to skip.
+        let fresh = RevisionOracle::open(&dir.path().join("new")).unwrap();
+        fresh.observe(INITIAL_REVISION);
+        assert_eq!(fresh.allocate(), INITIAL_REVISION + 1);
+        std::fs::write(&path, "12x\n").unwrap();
+        assert!(RevisionOracle::open(&path).is_err());
     }
 
     #[test]
