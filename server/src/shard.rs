@@ -1340,6 +1340,12 @@ impl Shard {
                 self.propose(Op::Compact(CompactRequest { revision }), Some(0))
                     .await
             }
+            // A new grant of an id whose revocation is still being applied
+            // waits for it (the gateway retries CONFLICT): registered now,
+            // its deadline would go with the old grant's revocation.
+            R::LeaseRegister(r) if r.home && self.revoking.borrow().contains(&r.id) => {
+                error(Code::Conflict, "lease revocation under way")
+            }
             R::LeaseRegister(r) => self.propose(Op::LeaseRegister(r), Some(0)).await,
             R::LeaseRevoke(r) => {
                 let known = self

@@ -685,6 +685,11 @@ impl ShardState {
     }
 
     fn apply_lease_register(&mut self, req: &LeaseRegisterRequest, batch: &mut WriteBatch) -> Body {
+        if !req.home && self.lease_revokers.contains_key(&req.id) {
+            // A prepared revocation of the id holds it here: its commit
+            // would drop this registration's record (a new grant's) too.
+            return conflict();
+        }
         if let Some(&grant) = self.revoked_set.get(&req.id) {
             if !req.home && grant == req.grant {
                 // The revoked grant's own registration, arriving late.
@@ -1679,6 +1684,42 @@ mod tests {
                 );
             }
             assert!(matches!(c.apply(0, 0, compact(6)), Body::Compact(_)));
+        });
+    }
+
+    /// A registration of a new grant on a shard where a revocation of the
+    /// same id is prepared waits (CONFLICT) until it is resolved, rather
+    /// than be dropped by its commit.
+    #[test]
+    fn a_registration_waits_for_a_prepared_revocation_of_its_id() {
+        each_engine(|kind| {
+            let mut c = Cluster::new(kind);
+            register(&mut c, 7, 0, 1);
+            let prepared = c.apply(
+                1,
+                0,
+                Op::Prepare(PrepareRequest {
+                    txn_id: b"r1".to_vec(),
+                    primary: 0,
+                    participants: vec![0, 1],
+                    txn: Some(TxnRequest::default()),
+                    revoke_leases: vec![7],
+                    floor: 0,
+                    revoke_grants: vec![1],
+                }),
+            );
+            assert!(matches!(prepared, Body::Prepare(_)), "{kind}: {prepared:?}");
+            let again = c.apply(
+                1,
+                0,
+                Op::LeaseRegister(LeaseRegisterRequest {
+                    id: 7,
+                    ttl: 10,
+                    home: false,
+                    grant: 2,
+                }),
+            );
+            assert!(is_code(&again, Code::Conflict), "{kind}: {again:?}");
         });
     }
 
