@@ -124,11 +124,18 @@ impl RaftLog {
     /// Opens the durable log `wal` describes, replaying it. `engine` is the
     /// shard's engine, from which a log kept there by an older version is
     /// moved into the WAL.
-    pub fn open(wal: &WalOptions, engine: &Rc<dyn Engine>) -> raft::Result<RaftLog> {
-        let (mut wal, mut records) = Wal::open(&wal.dir, wal.segment_bytes)?;
-        // Moved from the engine now, or by an open that died before it
-        // deleted the engine's copy (the WAL was synced first).
-        let mut migrated = !wal.is_new() && engine_has_log(engine.as_ref())?;
+    pub fn open(opts: &WalOptions, engine: &Rc<dyn Engine>) -> raft::Result<RaftLog> {
+        let (mut wal, mut records) = Wal::open(&opts.dir, opts.segment_bytes)?;
+        if !wal.is_new() && engine_has_log(engine.as_ref())? {
+            // An open died moving the log: the engine's copy goes only
+            // after the WAL holding all of it is synced, and nothing is
+            // appended before, so this WAL holds at most that copy, maybe
+            // part of it. Moved again, whole.
+            drop(wal);
+            std::fs::remove_dir_all(&opts.dir).map_err(store_err)?;
+            (wal, records) = Wal::open(&opts.dir, opts.segment_bytes)?;
+        }
+        let mut migrated = false;
         if wal.is_new() {
             records = engine_log(engine.as_ref())?;
             migrated = !records.is_empty();
@@ -708,19 +715,13 @@ mod tests {
         let wal_dir = dir.path().join("wal");
         for round in 0..3 {
             if round == 2 {
-                // As if the first open had died after syncing the WAL but
-                // before deleting the engine's copy: the copy goes now,
-                // and the WAL is what is read.
-                let mut stale = old_keys.clone();
-                let hs99 = HardState {
-                    commit: 99,
-                    ..hs.clone()
-                };
-                stale.put(
-                    key(keyspace::RAFT_HARD_STATE, b"hs"),
-                    hs99.write_to_bytes().unwrap(),
-                );
-                engine.write(stale, true).unwrap();
+                // As if the first open had died part way through the move:
+                // the engine's copy is still there, the WAL holds only its
+                // start. The whole copy is moved again.
+                engine.write(old_keys.clone(), true).unwrap();
+                std::fs::remove_dir_all(&wal_dir).unwrap();
+                let (mut partial, _) = Wal::open(&wal_dir, SEGMENT_BYTES).unwrap();
+                partial.begin(10, 4).unwrap();
             }
             // Moved on the first open; read from the WAL on the second.
             let log = RaftLog::open(&WalOptions::new(&wal_dir), &engine).unwrap();
