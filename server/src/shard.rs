@@ -1370,15 +1370,21 @@ impl Shard {
                     .get(&k.id)
                     .filter(|l| l.home)
                     .map(|l| l.ttl);
-                match ttl {
+                let (revision, raft_term) = (self.oracle.current(), self.term());
+                let ttl = match ttl {
                     Some(ttl) if !self.revoking.borrow().contains(&k.id) => {
                         self.lease_deadlines
                             .borrow_mut()
                             .insert(k.id, Instant::now() + ttl_duration(ttl));
-                        Body::LeaseKeepAlive(LeaseKeepAliveResponse { ttl })
+                        ttl
                     }
-                    _ => Body::LeaseKeepAlive(LeaseKeepAliveResponse { ttl: 0 }),
-                }
+                    _ => 0,
+                };
+                Body::LeaseKeepAlive(LeaseKeepAliveResponse {
+                    ttl,
+                    revision,
+                    raft_term,
+                })
             }
             R::LeaseTimeToLive(t) => {
                 let state = self.state.borrow();
