@@ -23,7 +23,9 @@
 //! unknown method) goes to tonic's generated server with the body replayed
 //! byte for byte ([`Replay`]), so tonic answers it exactly as before. A
 //! message above the limit is handed over as soon as its length prefix is
-//! read, so an oversized body is never buffered here.
+//! read, and a body holding more than its first message as soon as the
+//! bytes after it arrive (tonic then reads on, message by message), so a
+//! large or endless body is never buffered here.
 //!
 //! As in tonic, the answer waits for the request body to end (the client's
 //! END_STREAM), and a client's trailers are read and ignored. What this
@@ -282,9 +284,15 @@ async fn read_one_message(mut body: Incoming, limit: usize) -> Read {
             Ok(data) if data.is_empty() => {}
             Ok(data) => {
                 received.push(data);
-                // Too large or compressed: tonic answers, from here on
-                // reading the body itself.
-                if let Some(Err(())) = prefix(received.as_slice(), limit) {
+                // Too large or compressed, or more than one message: tonic
+                // answers, from here on reading the body itself (so a body
+                // that goes on and on is never buffered here).
+                let tonics = match prefix(received.as_slice(), limit) {
+                    Some(Err(())) => true,
+                    Some(Ok(len)) => received.as_slice().len() > PREFIX_BYTES + len,
+                    None => false,
+                };
+                if tonics {
                     return Read::ForTonic(Replay::new(
                         received.into_bytes(),
                         None,
@@ -547,6 +555,8 @@ mod tests {
         headers: Vec<(&'static str, &'static str)>,
         frames: Vec<Vec<u8>>,
         trailers: bool,
+        /// The client never ends its side of the stream.
+        open: bool,
     }
 
     fn call(path: &'static str, frames: Vec<Vec<u8>>) -> Call {
@@ -555,6 +565,7 @@ mod tests {
             headers: vec![],
             frames,
             trailers: false,
+            open: false,
         }
     }
 
@@ -570,10 +581,10 @@ mod tests {
         for (k, v) in &c.headers {
             req = req.header(*k, *v);
         }
-        let no_body = c.frames.is_empty() && !c.trailers;
+        let no_body = c.frames.is_empty() && !c.trailers && !c.open;
         let (resp, mut send) = client.send_request(req.body(()).unwrap(), no_body).unwrap();
         for (i, f) in c.frames.iter().enumerate() {
-            let last = i + 1 == c.frames.len() && !c.trailers;
+            let last = i + 1 == c.frames.len() && !c.trailers && !c.open;
             // The server may answer (and reset the stream) before all of
             // a refused body is sent.
             let _ = send.send_data(Bytes::copy_from_slice(f), last);
@@ -720,6 +731,17 @@ mod tests {
             ),
             ("an unknown flag", call(PUT, vec![raw(7, 0, &[])]), "13"),
             (
+                // tonic answers as soon as the second prefix shows a fault,
+                // without the end of the body: so must the fast path, which
+                // must not buffer a body that goes on and on either.
+                "a message, then a bad one, and the body never ends",
+                Call {
+                    open: true,
+                    ..call(PUT, vec![[put.clone(), raw(7, 0, &[])].concat()])
+                },
+                "13",
+            ),
+            (
                 "a message above the limit",
                 call(PUT, vec![raw(0, LIMIT as u32 + 1, &[0; LIMIT + 1])]),
                 // tonic's OutOfRange, rewritten at the edge to grpc-go's.
@@ -748,8 +770,14 @@ mod tests {
             ),
         ];
         for (what, c, status) in &cases {
-            let ours = exchange(fast, c).await;
-            let theirs = exchange(generated, c).await;
+            let within =
+                |addr| tokio::time::timeout(std::time::Duration::from_secs(5), exchange(addr, c));
+            let ours = within(fast)
+                .await
+                .unwrap_or_else(|_| panic!("{what}: no answer"));
+            let theirs = within(generated)
+                .await
+                .expect("the generated server answers");
             assert_eq!(ours, theirs, "{what}");
             assert_eq!(
                 grpc_status(&ours).as_deref(),
