@@ -43,10 +43,12 @@
 //! CONTINUATION frames at h2's 16 KiB frame limit. Input that is not HTTP/2
 //! with a prior-knowledge preface, or that breaks the frame rules before
 //! the first block is done, is handed to h2 unchanged, for h2 to answer as
-//! it always does. Memory is bounded: a frame above [`MAX_FRAME_BYTES`] or a
-//! header block above [`MAX_BLOCK_BYTES`] ends inspection the same way, and
-//! on a rewritten connection (where h2 can no longer be given the original
-//! bytes) is an error that closes it.
+//! it always does. Memory and time are bounded: a frame above
+//! [`MAX_FRAME_BYTES`], or a header block above [`MAX_BLOCK_BYTES`] or of
+//! more fields than h2 would take ([`MAX_BLOCK_FIELDS`], counted before
+//! anything is decoded), ends inspection the same way, and on a rewritten
+//! connection (where h2 can no longer be given the original bytes) is an
+//! error that closes it.
 
 use std::io;
 use std::pin::Pin;
@@ -66,6 +68,12 @@ const FRAME_HEADER_BYTES: usize = 9;
 pub const MAX_FRAME_BYTES: usize = 16 * 1024;
 /// The largest header block the rewriter collects.
 pub const MAX_BLOCK_BYTES: usize = 256 * 1024;
+/// The most header fields a block the rewriter decodes may hold. h2 (as
+/// hyper sets it up) refuses a header list above 16 KiB, each field
+/// counting at least 32 bytes, so no block h2 would accept holds more.
+/// Decoding is bounded by it: every field may cost a Huffman decoder's
+/// set-up and a copy of a dynamic-table entry (up to 4 KiB).
+pub const MAX_BLOCK_FIELDS: usize = 512;
 /// HPACK table size: the protocol default, which h2 advertises unchanged.
 const HPACK_TABLE_BYTES: usize = 4096;
 
@@ -81,7 +89,7 @@ const PRIORITY: u8 = 0x20;
 pub enum AuthorityRewriteError {
     #[error("HTTP/2 frame of {0} bytes is above the {MAX_FRAME_BYTES}-byte limit")]
     FrameTooLarge(usize),
-    #[error("HTTP/2 header block above {MAX_BLOCK_BYTES} bytes")]
+    #[error("HTTP/2 header block above {MAX_BLOCK_BYTES} bytes or {MAX_BLOCK_FIELDS} fields")]
     BlockTooLarge,
     #[error("malformed HTTP/2 frame sequence: {0}")]
     Malformed(&'static str),
@@ -299,6 +307,11 @@ impl AuthorityRewriter {
 
     fn end_block(&mut self, out: &mut Vec<u8>) -> Result<(), AuthorityRewriteError> {
         let block = self.block.as_ref().expect("collecting a block");
+        // Before anything is decoded: a block h2 would refuse anyway is not
+        // worth a decoder's time (see MAX_BLOCK_FIELDS).
+        if hpack_field_count(&block.fragment) > MAX_BLOCK_FIELDS {
+            return Err(AuthorityRewriteError::BlockTooLarge);
+        }
         if self.mode == Mode::Inspect && authorities_all_parse(&block.fragment) == Some(true) {
             let block = self.block.take().expect("collecting a block");
             out.extend_from_slice(&block.frames);
@@ -432,6 +445,38 @@ fn authorities_all_parse(mut block: &[u8]) -> Option<bool> {
         block = &rest[used..];
     }
     Some(all_parse)
+}
+
+/// How many header fields `block` holds (indexed or literal; table size
+/// updates are not fields), its strings skipped by length, up to where it
+/// cannot be parsed (the full decoder then reports why).
+fn hpack_field_count(mut block: &[u8]) -> usize {
+    let mut fields = 0;
+    let mut next = || -> Option<()> {
+        let &first = block.first()?;
+        let (prefix_bits, literal) = match first {
+            0x80.. => (7, false),
+            0x40..=0x7f => (6, true),
+            0x20..=0x3f => {
+                let (_, used) = hpack_integer(block, 5)?;
+                block = &block[used..];
+                return Some(());
+            }
+            _ => (4, true),
+        };
+        let (index, mut used) = hpack_integer(block, prefix_bits)?;
+        if literal {
+            if index == 0 {
+                used += hpack_string(&block[used..])?.2;
+            }
+            used += hpack_string(&block[used..])?.2;
+        }
+        block = &block[used..];
+        fields += 1;
+        Some(())
+    };
+    while next().is_some() {}
+    fields
 }
 
 /// Entries in HPACK's static table (RFC 7541 Appendix A).
@@ -955,6 +1000,57 @@ mod tests {
         let input = client_stream("127.0.0.1:1", 1, |f| go.encode(f));
         let cut = &input[..input.len() - 2];
         assert_eq!(run(cut, 1).0, cut);
+    }
+
+    /// A first block of more fields than h2 would take is handed to h2
+    /// undecoded (it refuses it); on a rewritten connection, such a block
+    /// closes the connection. Either way no decoder runs through it.
+    #[test]
+    fn a_block_of_too_many_fields_is_not_decoded() {
+        // 8,000 fields `:authority: ""` (Huffman-coded, empty): each would
+        // cost the full decoder a Huffman decoder's set-up.
+        let block: Vec<u8> = [0x01, 0x80].repeat(8_000);
+        let mut input = PREFACE.to_vec();
+        input.extend(frame(SETTINGS, 0, 0, &[]));
+        let frames: Vec<&[u8]> = block.chunks(MAX_FRAME_BYTES).collect();
+        for (i, part) in frames.iter().enumerate() {
+            let kind = if i == 0 { HEADERS } else { CONTINUATION };
+            let flags = if i + 1 == frames.len() {
+                END_HEADERS
+            } else {
+                0
+            };
+            input.extend(frame(kind, flags, 1, part));
+        }
+        let mut rw = AuthorityRewriter::default();
+        let mut out = Vec::new();
+        rw.feed(&input, &mut out).unwrap();
+        assert_eq!(out, input, "handed on unchanged, for h2 to refuse");
+        assert!(!rw.is_rewriting());
+
+        let mut go = GoLikeEncoder::default();
+        let mut rw = AuthorityRewriter::default();
+        rw.feed(&client_stream("http://h:1", 1, |f| go.encode(f)), &mut out)
+            .unwrap();
+        assert!(rw.is_rewriting());
+        let mut big = Vec::new();
+        for (i, part) in frames.iter().enumerate() {
+            let kind = if i == 0 { HEADERS } else { CONTINUATION };
+            let flags = if i + 1 == frames.len() {
+                END_HEADERS
+            } else {
+                0
+            };
+            big.extend(frame(kind, flags, 3, part));
+        }
+        assert!(matches!(
+            rw.feed(&big, &mut out),
+            Err(AuthorityRewriteError::BlockTooLarge)
+        ));
+        // A block within the bound still decodes.
+        assert_eq!(hpack_field_count(&[0x01, 0x80].repeat(3)), 3);
+        assert_eq!(hpack_field_count(&[0x82, 0x40, 0x01, b'a', 0x01, b'b']), 2);
+        assert_eq!(hpack_field_count(&[0x82, 0x01, 0x85]), 1, "cut short");
     }
 
     #[test]
