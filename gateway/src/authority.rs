@@ -1010,18 +1010,20 @@ mod tests {
         // 8,000 fields `:authority: ""` (Huffman-coded, empty): each would
         // cost the full decoder a Huffman decoder's set-up.
         let block: Vec<u8> = [0x01, 0x80].repeat(8_000);
+        // The block as HEADERS and CONTINUATION frames on `stream`.
+        let frames = |stream: u32| {
+            let parts: Vec<&[u8]> = block.chunks(MAX_FRAME_BYTES).collect();
+            let mut out = Vec::new();
+            for (i, part) in parts.iter().enumerate() {
+                let kind = if i == 0 { HEADERS } else { CONTINUATION };
+                let flags = if i + 1 == parts.len() { END_HEADERS } else { 0 };
+                out.extend(frame(kind, flags, stream, part));
+            }
+            out
+        };
         let mut input = PREFACE.to_vec();
         input.extend(frame(SETTINGS, 0, 0, &[]));
-        let frames: Vec<&[u8]> = block.chunks(MAX_FRAME_BYTES).collect();
-        for (i, part) in frames.iter().enumerate() {
-            let kind = if i == 0 { HEADERS } else { CONTINUATION };
-            let flags = if i + 1 == frames.len() {
-                END_HEADERS
-            } else {
-                0
-            };
-            input.extend(frame(kind, flags, 1, part));
-        }
+        input.extend(frames(1));
         let mut rw = AuthorityRewriter::default();
         let mut out = Vec::new();
         rw.feed(&input, &mut out).unwrap();
@@ -1033,18 +1035,8 @@ mod tests {
         rw.feed(&client_stream("http://h:1", 1, |f| go.encode(f)), &mut out)
             .unwrap();
         assert!(rw.is_rewriting());
-        let mut big = Vec::new();
-        for (i, part) in frames.iter().enumerate() {
-            let kind = if i == 0 { HEADERS } else { CONTINUATION };
-            let flags = if i + 1 == frames.len() {
-                END_HEADERS
-            } else {
-                0
-            };
-            big.extend(frame(kind, flags, 3, part));
-        }
         assert!(matches!(
-            rw.feed(&big, &mut out),
+            rw.feed(&frames(3), &mut out),
             Err(AuthorityRewriteError::BlockTooLarge)
         ));
         // A block within the bound still decodes.

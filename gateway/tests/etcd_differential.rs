@@ -1108,6 +1108,49 @@ struct Differential {
 }
 
 impl Differential {
+    /// A real etcd beside `node`, a client of each, their starting
+    /// revisions paired, and the seed (`METASTORE_DIFF_SEED` or the fixed
+    /// one). The etcd is stopped when the returned handle drops.
+    async fn start(node: &common::TestNode) -> (Etcd, Differential) {
+        let etcd = Etcd::start().await;
+        let mut e = Side::new("etcd", etcd.try_client().await.expect("etcd client"));
+        let mut m = Side::new("MetaStore", node.client().await);
+        let start_e = e
+            .client
+            .get("x", None)
+            .await
+            .expect("etcd get")
+            .header()
+            .unwrap()
+            .revision();
+        let start_m = m
+            .client
+            .get("x", None)
+            .await
+            .expect("get")
+            .header()
+            .unwrap()
+            .revision();
+        e.pair_rev(start_e, start_e);
+        m.pair_rev(start_m, start_e);
+        let seed = std::env::var("METASTORE_DIFF_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(SEED);
+        let run = Differential {
+            e,
+            m,
+            h: History {
+                revisions: vec![start_e],
+                compacted: 0,
+                leases: vec![],
+            },
+            seed,
+            counts: BTreeMap::new(),
+        };
+        (etcd, run)
+    }
+
     /// Runs call `i` on both servers and compares what they answered and
     /// what they hold after it. Returns etcd's answer.
     async fn step(&mut self, i: usize, call: &Call) -> Answer {
@@ -1330,15 +1373,8 @@ async fn events_until(side: &Side, stream: &mut etcd_client::WatchStream, last: 
 
 both_engines! {
     async fn the_same_calls_get_the_same_answers_as_etcd(node: TestNode) {
-        let etcd = Etcd::start().await;
-        let mut e = Side::new("etcd", etcd.try_client().await.expect("etcd client"));
-        let mut m = Side::new("MetaStore", node.client().await);
-
-        // The starting revisions pair up.
-        let start_e = e.client.get("x", None).await.expect("etcd get").header().unwrap().revision();
-        let start_m = m.client.get("x", None).await.expect("get").header().unwrap().revision();
-        e.pair_rev(start_e, start_e);
-        m.pair_rev(start_m, start_e);
+        let (_etcd, mut run) = Differential::start(&node).await;
+        let seed = run.seed;
         // A live watch of everything from here on, on each server.
         let everything_from_now = WatchSpec {
             key: "a",
@@ -1347,23 +1383,8 @@ both_engines! {
             prev_kv: false,
             filter: None,
         };
-        let (mut live_e, _) = open_watch(&mut e, &everything_from_now).await;
-        let (mut live_m, _) = open_watch(&mut m, &everything_from_now).await;
-        let seed = std::env::var("METASTORE_DIFF_SEED")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(SEED);
-        let mut run = Differential {
-            e,
-            m,
-            h: History {
-                revisions: vec![start_e],
-                compacted: 0,
-                leases: vec![],
-            },
-            seed,
-            counts: BTreeMap::new(),
-        };
+        let (mut live_e, _) = open_watch(&mut run.e, &everything_from_now).await;
+        let (mut live_m, _) = open_watch(&mut run.m, &everything_from_now).await;
         let calls: usize = std::env::var("METASTORE_DIFF_CALLS")
             .ok()
             .and_then(|s| s.parse().ok())
@@ -1644,28 +1665,9 @@ both_engines! {
     /// `prev_kv` when it sends an event, which a later compaction could
     /// race.
     async fn one_watch_stream_answers_like_etcd(node: TestNode) {
-        let etcd = Etcd::start().await;
-        let mut e = Side::new("etcd", etcd.try_client().await.expect("etcd client"));
-        let mut m = Side::new("MetaStore", node.client().await);
-        let start_e = e.client.get("x", None).await.expect("etcd get").header().unwrap().revision();
-        let start_m = m.client.get("x", None).await.expect("get").header().unwrap().revision();
-        e.pair_rev(start_e, start_e);
-        m.pair_rev(start_m, start_e);
-        let seed = std::env::var("METASTORE_DIFF_SEED")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(SEED);
-        let mut run = Differential {
-            e,
-            m,
-            h: History {
-                revisions: vec![start_e],
-                compacted: 0,
-                leases: vec![],
-            },
-            seed,
-            counts: BTreeMap::new(),
-        };
+        let (_etcd, mut run) = Differential::start(&node).await;
+        let seed = run.seed;
+        let start_e = run.h.revisions[0];
         let mut rng = Rng(seed ^ 0x5747);
         // A history, part of it compacted away.
         for i in 0..80 {

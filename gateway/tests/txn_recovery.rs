@@ -19,7 +19,8 @@ use etcd_client::GetOptions;
 use metastore_proto::etcdserverpb::{request_op, PutRequest, RequestOp, TxnRequest};
 use metastore_proto::router::ShardRouter;
 use metastore_proto::shardpb::{
-    shard_request, shard_response, CommitRequest, PrepareRequest, ShardRequest, ShardResponse,
+    shard_request, shard_response, CommitRequest, CommitResponse, PrepareRequest, ShardRequest,
+    ShardResponse,
 };
 use prost::Message;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -93,6 +94,23 @@ async fn prepare_both(node: &TestNode, id: &[u8], a: &str, b: &str) {
     }
 }
 
+/// Commits the txn `id` at its primary, shard 0 (which picks the revision).
+async fn commit_primary(node: &TestNode, id: &[u8]) -> CommitResponse {
+    let body = call(
+        &node.server_addrs()[0],
+        shard_request::Body::Commit(CommitRequest {
+            txn_id: id.to_vec(),
+            path: vec![true],
+            revision: 0,
+        }),
+    )
+    .await;
+    let shard_response::Body::Commit(commit) = body else {
+        panic!("primary commit: {body:?}")
+    };
+    commit
+}
+
 both_engines!(
     async fn coordinator_dies_after_prepare_so_the_txn_aborts(node: TestNode) {
         let (a, b) = (key_on(0, "rec/a"), key_on(1, "rec/b"));
@@ -125,18 +143,7 @@ both_engines!(
         let (a, b) = (key_on(0, "rec/a"), key_on(1, "rec/b"));
         let id = b"dies-after-primary";
         prepare_both(&node, id, &a, &b).await;
-        let body = call(
-            &node.server_addrs()[0],
-            shard_request::Body::Commit(CommitRequest {
-                txn_id: id.to_vec(),
-                path: vec![true],
-                revision: 0,
-            }),
-        )
-        .await;
-        let shard_response::Body::Commit(commit) = body else {
-            panic!("primary commit: {body:?}")
-        };
+        let commit = commit_primary(&node, id).await;
         // A read at or after the commit revision waits for shard 1, which
         // learns the decision from the primary by itself.
         let mut c = node.client().await;
@@ -176,18 +183,7 @@ both_engines!(
         let (a, b) = (key_on(0, "rec/a"), key_on(1, "rec/b"));
         let id = b"server-dies-after-primary";
         prepare_both(&node, id, &a, &b).await;
-        let body = call(
-            &node.server_addrs()[0],
-            shard_request::Body::Commit(CommitRequest {
-                txn_id: id.to_vec(),
-                path: vec![true],
-                revision: 0,
-            }),
-        )
-        .await;
-        let shard_response::Body::Commit(commit) = body else {
-            panic!("primary commit: {body:?}")
-        };
+        let commit = commit_primary(&node, id).await;
         node.crash_restart().await;
         let mut c = node.client().await;
         let got = c

@@ -1331,6 +1331,20 @@ mod tests {
         })
     }
 
+    /// The prepare of revocation `id` of `lease` (home shard 0), known to
+    /// its home by `grant`.
+    fn revoke_prepare(id: &[u8], lease: i64, grant: u64) -> Op {
+        Op::Prepare(PrepareRequest {
+            txn_id: id.to_vec(),
+            primary: 0,
+            participants: vec![0, 1],
+            txn: Some(TxnRequest::default()),
+            revoke_leases: vec![lease],
+            floor: 0,
+            revoke_grants: vec![grant],
+        })
+    }
+
     fn commit(id: &[u8], path: Vec<bool>, revision: i64) -> Op {
         Op::Commit(CommitRequest {
             txn_id: id.to_vec(),
@@ -1695,19 +1709,7 @@ mod tests {
         each_engine(|kind| {
             let mut c = Cluster::new(kind);
             register(&mut c, 7, 0, 1);
-            let prepared = c.apply(
-                1,
-                0,
-                Op::Prepare(PrepareRequest {
-                    txn_id: b"r1".to_vec(),
-                    primary: 0,
-                    participants: vec![0, 1],
-                    txn: Some(TxnRequest::default()),
-                    revoke_leases: vec![7],
-                    floor: 0,
-                    revoke_grants: vec![1],
-                }),
-            );
+            let prepared = c.apply(1, 0, revoke_prepare(b"r1", 7, 1));
             assert!(matches!(prepared, Body::Prepare(_)), "{kind}: {prepared:?}");
             let again = c.apply(
                 1,
@@ -1742,19 +1744,7 @@ mod tests {
                 Body::LeaseRegister(_)
             ));
             for shard in 0..2 {
-                let prepared = c.apply(
-                    shard,
-                    0,
-                    Op::Prepare(PrepareRequest {
-                        txn_id: b"r1".to_vec(),
-                        primary: 0,
-                        participants: vec![0, 1],
-                        txn: Some(TxnRequest::default()),
-                        revoke_leases: vec![7],
-                        floor: 0,
-                        revoke_grants: vec![5],
-                    }),
-                );
+                let prepared = c.apply(shard, 0, revoke_prepare(b"r1", 7, 5));
                 assert!(matches!(prepared, Body::Prepare(_)), "{kind}: {prepared:?}");
             }
             c.apply(0, 9, commit(b"r1", vec![true], 0));
@@ -1776,19 +1766,7 @@ mod tests {
             c.apply(0, 3, put_leased(&a, 7));
             c.apply(1, 4, put_leased(&b, 7));
             for shard in 0..2 {
-                let prepared = c.apply(
-                    shard,
-                    0,
-                    Op::Prepare(PrepareRequest {
-                        txn_id: b"r1".to_vec(),
-                        primary: 0,
-                        participants: vec![0, 1],
-                        txn: Some(TxnRequest::default()),
-                        revoke_leases: vec![7],
-                        floor: 0,
-                        revoke_grants: vec![1],
-                    }),
-                );
+                let prepared = c.apply(shard, 0, revoke_prepare(b"r1", 7, 1));
                 assert!(matches!(prepared, Body::Prepare(_)));
             }
             c.apply(0, 9, commit(b"r1", vec![true], 0));
@@ -1841,21 +1819,8 @@ mod tests {
             assert_eq!(c.states[0].lease_keys(7), vec![a.clone()]);
             assert_eq!(c.states[1].lease_keys(7), vec![b.clone()]);
             // Revoke: prepare everywhere (locks the lease), commit at 9.
-            let revoke = |c: &mut Cluster, shard: usize| {
-                c.apply(
-                    shard,
-                    0,
-                    Op::Prepare(PrepareRequest {
-                        txn_id: b"r1".to_vec(),
-                        primary: 0,
-                        participants: vec![0, 1],
-                        txn: Some(TxnRequest::default()),
-                        revoke_leases: vec![7],
-                        floor: 0,
-                        revoke_grants: vec![1],
-                    }),
-                )
-            };
+            let revoke =
+                |c: &mut Cluster, shard: usize| c.apply(shard, 0, revoke_prepare(b"r1", 7, 1));
             assert!(matches!(revoke(&mut c, 0), Body::Prepare(_)));
             assert!(matches!(revoke(&mut c, 1), Body::Prepare(_)));
             // A new attachment while revoking waits (conflict).
