@@ -1291,16 +1291,7 @@ fn gen_watch(rng: &mut Rng, h: &History) -> WatchSpec {
 /// watch from now sees exactly the writes after that). A watch whose start
 /// was compacted away answers with its cancellation instead.
 async fn open_watch(side: &mut Side, spec: &WatchSpec) -> (etcd_client::WatchStream, Option<Ev>) {
-    let mut o = with_span!(WatchOptions::new(), &spec.span);
-    if let Some(start) = spec.start {
-        o = o.with_start_revision(side.revs_back[&start]);
-    }
-    if spec.prev_kv {
-        o = o.with_prev_key();
-    }
-    if let Some(f) = spec.filter {
-        o = o.with_filters([f]);
-    }
+    let o = create_request(side, 0, spec);
     let mut stream = side.client.watch(spec.key, Some(o)).await.expect("watch");
     let first = next_response(side, &mut stream).await;
     assert!(
@@ -1406,14 +1397,7 @@ both_engines! {
                     // drops a delete at its start (compaction removes
                     // tombstones). A race, not a contract: the watch is read
                     // through a barrier write first, so it has caught up.
-                    let last = run
-                        .barrier(i, &spec)
-                        .await
-                        .into_iter()
-                        .filter(|(kind, _)| spec.shows(kind))
-                        .map(|(_, rev)| rev)
-                        .max()
-                        .unwrap();
+                    let last = run.barrier_shown(i, &spec).await;
                     pre_e = events_until(&run.e, &mut we, last).await;
                     pre_m = events_until(&run.m, &mut wm, last).await;
                     // A start compacted away is canceled as it catches up.
@@ -1595,7 +1579,8 @@ impl StreamLog {
     }
 }
 
-/// A watch request both sides send.
+/// The options of a watch request for `spec` on `side` (`id` 0: the
+/// server picks it).
 fn create_request(side: &Side, id: i64, spec: &WatchSpec) -> WatchOptions {
     let mut o = with_span!(WatchOptions::new(), &spec.span).with_watch_id(id);
     if let Some(start) = spec.start {
@@ -1611,6 +1596,18 @@ fn create_request(side: &Side, id: i64, spec: &WatchSpec) -> WatchOptions {
 }
 
 impl Differential {
+    /// [`Differential::barrier`]: the revision of the last of its writes
+    /// `spec`'s watch shows.
+    async fn barrier_shown(&mut self, step: usize, spec: &WatchSpec) -> i64 {
+        let writes = self.barrier(step, spec).await;
+        writes
+            .into_iter()
+            .filter(|(kind, _)| spec.shows(kind))
+            .map(|(_, rev)| rev)
+            .max()
+            .expect("a put and a delete: the watch shows one")
+    }
+
     /// A put and a delete of a key `spec` covers: their kinds and
     /// revisions.
     async fn barrier(&mut self, step: usize, spec: &WatchSpec) -> [(&'static str, i64); 2] {
@@ -1765,14 +1762,7 @@ both_engines! {
                     };
                     if let Some(spec) = specs.remove(&id) {
                         *kinds.entry("canceled").or_default() += 1;
-                        let last = run
-                            .barrier(i, &spec)
-                            .await
-                            .into_iter()
-                            .filter(|(kind, _)| spec.shows(kind))
-                            .map(|(_, rev)| rev)
-                            .max()
-                            .unwrap();
+                        let last = run.barrier_shown(i, &spec).await;
                         for (side, log) in [(&mut run.e, &mut log_e), (&mut run.m, &mut log_m)] {
                             log.read_until(side, |l| l.newest.get(&id) >= Some(&last)).await;
                             log.stream.cancel(id).await.expect("cancel request");
