@@ -450,18 +450,7 @@ impl Session {
         if c.start_revision > 0 && c.start_revision < compacted {
             // etcd cancels it as compacted; a feed that still holds the
             // revisions (one that lags) must not serve it instead.
-            self.ended.insert(id);
-            self.outq.push_back(
-                WatchResponse {
-                    header: Some(self.header(0)),
-                    watch_id: id,
-                    canceled: true,
-                    compact_revision: compacted,
-                    ..Default::default()
-                }
-                .into(),
-            );
-            return;
+            return self.end_as_compacted(id, compacted);
         }
         let slot = self.next_slot;
         self.next_slot += 1;
@@ -509,6 +498,21 @@ impl Session {
             use_tail,
         };
         w.feed = Some(self.hub.registry.attach(&w.key, &w.range_end, sub));
+    }
+
+    /// Answers watch `id` canceled as compacted at `compact_revision`, its
+    /// id kept until the client cancels it (see "ended by the server").
+    /// etcd's compaction response carries header revision 0.
+    fn end_as_compacted(&mut self, id: i64, compact_revision: i64) {
+        self.ended.insert(id);
+        let resp = WatchResponse {
+            header: Some(self.header(0)),
+            watch_id: id,
+            canceled: true,
+            compact_revision,
+            ..Default::default()
+        };
+        self.outq.push_back(resp.into());
     }
 
     /// An id in use on this stream: a live watch's, or one the server
@@ -739,22 +743,22 @@ impl Session {
                     return;
                 };
                 self.remove_watch(id);
-                self.ended.insert(id);
-                let mut resp = WatchResponse {
-                    header: Some(self.header(self.last_rev)),
-                    watch_id: id,
-                    canceled: true,
-                    ..Default::default()
-                };
                 match end {
                     MergeEnd::Compacted(c) | MergeEnd::HistoryLost { from: c, .. } => {
-                        resp.compact_revision = c;
-                        // etcd's compaction response carries no revision.
-                        resp.header = Some(self.header(0));
+                        self.end_as_compacted(id, c)
                     }
-                    MergeEnd::Failed(reason) => resp.cancel_reason = reason,
+                    MergeEnd::Failed(reason) => {
+                        self.ended.insert(id);
+                        let resp = WatchResponse {
+                            header: Some(self.header(self.last_rev)),
+                            watch_id: id,
+                            canceled: true,
+                            cancel_reason: reason,
+                            ..Default::default()
+                        };
+                        self.outq.push_back(resp.into());
+                    }
                 }
-                self.outq.push_back(resp.into());
             }
         }
     }
