@@ -289,10 +289,10 @@ pub async fn serve<R: GrpcRoutes>(
 /// grpc-go, and so etcd, with `ResourceExhausted` ("grpc: received message
 /// larger than max"). etcd clients read `OutOfRange` as "revision
 /// compacted", so the status is rewritten at the edge to what they expect.
-/// tonic sends the refusal as a trailers-only response: the status is in
-/// the headers.
+/// tonic sends a unary call's refusal as a trailers-only response: the
+/// status is in the headers. A stream's refusal comes to the service as
+/// the request stream's error instead ([`inbound_status`]).
 pub fn oversized_as_resource_exhausted(mut resp: Response<Body>) -> Response<Body> {
-    const TONIC_TOO_LARGE: &str = "Error, decoded message length too large";
     let headers = resp.headers_mut();
     // Every answer passes here: the common case costs one lookup.
     let out_of_range = headers
@@ -302,33 +302,51 @@ pub fn oversized_as_resource_exhausted(mut resp: Response<Body>) -> Response<Bod
     if !out_of_range {
         return resp;
     }
-    let message = headers
+    let status = headers
         .get(&GRPC_MESSAGE)
         .and_then(|v| v.to_str().ok())
-        .map(percent_decode);
-    if let Some(message) = message {
-        if let Some(rest) = message.strip_prefix(TONIC_TOO_LARGE) {
-            // "...: found N bytes, the limit is: M bytes"
-            let numbers: Vec<&str> = rest
-                .split(|c: char| !c.is_ascii_digit())
-                .filter(|s| !s.is_empty())
-                .collect();
-            let text = match numbers.as_slice() {
-                [found, limit] => {
-                    format!("grpc: received message larger than max ({found} vs. {limit})")
-                }
-                _ => "grpc: received message larger than max".to_string(),
-            };
-            let status = tonic::Status::resource_exhausted(text);
-            let mut fresh = tonic::codegen::http::HeaderMap::new();
-            if status.add_header(&mut fresh).is_ok() {
-                headers.remove(&GRPC_STATUS);
-                headers.remove(&GRPC_MESSAGE);
-                headers.extend(fresh);
-            }
+        .map(percent_decode)
+        .and_then(|message| too_large_as_etcd(&message));
+    if let Some(status) = status {
+        let mut fresh = tonic::codegen::http::HeaderMap::new();
+        if status.add_header(&mut fresh).is_ok() {
+            headers.remove(&GRPC_STATUS);
+            headers.remove(&GRPC_MESSAGE);
+            headers.extend(fresh);
         }
     }
     resp
+}
+
+/// The status a streaming call (Watch, LeaseKeepAlive) ends with when a
+/// client's message cannot be taken: etcd returns the request stream's
+/// error as the call's, so a message above the limit ends it with
+/// `ResourceExhausted` (rewritten from tonic's `OutOfRange`, see
+/// [`oversized_as_resource_exhausted`]) and one that does not decode with
+/// `Internal`, as tonic reports it already.
+pub fn inbound_status(status: tonic::Status) -> tonic::Status {
+    if status.code() == tonic::Code::OutOfRange {
+        if let Some(etcd) = too_large_as_etcd(status.message()) {
+            return etcd;
+        }
+    }
+    status
+}
+
+/// grpc-go's status for tonic's "decoded message length too large: found
+/// N bytes, the limit is: M bytes"; `None` for any other message.
+fn too_large_as_etcd(message: &str) -> Option<tonic::Status> {
+    const TONIC_TOO_LARGE: &str = "Error, decoded message length too large";
+    let rest = message.strip_prefix(TONIC_TOO_LARGE)?;
+    let numbers: Vec<&str> = rest
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|s| !s.is_empty())
+        .collect();
+    let text = match numbers.as_slice() {
+        [found, limit] => format!("grpc: received message larger than max ({found} vs. {limit})"),
+        _ => "grpc: received message larger than max".to_string(),
+    };
+    Some(tonic::Status::resource_exhausted(text))
 }
 
 /// Decodes gRPC's percent-encoded `grpc-message`.

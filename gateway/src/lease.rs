@@ -367,7 +367,7 @@ impl Lease for LeaseService {
             .map(move |req| {
                 let backend = backend.clone();
                 async move {
-                    let req = req?;
+                    let req = req.map_err(crate::grpc::inbound_status)?;
                     Ok(backend.lease_keep_alive(req.id).await?)
                 }
             })

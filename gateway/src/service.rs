@@ -33,6 +33,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{ready, Poll};
 
 use futures::future::try_join_all;
 use futures::{Stream, StreamExt};
@@ -46,6 +47,7 @@ use crate::etcdserverpb::{
     auth_server::Auth, cluster_server::Cluster, kv_server::Kv, maintenance_server::Maintenance,
     watch_server::Watch,
 };
+use crate::grpc::inbound_status;
 use crate::kv::check_size;
 use crate::shards;
 use crate::watch::wire::OutgoingWatchResponse;
@@ -321,8 +323,16 @@ impl Watch for WatchService {
         &self,
         request: Request<Streaming<WatchRequest>>,
     ) -> Result<Response<Self::WatchStream>, Status> {
-        let responses = self.hub.open(request.into_inner());
-        Ok(Response::new(Box::pin(responses.map(Ok))))
+        let mut responses = self.hub.open(request.into_inner());
+        // After the last response, the request stream's error, if that is
+        // what ended it: etcd returns it as the call's status.
+        let stream = futures::stream::poll_fn(move |cx| {
+            Poll::Ready(match ready!(responses.poll_next_unpin(cx)) {
+                Some(r) => Some(Ok(r)),
+                None => responses.take_broken().map(|e| Err(inbound_status(e))),
+            })
+        });
+        Ok(Response::new(Box::pin(stream)))
     }
 }
 

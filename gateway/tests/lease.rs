@@ -11,7 +11,7 @@ mod common;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use common::{assert_grpc_error, assert_serving, rev_of};
+use common::{assert_grpc_error, assert_serving, grpc_frame, rev_of, stream_call_status};
 use etcd_client::{
     Client, Compare, CompareOp, EventType, GetOptions, LeaseGrantOptions, LeaseTimeToLiveOptions,
     PutOptions, Txn, TxnOp, WatchOptions,
@@ -715,5 +715,30 @@ both_engines!(
             .await
             .unwrap();
         assert_eq!(left.count(), 0);
+    }
+);
+
+both_engines!(
+    /// A keep-alive request that etcd's gRPC layer refuses ends the stream
+    /// with etcd's status: above the size limit `ResourceExhausted`,
+    /// undecodable `Internal`. The node keeps serving.
+    async fn refused_keep_alive_ends_stream(node: TestNode) {
+        let ep = node.endpoint();
+        let path = "/etcdserverpb.Lease/LeaseKeepAlive";
+        let big = 3 * 1024 * 1024;
+        let got = stream_call_status(&ep, path, grpc_frame(big, &[])).await;
+        let text = format!("grpc: received message larger than max ({big} vs. 2097152)");
+        assert_eq!(got, (Code::ResourceExhausted as i32, text));
+        // Field 1 (ID) as a varint that never ends.
+        let (code, _) = stream_call_status(&ep, path, grpc_frame(2, &[0x08, 0xff])).await;
+        assert_eq!(code, Code::Internal as i32);
+
+        let mut c = node.client().await;
+        let lease = c.lease_grant(60, None).await.unwrap();
+        let (mut keeper, mut answers) = c.lease_keep_alive(lease.id()).await.unwrap();
+        keeper.keep_alive().await.unwrap();
+        let answer = answers.message().await.unwrap().unwrap();
+        assert_eq!((answer.id(), answer.ttl() > 0), (lease.id(), true));
+        assert_serving(&mut c, "refused-keep-alive").await;
     }
 );

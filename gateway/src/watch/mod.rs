@@ -123,7 +123,7 @@ impl WatchHub {
 
     /// Serves one Watch stream: the responses to send, produced as they
     /// are polled for (see [`session::SessionStream`]).
-    pub fn open<S, E>(self: &Arc<Self>, requests: S) -> session::SessionStream<S>
+    pub fn open<S, E>(self: &Arc<Self>, requests: S) -> session::SessionStream<S, E>
     where
         S: Stream<Item = Result<WatchRequest, E>> + Unpin,
         E: std::fmt::Display,

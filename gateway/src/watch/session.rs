@@ -159,7 +159,7 @@ struct Watch {
 /// for a push into the inbox or an input. No task or channel of its own:
 /// a push wakes the gRPC stream directly. Dropping it (the client went
 /// away) detaches every watch.
-pub struct SessionStream<S> {
+pub struct SessionStream<S, E> {
     session: Session,
     requests: S,
     queue: RequestQueue,
@@ -167,9 +167,11 @@ pub struct SessionStream<S> {
     ticker: tokio::time::Interval,
     client_open: bool,
     ended: bool,
+    /// Why the client's request stream broke, until taken.
+    broken: Option<E>,
 }
 
-impl<S, E> SessionStream<S>
+impl<S, E> SessionStream<S, E>
 where
     S: Stream<Item = Result<WatchRequest, E>> + Unpin,
     E: std::fmt::Display,
@@ -187,7 +189,15 @@ where
             ticker,
             client_open: true,
             ended: false,
+            broken: None,
         }
+    }
+
+    /// Why the client's request stream broke, once the responses have
+    /// ended because of it (a message above the size limit, one that does
+    /// not decode, a reset): etcd ends the call with that error.
+    pub fn take_broken(&mut self) -> Option<E> {
+        self.broken.take()
     }
 
     /// Takes in what the inputs have ready (registering `cx` with those
@@ -215,6 +225,7 @@ where
                 }
                 Poll::Ready(Some(Err(e))) => {
                     tracing::debug!(error = %e, "watch stream broken by the client");
+                    self.broken = Some(e);
                     return Err(());
                 }
                 // Half-closed: keep sending (etcd does; grpc-gateway relies on it).
@@ -235,10 +246,10 @@ where
     }
 }
 
-impl<S, E> Stream for SessionStream<S>
+impl<S, E> Stream for SessionStream<S, E>
 where
     S: Stream<Item = Result<WatchRequest, E>> + Unpin,
-    E: std::fmt::Display,
+    E: std::fmt::Display + Unpin,
 {
     type Item = OutgoingWatchResponse;
 
@@ -281,7 +292,7 @@ where
     }
 }
 
-impl<S> Drop for SessionStream<S> {
+impl<S, E> Drop for SessionStream<S, E> {
     fn drop(&mut self) {
         self.session.shutdown();
     }

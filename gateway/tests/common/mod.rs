@@ -692,3 +692,67 @@ fn free_consecutive_ports(n: usize) -> u16 {
     }
     panic!("no {n} consecutive free ports found below {ephemeral_low}");
 }
+
+/// Opens a streaming call at `path` (`/etcdserverpb.Watch/Watch`, ...) on
+/// a bare HTTP/2 connection, sends `frame` as its body (left open, as a
+/// streaming client does) and returns the status the call ends with:
+/// `(grpc-status, grpc-message)` from its trailers. For messages no etcd
+/// client library would send: above the size limit, or undecodable.
+pub async fn stream_call_status(endpoint: &str, path: &str, frame: Vec<u8>) -> (i32, String) {
+    let tcp = tokio::net::TcpStream::connect(endpoint).await.unwrap();
+    let (mut client, conn) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::builder()
+        .method(http::Method::POST)
+        .uri(format!("http://{endpoint}{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap();
+    let (resp, mut send) = client.send_request(req, false).unwrap();
+    send.send_data(frame.into(), false).unwrap();
+    let (parts, mut body) = resp.await.unwrap().into_parts();
+    assert_eq!(parts.status, http::StatusCode::OK);
+    while let Some(chunk) = body.data().await {
+        let n = chunk.unwrap().len();
+        let _ = body.flow_control().release_capacity(n);
+    }
+    let trailers = body.trailers().await.unwrap().unwrap_or_default();
+    // A trailers-only answer carries the status in the headers instead.
+    let status = trailers
+        .get("grpc-status")
+        .or(parts.headers.get("grpc-status"));
+    let message = trailers
+        .get("grpc-message")
+        .or(parts.headers.get("grpc-message"));
+    let status = status.expect("the call ends with a grpc-status");
+    let message = message.map(|m| m.to_str().unwrap()).unwrap_or_default();
+    (
+        status.to_str().unwrap().parse().unwrap(),
+        percent_decoded(message),
+    )
+}
+
+/// `grpc-message` is percent-encoded on the wire.
+fn percent_decoded(s: &str) -> String {
+    let mut out = Vec::new();
+    let mut bytes = s.bytes();
+    while let Some(b) = bytes.next() {
+        if b != b'%' {
+            out.push(b);
+            continue;
+        }
+        let hex: String = bytes.by_ref().take(2).map(char::from).collect();
+        out.push(u8::from_str_radix(&hex, 16).expect("a percent escape"));
+    }
+    String::from_utf8(out).unwrap()
+}
+
+/// A gRPC message frame's 5-byte prefix announcing `len` bytes, followed
+/// by `payload` (which may be shorter: a refused message is not read).
+pub fn grpc_frame(len: u32, payload: &[u8]) -> Vec<u8> {
+    let mut v = vec![0];
+    v.extend_from_slice(&len.to_be_bytes());
+    v.extend_from_slice(payload);
+    v
+}
