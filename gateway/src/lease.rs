@@ -64,7 +64,7 @@
 //! found" for work the first attempt may have done), and fail with etcd's
 //! "request timed out" instead.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashSet};
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -311,10 +311,23 @@ pub fn merge_keys(parts: Vec<spb::LeaseKeysResponse>) -> Vec<Vec<u8>> {
     all.into_iter().collect()
 }
 
-/// The union of the shards' lease lists, sorted by ID.
+/// The union of the shards' lease lists, soonest to expire first (etcd
+/// sorts its leases by remaining time), ties by ID. A lease is listed by
+/// its home shard only; were one listed twice, it is kept once.
 pub fn merge_leases(parts: Vec<spb::LeaseListResponse>) -> Vec<pb::LeaseStatus> {
-    let all: BTreeSet<i64> = parts.into_iter().flat_map(|p| p.ids).collect();
-    all.into_iter().map(|id| pb::LeaseStatus { id }).collect()
+    let mut all: Vec<(u64, i64)> = parts
+        .into_iter()
+        .flat_map(|p| {
+            let left = p.remaining_micros.into_iter().chain(std::iter::repeat(0));
+            left.zip(p.ids)
+        })
+        .collect();
+    all.sort_unstable();
+    let mut seen = HashSet::with_capacity(all.len());
+    all.into_iter()
+        .filter(|&(_, id)| seen.insert(id))
+        .map(|(_, id)| pb::LeaseStatus { id })
+        .collect()
 }
 
 // ---------------------------------------------------------------------------
@@ -658,6 +671,7 @@ mod tests {
             Req::CurrentRevision(_) => current(5),
             Req::LeaseList(_) => Ok(Resp::LeaseList(spb::LeaseListResponse {
                 ids: vec![10 - shard as i64, 20 + shard as i64],
+                remaining_micros: vec![0, 0],
             })),
             other => panic!("unexpected {other:?}"),
         });
@@ -665,6 +679,22 @@ mod tests {
         let r = b.lease_leases().await.unwrap();
         let ids: Vec<i64> = r.leases.iter().map(|l| l.id).collect();
         assert_eq!(ids, vec![8, 9, 10, 20, 21, 22]);
+    }
+
+    #[test]
+    fn leases_are_listed_soonest_to_expire_first() {
+        let part = |ids: Vec<i64>, remaining_micros: Vec<u64>| spb::LeaseListResponse {
+            ids,
+            remaining_micros,
+        };
+        let merged = merge_leases(vec![
+            part(vec![1, 4], vec![90_000_000, 5_000_000]),
+            part(vec![2, 3, 4], vec![30_000_000, 5_000_000, 5_000_000]),
+            // A server that sends no remaining times: as if about to expire.
+            part(vec![7], vec![]),
+        ]);
+        let ids: Vec<i64> = merged.iter().map(|l| l.id).collect();
+        assert_eq!(ids, vec![7, 3, 4, 2, 1]);
     }
 
     #[tokio::test]

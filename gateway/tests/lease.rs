@@ -18,7 +18,7 @@ use etcd_client::{
 };
 use metastore_gateway::etcdserverpb::lease_client::LeaseClient;
 use metastore_proto::etcdserverpb as pb;
-use metastore_proto::router::ShardRouter;
+use metastore_proto::router::{lease_key, ShardRouter};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
 
@@ -740,5 +740,28 @@ both_engines!(
         let answer = answers.message().await.unwrap().unwrap();
         assert_eq!((answer.id(), answer.ttl() > 0), (lease.id(), true));
         assert_serving(&mut c, "refused-keep-alive").await;
+    }
+);
+
+both_engines!(
+    /// etcd lists leases soonest to expire first, not by ID; leases have
+    /// their homes on different shards, so the gateway's merge orders them.
+    async fn leases_listed_soonest_to_expire_first(node: TestNode) {
+        let mut c = node.client().await;
+        // (ID, TTL): ID order and expiry order differ.
+        let grants = [(101, 900), (102, 60), (103, 300), (104, 600), (105, 120)];
+        for (id, ttl) in grants {
+            let opts = LeaseGrantOptions::new().with_id(id);
+            c.lease_grant(ttl, Some(opts)).await.unwrap();
+        }
+        let router = ShardRouter::new(common::SHARDS as u32);
+        let homes: BTreeSet<u32> = (101..=105)
+            .map(|id| router.shard_of(&lease_key(id)))
+            .collect();
+        assert!(homes.len() > 1, "the leases live on one shard: {homes:?}");
+
+        let l = c.leases().await.unwrap();
+        let ids: Vec<i64> = l.leases().iter().map(|s| s.id()).collect();
+        assert_eq!(ids, vec![102, 105, 103, 104, 101]);
     }
 );

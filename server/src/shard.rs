@@ -1409,16 +1409,28 @@ impl Shard {
             R::LeaseKeys(k) => Body::LeaseKeys(LeaseKeysResponse {
                 keys: self.state.borrow().lease_keys(k.id),
             }),
-            R::LeaseList(_) => Body::LeaseList(LeaseListResponse {
-                ids: self
+            R::LeaseList(_) => {
+                let deadlines = self.lease_deadlines.borrow();
+                let now = Instant::now();
+                let (ids, remaining_micros) = self
                     .state
                     .borrow()
                     .leases()
                     .values()
                     .filter(|l| l.home)
-                    .map(|l| l.id)
-                    .collect(),
-            }),
+                    .map(|l| {
+                        let left = deadlines
+                            .get(&l.id)
+                            .map(|d| d.saturating_duration_since(now))
+                            .unwrap_or_default();
+                        (l.id, left.as_micros() as u64)
+                    })
+                    .unzip();
+                Body::LeaseList(LeaseListResponse {
+                    ids,
+                    remaining_micros,
+                })
+            }
             R::WatchSubscribe(_) | R::WatchAck(_) | R::WatchProgress(_) | R::WatchCancel(_) => {
                 error(
                     Code::InvalidArgument,
