@@ -46,7 +46,8 @@
 //! TimeToLive asks the home shard; an unknown lease is answered with
 //! `TTL = -1` and no error (etcd 3.5). With `keys`, every shard's attached
 //! keys are gathered, merged and sorted. Leases asks every shard for the
-//! leases it is home of; the union is sorted by ID.
+//! leases it is home of, with the time each has left; the union is listed
+//! soonest to expire first, as etcd lists it.
 //!
 //! # Headers
 //!
