@@ -112,7 +112,7 @@ pub async fn run(bin: &Path, name: &str, args: &str, node: &Node) -> Result<RunR
     let mut argv = go_args(args)?;
     argv.push("--endpoints".into());
     argv.push(node.endpoint.clone());
-    let probe = CpuProbe::start(&node.pids);
+    let probe = CpuProbe::start_settled(&node.pids).await;
     let child = tokio::process::Command::new(bin)
         .args(&argv)
         .stdin(Stdio::null())

@@ -86,7 +86,7 @@ where
 {
     let rec = Recorder::new();
     let pacer = common.pacer();
-    let probe = CpuProbe::start(&common.pids());
+    let probe = CpuProbe::start_settled(&common.pids()).await;
     let start = Instant::now();
     let guard = rec.progress(workload, common.quiet);
     let op = Arc::new(op);

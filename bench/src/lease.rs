@@ -56,7 +56,7 @@ pub async fn keepalive(common: &Common, a: &LeaseArgs) -> Result<RunResult, Stri
 
     let rec = Recorder::new();
     let pacer = common.pacer();
-    let probe = CpuProbe::start(&common.pids());
+    let probe = CpuProbe::start_settled(&common.pids()).await;
     let start = Instant::now();
     let guard = rec.progress("lease-keepalive", common.quiet);
     let mut tasks = JoinSet::new();

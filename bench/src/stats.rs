@@ -246,6 +246,9 @@ pub struct CpuProbe {
     start: Vec<Option<u64>>,
     self_start: Option<u64>,
     at: Instant,
+    /// Whether the servers were quiet when it started (see
+    /// [`CpuProbe::start_settled`]).
+    settled_before: bool,
 }
 
 /// Clock ticks per second of `/proc/<pid>/stat` (Linux `USER_HZ`, 100 on
@@ -278,6 +281,30 @@ pub fn proc_rss_bytes(pid: u32) -> Option<u64> {
     Some(kb * 1024)
 }
 
+/// Waits until `pids` use at most one clock tick of CPU (10 ms) in
+/// [`SETTLE_WINDOW`], at most [`SETTLE_MAX`]; whether they did.
+async fn wait_quiet(pids: &[(String, u32)]) -> bool {
+    let ticks = || {
+        pids.iter()
+            .filter_map(|(_, p)| proc_cpu_ticks(&p.to_string()))
+            .sum::<u64>()
+    };
+    if pids.is_empty() {
+        return true;
+    }
+    let deadline = Instant::now() + SETTLE_MAX;
+    let mut last = ticks();
+    while Instant::now() < deadline {
+        tokio::time::sleep(SETTLE_WINDOW).await;
+        let now = ticks();
+        if now.saturating_sub(last) <= 1 {
+            return true;
+        }
+        last = now;
+    }
+    false
+}
+
 /// CPU used during a run, per operation.
 #[derive(Clone, Debug, Default)]
 pub struct CpuUse {
@@ -288,6 +315,12 @@ pub struct CpuUse {
     /// The benchmark client's own CPU seconds.
     pub client_secs: f64,
     pub wall_secs: f64,
+    /// The servers were quiet when the reading started, and again when it
+    /// ended: no work of an earlier run was billed to this one, nor any of
+    /// this run's left to bill to the next. `false` when [`SETTLE_MAX`]
+    /// ran out first (recorded in the JSON).
+    pub settled_before: bool,
+    pub settled_after: bool,
 }
 
 impl CpuUse {
@@ -310,6 +343,19 @@ impl CpuProbe {
                 .collect(),
             self_start: proc_cpu_ticks("self"),
             at: Instant::now(),
+            settled_before: true,
+        }
+    }
+
+    /// [`CpuProbe::start`] once the server processes have gone quiet (as
+    /// [`CpuProbe::finish_settled`] waits at the end): background work left
+    /// by the set-up (a prefill's flushes and compactions, etcd's backend
+    /// commits) is not billed to the run's operations.
+    pub async fn start_settled(pids: &[(String, u32)]) -> CpuProbe {
+        let settled = wait_quiet(pids).await;
+        CpuProbe {
+            settled_before: settled,
+            ..CpuProbe::start(pids)
         }
     }
 
@@ -319,28 +365,18 @@ impl CpuProbe {
     /// flushes and compactions, etcd's backend commits — is billed to that
     /// run, not to whichever runs next.
     pub async fn finish_settled(&self) -> CpuUse {
-        let ticks = || {
-            self.pids
-                .iter()
-                .filter_map(|(_, p)| proc_cpu_ticks(&p.to_string()))
-                .sum::<u64>()
-        };
-        let deadline = Instant::now() + SETTLE_MAX;
-        let mut last = ticks();
-        while !self.pids.is_empty() && Instant::now() < deadline {
-            tokio::time::sleep(SETTLE_WINDOW).await;
-            let now = ticks();
-            if now.saturating_sub(last) <= 1 {
-                break;
-            }
-            last = now;
+        let settled = wait_quiet(&self.pids).await;
+        CpuUse {
+            settled_after: settled,
+            ..self.finish()
         }
-        self.finish()
     }
 
     pub fn finish(&self) -> CpuUse {
         let mut out = CpuUse {
             wall_secs: self.at.elapsed().as_secs_f64(),
+            settled_before: self.settled_before,
+            settled_after: true,
             ..Default::default()
         };
         for ((label, pid), start) in self.pids.iter().zip(&self.start) {
@@ -383,6 +419,9 @@ pub struct RunResult {
     pub settings: String,
 }
 
+/// Name of a watch run's latency from sending a put to each event of it.
+pub const PUT_SEND_TO_EVENT: &str = "put-send→event";
+
 impl RunResult {
     pub fn new(workload: &str, unit: &str, settings: String) -> RunResult {
         RunResult {
@@ -403,6 +442,24 @@ impl RunResult {
 
     pub fn main_latency(&self) -> Option<&Latency> {
         self.latencies.first().map(|(_, l)| l)
+    }
+
+    /// The latency recorded under `name` (`put-send→event`, ...).
+    pub fn latency(&self, name: &str) -> Option<&Latency> {
+        self.latencies
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, l)| l)
+    }
+
+    /// The latency a run's speed is best judged by when its rate is fixed:
+    /// for a watch run the time from sending a put to its event (the main
+    /// one, from the put's answer, is clamped at 0 for events that beat the
+    /// answer, so it says little for a server that sends events first);
+    /// otherwise the main latency.
+    pub fn end_to_end_latency(&self) -> Option<&Latency> {
+        self.latency(PUT_SEND_TO_EVENT)
+            .or_else(|| self.main_latency())
     }
 
     pub fn server_cpu_us_per_op(&self) -> Option<f64> {
@@ -439,6 +496,8 @@ impl RunResult {
             let mut cj = Json::obj();
             cj.set("server_cpu_s", c.server_secs)
                 .set("client_cpu_s", c.client_secs)
+                .set("settled_before", c.settled_before)
+                .set("settled_after", c.settled_after)
                 .set("server_cpu_us_per_op", self.server_cpu_us_per_op())
                 .set("client_cpu_us_per_op", self.client_cpu_us_per_op());
             let mut per = Json::obj();

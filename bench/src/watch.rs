@@ -26,6 +26,7 @@ use tokio::task::JoinSet;
 
 use crate::stats::{
     new_histogram, proc_rss_bytes, record, CpuProbe, Latency, Pacer, Recorder, RunResult,
+    PUT_SEND_TO_EVENT,
 };
 use crate::{connect_pool, parse_duration, threads, timed, Common};
 
@@ -283,7 +284,7 @@ pub async fn watch(
     }
 
     // Putters.
-    let probe = CpuProbe::start(&pids);
+    let probe = CpuProbe::start_settled(&pids).await;
     let put_rec = Recorder::new();
     let acks: Arc<Mutex<Vec<(i64, u64)>>> =
         Arc::new(Mutex::new(Vec::with_capacity(s.put_total as usize)));
@@ -375,10 +376,10 @@ pub async fn watch(
             }
             _ = tokio::time::sleep(Duration::from_millis(100)) => {}
         }
+        // No progress for the settle timeout ends the wait even when the
+        // count is reached: a watcher that saw an event twice makes up for
+        // one that missed one, and neither finishes.
         let now = delivered.load(Ordering::Relaxed);
-        if now >= want {
-            continue;
-        }
         if now != last.0 {
             last = (now, Instant::now());
         } else if last.1.elapsed() >= a.settle_timeout {
@@ -452,7 +453,7 @@ pub async fn watch(
     r.latencies
         .push(("put-ack→event".into(), Latency::of(&ack_hist)));
     r.latencies
-        .push(("put-send→event".into(), send_lat.latency()));
+        .push((PUT_SEND_TO_EVENT.into(), send_lat.latency()));
     r.latencies.push(("put".into(), put_rec.latency()));
     r.cpu = Some(cpu);
     r.set_extra("watchers", watchers as f64);
