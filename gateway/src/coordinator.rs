@@ -65,7 +65,7 @@ use metastore_proto::txn::{self as mtxn, MAX_TXN_OPS};
 use crate::backend::Backend;
 use crate::error::{GatewayError, Result, MSG_KEY_NOT_FOUND};
 use crate::kv::check_txn;
-use crate::merge::{merge_txn, shard_txn_request};
+use crate::merge::{fill_op_headers, merge_txn, shard_txn_request};
 use crate::shards;
 
 /// The shards a txn may touch, ascending.
@@ -223,12 +223,14 @@ impl Backend {
     pub async fn txn(&self, req: TxnRequest) -> Result<TxnResponse> {
         check_txn(&req, MAX_TXN_OPS)?;
         let shards = touched_shards(&req, &self.router);
-        match shards.as_slice() {
+        let mut resp = match shards.as_slice() {
             [] => self.single_shard_txn(req, 0).await,
             [one] => self.single_shard_txn(req, *one).await,
             _ if !mtxn::may_write(&req) => self.read_only_txn(&req, &shards).await,
             _ => self.write_txn(&req, &shards).await,
-        }
+        }?;
+        fill_op_headers(&mut resp);
+        Ok(resp)
     }
 
     async fn single_shard_txn(&self, req: TxnRequest, shard: u32) -> Result<TxnResponse> {

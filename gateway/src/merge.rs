@@ -70,6 +70,21 @@
 //!
 //! A shard answer that does not line up (wrong length, wrong kind) is a
 //! protocol error, never silently dropped.
+//!
+//! # Headers of a txn's op responses ([`fill_op_headers`])
+//!
+//! etcd gives each op response of a txn a header of its own carrying only
+//! a revision, and clients read it: etcd's STM (`clientv3/concurrency`)
+//! pins its later reads to the revision of its first read's range
+//! response, and dereferences that header to do so. The revision is the
+//! one the op saw, in etcd's numbering of a write: the txn's revision for
+//! a put, and for a range or a delete once anything in the txn has changed
+//! (etcd's `storeTxnWrite`); before that, the revision the txn started
+//! from, which is one below its own (what a read at that revision sees is
+//! exactly what came before the txn). A txn that changed nothing reports
+//! its read revision everywhere. A nested txn's response carries an empty
+//! header, as etcd's does. Shards leave these headers out; the gateway
+//! fills them once the whole answer is known.
 
 use metastore_proto::etcdserverpb::{
     range_request::{SortOrder, SortTarget},
@@ -556,10 +571,138 @@ fn merge_op(
     })
 }
 
+/// Fills the header of every op response in `resp` (see the module docs),
+/// from `resp`'s own header revision: the txn's revision if it changed
+/// anything, else the revision it read at.
+pub fn fill_op_headers(resp: &mut TxnResponse) {
+    fn changes(resp: &TxnResponse) -> bool {
+        resp.responses.iter().any(|r| match &r.response {
+            Some(response_op::Response::ResponsePut(_)) => true,
+            Some(response_op::Response::ResponseDeleteRange(d)) => d.deleted > 0,
+            Some(response_op::Response::ResponseTxn(t)) => changes(t),
+            _ => false,
+        })
+    }
+    fn fill(resp: &mut TxnResponse, rev: i64, changed: &mut bool) {
+        let header = |rev: i64| {
+            Some(ResponseHeader {
+                revision: rev,
+                ..Default::default()
+            })
+        };
+        for r in &mut resp.responses {
+            match &mut r.response {
+                Some(response_op::Response::ResponseRange(x)) => {
+                    x.header = header(if *changed { rev } else { rev - 1 });
+                }
+                Some(response_op::Response::ResponsePut(x)) => {
+                    *changed = true;
+                    x.header = header(rev);
+                }
+                Some(response_op::Response::ResponseDeleteRange(x)) => {
+                    *changed |= x.deleted > 0;
+                    x.header = header(if *changed { rev } else { rev - 1 });
+                }
+                Some(response_op::Response::ResponseTxn(x)) => {
+                    x.header = Some(ResponseHeader::default());
+                    fill(x, rev, changed);
+                }
+                None => {}
+            }
+        }
+    }
+    let rev = resp.header.as_ref().map_or(0, |h| h.revision);
+    // A txn that changes nothing read at `rev` throughout: walk it as if
+    // changed from the start, so every op reports `rev` itself.
+    let mut changed = !changes(resp);
+    fill(resp, rev, &mut changed);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use metastore_proto::etcdserverpb::{DeleteRangeRequest, PutRequest};
+
+    /// A txn response with `ops` (`r` range, `p` put, `d` delete of
+    /// nothing, `D` delete of a key, `(` … `)` a nested txn) at `rev`.
+    fn txn_response(ops: &str, rev: i64) -> TxnResponse {
+        fn node(ops: &mut std::str::Chars<'_>) -> TxnResponse {
+            use response_op::Response as R;
+            let mut responses = Vec::new();
+            while let Some(c) = ops.next() {
+                let r = match c {
+                    'r' => R::ResponseRange(RangeResponse::default()),
+                    'p' => R::ResponsePut(PutResponse::default()),
+                    'd' | 'D' => R::ResponseDeleteRange(DeleteRangeResponse {
+                        deleted: (c == 'D') as i64,
+                        ..Default::default()
+                    }),
+                    '(' => R::ResponseTxn(node(ops)),
+                    ')' => break,
+                    other => panic!("op {other}"),
+                };
+                responses.push(ResponseOp { response: Some(r) });
+            }
+            TxnResponse {
+                responses,
+                ..Default::default()
+            }
+        }
+        let mut resp = node(&mut ops.chars());
+        resp.header = Some(ResponseHeader {
+            revision: rev,
+            member_id: 7,
+            ..Default::default()
+        });
+        resp
+    }
+
+    /// Each op response's header revision, in order, nested txns in
+    /// brackets with their own header's revision first.
+    fn op_revisions(resp: &TxnResponse) -> String {
+        use response_op::Response as R;
+        let rev = |h: &Option<ResponseHeader>| {
+            let h = h.as_ref().expect("every op response has a header");
+            assert_eq!((h.member_id, h.cluster_id, h.raft_term), (0, 0, 0));
+            h.revision.to_string()
+        };
+        resp.responses
+            .iter()
+            .map(|r| match r.response.as_ref().unwrap() {
+                R::ResponseRange(x) => rev(&x.header),
+                R::ResponsePut(x) => rev(&x.header),
+                R::ResponseDeleteRange(x) => rev(&x.header),
+                R::ResponseTxn(x) => format!("[{} {}]", rev(&x.header), op_revisions(x)),
+            })
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    #[test]
+    fn txn_op_headers_carry_the_revision_each_op_saw() {
+        // (ops, the txn's header revision, each op's revision as etcd's)
+        let cases = [
+            // Before the first change: the revision the txn started from.
+            ("rprdr", 10, "9 10 10 10 10"),
+            ("dDr", 10, "9 10 10"),
+            ("r(rp)r", 10, "9 [0 9 10] 10"),
+            ("(D)r", 10, "[0 10] 10"),
+            // Nothing changed: the read revision throughout.
+            ("rdr", 7, "7 7 7"),
+            ("r(r)", 7, "7 [0 7]"),
+            ("", 7, ""),
+        ];
+        for (ops, rev, want) in cases {
+            let mut resp = txn_response(ops, rev);
+            fill_op_headers(&mut resp);
+            assert_eq!(op_revisions(&resp), want, "{ops} at {rev}");
+            assert_eq!(
+                resp.header.unwrap().member_id,
+                7,
+                "the txn's own header kept"
+            );
+        }
+    }
 
     fn kv(key: &str, value: &str, create: i64, modr: i64, version: i64) -> KeyValue {
         KeyValue {

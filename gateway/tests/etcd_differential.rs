@@ -656,6 +656,9 @@ enum Answer {
     Txn {
         succeeded: bool,
         responses: Vec<Answer>,
+        /// Each op response's header revision, in etcd's numbering (see
+        /// [`op_header_rev`]).
+        op_revs: Vec<Option<i64>>,
     },
     Compacted,
     Granted(i64),
@@ -879,10 +882,35 @@ fn txn_answer(side: &Side, calls: &[Call], resp: &etcd_client::TxnResponse) -> A
             },
         })
         .collect();
+    let op_revs = resp
+        .op_responses()
+        .iter()
+        .map(|r| {
+            let header = match r {
+                TxnOpResponse::Put(p) => p.header(),
+                TxnOpResponse::Get(g) => g.header(),
+                TxnOpResponse::Delete(d) => d.header(),
+                TxnOpResponse::Txn(t) => t.header(),
+            };
+            op_header_rev(side, header)
+        })
+        .collect();
     Answer::Txn {
         succeeded: resp.succeeded(),
         responses,
+        op_revs,
     }
+}
+
+/// An op response's header revision inside a txn, in etcd's numbering:
+/// `None` without a header, 0 as is (a nested txn's empty header), else
+/// the newest write at or below it (-1 before any write). etcd's STM pins
+/// its reads to a range response's revision.
+fn op_header_rev(side: &Side, header: Option<&etcd_client::ResponseHeader>) -> Option<i64> {
+    header.map(|h| match h.revision() {
+        0 => 0,
+        rev => side.rev_floor(rev).unwrap_or(-1),
+    })
 }
 
 /// An answer still in the server's numbering: made into an [`Answer`]
