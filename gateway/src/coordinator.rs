@@ -13,7 +13,9 @@
 //!    per-shard compare outcomes (`combine_outcomes`) and compute the path
 //!    (`path`); `TxnRead(txn, R, path)` on every touched shard; merge
 //!    ([`crate::merge::merge_txn`]). Header revision = `R`. No locks, no
-//!    writes, so any failure may simply be retried.
+//!    writes, so any failure may simply be retried; a compaction above `R`
+//!    that overtakes the shards' reads is, at a newer `R` (etcd never
+//!    answers a read of "now" as compacted).
 //! 3. **Several shards, may write — two-phase commit.** One *attempt*:
 //!    - `txn_id` = 16 random bytes; primary = the lowest touched shard;
 //!    - **prepare** on every touched shard in parallel (each evaluates the
@@ -64,9 +66,17 @@ use metastore_proto::txn::{self as mtxn, MAX_TXN_OPS};
 
 use crate::backend::Backend;
 use crate::error::{GatewayError, Result, MSG_KEY_NOT_FOUND};
-use crate::kv::check_txn;
+use crate::kv::{check_txn, SNAPSHOT_TRIES};
 use crate::merge::{fill_op_headers, merge_txn, shard_txn_request};
 use crate::shards;
+
+/// Why an attempt at a snapshot read failed: the shards' reads (a
+/// compaction above the snapshot may have overtaken them), or a final
+/// answer about the request itself.
+enum SnapshotRead {
+    Shards(GatewayError),
+    Refused(GatewayError),
+}
 
 /// The shards a txn may touch, ascending.
 pub fn touched_shards(txn: &TxnRequest, router: &ShardRouter) -> Vec<u32> {
@@ -241,17 +251,48 @@ impl Backend {
         Ok(resp)
     }
 
+    /// A read-only txn over several shards at one snapshot. etcd never
+    /// answers a read of "now" as compacted; here the shards evaluate and
+    /// read the snapshot at moments apart, so a compaction above it can
+    /// land in between. The txn is then taken again at a newer snapshot,
+    /// as a multi-shard Range is. A refusal of a read on the path at an
+    /// explicit compacted revision is final.
     async fn read_only_txn(&self, req: &TxnRequest, shards: &[u32]) -> Result<TxnResponse> {
         let sreq = shard_txn_request(req).into_owned();
-        let (rev, term) = self.current_revision().await?;
+        let mut tries = 0;
+        loop {
+            let (rev, term) = self.current_revision().await?;
+            match self.read_only_txn_at(req, &sreq, shards, rev).await {
+                Err(SnapshotRead::Shards(GatewayError::Compacted)) if tries < SNAPSHOT_TRIES => {
+                    tries += 1;
+                }
+                Err(SnapshotRead::Shards(e) | SnapshotRead::Refused(e)) => return Err(e),
+                Ok(mut resp) => {
+                    let merged_term = resp.header.map(|h| h.raft_term).unwrap_or(0);
+                    resp.header = Some(self.header(rev, term.max(merged_term)));
+                    return Ok(resp);
+                }
+            }
+        }
+    }
+
+    /// One attempt of [`Backend::read_only_txn`] at snapshot `rev`.
+    async fn read_only_txn_at(
+        &self,
+        req: &TxnRequest,
+        sreq: &TxnRequest,
+        shards: &[u32],
+        rev: i64,
+    ) -> std::result::Result<TxnResponse, SnapshotRead> {
         let evals = try_join_all(shards.iter().map(|&s| {
             let r = TxnEvaluateRequest {
                 txn: Some(sreq.clone()),
                 revision: rev,
             };
-            self.retry(move || shards::txn_evaluate(self.t(), s, r.clone()))
+            self.retry_idempotent(move || shards::txn_evaluate(self.t(), s, r.clone()))
         }))
-        .await?;
+        .await
+        .map_err(SnapshotRead::Shards)?;
         let checks = PathChecks {
             compacted: evals
                 .iter()
@@ -261,11 +302,11 @@ impl Backend {
             ..PathChecks::default()
         };
         let outcomes: Vec<_> = evals.into_iter().map(|e| e.outcomes).collect();
-        let path = decide_path(req, &outcomes)?;
+        let path = decide_path(req, &outcomes).map_err(SnapshotRead::Refused)?;
         // etcd refuses a read on the path above the snapshot's revision, or
         // below the compacted one, before reading anything.
         if let Some(refusal) = checks.refusal(req, &path, rev) {
-            return Err(refusal);
+            return Err(SnapshotRead::Refused(refusal));
         }
         let reads = try_join_all(shards.iter().map(|&s| {
             let r = TxnReadRequest {
@@ -273,18 +314,16 @@ impl Backend {
                 revision: rev,
                 path: path.clone(),
             };
-            self.retry(move || shards::txn_read(self.t(), s, r.clone()))
+            self.retry_idempotent(move || shards::txn_read(self.t(), s, r.clone()))
         }))
-        .await?;
+        .await
+        .map_err(SnapshotRead::Shards)?;
         let parts = shards
             .iter()
             .zip(reads)
             .map(|(&s, r)| (s, r.txn.unwrap_or_default()))
             .collect();
-        let mut resp = merge_txn(req, &path, &self.router, parts)?;
-        let merged_term = resp.header.map(|h| h.raft_term).unwrap_or(0);
-        resp.header = Some(self.header(rev, term.max(merged_term)));
-        Ok(resp)
+        merge_txn(req, &path, &self.router, parts).map_err(SnapshotRead::Refused)
     }
 
     async fn write_txn(&self, req: &TxnRequest, shards: &[u32]) -> Result<TxnResponse> {
@@ -782,6 +821,68 @@ mod tests {
         let calls = fake.calls();
         assert_eq!(calls.len(), 1);
         assert_eq!(calls[0].0, 1);
+    }
+
+    #[tokio::test]
+    async fn read_only_txn_overtaken_by_a_compaction_reads_a_newer_snapshot() {
+        // A compaction at 31 reaches shard 1 before the evaluation at 30.
+        let current = Arc::new(AtomicUsize::new(30));
+        let now = current.clone();
+        let fake = FakeShards::new(2, move |shard, req| match req {
+            Req::CurrentRevision(_) => Ok(Resp::CurrentRevision(CurrentRevisionResponse {
+                revision: now.fetch_add(1, Ordering::SeqCst) as i64,
+                raft_term: 1,
+                ..Default::default()
+            })),
+            Req::TxnEvaluate(e) if shard == 1 && e.revision < 31 => Err(GatewayError::Compacted),
+            Req::TxnEvaluate(_) => {
+                // Each shard decides the compare on its own key.
+                let mine = outcome(true, true);
+                let other = outcome(false, false);
+                let outcomes = if shard == 0 {
+                    vec![mine, other]
+                } else {
+                    vec![other, mine]
+                };
+                Ok(Resp::TxnEvaluate(TxnEvaluateResponse {
+                    outcomes,
+                    compacted_revision: 31,
+                }))
+            }
+            Req::TxnRead(r) => {
+                assert_eq!(r.revision, 31);
+                Ok(Resp::TxnRead(TxnReadResponse {
+                    txn: Some(TxnResponse {
+                        header: None,
+                        succeeded: true,
+                        responses: vec![ResponseOp {
+                            response: Some(response_op::Response::ResponseRange(
+                                RangeResponse::default(),
+                            )),
+                        }],
+                    }),
+                }))
+            }
+            other => panic!("unexpected {other:?}"),
+        });
+        let b = backend(fake);
+        let (k0, k1) = (key_on(&b.router, 0), key_on(&b.router, 1));
+        let txn = TxnRequest {
+            compare: vec![cmp_version(&k0, 0), cmp_version(&k1, 0)],
+            success: vec![get(&k0)],
+            failure: vec![],
+        };
+        let resp = b.txn(txn.clone()).await.unwrap();
+        assert_eq!(resp.header.unwrap().revision, 31);
+        // A read on the path at an explicit compacted revision stays
+        // refused.
+        let mut txn = txn;
+        if let Some(request_op::Request::RequestRange(r)) = &mut txn.success[0].request {
+            r.revision = 20;
+        }
+        current.store(40, Ordering::SeqCst);
+        let e = b.txn(txn).await.unwrap_err();
+        assert!(matches!(e, GatewayError::Compacted), "{e:?}");
     }
 
     #[tokio::test]

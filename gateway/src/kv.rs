@@ -49,7 +49,7 @@ use crate::merge;
 use crate::shards;
 
 /// Snapshot reads taken again after a compaction overtook them.
-const SNAPSHOT_TRIES: u32 = 3;
+pub(crate) const SNAPSHOT_TRIES: u32 = 3;
 
 /// Refuses a request whose encoding exceeds `max_bytes` (etcd's
 /// `--max-request-bytes`).
