@@ -18,7 +18,7 @@ use tokio::sync::Notify;
 use tokio::task::JoinSet;
 
 use crate::kv::warm_pool;
-use crate::stats::{CpuProbe, Pacer, Recorder, RunResult};
+use crate::stats::{proc_cpu_secs, CpuProbe, Pacer, Recorder, RunResult};
 use crate::{random_printable, threads, timed, Common};
 
 #[derive(Args, Debug, Clone)]
@@ -158,6 +158,8 @@ struct Drain {
     deleted: u64,
     first: Option<Instant>,
     last: Option<Instant>,
+    /// The server processes' CPU seconds when the first delete was seen.
+    cpu_at_first: Option<f64>,
 }
 
 /// `lease-expiry`: grants `--leases` leases with `--keys-per-lease` keys
@@ -196,6 +198,7 @@ pub async fn expiry(common: &Common, a: &LeaseExpiryArgs) -> Result<RunResult, S
     let all_gone = Arc::new(Notify::new());
     let watch_task = {
         let (drain, all_gone) = (drain.clone(), all_gone.clone());
+        let pids = common.pids();
         tokio::spawn(async move {
             while let Ok(Some(r)) = events.message().await {
                 let n = r.events().len() as u64;
@@ -204,6 +207,9 @@ pub async fn expiry(common: &Common, a: &LeaseExpiryArgs) -> Result<RunResult, S
                 }
                 let now = Instant::now();
                 let mut d = drain.lock().unwrap();
+                if d.first.is_none() {
+                    d.cpu_at_first = Some(proc_cpu_secs(&pids));
+                }
                 d.first.get_or_insert(now);
                 d.last = Some(now);
                 d.deleted += n;
@@ -266,6 +272,7 @@ pub async fn expiry(common: &Common, a: &LeaseExpiryArgs) -> Result<RunResult, S
     let during = Recorder::new();
     let pacer = Pacer::new(None, None, a.put_rate);
     let probe = CpuProbe::start(&common.pids());
+    let cpu_at_start = proc_cpu_secs(&common.pids());
     let guard = during.progress("lease-expiry puts (during the storm)", common.quiet);
     let mut puts = JoinSet::new();
     for c in 0..a.put_clients.max(1) {
@@ -303,6 +310,7 @@ pub async fn expiry(common: &Common, a: &LeaseExpiryArgs) -> Result<RunResult, S
     .is_ok()
         || drain.lock().unwrap().deleted >= want_deletes;
     pacer.stop();
+    let stream_end = Instant::now();
     while puts.join_next().await.is_some() {}
     drop(guard);
     let cpu = probe.finish_settled().await;
@@ -364,6 +372,26 @@ pub async fn expiry(common: &Common, a: &LeaseExpiryArgs) -> Result<RunResult, S
         setup_end.duration_since(setup_start).as_secs_f64(),
     );
     r.set_extra("expiry_window_secs", window);
+    // The CPU the storm itself cost: the reading covers the put stream
+    // too, from the end of setup until the keys were gone, which lasts as
+    // long as the storm does. Its cost per second, and the servers' idle
+    // cost, is taken from the stretch before the first expiry and
+    // subtracted for the whole stream.
+    if let (Some(first), Some(at_first), Some(cpu)) = (d.first, d.cpu_at_first, &r.cpu) {
+        let before = first.saturating_duration_since(setup_end).as_secs_f64();
+        let stream = stream_end
+            .saturating_duration_since(setup_end)
+            .as_secs_f64();
+        if before >= 1.0 && r.ops > 0 {
+            let per_sec = (at_first - cpu_at_start) / before;
+            let storm = (cpu.server_secs - per_sec * stream).max(0.0);
+            r.set_extra("server_cpu_s_per_s_before_expiry", per_sec);
+            r.set_extra(
+                "server_cpu_us_per_lease_beyond_puts",
+                storm * 1e6 / r.ops as f64,
+            );
+        }
+    }
     if let Some(l) = d.last {
         // How long after the last lease's TTL ran out its keys were gone.
         let late = l.saturating_duration_since(last_deadline).as_secs_f64();

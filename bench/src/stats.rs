@@ -273,6 +273,16 @@ pub fn proc_cpu_ticks(pid: &str) -> Option<u64> {
     Some(utime + stime)
 }
 
+/// utime + stime of all of `pids`, in CPU seconds (see
+/// [`proc_cpu_ticks`]).
+pub fn proc_cpu_secs(pids: &[(String, u32)]) -> f64 {
+    let ticks: u64 = pids
+        .iter()
+        .filter_map(|(_, p)| proc_cpu_ticks(&p.to_string()))
+        .sum();
+    ticks as f64 / CLK_TCK
+}
+
 /// Resident set size of `pid` in bytes.
 pub fn proc_rss_bytes(pid: u32) -> Option<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
