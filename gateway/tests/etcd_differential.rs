@@ -33,7 +33,9 @@
 //! compaction at or past the start of a watch opened from the past before
 //! etcd's background catch-up (every 100 ms) reached it, which cancels the
 //! watch or drops a delete at its start (compaction removes tombstones):
-//! each such watch is read through a barrier write when it opens.
+//! each such watch is read through a barrier write when it opens. A watch
+//! from the revision of the last compaction is compared without that
+//! revision's deletes, which etcd 3.4.23 loses (see `without_deletes_at`).
 //! Compactions are physical, so what a replay sees does not depend on when
 //! etcd's background compaction runs.
 //!
@@ -1115,6 +1117,19 @@ fn by_revision_then_key(mut events: Vec<Ev>) -> Vec<Ev> {
 }
 
 #[track_caller]
+/// `events` without the deletes at `rev`. A watch from the revision of
+/// the last compaction replays the deletes of that revision on MetaStore
+/// (its compaction keeps them) and not on etcd 3.4.23, whose compaction
+/// drops a tombstone at its revision (etcd-io/etcd#18089, fixed in later
+/// etcd releases): those are left out on both sides, whichever etcd runs.
+/// `watch::deletes_at_the_compaction_revision_stay_watchable` checks them.
+fn without_deletes_at(events: Vec<Ev>, rev: i64) -> Vec<Ev> {
+    events
+        .into_iter()
+        .filter(|e| !(e.kind == "delete" && e.kv.as_ref().is_some_and(|kv| kv.modr == Ok(rev))))
+        .collect()
+}
+
 fn assert_same_events(what: &str, seen_m: Vec<Ev>, seen_e: Vec<Ev>) {
     let (seen_m, seen_e) = (by_revision_then_key(seen_m), by_revision_then_key(seen_e));
     for (i, (a, b)) in seen_m.iter().zip(&seen_e).enumerate() {
@@ -1431,7 +1446,8 @@ both_engines! {
                     // A start compacted away is canceled as it catches up.
                     canceled = pre_e.last().is_some_and(|e| e.kind == "canceled");
                 }
-                watches.push((spec, we, wm, canceled, pre_e, pre_m));
+                let compacted = run.h.compacted;
+                watches.push((spec, we, wm, canceled, pre_e, pre_m, compacted));
             }
             let call = gen_call(&mut rng, &run.h);
             run.step(i, &call).await;
@@ -1462,9 +1478,10 @@ both_engines! {
                 ends.push((key.to_string(), kind, *run.h.revisions.last().unwrap()));
             }
         }
-        for (n, (spec, mut we, mut wm, was_canceled, mut seen_e, mut seen_m)) in
+        for (n, (spec, mut we, mut wm, was_canceled, mut seen_e, mut seen_m, compacted)) in
             watches.into_iter().enumerate()
         {
+            let at_compaction = spec.start.filter(|&s| s == compacted);
             if was_canceled {
                 assert_same_events(&format!("watch {n} {spec:?}"), seen_m, seen_e);
                 continue;
@@ -1477,6 +1494,10 @@ both_engines! {
                 .expect("a sentinel write the watch covers");
             seen_e.extend(events_until(&run.e, &mut we, last).await);
             seen_m.extend(events_until(&run.m, &mut wm, last).await);
+            if let Some(rev) = at_compaction {
+                seen_e = without_deletes_at(seen_e, rev);
+                seen_m = without_deletes_at(seen_m, rev);
+            }
             assert_same_events(&format!("watch {n} {spec:?}"), seen_m, seen_e);
         }
 
@@ -1494,8 +1515,12 @@ both_engines! {
         };
         let (mut replay_e, _) = open_watch(&mut run.e, &replay).await;
         let (mut replay_m, _) = open_watch(&mut run.m, &replay).await;
-        let seen_e = events_until(&run.e, &mut replay_e, last).await;
-        let seen_m = events_until(&run.m, &mut replay_m, last).await;
+        let mut seen_e = events_until(&run.e, &mut replay_e, last).await;
+        let mut seen_m = events_until(&run.m, &mut replay_m, last).await;
+        if replay.start == Some(run.h.compacted) {
+            seen_e = without_deletes_at(seen_e, run.h.compacted);
+            seen_m = without_deletes_at(seen_m, run.h.compacted);
+        }
         assert_same_events("replay", seen_m, seen_e);
     }
 }

@@ -303,14 +303,20 @@ impl KeyHistory {
         }
     }
 
-    /// Drops, as etcd's compaction does, every entry that no read at
-    /// `>= rev` can see: everything older than the newest entry at or below
-    /// `rev`, and that entry itself if it is a tombstone. Calls `removed`
-    /// with each dropped revision. False if nothing is left (the newest
-    /// entry was a tombstone at or below `rev`): the key must go.
+    /// Drops every entry that neither a read at `>= rev` nor a watch from
+    /// `rev` needs: the entries below `rev`, except the newest of them when
+    /// it is live and either a read at `rev` sees it (no entry at `rev`) or
+    /// the first entry kept is a tombstone (which must not start a list).
+    /// Every entry at `rev` itself stays: its events are history a watch
+    /// from `rev` replays. A delete at exactly `rev` is therefore kept, with
+    /// the version it ended, until a compaction above it; etcd dropped it
+    /// and lost the event (etcd-io/etcd#18089), also when the key was
+    /// deleted and put again in that revision (etcd-io/etcd#22376). Calls
+    /// `removed` with each dropped revision. False if nothing is left (the
+    /// newest entry was a tombstone below `rev`): the key must go.
     #[must_use]
     pub fn compact(&mut self, rev: Rev, removed: &mut dyn FnMut(Revision)) -> bool {
-        if self.newest.rev.main <= rev {
+        if self.newest.rev.main < rev {
             for s in self.older.take().into_iter().flat_map(|o| o.entries) {
                 removed(s.rev());
             }
@@ -320,18 +326,22 @@ impl KeyHistory {
             }
             return true;
         }
+        let newest = (self.newest.rev.main, self.newest.tombstone);
         let Some(older) = self.older.as_mut() else {
             return true;
         };
-        let i = older.entries.partition_point(|s| s.main <= rev);
-        if i == 0 {
+        // The first entry at or above `rev`, and the one before it.
+        let j = older.entries.partition_point(|s| s.main < rev);
+        if j == 0 {
             return true;
         }
-        let keep_from = if older.entries[i - 1].tombstone() {
-            i
-        } else {
-            i - 1
-        };
+        let (first_main, first_tombstone) = older
+            .entries
+            .get(j)
+            .map_or(newest, |s| (s.main, s.tombstone()));
+        let keep_before =
+            !older.entries[j - 1].tombstone() && (first_main > rev || first_tombstone);
+        let keep_from = if keep_before { j - 1 } else { j };
         if keep_from == older.entries.len() {
             for s in self.older.take().into_iter().flat_map(|o| o.entries) {
                 removed(s.rev());
@@ -488,11 +498,45 @@ mod tests {
         assert_eq!(entries(&h), vec![put(20, 20, 1)]);
         assert!(h.compact(30, &mut |r| removed.push(r.main)));
         assert_eq!(entries(&h), vec![put(20, 20, 1)]);
-        // A newest tombstone at or below the compaction goes, and the key
-        // with it.
+        // A tombstone at the compaction revision stays, with the version it
+        // ended: a watch from 31 must see the delete.
         h.push(tomb(31));
-        assert!(!h.compact(31, &mut |r| removed.push(r.main)));
+        assert!(h.compact(31, &mut |r| removed.push(r.main)));
+        assert_eq!(entries(&h), vec![put(20, 20, 1), tomb(31)]);
+        // A newest tombstone below the compaction goes, and the key with it.
+        assert!(!h.compact(32, &mut |r| removed.push(r.main)));
         assert_eq!(removed, vec![3, 7, 8, 20, 31]);
+    }
+
+    #[test]
+    fn compact_keeps_every_change_at_its_revision() {
+        let at = |main: Rev, sub: i64, e: Entry| Entry {
+            rev: Revision { main, sub },
+            ..e
+        };
+        // Deleted and put again within revision 40 (a txn's delete, then
+        // put): both changes stay for a watch from 40, and so does the
+        // version the delete ended (a list never starts with a tombstone).
+        let mut h = KeyHistory::new(put(10, 10, 1));
+        h.push(at(40, 0, tomb(0)));
+        h.push(at(40, 1, put(0, 40, 1)));
+        let mut removed = Vec::new();
+        assert!(h.compact(40, &mut |r| removed.push((r.main, r.sub))));
+        assert_eq!(removed, vec![]);
+        assert_eq!(entries(&h).len(), 3);
+        // Put and deleted within revision 50: both stay, and nothing before
+        // them (the put's previous version is not given to a watch from 50
+        // by etcd either, and no read at 50 sees it).
+        h.push(at(50, 0, put(0, 40, 2)));
+        h.push(at(50, 1, tomb(0)));
+        let mut removed = Vec::new();
+        assert!(h.compact(50, &mut |r| removed.push((r.main, r.sub))));
+        assert_eq!(removed, vec![(10, 0), (40, 0), (40, 1)]);
+        assert_eq!(
+            entries(&h),
+            vec![at(50, 0, put(0, 40, 2)), at(50, 1, tomb(0))]
+        );
+        assert!(!h.compact(51, &mut |r| removed.push((r.main, r.sub))));
     }
 
     #[test]
@@ -518,7 +562,12 @@ mod tests {
         assert_eq!(seen, 2);
         idx.range(b"c", Some(b"a"), &mut |_, _| panic!("inverted range"));
         let mut removed = Vec::new();
+        // b's delete at 4 stays for a watch from 4; compacting above it
+        // takes the key.
         idx.compact(4, &mut |k, r| removed.push((k.to_vec(), r.main)));
+        assert_eq!(removed, vec![]);
+        assert_eq!(idx.len(), 3);
+        idx.compact(5, &mut |k, r| removed.push((k.to_vec(), r.main)));
         assert_eq!(removed, vec![(b"b".to_vec(), 1), (b"b".to_vec(), 4)]);
         assert_eq!(idx.len(), 2);
         assert!(idx.get(b"b").is_none());
@@ -536,11 +585,13 @@ mod tests {
     }
 
     fn model_compact(es: &mut Vec<Entry>, rev: Rev) -> Vec<Revision> {
-        let i = es.partition_point(|e| e.rev.main <= rev);
-        if i == 0 {
+        let j = es.partition_point(|e| e.rev.main < rev);
+        if j == 0 {
             return Vec::new();
         }
-        let keep_from = if es[i - 1].tombstone { i } else { i - 1 };
+        let keep_before =
+            !es[j - 1].tombstone && es.get(j).is_none_or(|f| f.rev.main > rev || f.tombstone);
+        let keep_from = if keep_before { j - 1 } else { j };
         es.drain(..keep_from).map(|e| e.rev).collect()
     }
 

@@ -1566,16 +1566,30 @@ fn compaction_drops_history_and_keeps_latest() {
         assert_eq!(s.get("a", 0), Some(kv("a", "3", 3, 20, 3)), "{k}");
         assert!(matches!(s.compact(10), Err(MvccError::Compacted)), "{k}");
         assert!(matches!(s.compact(5), Err(MvccError::Compacted)), "{k}");
-        // Compacting at the current revision removes the tombstone chain of c.
+        // Compacting at the current revision keeps c's delete at 25, which
+        // a watch from 25 replays, with the version it ended; a compaction
+        // above 25 takes both (below).
         s.delete(25, "c", "");
         s.compact(25).unwrap();
-        assert_eq!(s.records(), 1, "{k}");
-        assert_eq!(s.mvcc.key_count(), 1, "{k}");
+        assert_eq!(s.records(), 3, "{k}");
+        assert_eq!(s.mvcc.key_count(), 2, "{k}");
+        let mut at25 = Vec::new();
+        s.mvcc
+            .history(25, false, &mut |e| {
+                let kv = e.kv.unwrap();
+                at25.push((e.r#type, String::from_utf8(kv.key.to_vec()).unwrap()));
+                true
+            })
+            .unwrap();
+        assert_eq!(at25, vec![(EventType::Delete as i32, "c".into())], "{k}");
         assert_eq!(keys(&s.range("\0", "\0", 25)), vec!["a"], "{k}");
         assert_eq!(s.get("a", 25), Some(kv("a", "3", 3, 20, 3)), "{k}");
         // Writes continue; versions continue from the kept version.
         s.put(30, "a", "4");
         assert_eq!(s.get("a", 0), Some(kv("a", "4", 3, 30, 4)), "{k}");
+        s.compact(26).unwrap();
+        assert_eq!(s.records(), 2, "{k}");
+        assert_eq!(s.mvcc.key_count(), 1, "{k}");
         // History replay below the compacted revision is refused.
         assert!(
             matches!(
@@ -1846,12 +1860,16 @@ fn reopen_after_compacting_everything_keeps_revisions() {
             let mut s = Store::new(&env);
             s.put(3, "a", "1");
             s.delete(6, "a", "");
-            s.compact(6).unwrap();
+            // At 6 the delete would stay, for a watch from 6: compact past
+            // it, as at a revision another shard wrote.
+            let batch = s.mvcc.set_current_revision(7);
+            s.engine.write(batch, false).unwrap();
+            s.compact(7).unwrap();
             assert_eq!(s.records(), 0, "{k}");
         }
         let s = Store::new(&env);
-        assert_eq!(s.mvcc.current_revision(), 6, "{k}");
-        assert_eq!(s.mvcc.compacted_revision(), 6, "{k}");
+        assert_eq!(s.mvcc.current_revision(), 7, "{k}");
+        assert_eq!(s.mvcc.compacted_revision(), 7, "{k}");
         assert_eq!(s.mvcc.key_count(), 0, "{k}");
     }
 }
