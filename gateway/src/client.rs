@@ -89,6 +89,26 @@ const MAX_BATCH_BYTES: usize = 1 << 20;
 /// Sweeps per request timeout (see `Pending::sweep`).
 const SWEEPS_PER_TIMEOUT: u64 = 4;
 
+/// TCP keep-alive on shard connections: probes after this much silence,
+/// every [`KEEPALIVE_INTERVAL`], [`KEEPALIVE_PROBES`] times, so a peer that
+/// vanished without closing (host gone, path cut) fails the connection's
+/// reads within about 5 s. Without it a watch connection that no request
+/// is waiting on stays `Live` and silent for good, its watches delivering
+/// nothing (a shard sends heartbeats only as its watermark moves).
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(2);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
+const KEEPALIVE_PROBES: u32 = 3;
+
+/// The socket options of a shard connection: no Nagle delay, keep-alive.
+fn configure(stream: &TcpStream) -> std::io::Result<()> {
+    stream.set_nodelay(true)?;
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(KEEPALIVE_IDLE)
+        .with_interval(KEEPALIVE_INTERVAL)
+        .with_retries(KEEPALIVE_PROBES);
+    socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive)
+}
+
 /// Timeouts of a shard client.
 #[derive(Clone, Debug)]
 pub struct ClientConfig {
@@ -454,7 +474,9 @@ impl ShardClient {
         .await
         .map_err(|_| failed("connect timed out".into()))?
         .map_err(|e| failed(e.to_string()))?;
-        let _ = stream.set_nodelay(true);
+        if let Err(e) = configure(&stream) {
+            tracing::warn!(shard = inner.shard, error = %e, "shard connection options");
+        }
         tracing::debug!(shard = inner.shard, addr = %inner.addr, "connected to shard");
         let (read_half, write_half) = stream.into_split();
         let pending = Arc::new(Mutex::new(Pending {
@@ -675,6 +697,21 @@ mod tests {
         shard_error, CurrentRevisionRequest, CurrentRevisionResponse, ShardError,
     };
     use tokio::net::TcpListener;
+
+    #[tokio::test]
+    async fn shard_connections_keep_alive() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let stream = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        configure(&stream).unwrap();
+        let sock = socket2::SockRef::from(&stream);
+        assert!(sock.keepalive().unwrap());
+        assert_eq!(sock.tcp_keepalive_time().unwrap(), KEEPALIVE_IDLE);
+        assert_eq!(sock.tcp_keepalive_interval().unwrap(), KEEPALIVE_INTERVAL);
+        assert_eq!(sock.tcp_keepalive_retries().unwrap(), KEEPALIVE_PROBES);
+        assert!(sock.tcp_nodelay().unwrap());
+    }
 
     /// A fake shard: answers every request on every accepted connection.
     /// Ranges are answered in reverse arrival order per batch of two to
