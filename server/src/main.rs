@@ -69,6 +69,16 @@ struct Args {
 }
 
 fn main() {
+    // Fail-stop: a panic on a shard's thread would end that thread alone,
+    // leaving a process that serves with a shard gone (and the oracle's
+    // lock poisoned for the others), which no supervisor restarts. After
+    // the message, the whole process stops; a restart replays the raft log.
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        report(info);
+        eprintln!("metastore-server: a thread panicked; stopping the process");
+        std::process::abort();
+    }));
     let args = Args::parse();
     if let Err(e) = run(args) {
         eprintln!("metastore-server: {e}");
