@@ -29,7 +29,7 @@ use rand::Rng;
 use tokio::task::JoinSet;
 
 use crate::kv::{drive_then, warm_pool};
-use crate::stats::{new_histogram, record, Latency, Recorder, RunResult};
+use crate::stats::{new_histogram, record, wait_quiet, Latency, Recorder, RunResult};
 use crate::{parse_duration, random_printable, threads, timed, Common};
 
 const RESOURCES: &[&str] = &[
@@ -198,6 +198,10 @@ pub async fn mixed(common: &Common, a: &K8sArgs) -> Result<RunResult, String> {
     .map(|h| h.revision())
     .unwrap_or(0);
     shared.acked.store(setup_rev, Ordering::Relaxed);
+
+    // The set-up's work done before the watchers start, whose progress
+    // requests keep the servers busy from then on.
+    let quiet = wait_quiet(&common.pids()).await;
 
     // Watchers: one stream per resource.
     let progress_rec = Recorder::new();
@@ -377,6 +381,7 @@ pub async fn mixed(common: &Common, a: &K8sArgs) -> Result<RunResult, String> {
             async move { update(sh, kv, val_size).await }
         },
         move || stop.stop.store(true, Ordering::Relaxed),
+        quiet,
     )
     .await?;
 

@@ -12,7 +12,7 @@ use metastore_proto::router::ShardRouter;
 use rand::Rng;
 use tokio::task::JoinSet;
 
-use crate::stats::{CpuProbe, Recorder, RunResult};
+use crate::stats::{wait_quiet, CpuProbe, Recorder, RunResult};
 use crate::{connect_pool, threads, timed, Common};
 
 #[derive(Args, Debug, Clone)]
@@ -65,13 +65,17 @@ where
     F: Fn(usize, u64, KvClient) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<(), String>> + Send,
 {
-    drive_then(common, workload, settings, pool, op, || {}).await
+    let quiet = wait_quiet(&common.pids()).await;
+    drive_then(common, workload, settings, pool, op, || {}, quiet).await
 }
 
 /// [`drive`], calling `clients_done` once the clients have finished and
 /// before the servers' CPU is read: a workload with other clients of its
 /// own (watchers, listers) stops them there, so the reading waits only
 /// for the servers to finish their work (`CpuProbe::finish_settled`).
+/// `quiet`: whether the servers had gone quiet before the caller started
+/// anything of the run ([`wait_quiet`]; [`drive`] waits right before its
+/// clients start).
 pub async fn drive_then<F, Fut>(
     common: &Common,
     workload: &str,
@@ -79,6 +83,7 @@ pub async fn drive_then<F, Fut>(
     pool: &[Client],
     op: F,
     clients_done: impl FnOnce(),
+    quiet: bool,
 ) -> Result<RunResult, String>
 where
     F: Fn(usize, u64, KvClient) -> Fut + Send + Sync + 'static,
@@ -86,7 +91,7 @@ where
 {
     let rec = Recorder::new();
     let pacer = common.pacer();
-    let probe = CpuProbe::start_settled(&common.pids()).await;
+    let probe = CpuProbe::start_after_waiting(&common.pids(), quiet);
     let start = Instant::now();
     let guard = rec.progress(workload, common.quiet);
     let op = Arc::new(op);

@@ -293,7 +293,7 @@ pub fn proc_rss_bytes(pid: u32) -> Option<u64> {
 
 /// Waits until `pids` use at most one clock tick of CPU (10 ms) in
 /// [`SETTLE_WINDOW`], at most [`SETTLE_MAX`]; whether they did.
-async fn wait_quiet(pids: &[(String, u32)]) -> bool {
+pub async fn wait_quiet(pids: &[(String, u32)]) -> bool {
     let ticks = || {
         pids.iter()
             .filter_map(|(_, p)| proc_cpu_ticks(&p.to_string()))
@@ -363,6 +363,13 @@ impl CpuProbe {
     /// commits) is not billed to the run's operations.
     pub async fn start_settled(pids: &[(String, u32)]) -> CpuProbe {
         let settled = wait_quiet(pids).await;
+        CpuProbe::start_after_waiting(pids, settled)
+    }
+
+    /// [`CpuProbe::start`] for a caller that waited for the servers to go
+    /// quiet itself ([`wait_quiet`]) before starting the run's own
+    /// background (watchers, say), with whether they did.
+    pub fn start_after_waiting(pids: &[(String, u32)], settled: bool) -> CpuProbe {
         CpuProbe {
             settled_before: settled,
             ..CpuProbe::start(pids)
