@@ -15,10 +15,11 @@ source "$ROOT/deploy/lib.sh"
 # etcd-client provides etcdctl, which the etcdctl suite drives; etcd-server
 # the etcd the differential suite compares with; golang-go and
 # golang-etcd-server-dev build bench/goclient (etcd's Go client library),
-# which the bench smoke suite runs.
+# which the bench smoke suite runs, and the Go concurrency suite's program
+# (which also uses golang-golang-x-sync-dev's errgroup).
 had_etcd_server=$(dpkg-query -W -f='${Status}' etcd-server 2>/dev/null | grep -c "install ok installed" || true)
 ensure_deps librocksdb-dev libsnappy-dev libclang-dev protobuf-compiler libprotobuf-dev etcd-client etcd-server \
-    golang-go golang-etcd-server-dev
+    golang-go golang-etcd-server-dev golang-golang-x-sync-dev
 # Installing etcd-server starts Debian's etcd service on 127.0.0.1:2379,
 # MetaStore's port; the suite starts its own etcd on free ports.
 if [[ "$had_etcd_server" == 0 ]] && command -v systemctl >/dev/null 2>&1; then
