@@ -2,7 +2,7 @@
 //! shards' watch side (no sockets): etcd semantics on the stream, feed
 //! sharing, resubscription after a dropped shard stream, slow watchers.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -790,6 +790,68 @@ async fn progress_request_answers_after_every_watch_caught_up() {
     }
     assert_eq!(events, 5, "every event before the progress response");
     assert!(last < now);
+}
+
+/// A progress answer applies to every watch it names (all of them for
+/// `watch_id = -1`): its revision must be at least every event revision
+/// that watch was sent before it, and no event at or below it may follow
+/// (Kubernetes' watch cache takes it as its resource version). Writes to
+/// one watch's prefix go on while progress is requested.
+#[tokio::test]
+async fn progress_answers_never_fall_below_events_sent() {
+    let fake = Fake::new(3);
+    let hub = hub(&fake, cfg());
+    let mut c = open(&hub);
+    c.watch(create("a/", "a0", 0));
+    let a = c.created().await;
+    c.watch(create("b/", "b0", 0));
+    let b = c.created().await;
+    let writer = {
+        let fake = fake.clone();
+        tokio::spawn(async move {
+            for i in 0.. {
+                fake.put(&format!("a/{}", i % 7), "v");
+                tokio::task::yield_now().await;
+            }
+        })
+    };
+    // Per watch: the newest event revision sent, and the newest progress
+    // revision that covers it.
+    let mut sent: HashMap<i64, i64> = HashMap::from([(a, 0), (b, 0)]);
+    let mut covered: HashMap<i64, i64> = HashMap::from([(a, 0), (b, 0)]);
+    for _ in 0..30 {
+        c.send(RequestUnion::ProgressRequest(WatchProgressRequest {}));
+        let mut answered = HashSet::new();
+        while answered.len() < 2 {
+            let r = c.next().await;
+            let rev = r.header.unwrap().revision;
+            if let Some(last) = r.events.last() {
+                let first = event_revision(&r.events[0]);
+                assert!(
+                    first > covered[&r.watch_id],
+                    "event {first} after progress {}",
+                    covered[&r.watch_id]
+                );
+                sent.insert(r.watch_id, event_revision(last));
+                continue;
+            }
+            let applies: Vec<i64> = if r.watch_id == -1 {
+                vec![a, b]
+            } else {
+                vec![r.watch_id]
+            };
+            for w in applies {
+                assert!(
+                    rev >= sent[&w],
+                    "progress {rev} below event {} of watch {w}",
+                    sent[&w]
+                );
+                covered.insert(w, rev);
+                answered.insert(w);
+            }
+        }
+    }
+    writer.abort();
 }
 
 #[tokio::test]

@@ -36,11 +36,15 @@
 //!   duplicate, automatic ids pass over it, and the client's cancel is
 //!   answered `canceled` (clientv3 sends one). Such ids count against
 //!   `max_watchers_per_stream`.
-//! - **progress request**: takes R = current revision; answered (for the
-//!   whole stream, `watch_id = -1`, header R) once every watch on the stream
-//!   has delivered everything up to R: each watch's feed is asked for a
-//!   marker at R, which comes behind the watch's events. Watches created
-//!   later start above R. On an idle server: a few round trips.
+//! - **progress request**: takes R = current revision; answered once every
+//!   watch on the stream has delivered everything up to R: each watch's
+//!   feed is asked for a marker at R, which comes behind the watch's
+//!   events. Watches created later start above R. On an idle server: a few
+//!   round trips. The answer is one response for the whole stream
+//!   (`watch_id = -1`, as etcd) when every watch has delivered through the
+//!   same revision, with that revision; else one per watch, with what it
+//!   has delivered through (`answer_progress`): the answer is never below
+//!   an event already sent, nor above what a watch has been sent.
 //!
 //! # Delivery
 //!
@@ -600,18 +604,58 @@ impl Session {
                 return;
             }
             self.progress_waits.pop_front();
+            self.answer_progress(r);
+            if let Some(&next) = self.progress_waits.front() {
+                self.progress_lagging =
+                    self.watches.values().filter(|w| w.delivered < next).count();
+            }
+        }
+    }
+
+    /// Answers a progress request at `r`, every watch having delivered
+    /// everything up to it. A client applies a stream's progress answer to
+    /// every watch on the stream (clientv3 hands `watch_id = -1` to each),
+    /// and Kubernetes' watch cache takes it as its resource version, which
+    /// must never fall below an event it already has. So the answer must
+    /// be at least every event revision sent on the stream, and at most
+    /// what each watch has been sent everything up to. When every watch has
+    /// delivered through the same revision P (>= r; always so with one
+    /// watch), that is one response for the stream, `watch_id = -1` and
+    /// header P, as etcd answers. When they differ, no single revision is
+    /// both (a busy watch may have been sent events above a quiet one's
+    /// coverage), and each watch gets its own, as a progress notification:
+    /// its id, header what it has delivered through.
+    fn answer_progress(&mut self, r: i64) {
+        let mut delivered: Vec<(i64, i64)> = self
+            .watches
+            .iter()
+            .map(|(&id, w)| (id, w.delivered))
+            .collect();
+        let lo = delivered.iter().map(|&(_, d)| d).min();
+        let hi = delivered.iter().map(|&(_, d)| d).max();
+        if lo == hi {
+            let header = Some(self.header(lo.map_or(r, |d| d.max(r))));
             self.outq.push_back(
                 WatchResponse {
-                    header: Some(self.header(r)),
+                    header,
                     watch_id: -1,
                     ..Default::default()
                 }
                 .into(),
             );
-            if let Some(&next) = self.progress_waits.front() {
-                self.progress_lagging =
-                    self.watches.values().filter(|w| w.delivered < next).count();
-            }
+            return;
+        }
+        delivered.sort_unstable();
+        for (id, through) in delivered {
+            let header = Some(self.header(through));
+            self.outq.push_back(
+                WatchResponse {
+                    header,
+                    watch_id: id,
+                    ..Default::default()
+                }
+                .into(),
+            );
         }
     }
 
