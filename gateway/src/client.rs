@@ -98,6 +98,13 @@ const SWEEPS_PER_TIMEOUT: u64 = 4;
 const KEEPALIVE_IDLE: Duration = Duration::from_secs(2);
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
 const KEEPALIVE_PROBES: u32 = 3;
+/// Keep-alive probes stop while anything sent is unacknowledged (a
+/// request, an ack, a subscription to a vanished host): data left
+/// unacknowledged this long fails the connection instead of the kernel's
+/// retransmissions (about 15 minutes). Generous, so that a shard that
+/// stops reading under load (a full window, acknowledged by probes) is
+/// not cut off.
+const UNACKED_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// The socket options of a shard connection: no Nagle delay, keep-alive.
 fn configure(stream: &TcpStream) -> std::io::Result<()> {
@@ -106,7 +113,9 @@ fn configure(stream: &TcpStream) -> std::io::Result<()> {
         .with_time(KEEPALIVE_IDLE)
         .with_interval(KEEPALIVE_INTERVAL)
         .with_retries(KEEPALIVE_PROBES);
-    socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive)
+    let sock = socket2::SockRef::from(stream);
+    sock.set_tcp_keepalive(&keepalive)?;
+    sock.set_tcp_user_timeout(Some(UNACKED_TIMEOUT))
 }
 
 /// Timeouts of a shard client.
@@ -711,6 +720,7 @@ mod tests {
         assert_eq!(sock.tcp_keepalive_interval().unwrap(), KEEPALIVE_INTERVAL);
         assert_eq!(sock.tcp_keepalive_retries().unwrap(), KEEPALIVE_PROBES);
         assert!(sock.tcp_nodelay().unwrap());
+        assert_eq!(sock.tcp_user_timeout().unwrap(), Some(UNACKED_TIMEOUT));
     }
 
     /// A fake shard: answers every request on every accepted connection.
