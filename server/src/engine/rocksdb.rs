@@ -167,24 +167,49 @@ fn flush_all(db: &DB) -> Result<(), EngineError> {
                 .unwrap_or(1)
         })
         .sum();
-    flush_outcome(before, errors(), unflushed)
+    let after = errors();
+    // After a background error, whether the database takes writes now: one
+    // that an error stopped refuses every write until it recovers, and then
+    // a manual flush may not even have switched its memtable. A probe key
+    // of the shard-state namespace, written as every write is but without
+    // waiting out a write stall (a stall is no health either).
+    let takes_writes = after == 0 || {
+        let mut wo = RocksEngine::write_options();
+        wo.set_no_slowdown(true);
+        let stopped = db
+            .property_int_value(::rocksdb::properties::IS_WRITE_STOPPED)
+            .ok()
+            .flatten()
+            .unwrap_or(1);
+        stopped == 0 && db.put_opt(FLUSH_PROBE_KEY, b"", &wo).is_ok()
+    };
+    flush_outcome(before, after, unflushed, takes_writes)
 }
 
+/// The key [`flush_all`]'s health probe writes (never read).
+const FLUSH_PROBE_KEY: &[u8] = &[keyspace::SHARD_STATE, b'~', b'f', b'l', b'u', b's', b'h'];
+
 /// Whether a flush made everything before it durable, from RocksDB's
-/// background-error count before and after it and the immutable memtables
-/// left unflushed after it.
+/// background-error count before and after it, the immutable memtables
+/// left unflushed after it, and whether the database takes writes.
 ///
 /// A failed flush raises the error count, but not always during ours: once
 /// an earlier background error (a full disk, say) has stopped the
 /// database, a manual flush fails without counting again, and the memtable
-/// whose flush failed stays, immutable and unflushed. So after any
-/// background error, a flush counts only if no immutable memtable is left.
-/// (One being flushed right then for newer writes fails this check too;
-/// the caller tries again later.) Without an error the count alone is
-/// trusted, so a busy node's flushes of newer writes never hold up the
-/// raft log's release.
-fn flush_outcome(errors_before: u64, errors_after: u64, unflushed: u64) -> Result<(), EngineError> {
-    if errors_after > errors_before || (errors_after > 0 && unflushed > 0) {
+/// whose flush failed stays, immutable and unflushed, or the flush fails
+/// before it switches the memtable at all. So after any background error,
+/// a flush counts only if no immutable memtable is left and the database
+/// takes writes again. (A memtable being flushed right then for newer
+/// writes fails this check too; the caller tries again later.) Without an
+/// error the count alone is trusted, so a busy node's flushes of newer
+/// writes never hold up the raft log's release.
+fn flush_outcome(
+    errors_before: u64,
+    errors_after: u64,
+    unflushed: u64,
+    takes_writes: bool,
+) -> Result<(), EngineError> {
+    if errors_after > errors_before || (errors_after > 0 && (unflushed > 0 || !takes_writes)) {
         return Err(EngineError::FlushFailed);
     }
     Ok(())
@@ -501,18 +526,22 @@ mod tests {
 
     #[test]
     fn a_flush_counts_only_if_nothing_failed_or_is_left() {
-        let ok = |before, after, unflushed| flush_outcome(before, after, unflushed).is_ok();
+        let ok = |before, after, unflushed, takes_writes| {
+            flush_outcome(before, after, unflushed, takes_writes).is_ok()
+        };
         // No background error ever: the count is trusted.
-        assert!(ok(0, 0, 0));
-        assert!(ok(0, 0, 1));
+        assert!(ok(0, 0, 0, true));
+        assert!(ok(0, 0, 1, true));
         // The flush itself failed.
-        assert!(!ok(0, 1, 0));
-        assert!(!ok(2, 3, 0));
+        assert!(!ok(0, 1, 0, true));
+        assert!(!ok(2, 3, 0, true));
         // An earlier error stopped the database: the failed memtable is
-        // still there, though the count did not move during this flush.
-        assert!(!ok(1, 1, 1));
+        // still there, or the flush never switched the memtable (writes
+        // refused or stalled), though the count did not move.
+        assert!(!ok(1, 1, 1, true));
+        assert!(!ok(1, 1, 0, false));
         // After an earlier error the database recovered and flushed all.
-        assert!(ok(1, 1, 0));
+        assert!(ok(1, 1, 0, true));
     }
 
     #[test]
