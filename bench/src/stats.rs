@@ -246,8 +246,8 @@ pub struct CpuProbe {
     start: Vec<Option<u64>>,
     self_start: Option<u64>,
     at: Instant,
-    /// Whether the servers were quiet when it started (see
-    /// [`CpuProbe::start_settled`]).
+    /// Whether the servers were found quiet before it started (false when
+    /// nobody waited: [`CpuProbe::start`]; see [`CpuProbe::start_settled`]).
     settled_before: bool,
 }
 
@@ -328,7 +328,8 @@ pub struct CpuUse {
     /// The servers were quiet when the reading started, and again when it
     /// ended: no work of an earlier run was billed to this one, nor any of
     /// this run's left to bill to the next. `false` when [`SETTLE_MAX`]
-    /// ran out first (recorded in the JSON).
+    /// ran out first, or (before) when the run did not wait (recorded in
+    /// the JSON).
     pub settled_before: bool,
     pub settled_after: bool,
 }
@@ -353,7 +354,8 @@ impl CpuProbe {
                 .collect(),
             self_start: proc_cpu_ticks("self"),
             at: Instant::now(),
-            settled_before: true,
+            // Not waited for (see `start_settled`).
+            settled_before: false,
         }
     }
 

@@ -319,7 +319,10 @@ pub fn merge_leases(parts: Vec<spb::LeaseListResponse>) -> Vec<pb::LeaseStatus> 
     let mut all: Vec<(u64, i64)> = parts
         .into_iter()
         .flat_map(|p| {
-            let left = p.remaining_micros.into_iter().chain(std::iter::repeat(0));
+            let left = p
+                .remaining_micros
+                .into_iter()
+                .chain(std::iter::repeat(u64::MAX));
             left.zip(p.ids)
         })
         .collect();
@@ -672,7 +675,7 @@ mod tests {
             Req::CurrentRevision(_) => current(5),
             Req::LeaseList(_) => Ok(Resp::LeaseList(spb::LeaseListResponse {
                 ids: vec![10 - shard as i64, 20 + shard as i64],
-                remaining_micros: vec![0, 0],
+                remaining_micros: vec![5, 5],
             })),
             other => panic!("unexpected {other:?}"),
         });
@@ -691,11 +694,12 @@ mod tests {
         let merged = merge_leases(vec![
             part(vec![1, 4], vec![90_000_000, 5_000_000]),
             part(vec![2, 3, 4], vec![30_000_000, 5_000_000, 5_000_000]),
-            // A server that sends no remaining times: as if about to expire.
-            part(vec![7], vec![]),
+            // A server that sends no remaining times: as leases without a
+            // deadline, last (etcd's `Remaining` of those is the largest).
+            part(vec![7, 6], vec![]),
         ]);
         let ids: Vec<i64> = merged.iter().map(|l| l.id).collect();
-        assert_eq!(ids, vec![7, 3, 4, 2, 1]);
+        assert_eq!(ids, vec![3, 4, 2, 1, 6, 7]);
     }
 
     #[tokio::test]

@@ -1419,11 +1419,12 @@ impl Shard {
                     .values()
                     .filter(|l| l.home)
                     .map(|l| {
-                        let left = deadlines
-                            .get(&l.id)
-                            .map(|d| d.saturating_duration_since(now))
-                            .unwrap_or_default();
-                        (l.id, left.as_micros() as u64)
+                        // No deadline yet: last, as etcd's `Remaining`
+                        // of a lease without an expiry is the largest.
+                        let left = deadlines.get(&l.id).map_or(u64::MAX, |d| {
+                            d.saturating_duration_since(now).as_micros() as u64
+                        });
+                        (l.id, left)
                     })
                     .unzip();
                 Body::LeaseList(LeaseListResponse {

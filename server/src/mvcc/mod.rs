@@ -676,10 +676,13 @@ impl Mvcc {
         }
     }
 
-    /// Compacts history at `rev` (etcd semantics): per key, keeps the newest
-    /// version `<= rev` unless it is a tombstone, drops everything older.
-    /// Afterwards reads below `rev` fail with `Compacted`. Returns the engine
-    /// deletions and the meta update for the caller to write.
+    /// Compacts history at `rev`: per key, keeps the newest version below
+    /// `rev` if it is live and still read at `rev`, and every change at
+    /// `rev` or above (a watch from `rev` replays `rev`'s changes, a delete
+    /// included, kept with the version it ended until a compaction above
+    /// it; see `KeyHistory::compact`), drops everything older. Afterwards
+    /// reads below `rev` fail with `Compacted`. Returns the engine deletions
+    /// and the meta update for the caller to write.
     pub fn compact(&mut self, rev: Rev) -> Result<WriteBatch, MvccError> {
         if rev > self.current {
             return Err(MvccError::FutureRevision);
