@@ -756,3 +756,18 @@ pub fn grpc_frame(len: u32, payload: &[u8]) -> Vec<u8> {
     v.extend_from_slice(payload);
     v
 }
+
+/// Asserts that the streaming call at `path` ends as etcd (grpc-go) ends
+/// it for a message it cannot take: one announcing 3 MiB, above the
+/// default limit (1.5 MiB + 512 KiB), with `ResourceExhausted` and
+/// grpc-go's message; `undecodable` (a message prost cannot decode) with
+/// `Internal`.
+pub async fn assert_stream_refuses_like_etcd(endpoint: &str, path: &str, undecodable: &[u8]) {
+    let big = 3 * 1024 * 1024;
+    let got = stream_call_status(endpoint, path, grpc_frame(big, &[])).await;
+    let text = format!("grpc: received message larger than max ({big} vs. 2097152)");
+    assert_eq!(got, (tonic::Code::ResourceExhausted as i32, text), "{path}");
+    let frame = grpc_frame(undecodable.len() as u32, undecodable);
+    let (code, _) = stream_call_status(endpoint, path, frame).await;
+    assert_eq!(code, tonic::Code::Internal as i32, "{path}");
+}
