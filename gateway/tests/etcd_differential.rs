@@ -1885,8 +1885,14 @@ both_engines! {
             }
         }
         eprintln!("watch stream: {kinds:?}; {} ids", log_e.seen.len());
+        // The fixed sequence must reach every kind of step (so the test
+        // keeps testing them); another seed's 200 steps may miss one.
         for kind in ["created", "refused", "compacted", "canceled", "cancel unknown"] {
-            assert!(kinds.contains_key(kind), "no {kind} watch: {kinds:?}");
+            if seed == SEED {
+                assert!(kinds.contains_key(kind), "no {kind} watch: {kinds:?}");
+            } else if !kinds.contains_key(kind) {
+                eprintln!("seed {seed}: no {kind} watch in this sequence");
+            }
         }
         let (seen_e, seen_m) = (log_e.normalized(), log_m.normalized());
         for (id, want) in &seen_e {
